@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("iron: not implemented yet");
+    std::process::exit(5)
+}

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("ironinit: not implemented yet");
+    std::process::exit(1)
+}
