@@ -1,1 +1,2 @@
-//! See lib.rs for this module's place in the data flow.
+//! What the guest can touch: serial console, i8042 reset, the status port, and the
+//! virtio-mmio vsock that is its only egress.

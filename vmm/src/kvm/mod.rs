@@ -1,1 +1,3 @@
-//! See lib.rs for this module's place in the data flow.
+//! The VM itself: host capability checks, guest memory, vCPUs and the boot sequence.
+
+pub mod capability;
