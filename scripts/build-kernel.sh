@@ -6,7 +6,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cfgdir="$here/kernel-config"
-cache="${IRONVMM_CACHE:-$HOME/.cache/ironvmm}"
+cache="${IRONVMM_CACHE_DIR:-$HOME/.cache/ironvmm}"
 recipe=2   # bump when the build steps below change what they produce
 
 say() { echo "[build-kernel] $*" >&2; }
