@@ -52,17 +52,13 @@ pub fn build(base: u64, vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&ioapic);
     count += 1;
     for pin in 0..IOAPIC_PINS {
-        // IRQ 0 is the PIT through the 8259's cascade: ExtINT on pin 0, like real boards.
-        let kind = if pin == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[3, kind, 0, 0, BUS_ID_ISA, pin, ioapic_id, pin]);
+        // Every ISA IRQ, the PIT's IRQ 0 included, is a plain interrupt on its own
+        // pin: Linux's timer check looks for IRQ 0 as an INT entry.
+        entries.extend_from_slice(&[3, INT_TYPE_INT, 0, 0, BUS_ID_ISA, pin, ioapic_id, pin]);
         count += 1;
     }
-    // LINT0 of every local APIC is ExtINT, LINT1 is NMI.
-    entries.extend_from_slice(&[4, INT_TYPE_EXTINT, 0, 0, BUS_ID_ISA, 0, 0xff, 0]);
+    // LINT0 of the boot CPU is ExtINT (the 8259), LINT1 of every CPU is NMI.
+    entries.extend_from_slice(&[4, INT_TYPE_EXTINT, 0, 0, BUS_ID_ISA, 0, 0, 0]);
     entries.extend_from_slice(&[4, INT_TYPE_NMI, 0, 0, BUS_ID_ISA, 0, 0xff, 1]);
     count += 2;
 
@@ -135,6 +131,12 @@ mod tests {
             }
             // fits below the end of the EBDA
             assert!(EBDA_START + b.len() as u64 <= 0xa0000);
+            // IRQ 0 (the PIT) must be a plain INT entry on pin 0: Linux's timer check needs it
+            let first_irq = 44 + 20 * n as usize + 8 + 8;
+            assert_eq!(
+                &t[first_irq..first_irq + 8],
+                &[3, INT_TYPE_INT, 0, 0, BUS_ID_ISA, 0, n, 0]
+            );
         }
     }
 
