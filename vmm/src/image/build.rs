@@ -66,16 +66,25 @@ pub fn find_guest_bin(explicit: Option<&Path>) -> Result<PathBuf, BuildError> {
     let mut tried = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
         // target/{debug,release}/ironvmm, or target/debug/deps/TEST for tests.
-        for dir in exe.ancestors().skip(1).take(3) {
+        // The static cross-target builds come first: a plain `cargo build` leaves
+        // dynamic ironinit/iron next to ironvmm, which cannot run in the guest.
+        let dirs: Vec<&Path> = exe.ancestors().skip(1).take(3).collect();
+        for dir in &dirs {
             for profile in ["release", "debug"] {
                 tried.push(dir.join(GUEST_TARGET).join(profile));
             }
-            tried.push(dir.to_path_buf());
         }
+        tried.extend(dirs.iter().map(|d| d.to_path_buf()));
     }
+    let is_static = |d: &Path| {
+        ["ironinit", "iron"]
+            .iter()
+            .all(|b| fs::read(d.join(b)).is_ok_and(|data| check_static_elf(&data).is_ok()))
+    };
     tried
         .iter()
-        .find(|d| has_both(d))
+        .find(|d| has_both(d) && is_static(d))
+        .or_else(|| tried.iter().find(|d| has_both(d)))
         .cloned()
         .ok_or_else(|| missing_guest_bin(&tried, "the target directory"))
 }

@@ -117,8 +117,16 @@ impl Manifest {
         }
         // Parse the bytes again rather than the Value: the Value has already
         // merged duplicate keys, the derived deserializer rejects them.
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                ManifestError::Invalid(inner.to_string())
+            } else {
+                ManifestError::Invalid(format!("\"{path}\": {inner}"))
+            }
+        })?;
         m.validate()?;
         Ok(m)
     }

@@ -31,6 +31,8 @@ pub enum ImageError {
         got: u64,
         want: u64,
     },
+    #[error("image {origin} is truncated: it ends without the tar end-of-archive blocks")]
+    NoEnd { origin: String },
     #[error("image {origin} has no member {member}")]
     MissingMember { origin: String, member: String },
     #[error("image {origin} has member {member} twice")]
@@ -92,12 +94,14 @@ pub struct GuestImage {
 struct HashingReader<R> {
     inner: R,
     hash: Sha256,
+    total: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hash.update(&buf[..n]);
+        self.total += n as u64;
         Ok(n)
     }
 }
@@ -131,7 +135,11 @@ impl GuestImage {
         let mut archive = tar::Archive::new(HashingReader {
             inner: reader,
             hash: Sha256::new(),
+            total: 0,
         });
+        // Where the last member's padded data ends; two zero blocks must follow,
+        // or the file was cut exactly between members.
+        let mut data_end = 0u64;
         // Members by name; the manifest says which names the kernel and initramfs use,
         // so every regular member is read (up to the largest limit) before deciding.
         let mut members: Vec<(String, Vec<u8>)> = Vec::new();
@@ -153,6 +161,11 @@ impl GuestImage {
                 });
             }
             let want = entry.size();
+            data_end = entry
+                .raw_file_position()
+                .saturating_add(want)
+                .div_ceil(512)
+                .saturating_mul(512);
             let limit = if name == "manifest.json" {
                 MAX_MANIFEST_BYTES
             } else {
@@ -185,6 +198,9 @@ impl GuestImage {
         // Hash what follows the end-of-archive blocks too: the digest is of the file.
         let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(not_tar)?;
+        if rest.total < data_end.saturating_add(1024) {
+            return Err(ImageError::NoEnd { origin });
+        }
         let sha256 = hex::encode(rest.hash.finalize());
 
         let take = |members: &mut Vec<(String, Vec<u8>)>, name: &str| {
