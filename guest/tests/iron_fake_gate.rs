@@ -70,15 +70,10 @@ fn serve(conn: UnixStream) {
         if req.get("id").is_none() {
             continue; // a notification
         }
-        let hangup = req["params"]["name"] == "hangup";
-        match reply(&req) {
-            Some(r) => {
-                if w.write_all(format!("{r}\n").as_bytes()).is_err() {
-                    return;
-                }
-            }
-            None if hangup => return,
-            None => {}
+        // No reply means hang up (the "hangup" tool).
+        let Some(r) = reply(&req) else { return };
+        if w.write_all(format!("{r}\n").as_bytes()).is_err() {
+            return;
         }
     }
 }
