@@ -1,0 +1,137 @@
+//! Boots images built by `ironvmm image build` under QEMU's software emulator
+//! (`-M microvm`, TCG, no KVM needed) to check ironinit and the initramfs on a
+//! real kernel: the agent runs with its environment and working directory, the
+//! pseudo file systems are mounted, the exit status is reported, and an
+//! ironinit failure is reported as documented. QEMU ignores the status port, so
+//! the checks read the console (`ironinit.debug` prints the status there).
+//!
+//! Needs `qemu-system-x86_64`, the guest binaries (scripts/build-guest.sh) and a
+//! guest kernel in `IRONVMM_TEST_KERNEL` (the path scripts/build-kernel.sh prints).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kernel() -> Option<PathBuf> {
+    let k = PathBuf::from(std::env::var_os("IRONVMM_TEST_KERNEL")?);
+    k.is_file().then_some(k)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("image_boot_{}_{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds an image, unpacks kernel and initramfs, boots them; returns the console.
+fn boot(dir: &Path, kernel: &Path, build_args: &[&str]) -> String {
+    let img = dir.join("guest.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["image", "build", "--kernel"])
+        .arg(kernel)
+        .args(build_args)
+        .args(["--cmdline", "ironinit.debug", "-o"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ironvmm::image::GuestImage::open(&img).unwrap();
+    std::fs::write(dir.join("vmlinux"), &image.kernel).unwrap();
+    std::fs::write(dir.join("initramfs.cpio"), &image.initramfs).unwrap();
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-nographic", "-serial", "stdio", "-no-reboot", "-kernel"])
+        .arg(dir.join("vmlinux"))
+        .arg("-initrd")
+        .arg(dir.join("initramfs.cpio"))
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet ironinit.debug",
+        ])
+        .output()
+        .unwrap();
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_ne!(
+        out.status.code(),
+        Some(124),
+        "the guest did not end:\n{console}"
+    );
+    console
+}
+
+#[test]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+fn ironinit_runs_the_agent_and_reports_its_status() {
+    let Some(k) = kernel() else {
+        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+    };
+    let d = scratch("hello");
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.sh");
+    let add = format!("{}:/app/hello.sh", hello.display());
+    let console = boot(
+        &d,
+        &k,
+        &[
+            "--add",
+            &add,
+            "--cwd",
+            "/app",
+            "--env",
+            "GREETING=hi",
+            "--cmd",
+            "/app/hello.sh; echo \"env=$GREETING cwd=$(pwd) tty=$(tty)\"; exit 7",
+        ],
+    );
+    assert!(console.contains("IRONVMM-HELLO: done"), "{console}");
+    assert!(console.contains("env=hi cwd=/app"), "{console}");
+    assert!(console.contains("devtmpfs"), "{console}");
+    assert!(
+        console.contains("ironinit: agent exited with status 7"),
+        "{console}"
+    );
+    assert!(!console.contains("Kernel panic"), "{console}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+fn signals_orphans_and_init_failures() {
+    let Some(k) = kernel() else {
+        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+    };
+    let d = scratch("signal");
+    // An orphan is left behind and the agent dies of SIGTERM: 128 + 15.
+    let console = boot(&d, &k, &["--cmd", "(sleep 100 &); kill -TERM $$"]);
+    assert!(
+        console.contains("ironinit: agent exited with status 143"),
+        "{console}"
+    );
+
+    // A working directory that does not exist: ironinit fails, status 1.
+    let console = boot(&d, &k, &["--cwd", "/nonexistent", "--cmd", "true"]);
+    assert!(
+        console.contains("ironinit: fatal: cannot start the agent"),
+        "{console}"
+    );
+    assert!(
+        console.contains("ironinit: agent exited with status 1"),
+        "{console}"
+    );
+    assert!(!console.contains("Kernel panic"), "{console}");
+    let _ = std::fs::remove_dir_all(&d);
+}
