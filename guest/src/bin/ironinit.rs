@@ -202,9 +202,11 @@ fn mount(
     Err(e)
 }
 
-/// Opens the terminal behind /dev/console (e.g. /dev/ttyS0, which unlike
-/// /dev/console can be a controlling terminal) and makes it ironinit's stdio.
-/// Returns the descriptor, kept for draining output at the end.
+/// Opens the terminal behind /dev/console (e.g. /dev/ttyS0; /dev/console itself
+/// cannot become a controlling terminal by open) and makes it ironinit's stdio and
+/// controlling terminal. ironinit leads the console's session for the VM's whole
+/// life: were the agent the session leader, its exit would hang up the terminal
+/// and flush output still waiting in the UART buffer.
 fn attach_console() -> Result<OwnedFd, String> {
     let active = fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
     let mut candidates: Vec<String> = active
@@ -215,19 +217,19 @@ fn attach_console() -> Result<OwnedFd, String> {
         .into_iter()
         .collect();
     candidates.push("/dev/console".into());
+    // SAFETY: setsid has no preconditions; PID 1 starts in session 0, so it can.
+    unsafe { libc::setsid() };
     let mut last_err = String::new();
     for path in &candidates {
-        match fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags_noctty()
-            .open(path)
-        {
+        match fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => {
                 let fd = OwnedFd::from(f);
-                for target in 0..3 {
-                    // SAFETY: dup2 onto the standard descriptors.
-                    unsafe { libc::dup2(fd.as_raw_fd(), target) };
+                // SAFETY: ioctl and dup2 on descriptors owned by this process.
+                unsafe {
+                    libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 1);
+                    for target in 0..3 {
+                        libc::dup2(fd.as_raw_fd(), target);
+                    }
                 }
                 return Ok(fd);
             }
@@ -235,19 +237,6 @@ fn attach_console() -> Result<OwnedFd, String> {
         }
     }
     Err(format!("cannot open the console ({last_err})"))
-}
-
-trait NoCtty {
-    fn custom_flags_noctty(&mut self) -> &mut Self;
-}
-
-impl NoCtty for fs::OpenOptions {
-    /// ironinit must not take the console as its own controlling terminal: the
-    /// agent's session gets it.
-    fn custom_flags_noctty(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NOCTTY)
-    }
 }
 
 /// Images built by `ironvmm image build` carry the applet links already; an
@@ -313,9 +302,16 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Blocks the signals ironinit waits for, so none is lost between spawning the
-/// agent and waiting (the child's mask is reset before exec).
+/// agent and waiting (the child's mask is reset before exec). SIGTTOU and SIGTTIN
+/// are blocked too: ironinit touches the terminal from outside the foreground
+/// group, and for PID 1 an unblocked SIGTTOU would make tcdrain retry forever.
 fn block_signals() -> Result<(), String> {
-    let set = signal_set();
+    let mut set = signal_set();
+    // SAFETY: set is a valid, initialised sigset_t.
+    unsafe {
+        libc::sigaddset(&mut set, libc::SIGTTOU);
+        libc::sigaddset(&mut set, libc::SIGTTIN);
+    }
     // SAFETY: set is a valid sigset_t.
     let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if r != 0 {
@@ -333,12 +329,18 @@ fn spawn_agent(spec: &AgentSpec) -> Result<libc::pid_t, String> {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            let empty: libc::sigset_t = std::mem::zeroed();
+            // A process group of its own, made the console's foreground group, so
+            // Ctrl-C typed on the console reaches the agent. tcsetpgrp from a
+            // background group needs SIGTTOU blocked; the mask is emptied after.
+            let mut ttou: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut ttou);
+            libc::sigaddset(&mut ttou, libc::SIGTTOU);
+            libc::sigprocmask(libc::SIG_BLOCK, &ttou, std::ptr::null_mut());
+            libc::setpgid(0, 0);
+            libc::tcsetpgrp(0, libc::getpid());
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // A session of its own with the console as controlling terminal, so
-            // Ctrl-C on the console reaches the agent's foreground job.
-            libc::setsid();
-            libc::ioctl(0, libc::TIOCSCTTY, 1);
             Ok(())
         });
     }
@@ -397,10 +399,12 @@ fn reap(agent: libc::pid_t) -> Option<u8> {
 fn power_off(port: &StatusPort, console: Option<&OwnedFd>, status: u8) -> ! {
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
-    // SAFETY: tcdrain, sync and reboot have no memory preconditions.
+    let tty = console.map_or(1, |c| c.as_raw_fd());
+    // SAFETY: tcsetpgrp, tcdrain, sync and reboot have no memory preconditions.
     unsafe {
+        libc::tcsetpgrp(tty, libc::getpgrp());
         // The agent's last output may still sit in the UART's transmit buffer.
-        libc::tcdrain(console.map_or(1, |c| c.as_raw_fd()));
+        libc::tcdrain(tty);
         libc::sync();
     }
     port.write(exit_word(status));
