@@ -135,3 +135,77 @@ fn signals_orphans_and_init_failures() {
     assert!(!console.contains("Kernel panic"), "{console}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+fn ctrl_c_on_the_console_reaches_the_agent() {
+    use std::io::{BufRead, BufReader, Write};
+    let Some(k) = kernel() else {
+        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+    };
+    let d = scratch("ctrlc");
+    let img = d.join("guest.img");
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["image", "build", "--kernel"])
+        .arg(&k)
+        .args(["--cmd", "echo READY; sleep 100; echo NOT-INTERRUPTED", "-o"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = ironvmm::image::GuestImage::open(&img).unwrap();
+    std::fs::write(d.join("vmlinux"), &image.kernel).unwrap();
+    std::fs::write(d.join("initramfs.cpio"), &image.initramfs).unwrap();
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-nographic", "-serial", "stdio", "-no-reboot", "-kernel"])
+        .arg(d.join("vmlinux"))
+        .arg("-initrd")
+        .arg(d.join("initramfs.cpio"))
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet ironinit.debug",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut console = String::new();
+    let mut sent = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        console.push_str(&line);
+        console.push('\n');
+        if !sent && line.trim_end() == "READY" {
+            stdin.write_all(b"\x03").unwrap();
+            sent = true;
+        }
+    }
+    let _ = child.wait();
+    assert!(sent, "the agent never started:\n{console}");
+    assert!(
+        console.contains("ironinit: agent exited with status 130"),
+        "{console}"
+    );
+    assert!(
+        !console.lines().any(|l| l.trim_end() == "NOT-INTERRUPTED"),
+        "{console}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
