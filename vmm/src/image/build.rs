@@ -101,7 +101,8 @@ fn missing_guest_bin(tried: &[PathBuf], source: &str) -> BuildError {
 
 /// Reads a program that must run in the guest and checks that it is static.
 fn read_static(path: &Path, what: &str, hint: &str) -> Result<Vec<u8>, BuildError> {
-    let data = fs::read(path).map_err(|e| BuildError::io(path, e))?;
+    let data = fs::read(path)
+        .map_err(|e| BuildError::Invalid(format!("{what} {}: {e}. {hint}", path.display())))?;
     check_static_elf(&data).map_err(|why| {
         BuildError::Invalid(format!(
             "{what} {} cannot run in the guest: {why}. {hint}",
