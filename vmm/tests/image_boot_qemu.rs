@@ -209,3 +209,61 @@ fn ctrl_c_on_the_console_reaches_the_agent() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Builds guest/examples/vsock_fake_gate as a static binary, as build-guest.sh
+/// builds ironinit and iron.
+fn build_fake_gate() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        )
+        .args(["build", "-p", "ironvmm-guest", "--release", "--target"])
+        .args(["x86_64-unknown-linux-gnu", "--example", "vsock_fake_gate"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("x86_64-unknown-linux-gnu/release/examples/vsock_fake_gate")
+}
+
+#[test]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+fn iron_speaks_af_vsock_in_the_guest() {
+    let Some(k) = kernel() else {
+        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+    };
+    let gate = build_fake_gate();
+    let d = scratch("vsock");
+    let add = format!("{}:/bin/vsock_fake_gate", gate.display());
+    // The guest kernel's vsock loopback (CID 1) stands in for the host.
+    let script = concat!(
+        "vsock_fake_gate 1 & sleep 1; export IRON_GATE=vsock:1:1; ",
+        "iron call echo '{\"a\":1}'; echo rc=$?; ",
+        "iron call other; echo rc=$?; ",
+        "iron bench -n 100 -c 2 | tail -n 1; ",
+        "unset IRON_GATE; iron call echo; echo rc=$?"
+    );
+    let console = boot(&d, &k, &["--add", &add, "--cmd", script]);
+    let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
+    let line_before = |marker: &str| {
+        let i = lines.iter().position(|l| *l == marker);
+        i.and_then(|i| lines.get(i.wrapping_sub(1)).copied())
+    };
+    assert!(lines.contains(&"{\"a\":1}"), "{console}");
+    assert_eq!(line_before("rc=0"), Some("{\"a\":1}"), "{console}");
+    assert!(lines.contains(&"rc=3"), "denied: {console}");
+    let bench = lines
+        .iter()
+        .find(|l| l.starts_with("{\"count\""))
+        .expect("bench JSON line");
+    let v: serde_json::Value = serde_json::from_str(bench).unwrap();
+    assert_eq!(v["ok"], 100, "{bench}");
+    // No vsock device in this VM: the host's CID 2 is unreachable, exit 5.
+    assert!(lines.contains(&"rc=5"), "{console}");
+    let _ = std::fs::remove_dir_all(&d);
+}
