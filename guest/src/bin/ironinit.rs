@@ -50,7 +50,8 @@ impl StatusPort {
     }
 }
 
-/// Writes a line to the console (ironinit's stderr) even if stderr is closed.
+/// Writes a line to the console (ironinit's stderr). A failed write is ignored:
+/// there is nowhere else to report it.
 fn say(msg: &str) {
     let _ = writeln!(io::stderr(), "{msg}");
 }
