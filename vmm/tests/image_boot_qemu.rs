@@ -40,8 +40,8 @@ fn boot(dir: &Path, kernel: &Path, build_args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = ironvmm::image::GuestImage::open(&img).unwrap();
-    std::fs::write(dir.join("vmlinux"), &image.kernel).unwrap();
-    std::fs::write(dir.join("initramfs.cpio"), &image.initramfs).unwrap();
+    std::fs::write(dir.join("vmlinux"), image.kernel()).unwrap();
+    std::fs::write(dir.join("initramfs.cpio"), image.initramfs()).unwrap();
     let out = Command::new("timeout")
         .arg("120")
         .arg("qemu-system-x86_64")
@@ -158,8 +158,8 @@ fn ctrl_c_on_the_console_reaches_the_agent() {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = ironvmm::image::GuestImage::open(&img).unwrap();
-    std::fs::write(d.join("vmlinux"), &image.kernel).unwrap();
-    std::fs::write(d.join("initramfs.cpio"), &image.initramfs).unwrap();
+    std::fs::write(d.join("vmlinux"), image.kernel()).unwrap();
+    std::fs::write(d.join("initramfs.cpio"), image.initramfs()).unwrap();
     let mut child = Command::new("timeout")
         .arg("120")
         .arg("qemu-system-x86_64")
