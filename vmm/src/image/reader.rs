@@ -1,6 +1,6 @@
 //! Reads `guest.img` for the VMM. Every check that can fail names the member and
-//! what is wrong with it; nothing in the file can make this panic or allocate
-//! more than the per-member limits.
+//! what is wrong with it; nothing in the file can make this panic, and a file
+//! over the size limits is refused before it is read.
 
 use std::fs;
 use std::io::{self, Read};
