@@ -40,8 +40,8 @@ fn boot(dir: &Path, kernel: &Path, build_args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = ironvmm::image::GuestImage::open(&img).unwrap();
-    std::fs::write(dir.join("vmlinux"), &image.kernel).unwrap();
-    std::fs::write(dir.join("initramfs.cpio"), &image.initramfs).unwrap();
+    std::fs::write(dir.join("vmlinux"), image.kernel()).unwrap();
+    std::fs::write(dir.join("initramfs.cpio"), image.initramfs()).unwrap();
     let out = Command::new("timeout")
         .arg("120")
         .arg("qemu-system-x86_64")
@@ -158,8 +158,8 @@ fn ctrl_c_on_the_console_reaches_the_agent() {
         String::from_utf8_lossy(&out.stderr)
     );
     let image = ironvmm::image::GuestImage::open(&img).unwrap();
-    std::fs::write(d.join("vmlinux"), &image.kernel).unwrap();
-    std::fs::write(d.join("initramfs.cpio"), &image.initramfs).unwrap();
+    std::fs::write(d.join("vmlinux"), image.kernel()).unwrap();
+    std::fs::write(d.join("initramfs.cpio"), image.initramfs()).unwrap();
     let mut child = Command::new("timeout")
         .arg("120")
         .arg("qemu-system-x86_64")
@@ -265,5 +265,38 @@ fn iron_speaks_af_vsock_in_the_guest() {
     assert_eq!(v["ok"], 100, "{bench}");
     // No vsock device in this VM: the host's CID 2 is unreachable, exit 5.
     assert!(lines.contains(&"rc=5"), "{console}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+fn ironinit_installs_busybox_links_when_the_image_has_none() {
+    let Some(k) = kernel() else {
+        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+    };
+    let d = scratch("applets");
+    // Not executable on the build host, so the builder cannot list the applets.
+    let bb = d.join("busybox");
+    std::fs::copy("/bin/busybox", &bb).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bb, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let console = boot(
+        &d,
+        &k,
+        &[
+            "--busybox",
+            bb.to_str().unwrap(),
+            "--cmd",
+            "readlink /bin/sh; exit 3",
+        ],
+    );
+    assert!(
+        console.lines().any(|l| l.trim_end() == "/bin/busybox"),
+        "{console}"
+    );
+    assert!(
+        console.contains("ironinit: agent exited with status 3"),
+        "{console}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

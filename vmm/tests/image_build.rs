@@ -121,7 +121,7 @@ fn build_then_inspect() {
     assert_eq!(m.agent.cmd, ["sh", "-c", "/app/run.sh"]);
     assert_eq!(m.agent.env["A"], "1");
     assert_eq!((m.mem_mib, m.cpus, m.cmdline.as_str()), (256, 2, "quiet"));
-    let entries = cpio::parse(&img.initramfs, true).unwrap();
+    let entries = cpio::parse(img.initramfs(), true).unwrap();
     let get = |n: &str| entries.iter().find(|e| e.name_str() == n);
     assert_eq!(get("init").unwrap().data, fake_static_elf(3));
     assert_eq!(get("init").unwrap().mode & 0o777, 0o755);
@@ -134,7 +134,7 @@ fn build_then_inspect() {
     assert_eq!(get("app/lib/data.txt").unwrap().data, b"data");
     // The manifest copy that ironinit reads is the image's manifest.
     let copy = &get("etc/ironvmm/manifest.json").unwrap().data;
-    assert_eq!(copy, &img.manifest_bytes);
+    assert_eq!(copy, img.manifest_bytes());
 
     let out = ironvmm(&["image", "inspect", d.0.join("guest.img").to_str().unwrap()]);
     assert!(out.status.success());
@@ -151,7 +151,7 @@ fn build_then_inspect() {
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["members"][1]["name"], "vmlinux");
-    assert_eq!(v["sha256"], img.sha256);
+    assert_eq!(v["sha256"], img.sha256());
 }
 
 #[test]

@@ -71,13 +71,13 @@ fn a_good_image_opens() {
     let t = good_image("good");
     let img = GuestImage::open(&t.0).unwrap();
     assert_eq!(img.kernel_kind, KernelKind::Elf);
-    assert_eq!(img.kernel, fake_vmlinux());
-    assert_eq!(img.initramfs, small_cpio());
+    assert_eq!(img.kernel(), fake_vmlinux());
+    assert_eq!(img.initramfs(), small_cpio());
     assert_eq!(img.manifest.agent.cmd, ["true"]);
     // The digest is of the whole file.
     let file = std::fs::read(&t.0).unwrap();
     use sha2::Digest;
-    assert_eq!(img.sha256, hex::encode(sha2::Sha256::digest(&file)));
+    assert_eq!(img.sha256(), hex::encode(sha2::Sha256::digest(&file)));
     let members = img.members();
     assert_eq!(members[1].name, "vmlinux");
     assert_eq!(members[1].size, 4096);

@@ -175,7 +175,7 @@ fn inspect(a: InspectArgs) -> u8 {
     if a.json {
         let out = serde_json::json!({
             "image": a.image.display().to_string(),
-            "sha256": img.sha256,
+            "sha256": img.sha256(),
             "manifest": img.manifest,
             "kernel_kind": img.kernel_kind.to_string(),
             "members": members.iter().map(|m| serde_json::json!({
@@ -189,7 +189,7 @@ fn inspect(a: InspectArgs) -> u8 {
         return 0;
     }
     println!("image:    {}", a.image.display());
-    println!("sha256:   {}", img.sha256);
+    println!("sha256:   {}", img.sha256());
     println!("kernel:   {}", img.kernel_kind);
     println!("manifest:");
     for line in img.manifest.to_json_pretty().lines() {

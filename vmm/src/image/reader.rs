@@ -1,10 +1,12 @@
 //! Reads `guest.img` for the VMM. Every check that can fail names the member and
-//! what is wrong with it; nothing in the file can make this panic or allocate
-//! more than the per-member limits.
+//! what is wrong with it; nothing in the file can make this panic, and a file
+//! over the size limits is refused before it is read.
 
 use std::fs;
 use std::io::{self, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
@@ -77,74 +79,88 @@ pub struct MemberInfo {
     pub sha256: String,
 }
 
-/// A validated image, held in memory.
-#[derive(Debug, Clone)]
+/// A validated image, held in memory as the file's bytes; the members are
+/// slices of them (no copies), and the file's digest is computed on first use so
+/// that the VMM can take it off the boot path.
+#[derive(Debug)]
 pub struct GuestImage {
     pub manifest: Manifest,
-    /// The manifest exactly as stored (for the audit's image record).
-    pub manifest_bytes: Vec<u8>,
-    pub kernel: Vec<u8>,
     pub kernel_kind: KernelKind,
-    pub initramfs: Vec<u8>,
-    /// SHA-256 (hex) of the whole image file, as the audit `open` record wants it.
-    pub sha256: String,
+    data: Vec<u8>,
+    manifest_at: Range<usize>,
+    kernel_at: Range<usize>,
+    initramfs_at: Range<usize>,
+    sha256: OnceLock<String>,
 }
 
-/// Hashes everything that passes through, so the image is read only once.
-struct HashingReader<R> {
-    inner: R,
-    hash: Sha256,
-    total: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.total += n as u64;
-        Ok(n)
-    }
-}
+/// The largest file worth reading: every member at its limit, plus tar overhead.
+const MAX_IMAGE_BYTES: u64 =
+    MAX_MANIFEST_BYTES + MAX_KERNEL_BYTES + MAX_INITRAMFS_BYTES + (1 << 20);
 
 impl GuestImage {
     /// Opens and validates `path`.
     pub fn open(path: &Path) -> Result<GuestImage, ImageError> {
-        let file = fs::File::open(path).map_err(|e| ImageError::Io {
+        let io_err = |e| ImageError::Io {
             path: path.to_path_buf(),
             source: e,
-        })?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(ImageError::Io {
-                path: path.to_path_buf(),
-                source: io::Error::other("it is a directory"),
+        };
+        let mut file = fs::File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if meta.is_dir() {
+            return Err(io_err(io::Error::other("it is a directory")));
+        }
+        let origin = path.display().to_string();
+        if meta.len() > MAX_IMAGE_BYTES {
+            return Err(ImageError::TooLarge {
+                origin,
+                member: "(the whole image)".into(),
+                size: meta.len(),
+                limit: MAX_IMAGE_BYTES,
             });
         }
-        Self::read_from(
-            io::BufReader::with_capacity(1 << 16, file),
-            &path.display().to_string(),
-        )
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut data).map_err(io_err)?;
+        Self::from_bytes(data, &origin)
     }
 
     /// Reads an image from any byte stream; `origin` names it in errors.
     pub fn read_from<R: Read>(reader: R, origin: &str) -> Result<GuestImage, ImageError> {
+        let mut data = Vec::new();
+        reader
+            .take(MAX_IMAGE_BYTES + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| ImageError::NotTar {
+                origin: origin.to_string(),
+                detail: e.to_string(),
+            })?;
+        if data.len() as u64 > MAX_IMAGE_BYTES {
+            return Err(ImageError::TooLarge {
+                origin: origin.to_string(),
+                member: "(the whole image)".into(),
+                size: data.len() as u64,
+                limit: MAX_IMAGE_BYTES,
+            });
+        }
+        Self::from_bytes(data, origin)
+    }
+
+    /// Validates an image held in memory.
+    pub fn from_bytes(data: Vec<u8>, origin: &str) -> Result<GuestImage, ImageError> {
         let origin = origin.to_string();
         let not_tar = |e: io::Error| ImageError::NotTar {
             origin: origin.clone(),
             detail: e.to_string(),
         };
-        let mut archive = tar::Archive::new(HashingReader {
-            inner: reader,
-            hash: Sha256::new(),
-            total: 0,
-        });
+        // Members by name, as byte ranges of `data`. The manifest says which names
+        // the kernel and initramfs use, so every member is located before deciding.
+        let mut members: Vec<(String, Range<usize>)> = Vec::new();
         // Where the last member's padded data ends; two zero blocks must follow,
         // or the file was cut exactly between members.
         let mut data_end = 0u64;
-        // Members by name; the manifest says which names the kernel and initramfs use,
-        // so every regular member is read (up to the largest limit) before deciding.
-        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
-        for entry in archive.entries().map_err(not_tar)? {
-            let mut entry = entry.map_err(not_tar)?;
+        let mut archive = tar::Archive::new(io::Cursor::new(&data[..]));
+        // With a seekable reader the tar crate skips member data without copying it.
+        for entry in archive.entries_with_seek().map_err(not_tar)? {
+            let entry = entry.map_err(not_tar)?;
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let ty = entry.header().entry_type();
             if !matches!(ty, tar::EntryType::Regular | tar::EntryType::Continuous) {
@@ -161,49 +177,24 @@ impl GuestImage {
                 });
             }
             let want = entry.size();
-            data_end = entry
-                .raw_file_position()
-                .saturating_add(want)
-                .div_ceil(512)
-                .saturating_mul(512);
-            let limit = if name == "manifest.json" {
-                MAX_MANIFEST_BYTES
-            } else {
-                MAX_INITRAMFS_BYTES.max(MAX_KERNEL_BYTES)
-            };
-            if want > limit {
-                return Err(ImageError::TooLarge {
-                    origin,
-                    member: name,
-                    size: want,
-                    limit,
-                });
-            }
-            let mut data = Vec::with_capacity(want.min(64 << 20) as usize);
-            entry
-                .by_ref()
-                .take(want)
-                .read_to_end(&mut data)
-                .map_err(not_tar)?;
-            if (data.len() as u64) < want {
+            let start = entry.raw_file_position();
+            let end = start.saturating_add(want);
+            if end > data.len() as u64 {
                 return Err(ImageError::Truncated {
                     origin,
                     member: name,
-                    got: data.len() as u64,
+                    got: (data.len() as u64).saturating_sub(start),
                     want,
                 });
             }
-            members.push((name, data));
+            data_end = end.div_ceil(512).saturating_mul(512);
+            members.push((name, start as usize..end as usize));
         }
-        // Hash what follows the end-of-archive blocks too: the digest is of the file.
-        let mut rest = archive.into_inner();
-        io::copy(&mut rest, &mut io::sink()).map_err(not_tar)?;
-        if rest.total < data_end.saturating_add(1024) {
+        if (data.len() as u64) < data_end.saturating_add(1024) {
             return Err(ImageError::NoEnd { origin });
         }
-        let sha256 = hex::encode(rest.hash.finalize());
 
-        let take = |members: &mut Vec<(String, Vec<u8>)>, name: &str| {
+        let take = |members: &mut Vec<(String, Range<usize>)>, name: &str| {
             members
                 .iter()
                 .position(|(n, _)| n == name)
@@ -213,13 +204,14 @@ impl GuestImage {
                     member: name.to_string(),
                 })
         };
-        let manifest_bytes = take(&mut members, "manifest.json")?;
-        let manifest = Manifest::from_json(&manifest_bytes).map_err(|e| ImageError::Manifest {
-            origin: origin.clone(),
-            source: e,
-        })?;
-        let kernel = take(&mut members, &manifest.kernel)?;
-        let initramfs = take(&mut members, &manifest.initramfs)?;
+        let manifest_at = take(&mut members, "manifest.json")?;
+        let manifest =
+            Manifest::from_json(&data[manifest_at.clone()]).map_err(|e| ImageError::Manifest {
+                origin: origin.clone(),
+                source: e,
+            })?;
+        let kernel_at = take(&mut members, &manifest.kernel)?;
+        let initramfs_at = take(&mut members, &manifest.initramfs)?;
         if let Some((name, _)) = members.first() {
             return Err(ImageError::UnexpectedMember {
                 origin,
@@ -239,26 +231,51 @@ impl GuestImage {
                 Ok(())
             }
         };
-        size_check(&manifest.kernel, kernel.len(), MAX_KERNEL_BYTES)?;
-        size_check(&manifest.initramfs, initramfs.len(), MAX_INITRAMFS_BYTES)?;
-        let kernel_kind = kernel_kind(&kernel).map_err(|why| ImageError::BadKernel {
-            origin: origin.clone(),
-            member: manifest.kernel.clone(),
-            why,
-        })?;
-        check_initramfs(&initramfs).map_err(|why| ImageError::BadInitramfs {
+        size_check(&manifest.kernel, kernel_at.len(), MAX_KERNEL_BYTES)?;
+        size_check(&manifest.initramfs, initramfs_at.len(), MAX_INITRAMFS_BYTES)?;
+        let kernel_kind =
+            kernel_kind(&data[kernel_at.clone()]).map_err(|why| ImageError::BadKernel {
+                origin: origin.clone(),
+                member: manifest.kernel.clone(),
+                why,
+            })?;
+        check_initramfs(&data[initramfs_at.clone()]).map_err(|why| ImageError::BadInitramfs {
             origin: origin.clone(),
             member: manifest.initramfs.clone(),
             why,
         })?;
         Ok(GuestImage {
             manifest,
-            manifest_bytes,
-            kernel,
             kernel_kind,
-            initramfs,
-            sha256,
+            data,
+            manifest_at,
+            kernel_at,
+            initramfs_at,
+            sha256: OnceLock::new(),
         })
+    }
+
+    /// The kernel member (ELF vmlinux or bzImage, see [`GuestImage::kernel_kind`]).
+    pub fn kernel(&self) -> &[u8] {
+        &self.data[self.kernel_at.clone()]
+    }
+
+    /// The initramfs member.
+    pub fn initramfs(&self) -> &[u8] {
+        &self.data[self.initramfs_at.clone()]
+    }
+
+    /// The manifest exactly as stored.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.data[self.manifest_at.clone()]
+    }
+
+    /// SHA-256 (hex) of the whole image file, as the audit `open` record wants it.
+    /// Computed once, on first use (about 10 ms per 20 MB); safe to call from
+    /// another thread while the VM boots.
+    pub fn sha256(&self) -> &str {
+        self.sha256
+            .get_or_init(|| hex::encode(Sha256::digest(&self.data)))
     }
 
     /// Name, size and SHA-256 of each member, in image order.
@@ -269,15 +286,15 @@ impl GuestImage {
             sha256: hex::encode(Sha256::digest(data)),
         };
         vec![
-            info("manifest.json", &self.manifest_bytes),
-            info(&self.manifest.kernel, &self.kernel),
-            info(&self.manifest.initramfs, &self.initramfs),
+            info("manifest.json", self.manifest_bytes()),
+            info(&self.manifest.kernel, self.kernel()),
+            info(&self.manifest.initramfs, self.initramfs()),
         ]
     }
 
     /// The initramfs entries, when it is an uncompressed newc archive.
     pub fn initramfs_entries(&self) -> Option<Vec<cpio::Entry>> {
-        cpio::parse(&self.initramfs, false).ok()
+        cpio::parse(self.initramfs(), false).ok()
     }
 }
 
