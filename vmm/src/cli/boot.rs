@@ -153,10 +153,15 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
         .image
         .as_ref()
         .expect("clap requires an image without --kernel");
-    Err((
-        exit::BAD_IMAGE,
-        format!("{}: image loading is not wired yet", path.display()),
-    ))
+    let img = crate::image::GuestImage::open(path).map_err(|e| (exit::BAD_IMAGE, e.to_string()))?;
+    let m = &img.manifest;
+    Ok(Payload {
+        cmdline: m.cmdline.clone(),
+        mem_mib: u64::from(m.mem_mib),
+        cpus: u8::try_from(m.cpus).unwrap_or(u8::MAX),
+        kernel: img.kernel().to_vec(),
+        initrd: img.initramfs().to_vec(),
+    })
 }
 
 pub fn run(a: BootArgs) -> u8 {
