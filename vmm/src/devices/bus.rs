@@ -4,10 +4,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::console::ConsoleOut;
+use super::i8042::I8042;
 use super::status_port::StatusPort;
 use crate::kvm::layout::{I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT};
 use crate::vm_event::{EventSender, VmEvent};
@@ -49,7 +50,7 @@ struct MmioRange {
 
 pub struct Bus {
     pub serial: Arc<Mutex<SerialDevice>>,
-    i8042: Mutex<I8042Device<ResetTrigger>>,
+    i8042: Mutex<I8042<ResetTrigger, IrqTrigger>>,
     pub status: StatusPort,
     mmio: Vec<MmioRange>,
     unknown_pio: AtomicU64,
@@ -57,10 +58,15 @@ pub struct Bus {
 }
 
 impl Bus {
-    pub fn new(serial: SerialDevice, events: EventSender, status: StatusPort) -> Self {
+    pub fn new(
+        serial: SerialDevice,
+        kbd_irq: IrqTrigger,
+        events: EventSender,
+        status: StatusPort,
+    ) -> Self {
         Bus {
             serial: Arc::new(Mutex::new(serial)),
-            i8042: Mutex::new(I8042Device::new(ResetTrigger(events))),
+            i8042: Mutex::new(I8042::new(ResetTrigger(events), kbd_irq)),
             status,
             mmio: Vec::new(),
             unknown_pio: AtomicU64::new(0),
@@ -95,7 +101,7 @@ impl Bus {
                 let _ = lock(&self.serial).write((p - SERIAL_PORT) as u8, data[0]);
             }
             I8042_DATA_PORT | I8042_COMMAND_PORT if data.len() == 1 => {
-                let _ = lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]);
+                lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, data[0]);
             }
             super::status_port::PORT => self.status.write(data),
             _ => {
@@ -168,7 +174,10 @@ mod tests {
             ConsoleOut::new(None, false),
         );
         let status = StatusPort::new(Arc::new(Timings::default()), tx.clone());
-        (Bus::new(serial, tx, status), rx)
+        (
+            Bus::new(serial, IrqTrigger(EventFd::new(0).unwrap()), tx, status),
+            rx,
+        )
     }
 
     #[test]

@@ -4,4 +4,5 @@
 pub mod bus;
 pub mod console;
 pub mod console_input;
+pub mod i8042;
 pub mod status_port;

@@ -37,6 +37,7 @@ pub const APIC_ADDR: u32 = 0xfee0_0000;
 /// Legacy devices.
 pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
+pub const KBD_IRQ: u32 = 1;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// KVM's TSS needs three pages inside the 32-bit address space, outside RAM.

@@ -17,7 +17,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cpu_state;
-use super::layout::{KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ};
+use super::layout::{KBD_IRQ, KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ};
 use super::{cpuid, loader, memory, mptable};
 use crate::devices::bus::{lock, Bus, IrqTrigger, MmioDevice};
 use crate::devices::console::ConsoleOut;
@@ -136,9 +136,13 @@ impl Vm {
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
         fd.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let kbd_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        fd.register_irqfd(&kbd_irq, KBD_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
         let serial = Serial::new(IrqTrigger(serial_irq), console);
         let status = StatusPort::new(timings.clone(), events_tx.clone());
-        let bus = Bus::new(serial, events_tx.clone(), status);
+        let bus = Bus::new(serial, IrqTrigger(kbd_irq), events_tx.clone(), status);
         timings.vm_created.set_once();
         Ok(Vm {
             _kvm: kvm,
