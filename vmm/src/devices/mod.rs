@@ -1,2 +1,5 @@
 //! What the guest can touch: serial console, i8042 reset, the status port, and the
 //! virtio-mmio vsock that is its only egress.
+
+pub mod virtio_mmio;
+pub mod vsock;
