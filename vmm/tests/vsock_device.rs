@@ -280,6 +280,36 @@ fn handler_error_resets_the_connection() {
 }
 
 #[test]
+fn handler_error_after_a_reply_delivers_it_then_shuts_down() {
+    let mut g = Guest::new(cfg());
+    open(&mut g, 51, 3);
+    // No rx buffers yet: the error reply has to wait, and input meanwhile is discarded.
+    g.write(51, 3, b"fatal", &Layout::Joined);
+    g.write(51, 3, b"ignored", &Layout::Joined);
+    assert_eq!(g.stats().handler_errors, 1);
+    assert_eq!(lock(&g.dev).buffered(51, 3), Some((0, 13)));
+    g.post_rx(3, 4096, &Layout::Joined);
+    g.kick(RX_QUEUE);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RW, op::SHUTDOWN]);
+    assert_eq!(pkts[0].1, b"error: fatal\n");
+    assert_eq!(pkts[1].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+    assert_eq!(lock(&g.dev).connection_count(), 0);
+    assert_eq!(g.events().last(), Some(&Event::Closed { guest_port: 51 }));
+    // The guest's answering RST is not answered.
+    let h = g.hdr(51, 3, op::RST, 0);
+    g.send(&h, &[], &Layout::Joined);
+    assert!(g.recv().is_empty());
+    // "ignored" never reached the handler.
+    let fed = g
+        .events()
+        .iter()
+        .filter(|e| matches!(e, Event::Data { guest_port: 51, .. }))
+        .count();
+    assert_eq!(fed, 1);
+}
+
+#[test]
 fn protocol_violations_reset() {
     let mut g = Guest::new(cfg());
     open(&mut g, 60, 1);

@@ -244,7 +244,11 @@ fn check_bounds(g: &Guest) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    // 32 cases each keep the fast suite fast; PROPTEST_CASES=5000 for a long run.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn protocol_hostile_guest_never_panics_and_stays_bounded(

@@ -66,7 +66,8 @@ pub enum Event {
 pub type Log = Arc<Mutex<Vec<Event>>>;
 
 /// Port 1: echo. Port 2: reply with `reply_size` bytes of 'x' per call.
-/// Port 3: refuse data containing "bad". Port 4: park data and release it on poll.
+/// Port 3: swallow data; refuse "bad" silently, and "fatal" after an error reply.
+/// Port 4: park data and release it on poll.
 /// Anything else: refused.
 pub struct TestListener {
     pub log: Log,
@@ -92,6 +93,10 @@ impl StreamHandler for TestHandler {
             2 => out.resize(out.len() + self.reply_size, b'x'),
             3 if data.windows(3).any(|w| w == b"bad") => {
                 return Err(StreamError("bad input".into()))
+            }
+            3 if data.windows(5).any(|w| w == b"fatal") => {
+                out.extend_from_slice(b"error: fatal\n");
+                return Err(StreamError("fatal input".into()));
             }
             3 => {}
             4 => self.parked.extend_from_slice(data),

@@ -9,6 +9,10 @@
 //! advertised credit `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`. While `outbound` holds
 //! `max_pending_output` bytes or more the handler is not fed, so a guest that stops
 //! reading stalls only its own connection, and our memory stays bounded.
+//!
+//! A handler that fails ends the stream. What it wrote before failing (an error reply,
+//! typically) is still delivered; then the connection is shut down both ways and
+//! forgotten. With nothing left to deliver, the connection is reset at once.
 
 use super::packet::{op, Header, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use super::{StreamError, StreamHandler, VsockConfig};
@@ -42,8 +46,11 @@ pub enum Verdict {
     Keep,
     /// Close the handler, drop the connection and send the guest an RST.
     Reset(ResetReason),
-    /// The guest reset it: close the handler and drop the connection silently.
+    /// The guest reset it, or our final SHUTDOWN went out: close the handler and drop the
+    /// connection without an RST.
     Drop,
+    /// The handler failed with output pending: deliver it, then SHUTDOWN and drop.
+    Closing,
 }
 
 /// The next packet a connection wants to send, decided before its rx buffer is written.
@@ -75,6 +82,8 @@ pub struct Connection {
     credit_requested: bool,
     guest_send_closed: bool,
     guest_rcv_closed: bool,
+    /// The handler failed; no more input is taken, pending output drains, then SHUTDOWN.
+    closing: bool,
     /// Whether the key sits in the muxer's rx queue, so it is queued at most once.
     pub queued: bool,
 }
@@ -106,6 +115,7 @@ impl Connection {
             credit_requested: false,
             guest_send_closed: false,
             guest_rcv_closed: false,
+            closing: false,
             queued: false,
         }
     }
@@ -135,6 +145,15 @@ impl Connection {
         self.out_len() < self.max_pending_output
     }
 
+    /// Hands guest bytes to the handler; replies nobody will read are discarded.
+    fn deliver(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        if self.guest_rcv_closed {
+            self.handler.on_data(data, &mut Vec::new())
+        } else {
+            self.handler.on_data(data, &mut self.outbound)
+        }
+    }
+
     /// Bytes received from the guest and not yet given to the handler.
     pub fn inbound_len(&self) -> usize {
         self.inbound.len()
@@ -156,15 +175,11 @@ impl Connection {
             return Verdict::Reset(ResetReason::CreditOverrun);
         }
         self.rx_cnt = self.rx_cnt.wrapping_add(data.len() as u32);
-        if self.guest_rcv_closed {
-            // The guest will read no reply; still consume so its credit keeps flowing.
+        if self.closing {
+            // Sent before the guest learnt the stream is over: consumed, unread.
             self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
-            let mut sink = Vec::new();
-            if let Err(e) = self.handler.on_data(data, &mut sink) {
-                return self.handler_failed(e);
-            }
         } else if self.inbound.is_empty() && self.backlog_ok() {
-            if let Err(e) = self.handler.on_data(data, &mut self.outbound) {
+            if let Err(e) = self.deliver(data) {
                 return self.handler_failed(e);
             }
             self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
@@ -176,9 +191,9 @@ impl Connection {
 
     /// Gives waiting guest bytes to the handler once the reply backlog allows it.
     fn feed(&mut self) -> Verdict {
-        if !self.inbound.is_empty() && self.backlog_ok() {
+        if !self.closing && !self.inbound.is_empty() && self.backlog_ok() {
             let data = std::mem::take(&mut self.inbound);
-            if let Err(e) = self.handler.on_data(&data, &mut self.outbound) {
+            if let Err(e) = self.deliver(&data) {
                 return self.handler_failed(e);
             }
             self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
@@ -224,6 +239,9 @@ impl Connection {
 
     /// Late output from the handler (an answered approval, say), after a wake-up.
     pub fn poll(&mut self) -> Verdict {
+        if self.closing {
+            return Verdict::Keep;
+        }
         let res = if self.guest_rcv_closed {
             self.handler.poll(&mut Vec::new())
         } else {
@@ -235,13 +253,25 @@ impl Connection {
         }
     }
 
-    fn handler_failed(&self, e: StreamError) -> Verdict {
+    fn handler_failed(&mut self, e: StreamError) -> Verdict {
         log::debug!(
             "vsock: handler of guest port {} -> host port {} ended the stream: {e}",
             self.key.guest_port,
             self.key.host_port
         );
-        Verdict::Reset(ResetReason::HandlerError)
+        if self.guest_rcv_closed || self.out_len() == 0 {
+            return Verdict::Reset(ResetReason::HandlerError);
+        }
+        self.closing = true;
+        // Counted as consumed, so a guest still sending is not stalled on credit.
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(self.inbound.len() as u32);
+        self.inbound = Vec::new();
+        Verdict::Closing
+    }
+
+    /// Whether the final SHUTDOWN of a failed stream is due.
+    fn shutdown_due(&self) -> bool {
+        self.closing && (self.guest_rcv_closed || self.out_len() == 0)
     }
 
     pub fn close_handler(&mut self) {
@@ -252,6 +282,7 @@ impl Connection {
         let data_waiting = !self.guest_rcv_closed && self.out_len() > 0;
         self.pending_response
             || self.pending_credit_update
+            || self.shutdown_due()
             || (data_waiting && (self.peer_credit() > 0 || !self.credit_requested))
     }
 
@@ -277,6 +308,12 @@ impl Connection {
             // A buffer with no room for data can still carry our credit.
             return Some(RxPlan {
                 op: op::CREDIT_UPDATE,
+                len: 0,
+            });
+        }
+        if self.shutdown_due() {
+            return Some(RxPlan {
+                op: op::SHUTDOWN,
                 len: 0,
             });
         }
@@ -308,6 +345,11 @@ impl Connection {
             len: plan.len as u32,
             type_: super::packet::TYPE_STREAM,
             op: plan.op,
+            flags: if plan.op == op::SHUTDOWN {
+                SHUTDOWN_RCV | SHUTDOWN_SEND
+            } else {
+                0
+            },
             buf_alloc: self.buf_alloc,
             fwd_cnt: self.fwd_cnt,
             ..Header::default()
@@ -321,6 +363,8 @@ impl Connection {
         self.pending_credit_update = false;
         match plan.op {
             op::RESPONSE => self.pending_response = false,
+            // Nothing more will be sent or taken; a late RST from the guest is ignored.
+            op::SHUTDOWN => return Verdict::Drop,
             op::CREDIT_REQUEST => self.credit_requested = true,
             op::RW => {
                 self.out_pos += plan.len;

@@ -161,6 +161,10 @@ impl Muxer {
     fn apply(&mut self, key: ConnKey, verdict: Verdict) {
         match verdict {
             Verdict::Keep => self.schedule(key),
+            Verdict::Closing => {
+                self.log_reset(key, ResetReason::HandlerError);
+                self.schedule(key);
+            }
             Verdict::Drop => {
                 if let Some(mut conn) = self.conns.remove(&key) {
                     conn.close_handler();
