@@ -134,6 +134,25 @@ fn queue_registers() {
     g.w32(REG_QUEUE_SEL, 0);
     g.w32(REG_QUEUE_READY, 1);
     assert_eq!(g.r32(REG_QUEUE_READY), 0);
+    // Sizes over the maximum, not a power of two, or past 16 bits are refused.
+    let mut g = Guest::unconfigured(cfg());
+    g.w32(REG_STATUS, S_ACKNOWLEDGE);
+    g.w32(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    g.write_driver_features(F_VERSION_1);
+    g.w32(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    g.w32(REG_QUEUE_SEL, 1);
+    g.w32(REG_QUEUE_NUM, 64);
+    for bad in [512, 100, 0, 0x1_0040] {
+        g.w32(REG_QUEUE_NUM, bad);
+    }
+    {
+        use virtio_queue::QueueT;
+        let d = lock(&g.dev);
+        assert_eq!(
+            ironvmm::devices::virtio_mmio::VirtioDevice::queues(&*d)[1].size(),
+            64
+        );
+    }
     let mut g = Guest::new(cfg());
     for q in 0..3 {
         g.w32(REG_QUEUE_SEL, q);

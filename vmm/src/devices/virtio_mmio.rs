@@ -280,7 +280,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES => self.write_driver_features(v),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM => self.setup_queue(offset, |q| q.set_size(v as u16)),
+            VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(v) {
+                // An invalid size is logged by the queue and leaves the old one in place.
+                Ok(size) => self.setup_queue(offset, |q| q.set_size(size)),
+                Err(_) => self.bad_access("queue size over 65535", offset, 4),
+            },
             VIRTIO_MMIO_QUEUE_READY => self.setup_queue(offset, |q| q.set_ready(v == 1)),
             VIRTIO_MMIO_QUEUE_DESC_LOW => {
                 self.setup_queue(offset, |q| q.set_desc_table_address(Some(v), None))
