@@ -383,3 +383,79 @@ impl Connection {
         self.feed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl StreamHandler for Echo {
+        fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+            out.extend_from_slice(data);
+            Ok(())
+        }
+        fn on_close(&mut self) {}
+    }
+
+    fn conn(peer_buf_alloc: u32) -> Connection {
+        let req = Header {
+            buf_alloc: peer_buf_alloc,
+            ..Header::default()
+        };
+        let key = ConnKey {
+            guest_port: 1,
+            host_port: 1,
+        };
+        Connection::new(key, Box::new(Echo), &req, &VsockConfig::default())
+    }
+
+    fn send_all(c: &mut Connection) -> usize {
+        let mut sent = 0;
+        while let Some(plan) = c.plan_rx(usize::MAX) {
+            if plan.op != op::RW {
+                assert_eq!(c.commit_rx(plan), Verdict::Keep);
+                if plan.op == op::CREDIT_REQUEST {
+                    break;
+                }
+                continue;
+            }
+            sent += plan.len;
+            assert_eq!(c.commit_rx(plan), Verdict::Keep);
+        }
+        sent
+    }
+
+    #[test]
+    fn credit_survives_counter_wrap() {
+        let mut c = conn(1000);
+        // Pretend 4 GiB minus 100 bytes already went both ways.
+        c.tx_cnt = u32::MAX - 99;
+        c.peer_fwd_cnt = u32::MAX - 99;
+        c.rx_cnt = u32::MAX - 99;
+        c.fwd_cnt = u32::MAX - 99;
+        c.last_fwd_cnt_sent = u32::MAX - 99;
+        assert_eq!(c.on_rw(&[7u8; 600]), Verdict::Keep);
+        assert_eq!(send_all(&mut c), 600);
+        assert_eq!(c.tx_cnt, 500);
+        assert_eq!(c.peer_credit(), 400);
+        assert_eq!(c.on_rw(&[7u8; 600]), Verdict::Keep);
+        assert_eq!(send_all(&mut c), 400, "only the credit left");
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: 900,
+            ..Header::default()
+        });
+        assert_eq!(send_all(&mut c), 200);
+    }
+
+    #[test]
+    fn a_guest_claiming_too_much_consumption_gets_no_credit() {
+        let mut c = conn(1000);
+        c.update_peer_credit(&Header {
+            buf_alloc: 1000,
+            fwd_cnt: 50, // we sent nothing yet
+            ..Header::default()
+        });
+        assert_eq!(c.peer_credit(), 0);
+    }
+}
