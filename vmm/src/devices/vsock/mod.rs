@@ -86,7 +86,7 @@ impl Default for VsockConfig {
             guest_cid: 3,
             max_connections: 128,
             buf_alloc: 256 * 1024,
-            max_pending_output: 1024 * 1024,
+            max_pending_output: 256 * 1024,
             max_pending_control: 1024,
             max_tx_payload: 64 * 1024,
         }
