@@ -6,3 +6,5 @@ pub mod console;
 pub mod console_input;
 pub mod i8042;
 pub mod status_port;
+pub mod virtio_mmio;
+pub mod vsock;
