@@ -1,1 +1,122 @@
-//! See lib.rs for this module's place in the data flow.
+//! What an allowed call reaches. Each service offers tools (name, description, JSON
+//! Schema, argument roles) and serves calls on the already-parsed arguments: the
+//! service reads the very value the policy decided on.
+
+pub mod fs;
+mod sys;
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+/// One tool as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct ToolSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub input_schema: Value,
+    /// Top-level argument name → role (`path`, `url`, `host`, `email`).
+    pub roles: &'static [(&'static str, &'static str)],
+}
+
+impl ToolSpec {
+    /// The entry in the `--catalog` file format (policy/src/catalog.rs).
+    pub fn catalog_entry(&self) -> Value {
+        let roles: Map<String, Value> = self
+            .roles
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        json!({
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+            "roles": roles,
+        })
+    }
+
+    /// The entry as MCP `tools/list` shows it.
+    pub fn mcp_entry(&self) -> Value {
+        json!({
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+        })
+    }
+}
+
+/// A tool error: the call was allowed but could not be served. The model reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolError {
+    /// Short machine-readable kind, e.g. `not_found`, `outside_root`, `too_large`.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ToolError {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        ToolError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A service: a family of tools sharing one prefix (`fs.`).
+pub trait Service: Send + Sync {
+    fn tools(&self) -> Vec<ToolSpec>;
+    /// Serves an allowed call; `Ok` is the tool's structured result.
+    fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError>;
+}
+
+/// The services one gate serves, indexed by tool name.
+#[derive(Default)]
+pub struct Services {
+    services: Vec<Box<dyn Service>>,
+    by_tool: HashMap<&'static str, usize>,
+    specs: Vec<ToolSpec>,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, service: Box<dyn Service>) {
+        let idx = self.services.len();
+        for spec in service.tools() {
+            self.by_tool.insert(spec.name, idx);
+            self.specs.push(spec);
+        }
+        self.services.push(service);
+    }
+
+    /// Tools actually served here, in catalog order.
+    pub fn specs(&self) -> &[ToolSpec] {
+        &self.specs
+    }
+
+    pub fn offers(&self, tool: &str) -> bool {
+        self.by_tool.contains_key(tool)
+    }
+
+    pub fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
+        match self.by_tool.get(tool) {
+            Some(&i) => self.services[i].call(tool, args),
+            None => Err(ToolError::new(
+                "unknown_tool",
+                format!("no service here offers {tool:?}"),
+            )),
+        }
+    }
+}
+
+/// Every tool compiled into ironvmm, whatever a given run configures.
+pub fn builtin_specs() -> Vec<ToolSpec> {
+    fs::tool_specs()
+}
+
+/// The builtin catalog as the `--catalog` file's JSON (`ironvmm tools --json`).
+pub fn builtin_catalog_json() -> Value {
+    json!({ "tools": builtin_specs().iter().map(ToolSpec::catalog_entry).collect::<Vec<_>>() })
+}
