@@ -11,6 +11,7 @@
 pub mod decide;
 pub mod frame;
 pub mod json;
+pub mod policy;
 pub mod rpc;
 
 use std::fmt;

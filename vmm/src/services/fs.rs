@@ -176,6 +176,9 @@ pub struct FsService {
     trash_path: Option<PathBuf>,
     trash: Mutex<Option<OwnedFd>>,
     trash_seq: AtomicU64,
+    /// (dev, inode) of files the guest may never read, write, move or delete
+    /// through this service: the audit log, the policy.
+    protected: Vec<(u64, u64)>,
 }
 
 impl FsService {
@@ -209,7 +212,30 @@ impl FsService {
             trash_path,
             trash: Mutex::new(None),
             trash_seq: AtomicU64::new(0),
+            protected: Vec::new(),
         })
+    }
+
+    /// Refuses access to this host file (by identity, so a hard link or another
+    /// spelling of the path is refused too). A missing file is ignored.
+    pub fn protect(&mut self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            self.protected.push((m.dev(), m.ino()));
+        }
+    }
+
+    fn check_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+        if self
+            .protected
+            .contains(&(st.st_dev as u64, st.st_ino as u64))
+        {
+            return Err(ToolError::new(
+                "protected",
+                format!("{} is protected (the audit log or the policy)", p.display()),
+            ));
+        }
+        Ok(())
     }
 
     /// The host folder that `fs.delete` moves entries into.
@@ -240,6 +266,7 @@ impl FsService {
         let fd = self.open_at(&p, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)?;
         let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
         require_regular(&p, &st)?;
+        self.check_protected(&p, &st)?;
         let size = st.st_size.max(0) as u64;
         let want = length.min(size.saturating_sub(offset)) as usize;
         let mut buf = vec![0u8; want];
@@ -332,6 +359,7 @@ impl FsService {
         let fd = self.open_at(&p, flags, 0o644)?;
         let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
         require_regular(&p, &st)?;
+        self.check_protected(&p, &st)?;
         // Truncate only after the regular-file check, never through O_TRUNC.
         if !append && offset.is_none() {
             sys::ftruncate(fd.as_fd(), 0).map_err(|e| io_error(&p, e))?;
@@ -428,6 +456,9 @@ impl FsService {
         let to = GuestPath::parse(a.str("to")?)?;
         let (from_dir, from_name) = self.parent_of(&from)?;
         let (to_dir, to_name) = self.parent_of(&to)?;
+        let st =
+            sys::fstatat_nofollow(from_dir.as_fd(), &from_name).map_err(|e| io_error(&from, e))?;
+        self.check_protected(&from, &st)?;
         sys::rename_noreplace(from_dir.as_fd(), &from_name, to_dir.as_fd(), &to_name).map_err(
             |e| match e.raw_os_error() {
                 Some(libc::EEXIST) => {
@@ -444,7 +475,8 @@ impl FsService {
         let p = GuestPath::parse(a.str("path")?)?;
         let (dir, name) = self.parent_of(&p)?;
         // Make sure it exists before the trash folder is created for it.
-        sys::fstatat_nofollow(dir.as_fd(), &name).map_err(|e| io_error(&p, e))?;
+        let st = sys::fstatat_nofollow(dir.as_fd(), &name).map_err(|e| io_error(&p, e))?;
+        self.check_protected(&p, &st)?;
         let mut trash = self.trash.lock().unwrap_or_else(|e| e.into_inner());
         if trash.is_none() {
             *trash = Some(self.open_trash()?);
