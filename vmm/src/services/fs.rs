@@ -226,10 +226,7 @@ impl FsService {
     }
 
     fn check_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
-        if self
-            .protected
-            .contains(&(st.st_dev as u64, st.st_ino as u64))
-        {
+        if self.protected.contains(&(st.st_dev, st.st_ino)) {
             return Err(ToolError::new(
                 "protected",
                 format!("{} is protected (the audit log or the policy)", p.display()),
