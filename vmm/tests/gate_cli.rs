@@ -64,7 +64,10 @@ fn call(id: u64, tool: &str, args: Value) -> String {
 fn stdio(e: &Env, extra: &[&str], lines: &[String]) -> (Option<i32>, Vec<Value>, String) {
     let mut input = lines.join("\n");
     input.push('\n');
-    stdio_raw(gate_cmd(e, &[&["--stdio"], extra].concat()), input.as_bytes())
+    stdio_raw(
+        gate_cmd(e, &[&["--stdio"], extra].concat()),
+        input.as_bytes(),
+    )
 }
 
 fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
@@ -233,7 +236,11 @@ fn audit_write_failure_fails_closed_and_exits_125() {
     assert!(err.contains("audit log"), "{err}");
     let served = r.iter().filter(|x| x["result"]["isError"] == false).count();
     let denied: Vec<&Value> = r.iter().filter(|x| x["error"]["code"] == -32001).collect();
-    assert!(served > 0 && !denied.is_empty(), "{served} served, {} denied", denied.len());
+    assert!(
+        served > 0 && !denied.is_empty(),
+        "{served} served, {} denied",
+        denied.len()
+    );
     assert_eq!(denied[0]["error"]["data"]["decided_by"], "invariant");
     // Nothing was served after the first denial.
     let first_denied = r.iter().position(|x| x.get("error").is_some()).unwrap();
@@ -302,15 +309,22 @@ fn listen_serves_100_concurrent_connections() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(status.code(), Some(143), "{err}");
     let (code, out) = verify(&e.audit, &[]);
     assert_eq!(code, Some(0), "{out}");
     let recs = records(&e.audit);
     let decisions: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "decision").collect();
     assert_eq!(decisions.len() as u64, CLIENTS * CALLS);
-    let conns: std::collections::HashSet<&str> =
-        decisions.iter().map(|d| d["conn"].as_str().unwrap()).collect();
+    let conns: std::collections::HashSet<&str> = decisions
+        .iter()
+        .map(|d| d["conn"].as_str().unwrap())
+        .collect();
     assert_eq!(conns.len() as u64, CLIENTS);
     assert_eq!(recs.last().unwrap()["exit"], 143);
 }

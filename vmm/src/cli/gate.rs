@@ -10,15 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 
-use crate::audit::{self, AuditLog, SyncMode};
+use crate::audit::{AuditLog, SyncMode};
 use crate::exit;
 use crate::gate::frame::DEFAULT_MAX_FRAME;
+use crate::gate::setup::{self, GateConfig};
 use crate::gate::{Connection, ConnectionError, Gate, GateLimits};
-use crate::services::fs::FsService;
-use crate::services::Services;
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("transport").required(true).args(["stdio", "listen"])))]
@@ -65,64 +63,30 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     // Block the stop signals in every thread; one thread waits for them and writes
     // the close record before exiting.
     let sigs = stop_signals();
-    let policy_text = std::fs::read(&args.policy)
-        .map_err(|e| (exit::BAD_POLICY, format!("{}: {e}", args.policy.display())))?;
-    let decider = crate::gate::policy::load(&args.policy)?;
-
-    let mut services = Services::new();
-    let mut fs = None;
-    if let Some(dir) = &args.workspace {
-        let svc = FsService::open(dir).map_err(|e| (exit::VMM_ERROR, e.to_string()))?;
-        fs = Some(svc);
-    }
-
-    let vm = vm_id();
-    let audit_path = match &args.audit {
-        Some(p) => p.clone(),
-        None => audit::default_path(&vm).ok_or_else(|| {
-            (
-                exit::VMM_ERROR,
-                "no audit location: set --audit, XDG_STATE_HOME or HOME".to_string(),
-            )
-        })?,
+    let mut cfg = GateConfig {
+        policy: args.policy.clone(),
+        workspace: args.workspace.clone(),
+        audit: args.audit.clone(),
+        audit_sync: args.audit_sync,
+        limits: GateLimits {
+            max_frame: args.max_frame,
+        },
+        vm: vm_id(),
+        image_sha256: None,
+        flags: Value::Null,
     };
-    let mut open = Map::new();
-    open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
-    open.insert("policy".into(), args.policy.display().to_string().into());
-    open.insert(
-        "policy_sha256".into(),
-        hex::encode(Sha256::digest(&policy_text)).into(),
-    );
-    open.insert("image_sha256".into(), Value::Null);
-    open.insert(
-        "flags".into(),
-        json!({
-            "mode": if args.stdio { "gate --stdio" } else { "gate --listen" },
-            "workspace": args.workspace.as_ref().map(|p| p.display().to_string()),
-            "audit_sync": args.audit_sync.as_str(),
-            "max_frame": args.max_frame,
-        }),
-    );
-    let log = AuditLog::create(&audit_path, &vm, args.audit_sync, open)
-        .map_err(|e| (exit::VMM_ERROR, e.to_string()))?;
-    let log = Arc::new(log);
-    if let Some(mut svc) = fs {
-        // The guest must not read or rewrite the log or the policy through the fs
-        // service, even when the workspace holds them.
-        for p in [audit_path.as_path(), args.policy.as_path()] {
-            svc.protect(p);
-        }
-        services.add(Box::new(svc));
+    cfg.flags = setup::gate_flags(if args.stdio { "--stdio" } else { "--listen" }, &cfg);
+    let opened = setup::open_gate(&cfg).map_err(|e| (e.code, e.message))?;
+    if !opened.warnings.is_empty() {
+        eprint!("{}", opened.warnings);
     }
     eprintln!(
-        "ironvmm gate: vm {vm}, audit log {} ({}); no VM: weaker isolation than ironvmm boot",
-        audit_path.display(),
+        "ironvmm gate: vm {}, audit log {} ({}); no VM: weaker isolation than ironvmm boot",
+        cfg.vm,
+        opened.audit_path.display(),
         args.audit_sync.as_str()
     );
-    let limits = GateLimits {
-        max_frame: args.max_frame,
-    };
-    let gate = Arc::new(Gate::new(decider, services, Arc::clone(&log), limits));
+    let (gate, log) = (opened.gate, opened.audit);
     spawn_signal_waiter(sigs, Arc::clone(&log));
 
     let code = if args.stdio {

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod json;
 pub mod policy;
 pub mod rpc;
+pub mod setup;
 
 use std::fmt;
 use std::sync::Arc;

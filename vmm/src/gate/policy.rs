@@ -2,18 +2,19 @@
 //!
 //! TEMPORARY until the `policy` branch is merged: loading fails with a clear message.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::setup::SetupError;
 use super::Decider;
 
-/// Loads the policy at `path` against the builtin catalog. Errors carry the exit
-/// code (127 for an invalid policy) and the diagnostics.
-pub fn load(path: &Path) -> Result<Box<dyn Decider>, (u8, String)> {
-    Err((
-        crate::exit::BAD_POLICY,
-        format!(
+/// Loads the policy at `path` against the builtin catalog, protecting `protected`
+/// paths from every call. Returns the decider and the formatted warnings.
+pub fn load(path: &Path, _protected: &[PathBuf]) -> Result<(Box<dyn Decider>, String), SetupError> {
+    Err(SetupError {
+        code: crate::exit::BAD_POLICY,
+        message: format!(
             "{}: the policy engine is not built into this ironvmm yet",
             path.display()
         ),
-    ))
+    })
 }
