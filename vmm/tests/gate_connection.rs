@@ -220,7 +220,7 @@ fn depth_64_is_accepted_and_65_refused() {
 fn frame_over_the_limit_is_refused_and_resets() {
     let fx = Fixture::with(
         ironvmm::audit::SyncMode::Always,
-        GateLimits { max_frame: 1024 },
+        GateLimits::with_max_frame(1024),
         |_| {},
     );
     let mut c = fx.conn("c1");
@@ -246,7 +246,7 @@ fn frame_over_the_limit_is_refused_and_resets() {
 fn unterminated_frame_is_bounded() {
     let fx = Fixture::with(
         ironvmm::audit::SyncMode::Always,
-        GateLimits { max_frame: 4096 },
+        GateLimits::with_max_frame(4096),
         |_| {},
     );
     let mut c = fx.conn("c1");
@@ -255,7 +255,7 @@ fn unterminated_frame_is_bounded() {
     let mut result = Ok(());
     for _ in 0..10 {
         result = c.on_data(&chunk, &mut out);
-        assert!(c.pending_bytes() <= 4096);
+        assert!(c.pending_bytes() <= 2 * 4096);
         if result.is_err() {
             break;
         }
@@ -460,4 +460,49 @@ fn secrets_are_redacted_in_the_log_but_reach_the_service() {
     assert!(!std::fs::read_to_string(&fx.audit_path)
         .unwrap()
         .contains("sk-123"));
+}
+
+#[test]
+fn replies_are_bounded_per_call_and_the_rest_waits() {
+    let limits = GateLimits {
+        max_output: 10_000,
+        ..GateLimits::with_max_frame(4096)
+    };
+    let fx = Fixture::with(ironvmm::audit::SyncMode::Batch, limits, |_| {});
+    std::fs::write(fx.workspace.join("4k"), "x".repeat(4000)).unwrap();
+    let mut c = fx.conn("c1");
+    let mut data = Vec::new();
+    for i in 0..20 {
+        data.extend(call_frame(i, "fs.read", json!({"path": "4k"})));
+        data.push(b'\n');
+    }
+    let mut out = Vec::new();
+    c.on_data(&data, &mut out).unwrap();
+    let mut got = replies(&out).len();
+    assert!(
+        got < 20 && out.len() < 10_000 + 9_000,
+        "{got} replies, {} bytes",
+        out.len()
+    );
+    assert!(c.has_backlog());
+    let mut rounds = 0;
+    while c.has_backlog() {
+        out.clear();
+        c.resume(&mut out).unwrap();
+        got += replies(&out).len();
+        rounds += 1;
+        assert!(rounds < 20);
+    }
+    assert_eq!(got, 20);
+    // A peer that keeps sending while its replies wait is cut off at max_buffered.
+    let mut out = vec![0u8; 10_000]; // replies not yet sent
+    let mut err = Ok(());
+    for _ in 0..100 {
+        err = c.on_data(&data[..1000], &mut out);
+        if err.is_err() {
+            break;
+        }
+    }
+    assert_eq!(err, Err(ConnectionError::Backlog { limit: 8192 }));
+    assert!(c.pending_bytes() <= 8192);
 }

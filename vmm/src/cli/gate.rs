@@ -68,9 +68,7 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         workspace: args.workspace.clone(),
         audit: args.audit.clone(),
         audit_sync: args.audit_sync,
-        limits: GateLimits {
-            max_frame: args.max_frame,
-        },
+        limits: GateLimits::with_max_frame(args.max_frame),
         vm: vm_id(),
         image_sha256: None,
         flags: Value::Null,
@@ -115,6 +113,28 @@ fn finish(log: &AuditLog, code: u8) -> Result<u8, Failure> {
     }
 }
 
+/// Feeds `data` to the connection and writes every reply, the backlog included
+/// (blocking writes are the back-pressure on a client that does not read).
+/// Outer `Err`: the peer cannot be written to; inner `Err`: reset the connection.
+fn pump(
+    conn: &mut Connection,
+    data: &[u8],
+    out: &mut Vec<u8>,
+    w: &mut impl Write,
+) -> std::io::Result<Result<(), ConnectionError>> {
+    out.clear();
+    let mut r = conn.on_data(data, out);
+    loop {
+        w.write_all(out)?;
+        w.flush()?;
+        out.clear();
+        if r.is_err() || !conn.has_backlog() {
+            return Ok(r);
+        }
+        r = conn.resume(out);
+    }
+}
+
 /// One client on stdin/stdout until EOF. Returns the exit code.
 fn serve_stdio(gate: &Arc<Gate>) -> u8 {
     let mut conn = Connection::new(Arc::clone(gate), "stdio".into());
@@ -132,15 +152,11 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
                 break;
             }
         };
-        let r = conn.on_data(&buf[..n], &mut out);
-        if stdout.write_all(&out).and_then(|_| stdout.flush()).is_err() {
-            break; // the client went away
-        }
-        out.clear();
-        match r {
-            Ok(()) => {}
-            Err(ConnectionError::AuditFailed(_)) => return exit::VMM_ERROR,
-            Err(e) => {
+        match pump(&mut conn, &buf[..n], &mut out, &mut stdout) {
+            Err(_) => break, // the client went away
+            Ok(Ok(())) => {}
+            Ok(Err(ConnectionError::AuditFailed(_))) => return exit::VMM_ERROR,
+            Ok(Err(e)) => {
                 eprintln!("ironvmm gate: connection reset: {e}");
                 conn.on_close();
                 return exit::VMM_ERROR;
@@ -196,6 +212,10 @@ fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8,
 fn serve_client(mut conn: Connection, mut stream: UnixStream) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(4096);
+    let mut w = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
     loop {
         let n = match stream.read(&mut buf) {
             Ok(0) => break,
@@ -203,19 +223,15 @@ fn serve_client(mut conn: Connection, mut stream: UnixStream) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let r = conn.on_data(&buf[..n], &mut out);
-        if stream.write_all(&out).is_err() {
-            break;
-        }
-        out.clear();
-        match r {
-            Ok(()) => {}
-            Err(ConnectionError::AuditFailed(m)) => {
+        match pump(&mut conn, &buf[..n], &mut out, &mut w) {
+            Err(_) => break,
+            Ok(Ok(())) => {}
+            Ok(Err(ConnectionError::AuditFailed(m))) => {
                 // Fail closed for the whole gate, as the VMM stops the VM.
                 eprintln!("ironvmm gate: {m}; stopping");
                 std::process::exit(i32::from(exit::VMM_ERROR));
             }
-            Err(_) => break,
+            Ok(Err(_)) => break,
         }
     }
     conn.on_close();

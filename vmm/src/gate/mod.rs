@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use crate::audit::{AuditLog, DecisionRecord, OutcomeStatus};
 use crate::services::Services;
 pub use decide::{DecidedBy, Decider, Ruling, ToolCall, Verdict};
-use frame::{Framer, DEFAULT_MAX_FRAME};
+use frame::{FrameError, Framer, DEFAULT_MAX_FRAME};
 use json::JsonError;
 
 /// Configurable limits of the gate.
@@ -32,12 +32,31 @@ use json::JsonError;
 pub struct GateLimits {
     /// Largest frame in bytes, newline excluded.
     pub max_frame: usize,
+    /// Most unprocessed input a connection holds (at least `max_frame`).
+    pub max_buffered: usize,
+    /// Once this many reply bytes are in `out`, a connection stops taking frames
+    /// until `resume`: one small request can produce a ~1.4 MiB reply, so without it
+    /// one 64 KiB packet of requests could make a gigabyte of replies at once.
+    pub max_output: usize,
 }
 
 impl Default for GateLimits {
     fn default() -> Self {
         GateLimits {
             max_frame: DEFAULT_MAX_FRAME,
+            max_buffered: 2 * DEFAULT_MAX_FRAME,
+            max_output: 4 * DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl GateLimits {
+    /// Defaults, with another frame limit (the buffer limit follows it).
+    pub fn with_max_frame(max_frame: usize) -> Self {
+        GateLimits {
+            max_frame,
+            max_buffered: 2 * max_frame,
+            ..GateLimits::default()
         }
     }
 }
@@ -263,6 +282,9 @@ fn tool_call(params: Option<Value>) -> Result<ToolCall, String> {
 pub enum ConnectionError {
     /// A frame, or the unterminated start of one, passed the limit.
     FrameTooLong { limit: usize },
+    /// The peer sent more than `max_buffered` bytes that could not be processed yet
+    /// (it does not read its replies, and the transport kept feeding input).
+    Backlog { limit: usize },
     /// The audit log failed: the VMM must stop the VM (exit 125). `Gate::fatal` says the same.
     AuditFailed(String),
     /// The connection was already reset or closed.
@@ -275,6 +297,10 @@ impl fmt::Display for ConnectionError {
             ConnectionError::FrameTooLong { limit } => {
                 write!(f, "a frame is over the limit of {limit} bytes")
             }
+            ConnectionError::Backlog { limit } => write!(
+                f,
+                "over {limit} bytes of input wait behind replies the peer does not read"
+            ),
             ConnectionError::AuditFailed(m) => write!(f, "{m}"),
             ConnectionError::Closed => f.write_str("the connection is closed"),
         }
@@ -293,7 +319,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(gate: Arc<Gate>, conn_id: String) -> Self {
-        let framer = Framer::new(gate.limits.max_frame);
+        let framer = Framer::new(gate.limits.max_frame, gate.limits.max_buffered);
         Connection {
             gate,
             id: conn_id,
@@ -306,21 +332,42 @@ impl Connection {
         &self.id
     }
 
-    /// Bytes from the guest; complete reply lines are appended to `out`.
+    /// Bytes from the peer; complete reply lines are appended to `out`, until `out`
+    /// holds `max_output` bytes. Frames left then wait: see `has_backlog`.
     /// `Err` means: send what is in `out`, then reset this connection.
     pub fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ConnectionError> {
         if self.closed {
             return Err(ConnectionError::Closed);
         }
-        let Connection {
-            gate, id, framer, ..
-        } = self;
-        let pushed = framer.push(data, |frame| gate.handle_frame(id, frame, out));
-        if let Err(e) = pushed {
-            self.closed = true;
-            let m = format!("Invalid Request: frame over the limit of {} bytes", e.limit);
-            rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, &m, None);
-            return Err(ConnectionError::FrameTooLong { limit: e.limit });
+        if let Err(e) = self.framer.feed(data) {
+            return Err(self.reset(e, out));
+        }
+        self.process(out)
+    }
+
+    /// Frames are waiting because `out` reached `max_output`. The transport should
+    /// send `out`, stop taking input from the peer (no new credit), and call
+    /// `resume` once it has room again.
+    pub fn has_backlog(&self) -> bool {
+        !self.closed && self.framer.has_frame()
+    }
+
+    /// Processes waiting frames, as `on_data` does with new ones.
+    pub fn resume(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+        if self.closed {
+            return Err(ConnectionError::Closed);
+        }
+        self.process(out)
+    }
+
+    fn process(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+        let max_output = self.gate.limits.max_output;
+        while out.len() < max_output {
+            match self.framer.next_frame() {
+                None => break,
+                Some(Ok(frame)) => self.gate.handle_frame(&self.id, frame, out),
+                Some(Err(e)) => return Err(self.reset(e, out)),
+            }
         }
         if let Some(f) = self.gate.fatal() {
             self.closed = true;
@@ -329,15 +376,34 @@ impl Connection {
         Ok(())
     }
 
-    /// The guest closed (or reset) the connection. An unfinished frame is dropped
-    /// undecided: nothing of it reached the policy or a service.
-    pub fn on_close(&mut self) {
+    fn reset(&mut self, e: FrameError, out: &mut Vec<u8>) -> ConnectionError {
         self.closed = true;
-        self.framer = Framer::new(0);
+        let (m, err) = match e {
+            FrameError::TooLong { limit } => (
+                format!("Invalid Request: frame over the limit of {limit} bytes"),
+                ConnectionError::FrameTooLong { limit },
+            ),
+            FrameError::Backlog { limit } => (
+                format!(
+                    "Invalid Request: over {limit} bytes of requests wait behind unread replies"
+                ),
+                ConnectionError::Backlog { limit },
+            ),
+        };
+        rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, &m, None);
+        err
     }
 
-    /// Bytes held for an unfinished frame (bounded by the frame limit).
+    /// The peer closed (or reset) the connection. An unfinished frame is dropped
+    /// undecided: nothing of it reached the policy or a service. So are frames still
+    /// waiting in the backlog: nobody would read their replies.
+    pub fn on_close(&mut self) {
+        self.closed = true;
+        self.framer = Framer::new(0, 0);
+    }
+
+    /// Unprocessed input held (bounded by `max_buffered`).
     pub fn pending_bytes(&self) -> usize {
-        self.framer.pending_len()
+        self.framer.buffered()
     }
 }
