@@ -1,82 +1,29 @@
-//! The gate's view of the policy engine: a call in, a ruling out.
+//! The gate's view of the policy engine: a call in, a decision out.
 //!
-//! The gate talks to the engine through `Decider` so that the gate does not care
-//! whether the decision came from p.rules, a learned rule or (later) an approver, and
-//! so that its framing and audit paths can be tested without a policy file.
+//! The gate talks to the engine through `Decider` so that its framing and audit
+//! paths can be tested with a tiny rule set, and so that approvers can later wrap the
+//! engine. The types are the engine's own (one `DecidedBy` enum everywhere).
 
 use serde_json::Value;
 
-/// One `tools/call`, parsed once; the decider and the service read this same value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    pub tool: String,
-    pub args: Value,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    Deny,
-    Ask,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-            Verdict::Ask => "ask",
-        }
-    }
-}
-
-/// Who decided (interfaces.md: one enum everywhere).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecidedBy {
-    Rule,
-    Default,
-    Invariant,
-    Learned,
-    Limit,
-    Breaker,
-    User,
-    Timeout,
-    NonInteractive,
-    Answers,
-}
-
-impl DecidedBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DecidedBy::Rule => "rule",
-            DecidedBy::Default => "default",
-            DecidedBy::Invariant => "invariant",
-            DecidedBy::Learned => "learned",
-            DecidedBy::Limit => "limit",
-            DecidedBy::Breaker => "breaker",
-            DecidedBy::User => "user",
-            DecidedBy::Timeout => "timeout",
-            DecidedBy::NonInteractive => "non-interactive",
-            DecidedBy::Answers => "answers",
-        }
-    }
-}
-
-/// What the engine said about one call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ruling {
-    pub verdict: Verdict,
-    /// Line of the deciding rule in p.rules, if a rule decided.
-    pub rule: Option<u32>,
-    pub by: DecidedBy,
-    pub reason: String,
-}
+pub use ironvmm_policy::{Call, DecidedBy, DecisionRef, Verdict};
 
 /// The policy engine as the gate uses it. Must be cheap and thread-safe: every
 /// connection of a VM calls it.
 pub trait Decider: Send + Sync {
-    fn decide(&self, call: &ToolCall) -> Ruling;
-    /// Whether some rule could allow or ask for `tool`, whatever its arguments
-    /// (`tools/list` shows only those tools).
+    /// Decides one call, parsed once: the service later reads this same `args`.
+    fn decide<'a>(&'a self, tool: &str, args: &Value) -> DecisionRef<'a>;
+    /// Whether some rule (or the default) could allow or ask for `tool`, whatever
+    /// its arguments (`tools/list` shows only those tools).
     fn could_allow_or_ask(&self, tool: &str) -> bool;
+}
+
+impl Decider for ironvmm_policy::Policy {
+    fn decide<'a>(&'a self, tool: &str, args: &Value) -> DecisionRef<'a> {
+        self.decide_parts(tool, args)
+    }
+
+    fn could_allow_or_ask(&self, tool: &str) -> bool {
+        self.may_allow_or_ask(tool)
+    }
 }

@@ -44,6 +44,11 @@ impl Framer {
         self.buf.len() - self.start
     }
 
+    /// How many more bytes `feed` accepts now.
+    pub fn room(&self) -> usize {
+        self.max_buffered - self.buffered()
+    }
+
     /// Adds input. Fails when it would pass `max_buffered`.
     pub fn feed(&mut self, data: &[u8]) -> Result<(), FrameError> {
         if self.buffered() + data.len() > self.max_buffered {

@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditLog, DecisionRecord, OutcomeStatus};
 use crate::services::Services;
-pub use decide::{DecidedBy, Decider, Ruling, ToolCall, Verdict};
+pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
 use frame::{FrameError, Framer, DEFAULT_MAX_FRAME};
 use json::JsonError;
 
@@ -185,17 +185,17 @@ impl Gate {
     }
 
     /// Decide, audit (durably), then serve or deny one call.
-    fn serve_call(&self, conn: &str, id: &Value, call: ToolCall, out: &mut Vec<u8>) {
+    fn serve_call(&self, conn: &str, id: &Value, call: Call, out: &mut Vec<u8>) {
         let t0 = Instant::now();
         if let Some(f) = self.fatal() {
             return deny(out, id, None, DecidedBy::Invariant, &f);
         }
-        let ruling = self.decider.decide(&call);
+        let ruling = self.decider.decide(&call.tool, &call.args);
         let policy_ns = t0.elapsed().as_nanos() as u64;
         // Until approvals exist, nobody can answer an ask: it resolves as deny.
         let (allowed, by, reason, asked) = match ruling.verdict {
-            Verdict::Allow => (true, ruling.by, ruling.reason.as_str(), false),
-            Verdict::Deny => (false, ruling.by, ruling.reason.as_str(), false),
+            Verdict::Allow => (true, ruling.by, &*ruling.reason, false),
+            Verdict::Deny => (false, ruling.by, &*ruling.reason, false),
             Verdict::Ask => (false, DecidedBy::NonInteractive, "no approver", true),
         };
         let record = DecisionRecord {
@@ -260,7 +260,7 @@ fn initialize_result() -> Value {
 }
 
 /// `tools/call` params → the policy call; the error is the -32602 message.
-fn tool_call(params: Option<Value>) -> Result<ToolCall, String> {
+fn tool_call(params: Option<Value>) -> Result<Call, String> {
     let Some(Value::Object(mut p)) = params else {
         return Err("Invalid params: tools/call needs params {name, arguments}".into());
     };
@@ -273,7 +273,7 @@ fn tool_call(params: Option<Value>) -> Result<ToolCall, String> {
         Some(v @ Value::Object(_)) => v,
         Some(_) => return Err("Invalid params: params.arguments must be an object".into()),
     };
-    Ok(ToolCall { tool, args })
+    Ok(Call { tool, args })
 }
 
 /// Why a connection must be reset. Any reply lines already appended to `out`
@@ -335,14 +335,31 @@ impl Connection {
     /// Bytes from the peer; complete reply lines are appended to `out`, until `out`
     /// holds `max_output` bytes. Frames left then wait: see `has_backlog`.
     /// `Err` means: send what is in `out`, then reset this connection.
-    pub fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+    pub fn on_data(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), ConnectionError> {
         if self.closed {
             return Err(ConnectionError::Closed);
         }
-        if let Err(e) = self.framer.feed(data) {
-            return Err(self.reset(e, out));
+        // Input is taken in pieces that fit the buffer, each processed before the
+        // next, so only input that truly waits behind unread replies counts.
+        loop {
+            let take = data.len().min(self.framer.room());
+            if take == 0 && !data.is_empty() {
+                let limit = self
+                    .gate
+                    .limits
+                    .max_buffered
+                    .max(self.gate.limits.max_frame);
+                return Err(self.reset(FrameError::Backlog { limit }, out));
+            }
+            if let Err(e) = self.framer.feed(&data[..take]) {
+                return Err(self.reset(e, out));
+            }
+            data = &data[take..];
+            self.process(out)?;
+            if data.is_empty() {
+                return Ok(());
+            }
         }
-        self.process(out)
     }
 
     /// Frames are waiting because `out` reached `max_output`. The transport should

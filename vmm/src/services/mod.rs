@@ -120,3 +120,27 @@ pub fn builtin_specs() -> Vec<ToolSpec> {
 pub fn builtin_catalog_json() -> Value {
     json!({ "tools": builtin_specs().iter().map(ToolSpec::catalog_entry).collect::<Vec<_>>() })
 }
+
+/// The builtin catalog, as the policy engine reads it.
+pub fn builtin_catalog() -> Result<ironvmm_policy::Catalog, ironvmm_policy::CatalogError> {
+    ironvmm_policy::Catalog::from_json(&builtin_catalog_json().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn builtin_catalog_loads_in_the_policy_engine() {
+        let c = super::builtin_catalog().unwrap();
+        assert_eq!(c.len(), super::builtin_specs().len());
+        let read = c.tool("fs.read").unwrap();
+        assert!(read
+            .validate(&serde_json::json!({"path": "/workspace/a"}))
+            .is_ok());
+        assert!(read
+            .validate(&serde_json::json!({"path": "a", "x": 1}))
+            .is_err());
+        assert!(read
+            .validate(&serde_json::json!({"path": "a", "length": 524289}))
+            .is_err());
+    }
+}

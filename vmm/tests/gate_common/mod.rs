@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ironvmm::audit::{AuditLog, SyncMode};
-use ironvmm::gate::{Connection, DecidedBy, Decider, Gate, GateLimits, Ruling, ToolCall, Verdict};
+use ironvmm::gate::{Connection, DecidedBy, Decider, DecisionRef, Gate, GateLimits, Verdict};
 use ironvmm::services::fs::FsService;
 use ironvmm::services::Services;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// allow fs.* when path (or from/to) is under /workspace; ask fs.delete when under
 /// /workspace/ask; deny everything else by default. Line numbers are made up but fixed.
@@ -41,40 +42,30 @@ fn under_workspace(v: Option<&Value>) -> bool {
 }
 
 impl Decider for TestRules {
-    fn decide(&self, call: &ToolCall) -> Ruling {
-        let a = &call.args;
-        if call.tool == "fs.delete"
+    fn decide<'a>(&'a self, tool: &str, a: &Value) -> DecisionRef<'a> {
+        let rule = |verdict, rule, by, reason: &'static str| DecisionRef {
+            verdict,
+            rule,
+            by,
+            reason: Cow::Borrowed(reason),
+        };
+        if tool == "fs.delete"
             && a["path"]
                 .as_str()
                 .is_some_and(|p| p.starts_with("/workspace/ask"))
         {
-            return Ruling {
-                verdict: Verdict::Ask,
-                rule: Some(3),
-                by: DecidedBy::Rule,
-                reason: "ask me".into(),
-            };
+            return rule(Verdict::Ask, Some(3), DecidedBy::Rule, "ask me");
         }
-        let paths_ok = match call.tool.as_str() {
+        let paths_ok = match tool {
             "fs.move" => under_workspace(a.get("from")) && under_workspace(a.get("to")),
             t if t.starts_with("fs.") => under_workspace(a.get("path")),
             "test.probe" => true,
             _ => false,
         };
         if paths_ok {
-            Ruling {
-                verdict: Verdict::Allow,
-                rule: Some(2),
-                by: DecidedBy::Rule,
-                reason: "workspace".into(),
-            }
+            rule(Verdict::Allow, Some(2), DecidedBy::Rule, "workspace")
         } else {
-            Ruling {
-                verdict: Verdict::Deny,
-                rule: None,
-                by: DecidedBy::Default,
-                reason: "default deny".into(),
-            }
+            rule(Verdict::Deny, None, DecidedBy::Default, "default deny")
         }
     }
     fn could_allow_or_ask(&self, tool: &str) -> bool {
