@@ -506,3 +506,37 @@ fn replies_are_bounded_per_call_and_the_rest_waits() {
     assert_eq!(err, Err(ConnectionError::Backlog { limit: 8192 }));
     assert!(c.pending_bytes() <= 8192);
 }
+
+#[test]
+fn a_panicking_service_is_an_error_outcome_not_a_crash() {
+    use ironvmm::services::{Service, ToolError, ToolSpec};
+    struct Boom;
+    impl Service for Boom {
+        fn tools(&self) -> Vec<ToolSpec> {
+            vec![ToolSpec {
+                name: "test.probe",
+                description: "panics",
+                input_schema: json!({"type": "object"}),
+                roles: &[],
+            }]
+        }
+        fn call(&self, _: &str, _: &Value) -> Result<Value, ToolError> {
+            panic!("service bug")
+        }
+    }
+    let fx = Fixture::with(
+        ironvmm::audit::SyncMode::Always,
+        GateLimits::default(),
+        |s| s.add(Box::new(Boom)),
+    );
+    let mut c = fx.conn("c1");
+    let r = roundtrip(&mut c, &call_frame(1, "test.probe", json!({})));
+    assert_eq!(r[0]["result"]["isError"], true);
+    assert_eq!(
+        r[0]["result"]["structuredContent"]["error"]["kind"],
+        "internal"
+    );
+    assert_eq!(fx.records()[2]["status"], "error");
+    let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
+    assert_eq!(r[0]["result"], json!({}));
+}

@@ -16,6 +16,7 @@ pub mod rpc;
 pub mod setup;
 
 use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -190,7 +191,18 @@ impl Gate {
         if let Some(f) = self.fatal() {
             return deny(out, id, None, DecidedBy::Invariant, &f);
         }
-        let ruling = self.decider.decide(&call.tool, &call.args);
+        // A bug in the engine must not take the VMM down, nor let the call through.
+        let ruling = match panic::catch_unwind(AssertUnwindSafe(|| {
+            self.decider.decide(&call.tool, &call.args)
+        })) {
+            Ok(r) => r,
+            Err(_) => DecisionRef {
+                verdict: Verdict::Deny,
+                rule: None,
+                by: DecidedBy::Invariant,
+                reason: "internal error in the policy engine".into(),
+            },
+        };
         let policy_ns = t0.elapsed().as_nanos() as u64;
         // Until approvals exist, nobody can answer an ask: it resolves as deny.
         let (allowed, by, reason, asked) = match ruling.verdict {
@@ -220,9 +232,21 @@ impl Gate {
         if !allowed {
             return deny(out, id, ruling.rule, by, reason);
         }
-        let (result, status) = match self.services.call(&call.tool, &call.args) {
-            Ok(v) => (rpc::tool_result(v, false, None), OutcomeStatus::Ok),
-            Err(e) => {
+        let served = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.services.call(&call.tool, &call.args)
+        }));
+        let (result, status) = match served {
+            Ok(Ok(v)) => (rpc::tool_result(v, false, None), OutcomeStatus::Ok),
+            Err(_) => {
+                let m = "internal error in the service";
+                let structured = json!({"error": {"kind": "internal", "message": m}});
+                let text = format!("{}: {m}", call.tool);
+                (
+                    rpc::tool_result(structured, true, Some(text)),
+                    OutcomeStatus::Error,
+                )
+            }
+            Ok(Err(e)) => {
                 let text = format!("{}: {}", call.tool, e.message);
                 let structured = json!({"error": {"kind": e.kind, "message": e.message}});
                 (
