@@ -328,3 +328,54 @@ fn listen_serves_100_concurrent_connections() {
     assert_eq!(conns.len() as u64, CLIENTS);
     assert_eq!(recs.last().unwrap()["exit"], 143);
 }
+
+#[test]
+fn tools_json_is_a_catalog_the_policy_cli_reads() {
+    let e = env();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["tools", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let cat: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = cat["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "fs.read",
+            "fs.write",
+            "fs.list",
+            "fs.stat",
+            "fs.mkdir",
+            "fs.move",
+            "fs.delete"
+        ]
+    );
+    assert_eq!(
+        cat["tools"][5]["roles"],
+        json!({"from": "path", "to": "path"})
+    );
+    let file = e.dir.path().join("catalog.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["policy", "eval", "--catalog"])
+        .arg(&file)
+        .arg(&e.policy)
+        .args([
+            "--call",
+            r#"{"tool":"fs.read","args":{"path":"/workspace/a","bogus":1}}"#,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("invariant"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
