@@ -379,3 +379,37 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_log_and_policy_inside_the_workspace_are_protected() {
+    let mut e = env();
+    // Both files live in the workspace, which is a bad idea the gate must survive.
+    e.audit = e.workspace.join("audit.jsonl");
+    let policy = e.workspace.join("p.rules");
+    std::fs::write(&policy, "allow fs.*\ndefault deny\n").unwrap();
+    e.policy = policy;
+    let (code, r, err) = stdio(
+        &e,
+        &[],
+        &[
+            call(1, "fs.read", json!({"path": "/workspace/audit.jsonl"})),
+            call(
+                2,
+                "fs.write",
+                json!({"path": "p.rules", "content": "default allow"}),
+            ),
+            call(3, "fs.delete", json!({"path": "/workspace/./audit.jsonl"})),
+            call(4, "fs.read", json!({"path": "hello.txt"})),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for rep in &r[..3] {
+        assert_eq!(rep["error"]["data"]["decided_by"], "invariant", "{rep}");
+    }
+    assert_eq!(r[3]["result"]["isError"], false);
+    assert_eq!(
+        std::fs::read_to_string(e.workspace.join("p.rules")).unwrap(),
+        "allow fs.*\ndefault deny\n"
+    );
+    assert_eq!(verify(&e.audit, &[]).0, Some(0));
+}
