@@ -207,9 +207,7 @@ impl AuditLog {
             dirty_cv: Condvar::new(),
             stop: AtomicBool::new(false),
         });
-        shared.append("open", |m| {
-            m.extend(open);
-        })?;
+        shared.append("open", |m| m.extend(open), |_| {})?;
         shared.sync_through(1)?;
         let flusher = (mode == SyncMode::Batch).then(|| {
             let s = Arc::clone(&shared);
@@ -250,11 +248,13 @@ impl AuditLog {
     /// Writes a decision record; returns its seq once it is as durable as the sync
     /// mode promises (always: fsynced; batch: written).
     pub fn decision(&self, d: &DecisionRecord) -> Result<u64, AuditError> {
-        let seq = self.shared.append("decision", |m| {
+        // Redaction copies the arguments: done before taking the log's lock.
+        let args = redact(d.args);
+        let fill = |m: &mut Map<String, Value>| {
             m.insert("conn".into(), d.conn.into());
             m.insert("rpc_id".into(), d.rpc_id.clone());
             m.insert("tool".into(), d.tool.into());
-            m.insert("args".into(), redact(d.args));
+            m.insert("args".into(), args);
             m.insert("decision".into(), d.decision.into());
             if d.asked {
                 m.insert("asked".into(), true.into());
@@ -263,17 +263,18 @@ impl AuditLog {
             m.insert("decided_by".into(), d.decided_by.into());
             m.insert("reason".into(), d.reason.into());
             m.insert("policy_ns".into(), d.policy_ns.into());
-        })?;
-        {
-            let mut st = self.shared.lock();
-            match d.decision {
-                "allow" => st.counts.allow += 1,
-                _ => st.counts.deny += 1,
+        };
+        let allowed = d.decision == "allow";
+        let seq = self.shared.append("decision", fill, |c| {
+            if allowed {
+                c.allow += 1;
+            } else {
+                c.deny += 1;
             }
             if d.asked {
-                st.counts.ask += 1;
+                c.ask += 1;
             }
-        }
+        })?;
         self.shared.made_durable(seq)?;
         Ok(seq)
     }
@@ -287,19 +288,17 @@ impl AuditLog {
         bytes: u64,
         total_us: u64,
     ) -> Result<(), AuditError> {
-        self.shared.append("outcome", |m| {
+        let fill = |m: &mut Map<String, Value>| {
             m.insert("decision_seq".into(), decision_seq.into());
             m.insert("status".into(), status.as_str().into());
             m.insert("bytes".into(), bytes.into());
             m.insert("total_us".into(), total_us.into());
+        };
+        self.shared.append("outcome", fill, |c| match status {
+            OutcomeStatus::Ok => c.ok += 1,
+            OutcomeStatus::ToolError => c.tool_error += 1,
+            OutcomeStatus::Error => c.error += 1,
         })?;
-        let mut st = self.shared.lock();
-        match status {
-            OutcomeStatus::Ok => st.counts.ok += 1,
-            OutcomeStatus::ToolError => st.counts.tool_error += 1,
-            OutcomeStatus::Error => st.counts.error += 1,
-        }
-        drop(st);
         if self.shared.mode == SyncMode::Batch {
             self.shared.mark_dirty();
         }
@@ -317,9 +316,10 @@ impl AuditLog {
                     return Ok(st.prev.clone());
                 }
             }
-            let seq = self.shared.append("close", |m| {
-                m.insert("exit".into(), exit.map_or(Value::Null, Value::from));
-            })?;
+            let exit = exit.map_or(Value::Null, Value::from);
+            let seq =
+                self.shared
+                    .append("close", |m| drop(m.insert("exit".into(), exit)), |_| {})?;
             self.shared.sync_through(seq + 1)?;
             Ok(self.head())
         })();
@@ -363,6 +363,7 @@ impl Shared {
         &self,
         kind: &str,
         fill: impl FnOnce(&mut Map<String, Value>),
+        tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
         if let Some(f) = self.failed.get() {
             return Err(AuditError(f.clone()));
@@ -414,6 +415,7 @@ impl Shared {
         }
         st.prev = hash;
         st.next_seq = seq + 1;
+        tally(&mut st.counts);
         if kind == "close" {
             st.closed = true;
         }
