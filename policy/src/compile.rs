@@ -84,7 +84,8 @@ pub(crate) enum Kind {
 
 #[derive(Debug)]
 pub(crate) enum CVal {
-    Const(Konst),
+    /// A constant, and the kind its functions gave it (`host("...")` is a host).
+    Const(Konst, Kind),
     Arg {
         path: Box<[Box<str>]>,
         role: Option<Role>,
@@ -103,8 +104,8 @@ pub(crate) enum Konst {
 impl CVal {
     pub fn kind(&self) -> Kind {
         match self {
-            CVal::Const(Konst::Num(_)) => Kind::Num,
-            CVal::Const(_) => Kind::Plain,
+            CVal::Const(Konst::Num(_), _) => Kind::Num,
+            CVal::Const(_, k) => *k,
             CVal::Arg { role, funcs, .. } => match funcs.last() {
                 None => role.map_or(Kind::Plain, Kind::Role),
                 Some(f) => func_kind(*f),
@@ -121,12 +122,18 @@ pub(crate) fn func_kind(f: Func) -> Kind {
     }
 }
 
+/// Argument names (one segment each).
+pub(crate) type ArgPaths = Box<[Box<str>]>;
+
 #[derive(Debug, Default)]
 pub(crate) struct ToolEntry {
     pub steps: Vec<Step>,
     /// Arguments whose role is `path` (invariant 3 checks them).
     pub path_args: Vec<Box<[Box<str>]>>,
     pub tool: Option<Tool>,
+    /// `path` standing for `from` and then `to` (catalog `aliases`): the call is
+    /// decided once per target.
+    pub alias: Option<(Box<str>, ArgPaths)>,
 }
 
 #[derive(Debug)]
@@ -222,6 +229,13 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
                     .map(|(k, _)| k.split('.').map(Box::from).collect())
                     .collect();
                 e.tool = Some(t.clone());
+                // One alias per tool is enough for the catalogs we have (fs.move).
+                e.alias = t.aliases.iter().next().map(|(a, ts)| {
+                    (
+                        Box::from(a.as_str()),
+                        ts.iter().map(|t| Box::from(t.as_str())).collect(),
+                    )
+                });
                 exact.insert(t.name.as_str().into(), e);
             }
         }
@@ -293,6 +307,7 @@ impl Compiler<'_> {
             steps,
             path_args: Vec::new(),
             tool: None,
+            alias: None,
         }
     }
 
@@ -397,13 +412,13 @@ impl Compiler<'_> {
             Value::Str(s, _) => {
                 // A function of a constant is a constant.
                 let k = crate::eval::fold(s, &funcs);
-                CVal::Const(k)
+                CVal::Const(k, funcs.last().map_or(Kind::Plain, |f| func_kind(*f)))
             }
             Value::Num(n, _, _) => {
                 if funcs.is_empty() {
-                    CVal::Const(Konst::Num(*n))
+                    CVal::Const(Konst::Num(*n), Kind::Num)
                 } else {
-                    CVal::Const(Konst::Missing)
+                    CVal::Const(Konst::Missing, Kind::Plain)
                 }
             }
             Value::Call(..) => unreachable!("unwrapped above"),
@@ -413,14 +428,14 @@ impl Compiler<'_> {
 
 fn normalise_const(v: CVal, other: Kind) -> CVal {
     match (v, other) {
-        (CVal::Const(Konst::Str(s)), Kind::Role(r)) => {
+        (CVal::Const(Konst::Str(s), k), Kind::Role(r)) => {
             let n = match r {
                 Role::Path => norm::path(&s).map(|c| c.into_owned()),
                 Role::Url => norm::url(&s).map(|c| c.into_owned()),
                 Role::Host => norm::host(&s).map(|c| c.into_owned()),
                 Role::Email => norm::email(&s).map(|c| c.into_owned()),
             };
-            CVal::Const(n.map_or(Konst::Missing, |n| Konst::Str(n.into())))
+            CVal::Const(n.map_or(Konst::Missing, |n| Konst::Str(n.into())), k)
         }
         (v, _) => v,
     }

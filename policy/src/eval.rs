@@ -163,6 +163,57 @@ impl Program {
                 return inv(reason);
             }
         }
+        if let Some((alias, targets)) = &entry.alias {
+            return self.decide_each(entry, alias, targets, args, clock, consume, tracer);
+        }
+        self.rules_decide(entry, args, clock, consume, tracer)
+    }
+
+    /// A tool with an alias: decided once per target argument, with the alias bound
+    /// to it; the most restrictive decision wins (deny, then ask, then allow).
+    #[allow(clippy::too_many_arguments)]
+    fn decide_each<'p, T: Tracer>(
+        &'p self,
+        entry: &'p ToolEntry,
+        alias: &str,
+        targets: &[Box<str>],
+        args: &Value,
+        clock: &mut Clock,
+        consume: bool,
+        tracer: &mut T,
+    ) -> DecisionRef<'p> {
+        let rank = |v: Verdict| match v {
+            Verdict::Deny => 2,
+            Verdict::Ask => 1,
+            Verdict::Allow => 0,
+        };
+        let mut worst: Option<DecisionRef<'p>> = None;
+        for t in targets {
+            let Some(obj) = args.as_object() else { break };
+            let Some(target) = obj.get(&**t) else {
+                continue;
+            };
+            let mut bound = obj.clone();
+            bound.insert(alias.to_string(), target.clone());
+            let d = self.rules_decide(entry, &Value::Object(bound), clock, consume, tracer);
+            if worst
+                .as_ref()
+                .is_none_or(|w| rank(d.verdict) > rank(w.verdict))
+            {
+                worst = Some(d);
+            }
+        }
+        worst.unwrap_or_else(|| self.rules_decide(entry, args, clock, consume, tracer))
+    }
+
+    fn rules_decide<'p, T: Tracer>(
+        &'p self,
+        entry: &'p ToolEntry,
+        args: &Value,
+        clock: &mut Clock,
+        consume: bool,
+        tracer: &mut T,
+    ) -> DecisionRef<'p> {
         let mut limited: Option<u32> = None;
         for step in &entry.steps {
             let meta = &self.rules[step.rule as usize];
@@ -395,9 +446,9 @@ fn finish<'a>(base: RV<'a>, role: Option<Role>, funcs: &[Func]) -> RV<'a> {
 #[inline]
 fn eval_val<'a>(v: &'a CVal, args: &'a Value) -> RV<'a> {
     match v {
-        CVal::Const(Konst::Str(s)) => RV::Str(Cow::Borrowed(s)),
-        CVal::Const(Konst::Num(n)) => RV::Num(Num::Int(*n as i128)),
-        CVal::Const(Konst::Missing) => RV::Missing,
+        CVal::Const(Konst::Str(s), _) => RV::Str(Cow::Borrowed(s)),
+        CVal::Const(Konst::Num(n), _) => RV::Num(Num::Int(*n as i128)),
+        CVal::Const(Konst::Missing, _) => RV::Missing,
         CVal::Arg { path, role, funcs } => {
             let base = raw(lookup(args, path));
             if let RV::Arr(_) = base {
@@ -534,11 +585,23 @@ fn describe(v: &RV) -> String {
         RV::Num(Num::Int(i)) => i.to_string(),
         RV::Num(Num::Float(f)) => f.to_string(),
         RV::Arr(a) => {
-            let mut q = serde_json::to_string(a).unwrap_or_default();
-            if q.chars().count() > 80 {
-                q = q.chars().take(77).collect::<String>() + "...";
+            // Element by element, one level deep: a hostile value may nest deeply.
+            let mut parts: Vec<String> = a
+                .iter()
+                .take(5)
+                .map(|e| match e {
+                    Value::String(s) => describe(&RV::Str(Cow::Borrowed(s))),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Null => "null".into(),
+                    Value::Array(_) => "[...]".into(),
+                    Value::Object(_) => "{...}".into(),
+                })
+                .collect();
+            if a.len() > 5 {
+                parts.push(format!("... ({} elements)", a.len()));
             }
-            q
+            format!("[{}]", parts.join(","))
         }
         RV::Other => "a boolean or an object".into(),
     }
@@ -551,7 +614,7 @@ fn test_values(t: &CTest, args: &Value) -> String {
                 let name = path.iter().map(|s| &**s).collect::<Vec<_>>().join(".");
                 Some(format!("`{name}` is {}", describe(&eval_val(v, args))))
             }
-            CVal::Const(_) => None,
+            CVal::Const(..) => None,
         }
     };
     let parts: Vec<String> = match &t.kind {

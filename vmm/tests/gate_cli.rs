@@ -413,3 +413,41 @@ fn the_log_and_policy_inside_the_workspace_are_protected() {
     );
     assert_eq!(verify(&e.audit, &[]).0, Some(0));
 }
+
+#[test]
+fn move_is_decided_on_both_ends() {
+    let e = env();
+    std::fs::write(
+        &e.policy,
+        "allow fs.move when path under \"/workspace/out\"\ndefault deny\n",
+    )
+    .unwrap();
+    std::fs::create_dir(e.workspace.join("out")).unwrap();
+    std::fs::write(e.workspace.join("out/a"), "a").unwrap();
+    let (code, r, err) = stdio(
+        &e,
+        &[],
+        &[
+            call(
+                1,
+                "fs.move",
+                json!({"from": "/workspace/hello.txt", "to": "/workspace/out/h"}),
+            ),
+            call(
+                2,
+                "fs.move",
+                json!({"from": "/workspace/out/a", "to": "/workspace/a"}),
+            ),
+            call(
+                3,
+                "fs.move",
+                json!({"from": "/workspace/out/a", "to": "/workspace/out/b"}),
+            ),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(r[0]["error"]["code"], -32001, "{}", r[0]);
+    assert_eq!(r[1]["error"]["code"], -32001, "{}", r[1]);
+    assert_eq!(r[2]["result"]["isError"], false, "{}", r[2]);
+    assert!(e.workspace.join("hello.txt").exists() && e.workspace.join("out/b").exists());
+}

@@ -398,6 +398,7 @@ fn decision_is_durable_before_the_service_runs() {
                 description: "reads the audit log while it is being served",
                 input_schema: json!({"type": "object"}),
                 roles: &[],
+                aliases: &[],
             }]
         }
         fn call(&self, _: &str, args: &Value) -> Result<Value, ToolError> {
@@ -518,6 +519,7 @@ fn a_panicking_service_is_an_error_outcome_not_a_crash() {
                 description: "panics",
                 input_schema: json!({"type": "object"}),
                 roles: &[],
+                aliases: &[],
             }]
         }
         fn call(&self, _: &str, _: &Value) -> Result<Value, ToolError> {

@@ -47,6 +47,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
                 &["path"],
             ),
             roles: &[("path", "path")],
+            aliases: &[],
         },
         ToolSpec {
             name: "fs.write",
@@ -58,36 +59,44 @@ pub fn tool_specs() -> Vec<ToolSpec> {
                 &["path", "content"],
             ),
             roles: &[("path", "path")],
+            aliases: &[],
         },
         ToolSpec {
             name: "fs.list",
             description: "List a directory of the workspace",
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
+            aliases: &[],
         },
         ToolSpec {
             name: "fs.stat",
             description: "Kind, size and modification time of a workspace path",
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
+            aliases: &[],
         },
         ToolSpec {
             name: "fs.mkdir",
             description: "Create a directory of the workspace, and its missing parents",
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
+            aliases: &[],
         },
         ToolSpec {
             name: "fs.move",
             description: "Move or rename a workspace path; never replaces an existing target",
             input_schema: obj(json!({"from": path, "to": path}), &["from", "to"]),
             roles: &[("from", "path"), ("to", "path")],
+            // `path` in a condition means both ends, so a move is decided like a
+            // read of one path and a write of the other.
+            aliases: &[("path", &["from", "to"])],
         },
         ToolSpec {
             name: "fs.delete",
             description: "Move a workspace path to the trash folder beside the workspace (nothing is removed for good)",
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
+            aliases: &[],
         },
     ]
 }

@@ -17,6 +17,9 @@ pub struct ToolSpec {
     pub input_schema: Value,
     /// Top-level argument name → role (`path`, `url`, `host`, `email`).
     pub roles: &'static [(&'static str, &'static str)],
+    /// A name conditions may use for several arguments, each decided in turn
+    /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
+    pub aliases: &'static [(&'static str, &'static [&'static str])],
 }
 
 impl ToolSpec {
@@ -27,12 +30,21 @@ impl ToolSpec {
             .iter()
             .map(|(k, v)| (k.to_string(), Value::from(*v)))
             .collect();
-        json!({
+        let mut entry = json!({
             "name": self.name,
             "description": self.description,
             "inputSchema": self.input_schema,
             "roles": roles,
-        })
+        });
+        if !self.aliases.is_empty() {
+            let aliases: Map<String, Value> = self
+                .aliases
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            entry["aliases"] = Value::Object(aliases);
+        }
+        entry
     }
 
     /// The entry as MCP `tools/list` shows it.
