@@ -1,1 +1,80 @@
-//! See lib.rs for this module's place in the data flow.
+//! The audit log: one JSON object per line, hash-chained, written before a call is
+//! served. See docs/audit.md for the record format and the guarantees.
+//!
+//! - `log`    the writer (sequence numbers, chain, fsync policy, fail-closed state)
+//! - `redact` what of a call's arguments is written
+//! - `verify` chain and sequence checks (`ironvmm audit verify`)
+//! - `read`   loading a log for `audit show` and `audit stats`
+
+pub mod log;
+pub mod read;
+pub mod redact;
+pub mod verify;
+
+pub use log::{AuditError, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+
+use sha2::{Digest, Sha256};
+
+/// `prev` of the first record.
+pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Every line ends with this member followed by 64 hex digits and `"}`.
+pub(crate) const HASH_MEMBER: &str = ",\"hash\":\"";
+/// Length of the `,"hash":"<64 hex>"}` tail of a line.
+pub(crate) const HASH_TAIL_LEN: usize = HASH_MEMBER.len() + 64 + 2;
+
+/// The hash of a record: SHA-256 over the line's bytes with the trailing `hash`
+/// member removed, i.e. over `{"seq":…,…,"prev":"…"}`.
+pub(crate) fn record_hash(body_without_hash: &[u8]) -> String {
+    hex::encode(Sha256::digest(body_without_hash))
+}
+
+/// RFC 3339 in UTC with nanoseconds, e.g. `2026-11-25T07:10:36.123456789Z`.
+pub fn rfc3339_ns(secs: i64, nanos: i64) -> String {
+    let total = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+    match time::OffsetDateTime::from_unix_timestamp_nanos(total) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.nanosecond()
+        ),
+        Err(_) => "1970-01-01T00:00:00.000000000Z".to_string(),
+    }
+}
+
+/// Now, as `rfc3339_ns`.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339_ns(d.as_secs() as i64, i64::from(d.subsec_nanos()))
+}
+
+/// The documented default location of a VM's log:
+/// `$XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl`, else `~/.local/state/ironvmm/audit/<vm>.jsonl`.
+pub fn default_path(vm: &str) -> Option<std::path::PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => std::path::PathBuf::from(d),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".local/state"),
+    };
+    Some(base.join("ironvmm/audit").join(format!("{vm}.jsonl")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format_has_nanoseconds() {
+        assert_eq!(rfc3339_ns(0, 5), "1970-01-01T00:00:00.000000005Z");
+        assert_eq!(
+            rfc3339_ns(1_764_054_636, 123_456_789),
+            "2025-11-25T07:10:36.123456789Z"
+        );
+    }
+}

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod gate;
 pub mod image;
 pub mod policy;
+pub mod tools;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,6 +37,8 @@ pub enum Command {
     /// Guest image tools: build, inspect.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// The catalog of the services compiled into ironvmm.
+    Tools(tools::ToolsArgs),
     /// Can this host run guests? If not, why not and what to do.
     Doctor(doctor::DoctorArgs),
 }
@@ -49,6 +52,7 @@ pub fn main() -> u8 {
         Command::Audit(c) => audit::run(c),
         Command::Gate(a) => gate::run(a),
         Command::Image(c) => image::run(c),
+        Command::Tools(a) => tools::run(a),
         Command::Doctor(a) => doctor::run(a),
     }
 }

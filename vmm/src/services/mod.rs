@@ -1,1 +1,158 @@
-//! See lib.rs for this module's place in the data flow.
+//! What an allowed call reaches. Each service offers tools (name, description, JSON
+//! Schema, argument roles) and serves calls on the already-parsed arguments: the
+//! service reads the very value the policy decided on.
+
+pub mod fs;
+mod sys;
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+/// One tool as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct ToolSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub input_schema: Value,
+    /// Top-level argument name → role (`path`, `url`, `host`, `email`).
+    pub roles: &'static [(&'static str, &'static str)],
+    /// A name conditions may use for several arguments, each decided in turn
+    /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
+    pub aliases: &'static [(&'static str, &'static [&'static str])],
+}
+
+impl ToolSpec {
+    /// The entry in the `--catalog` file format (policy/src/catalog.rs).
+    pub fn catalog_entry(&self) -> Value {
+        let roles: Map<String, Value> = self
+            .roles
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect();
+        let mut entry = json!({
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+            "roles": roles,
+        });
+        if !self.aliases.is_empty() {
+            let aliases: Map<String, Value> = self
+                .aliases
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            entry["aliases"] = Value::Object(aliases);
+        }
+        entry
+    }
+
+    /// The entry as MCP `tools/list` shows it.
+    pub fn mcp_entry(&self) -> Value {
+        json!({
+            "name": self.name,
+            "description": self.description,
+            "inputSchema": self.input_schema,
+        })
+    }
+}
+
+/// A tool error: the call was allowed but could not be served. The model reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolError {
+    /// Short machine-readable kind, e.g. `not_found`, `outside_root`, `too_large`.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl ToolError {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        ToolError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A service: a family of tools sharing one prefix (`fs.`).
+pub trait Service: Send + Sync {
+    fn tools(&self) -> Vec<ToolSpec>;
+    /// Serves an allowed call; `Ok` is the tool's structured result.
+    fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError>;
+}
+
+/// The services one gate serves, indexed by tool name.
+#[derive(Default)]
+pub struct Services {
+    services: Vec<Box<dyn Service>>,
+    by_tool: HashMap<&'static str, usize>,
+    specs: Vec<ToolSpec>,
+}
+
+impl Services {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, service: Box<dyn Service>) {
+        let idx = self.services.len();
+        for spec in service.tools() {
+            self.by_tool.insert(spec.name, idx);
+            self.specs.push(spec);
+        }
+        self.services.push(service);
+    }
+
+    /// Tools actually served here, in catalog order.
+    pub fn specs(&self) -> &[ToolSpec] {
+        &self.specs
+    }
+
+    pub fn offers(&self, tool: &str) -> bool {
+        self.by_tool.contains_key(tool)
+    }
+
+    pub fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
+        match self.by_tool.get(tool) {
+            Some(&i) => self.services[i].call(tool, args),
+            None => Err(ToolError::new(
+                "unknown_tool",
+                format!("no service here offers {tool:?}"),
+            )),
+        }
+    }
+}
+
+/// Every tool compiled into ironvmm, whatever a given run configures.
+pub fn builtin_specs() -> Vec<ToolSpec> {
+    fs::tool_specs()
+}
+
+/// The builtin catalog as the `--catalog` file's JSON (`ironvmm tools --json`).
+pub fn builtin_catalog_json() -> Value {
+    json!({ "tools": builtin_specs().iter().map(ToolSpec::catalog_entry).collect::<Vec<_>>() })
+}
+
+/// The builtin catalog, as the policy engine reads it.
+pub fn builtin_catalog() -> Result<ironvmm_policy::Catalog, ironvmm_policy::CatalogError> {
+    ironvmm_policy::Catalog::from_json(&builtin_catalog_json().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn builtin_catalog_loads_in_the_policy_engine() {
+        let c = super::builtin_catalog().unwrap();
+        assert_eq!(c.len(), super::builtin_specs().len());
+        let read = c.tool("fs.read").unwrap();
+        assert!(read
+            .validate(&serde_json::json!({"path": "/workspace/a"}))
+            .is_ok());
+        assert!(read
+            .validate(&serde_json::json!({"path": "a", "x": 1}))
+            .is_err());
+        assert!(read
+            .validate(&serde_json::json!({"path": "a", "length": 524289}))
+            .is_err());
+    }
+}

@@ -1,0 +1,490 @@
+//! The audit log writer.
+//!
+//! Each record is written with one `write` to an O_APPEND file under a mutex that
+//! also owns the sequence number and the chain head. fsync happens outside that
+//! mutex, and one fsync covers every record written before it (group commit), so
+//! concurrent connections share fsyncs instead of queueing behind each other.
+//!
+//! Fail closed: the first write or fsync error is remembered for good; every later
+//! append is refused, and the gate denies every call and reports the condition.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+
+use super::redact::redact;
+use super::{now_rfc3339, record_hash, ZERO_HASH};
+
+/// Longest a record may wait for its fsync in `batch` mode.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// `--audit-sync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync before every service call (the default).
+    Always,
+    /// Write before every call; fsync at most every 10 ms and at close.
+    Batch,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(SyncMode::Always),
+            "batch" => Ok(SyncMode::Batch),
+            _ => Err(format!("expected always or batch, not {s:?}")),
+        }
+    }
+}
+
+impl SyncMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncMode::Always => "always",
+            SyncMode::Batch => "batch",
+        }
+    }
+}
+
+/// The log can no longer be written; the message names the file and the cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditError(pub String);
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AuditError {}
+
+/// What a `decision` record holds (interfaces.md "The audit log").
+pub struct DecisionRecord<'a> {
+    pub conn: &'a str,
+    pub rpc_id: &'a Value,
+    pub tool: &'a str,
+    /// The arguments as decided; the log redacts them.
+    pub args: &'a Value,
+    /// The final decision: `allow` or `deny`.
+    pub decision: &'a str,
+    /// The policy said `ask` (and an approver, or its absence, settled it).
+    pub asked: bool,
+    pub rule: Option<u32>,
+    pub decided_by: &'a str,
+    pub reason: &'a str,
+    pub policy_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeStatus {
+    Ok,
+    ToolError,
+    Error,
+}
+
+impl OutcomeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeStatus::Ok => "ok",
+            OutcomeStatus::ToolError => "tool_error",
+            OutcomeStatus::Error => "error",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    allow: u64,
+    deny: u64,
+    ask: u64,
+    ok: u64,
+    tool_error: u64,
+    error: u64,
+}
+
+struct State {
+    file: File,
+    next_seq: u64,
+    prev: String,
+    counts: Counts,
+    closed: bool,
+    line: Vec<u8>,
+}
+
+struct Shared {
+    path: PathBuf,
+    vm: String,
+    mode: SyncMode,
+    state: Mutex<State>,
+    /// A second handle on the same file, so fsync needs no `state` lock.
+    sync_file: File,
+    /// Records written so far (seq of the next one).
+    written: AtomicU64,
+    /// Records known durable.
+    synced: Mutex<u64>,
+    failed: OnceLock<String>,
+    dirty: Mutex<bool>,
+    dirty_cv: Condvar,
+    stop: AtomicBool,
+}
+
+/// One VM's audit log. `Send + Sync`; share it through `Arc`.
+pub struct AuditLog {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AuditLog {
+    /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
+    /// with parent folders, mode 0600, and writes and syncs the `open` record.
+    pub fn create(
+        path: &Path,
+        vm: &str,
+        mode: SyncMode,
+        open: Map<String, Value>,
+    ) -> Result<AuditLog, AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                AuditError(format!(
+                    "audit log {}: cannot create its folder: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (a log is one hash chain: give a new file)"
+                } else {
+                    ""
+                };
+                AuditError(format!("audit log {}: {e}{hint}", path.display()))
+            })?;
+        Self::from_file(file, path, vm, mode, open)
+    }
+
+    /// Starts a log on an already opened, empty, append-mode file.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        vm: &str,
+        mode: SyncMode,
+        open: Map<String, Value>,
+    ) -> Result<AuditLog, AuditError> {
+        let sync_file = file
+            .try_clone()
+            .map_err(|e| AuditError(format!("audit log {}: {e}", path.display())))?;
+        let shared = Arc::new(Shared {
+            path: path.to_owned(),
+            vm: vm.to_owned(),
+            mode,
+            state: Mutex::new(State {
+                file,
+                next_seq: 0,
+                prev: ZERO_HASH.to_string(),
+                counts: Counts::default(),
+                closed: false,
+                line: Vec::with_capacity(1024),
+            }),
+            sync_file,
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
+            failed: OnceLock::new(),
+            dirty: Mutex::new(false),
+            dirty_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        shared.append("open", |m| m.extend(open), |_| {})?;
+        shared.sync_through(1)?;
+        let flusher = (mode == SyncMode::Batch).then(|| {
+            let s = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("audit-flush".into())
+                .spawn(move || s.flush_loop())
+                .map_err(|e| AuditError(format!("audit log: cannot start its flusher: {e}")))
+        });
+        let flusher = flusher.transpose()?;
+        Ok(AuditLog {
+            shared,
+            flusher: Mutex::new(flusher),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    pub fn vm(&self) -> &str {
+        &self.shared.vm
+    }
+
+    pub fn mode(&self) -> SyncMode {
+        self.shared.mode
+    }
+
+    /// Why the log stopped accepting records, once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failed.get().map(String::as_str)
+    }
+
+    /// The hash of the last record written.
+    pub fn head(&self) -> String {
+        self.shared.lock().prev.clone()
+    }
+
+    /// Writes a decision record; returns its seq once it is as durable as the sync
+    /// mode promises (always: fsynced; batch: written).
+    pub fn decision(&self, d: &DecisionRecord) -> Result<u64, AuditError> {
+        // Redaction copies the arguments: done before taking the log's lock.
+        let args = redact(d.args);
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("conn".into(), d.conn.into());
+            m.insert("rpc_id".into(), d.rpc_id.clone());
+            m.insert("tool".into(), d.tool.into());
+            m.insert("args".into(), args);
+            m.insert("decision".into(), d.decision.into());
+            if d.asked {
+                m.insert("asked".into(), true.into());
+            }
+            m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
+            m.insert("decided_by".into(), d.decided_by.into());
+            m.insert("reason".into(), d.reason.into());
+            m.insert("policy_ns".into(), d.policy_ns.into());
+        };
+        let allowed = d.decision == "allow";
+        let seq = self.shared.append("decision", fill, |c| {
+            if allowed {
+                c.allow += 1;
+            } else {
+                c.deny += 1;
+            }
+            if d.asked {
+                c.ask += 1;
+            }
+        })?;
+        self.shared.made_durable(seq)?;
+        Ok(seq)
+    }
+
+    /// Writes the outcome of a served call (not synced on its own: the next decision
+    /// record's fsync, the batch flusher or `close` covers it).
+    pub fn outcome(
+        &self,
+        decision_seq: u64,
+        status: OutcomeStatus,
+        bytes: u64,
+        total_us: u64,
+    ) -> Result<(), AuditError> {
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("decision_seq".into(), decision_seq.into());
+            m.insert("status".into(), status.as_str().into());
+            m.insert("bytes".into(), bytes.into());
+            m.insert("total_us".into(), total_us.into());
+        };
+        self.shared.append("outcome", fill, |c| match status {
+            OutcomeStatus::Ok => c.ok += 1,
+            OutcomeStatus::ToolError => c.tool_error += 1,
+            OutcomeStatus::Error => c.error += 1,
+        })?;
+        if self.shared.mode == SyncMode::Batch {
+            self.shared.mark_dirty();
+        }
+        Ok(())
+    }
+
+    /// Writes the `close` record with the counts and the exit status, syncs, and
+    /// stops the flusher. Returns the final hash (for `--head` and the run report).
+    /// A second call returns the same hash without writing.
+    pub fn close(&self, exit: Option<i32>) -> Result<String, AuditError> {
+        let result = (|| {
+            {
+                let st = self.shared.lock();
+                if st.closed {
+                    return Ok(st.prev.clone());
+                }
+            }
+            let exit = exit.map_or(Value::Null, Value::from);
+            let seq =
+                self.shared
+                    .append("close", |m| drop(m.insert("exit".into(), exit)), |_| {})?;
+            self.shared.sync_through(seq + 1)?;
+            Ok(self.head())
+        })();
+        self.stop_flusher();
+        result
+    }
+
+    fn stop_flusher(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.mark_dirty();
+        let handle = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.stop_flusher();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves State consistent enough to read.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, what: String) -> AuditError {
+        let _ = self.failed.set(what);
+        AuditError(self.failed.get().cloned().unwrap_or_default())
+    }
+
+    /// Appends one record of `kind`; `fill` adds the kind's own fields.
+    fn append(
+        &self,
+        kind: &str,
+        fill: impl FnOnce(&mut Map<String, Value>),
+        tally: impl FnOnce(&mut Counts),
+    ) -> Result<u64, AuditError> {
+        if let Some(f) = self.failed.get() {
+            return Err(AuditError(f.clone()));
+        }
+        let mut st = self.lock();
+        if st.closed {
+            return Err(AuditError(format!(
+                "audit log {}: already closed",
+                self.path.display()
+            )));
+        }
+        let seq = st.next_seq;
+        let mut m = Map::new();
+        m.insert("seq".into(), seq.into());
+        m.insert("time".into(), now_rfc3339().into());
+        m.insert("vm".into(), self.vm.as_str().into());
+        m.insert("kind".into(), kind.into());
+        if kind == "close" {
+            let c = &st.counts;
+            m.insert(
+                "counts".into(),
+                serde_json::json!({"allow": c.allow, "deny": c.deny, "ask": c.ask,
+                                   "ok": c.ok, "tool_error": c.tool_error, "error": c.error}),
+            );
+        }
+        fill(&mut m);
+        m.insert("prev".into(), st.prev.as_str().into());
+        let mut line = std::mem::take(&mut st.line);
+        line.clear();
+        if let Err(e) = serde_json::to_writer(&mut line, &m) {
+            st.line = line;
+            return Err(self.fail(format!(
+                "audit log {}: cannot encode: {e}",
+                self.path.display()
+            )));
+        }
+        let hash = record_hash(&line);
+        line.pop(); // the closing brace; the hash member goes before it
+        line.extend_from_slice(super::HASH_MEMBER.as_bytes());
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
+        let res = st.file.write_all(&line);
+        st.line = line;
+        if let Err(e) = res {
+            return Err(self.fail(format!(
+                "audit log {}: write of seq {seq} failed: {e}",
+                self.path.display()
+            )));
+        }
+        st.prev = hash;
+        st.next_seq = seq + 1;
+        tally(&mut st.counts);
+        if kind == "close" {
+            st.closed = true;
+        }
+        self.written.store(seq + 1, Ordering::Release);
+        Ok(seq)
+    }
+
+    /// Makes record `seq` as durable as the mode promises.
+    fn made_durable(&self, seq: u64) -> Result<(), AuditError> {
+        match self.mode {
+            SyncMode::Always => self.sync_through(seq + 1),
+            SyncMode::Batch => {
+                self.mark_dirty();
+                Ok(())
+            }
+        }
+    }
+
+    /// Ensures the first `count` records are on disk. One fsync covers all records
+    /// written before it started, so waiters behind it usually find nothing to do.
+    fn sync_through(&self, count: u64) -> Result<(), AuditError> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if *synced >= count {
+            return Ok(());
+        }
+        if let Some(f) = self.failed.get() {
+            return Err(AuditError(f.clone()));
+        }
+        let target = self.written.load(Ordering::Acquire);
+        if let Err(e) = self.sync_file.sync_data() {
+            return Err(self.fail(format!(
+                "audit log {}: fsync failed: {e}",
+                self.path.display()
+            )));
+        }
+        *synced = target;
+        Ok(())
+    }
+
+    fn mark_dirty(&self) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if !*d {
+            *d = true;
+            self.dirty_cv.notify_one();
+        }
+    }
+
+    /// Batch mode: after a record is written, fsync within BATCH_INTERVAL.
+    fn flush_loop(&self) {
+        let mut last = Instant::now();
+        loop {
+            {
+                let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+                while !*d && !self.stop.load(Ordering::SeqCst) {
+                    d = self.dirty_cv.wait(d).unwrap_or_else(|e| e.into_inner());
+                }
+                *d = false;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                let _ = self.sync_through(self.written.load(Ordering::Acquire));
+                return;
+            }
+            let due = last + BATCH_INTERVAL;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let _ = self.sync_through(self.written.load(Ordering::Acquire));
+            last = Instant::now();
+        }
+    }
+}

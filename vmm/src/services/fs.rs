@@ -1,0 +1,703 @@
+//! The `fs` service: a host directory served to the guest as `/workspace`.
+//!
+//! Containment is the kernel's job, not a string check: every path is opened with
+//! openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) relative to a descriptor of the
+//! root, so `..` and symlinks (the final component included) cannot leave it, even
+//! when the tree changes underneath. Paths are first normalised lexically exactly as
+//! the policy normalises them, so the service acts on the path that was decided.
+//! `fs.delete` never removes anything: it renames into a trash folder beside the root.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use super::sys;
+use super::{Service, ToolError, ToolSpec};
+
+/// Where the root appears to the guest and to the policy.
+pub const GUEST_ROOT: &str = "/workspace";
+/// Most bytes one `fs.read` or `fs.write` moves (interfaces.md), so frames stay < 1 MiB.
+pub const MAX_IO: usize = 512 * 1024;
+/// Most entries one `fs.list` returns; the reply says `truncated` past that.
+pub const MAX_LIST: usize = 10_000;
+
+/// The catalog entries of the fs tools.
+pub fn tool_specs() -> Vec<ToolSpec> {
+    let path =
+        json!({"type": "string", "description": "absolute under /workspace, or relative to it"});
+    let obj = |props: Value, required: &[&str]| {
+        json!({"type": "object", "properties": props, "required": required,
+               "additionalProperties": false})
+    };
+    let enc = json!({"type": "string", "enum": ["utf8", "base64"]});
+    vec![
+        ToolSpec {
+            name: "fs.read",
+            description: "Read a file of the workspace, at most 512 KiB per call (use offset/length for more)",
+            input_schema: obj(
+                json!({"path": path, "offset": {"type": "integer", "minimum": 0},
+                       "length": {"type": "integer", "minimum": 0, "maximum": MAX_IO},
+                       "encoding": enc}),
+                &["path"],
+            ),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+        ToolSpec {
+            name: "fs.write",
+            description: "Write a file of the workspace (replace, write at offset, or append), at most 512 KiB per call",
+            input_schema: obj(
+                json!({"path": path, "content": {"type": "string"}, "encoding": enc,
+                       "offset": {"type": "integer", "minimum": 0},
+                       "append": {"type": "boolean"}, "create_dirs": {"type": "boolean"}}),
+                &["path", "content"],
+            ),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+        ToolSpec {
+            name: "fs.list",
+            description: "List a directory of the workspace",
+            input_schema: obj(json!({"path": path}), &["path"]),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+        ToolSpec {
+            name: "fs.stat",
+            description: "Kind, size and modification time of a workspace path",
+            input_schema: obj(json!({"path": path}), &["path"]),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+        ToolSpec {
+            name: "fs.mkdir",
+            description: "Create a directory of the workspace, and its missing parents",
+            input_schema: obj(json!({"path": path}), &["path"]),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+        ToolSpec {
+            name: "fs.move",
+            description: "Move or rename a workspace path; never replaces an existing target",
+            input_schema: obj(json!({"from": path, "to": path}), &["from", "to"]),
+            roles: &[("from", "path"), ("to", "path")],
+            // `path` in a condition means both ends, so a move is decided like a
+            // read of one path and a write of the other.
+            aliases: &[("path", &["from", "to"])],
+        },
+        ToolSpec {
+            name: "fs.delete",
+            description: "Move a workspace path to the trash folder beside the workspace (nothing is removed for good)",
+            input_schema: obj(json!({"path": path}), &["path"]),
+            roles: &[("path", "path")],
+            aliases: &[],
+        },
+    ]
+}
+
+/// A path after lexical normalisation: relative to the root, `""` for the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPath {
+    rel: String,
+}
+
+impl GuestPath {
+    /// Normalises like the policy's `under`: relative paths are taken against
+    /// /workspace, `.`/`..`/`//` resolved lexically; NUL or climbing above `/` fails.
+    pub fn parse(path: &str) -> Result<GuestPath, ToolError> {
+        if path.contains('\0') {
+            return Err(ToolError::new("invalid_path", "path contains a NUL byte"));
+        }
+        if path.is_empty() {
+            return Err(ToolError::new("invalid_path", "path is empty"));
+        }
+        let joined;
+        let abs = if path.starts_with('/') {
+            path
+        } else {
+            joined = format!("{GUEST_ROOT}/{path}");
+            &joined
+        };
+        let mut parts: Vec<&str> = Vec::new();
+        for c in abs.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    if parts.pop().is_none() {
+                        return Err(ToolError::new(
+                            "invalid_path",
+                            format!("{path:?} climbs above /"),
+                        ));
+                    }
+                }
+                c => parts.push(c),
+            }
+        }
+        if parts.first() != Some(&&GUEST_ROOT[1..]) {
+            return Err(ToolError::new(
+                "outside_root",
+                format!("{path:?} is not under {GUEST_ROOT}"),
+            ));
+        }
+        Ok(GuestPath {
+            rel: parts[1..].join("/"),
+        })
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.rel.is_empty()
+    }
+
+    /// What the guest calls it (never the host path).
+    pub fn display(&self) -> String {
+        if self.rel.is_empty() {
+            GUEST_ROOT.to_string()
+        } else {
+            format!("{GUEST_ROOT}/{}", self.rel)
+        }
+    }
+
+    fn c_rel(&self) -> CString {
+        // parse() refused NUL, so this cannot fail.
+        CString::new(if self.rel.is_empty() { "." } else { &self.rel }).unwrap_or_default()
+    }
+
+    /// (parent, last component); None for the root.
+    fn split(&self) -> Option<(GuestPath, CString)> {
+        let (parent, name) = match self.rel.rsplit_once('/') {
+            Some((p, n)) => (p.to_string(), n),
+            None if !self.rel.is_empty() => (String::new(), self.rel.as_str()),
+            None => return None,
+        };
+        Some((GuestPath { rel: parent }, CString::new(name).ok()?))
+    }
+}
+
+/// The fs service over one host directory.
+pub struct FsService {
+    root: OwnedFd,
+    trash_path: Option<PathBuf>,
+    trash: Mutex<Option<OwnedFd>>,
+    trash_seq: AtomicU64,
+    /// (dev, inode) of files the guest may never read, write, move or delete
+    /// through this service: the audit log, the policy.
+    protected: Vec<(u64, u64)>,
+}
+
+impl FsService {
+    /// Opens `dir` as the root. Fails when the directory cannot be opened or the
+    /// kernel lacks openat2 (Linux < 5.6): without it there is no safe containment.
+    pub fn open(dir: &Path) -> io::Result<FsService> {
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| io::Error::new(e.kind(), format!("workspace {}: {e}", dir.display())))?;
+        let root: OwnedFd = std::fs::File::open(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("workspace {}: {e}", dir.display())))?
+            .into();
+        let probe = sys::open_beneath(root.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("openat2 is required to contain the workspace (Linux >= 5.6): {e}"),
+                )
+            })?;
+        drop(probe);
+        let trash_path = match (dir.parent(), dir.file_name()) {
+            (Some(p), Some(n)) => {
+                let mut name = n.to_os_string();
+                name.push(".ironvmm-trash");
+                Some(p.join(name))
+            }
+            _ => None,
+        };
+        Ok(FsService {
+            root,
+            trash_path,
+            trash: Mutex::new(None),
+            trash_seq: AtomicU64::new(0),
+            protected: Vec::new(),
+        })
+    }
+
+    /// Refuses access to this host file (by identity, so a hard link or another
+    /// spelling of the path is refused too). A missing file is ignored.
+    pub fn protect(&mut self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            self.protected.push((m.dev(), m.ino()));
+        }
+    }
+
+    fn check_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+        if self.protected.contains(&(st.st_dev, st.st_ino)) {
+            return Err(ToolError::new(
+                "protected",
+                format!("{} is protected (the audit log or the policy)", p.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The host folder that `fs.delete` moves entries into.
+    pub fn trash_path(&self) -> Option<&Path> {
+        self.trash_path.as_deref()
+    }
+
+    fn open_at(&self, p: &GuestPath, flags: i32, mode: u32) -> Result<OwnedFd, ToolError> {
+        sys::open_beneath(self.root.as_fd(), &p.c_rel(), flags, mode).map_err(|e| io_error(p, e))
+    }
+
+    fn open_dir_path(&self, p: &GuestPath) -> Result<OwnedFd, ToolError> {
+        self.open_at(p, libc::O_PATH | libc::O_DIRECTORY, 0)
+    }
+
+    fn read(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["path", "offset", "length", "encoding"])?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        let offset = a.opt_u64("offset")?.unwrap_or(0);
+        let length = a.opt_u64("length")?.unwrap_or(MAX_IO as u64);
+        if length > MAX_IO as u64 {
+            return Err(ToolError::new(
+                "too_large",
+                format!("length {length} is over the limit of {MAX_IO} bytes per read"),
+            ));
+        }
+        let base64 = a.base64_encoding()?;
+        let fd = self.open_at(&p, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0)?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
+        require_regular(&p, &st)?;
+        self.check_protected(&p, &st)?;
+        let size = st.st_size.max(0) as u64;
+        let want = length.min(size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; want];
+        let n = sys::pread(fd.as_fd(), &mut buf, offset).map_err(|e| io_error(&p, e))?;
+        buf.truncate(n);
+        let (content, got) = if base64 {
+            (base64::engine::general_purpose::STANDARD.encode(&buf), n)
+        } else {
+            match String::from_utf8(buf) {
+                Ok(s) => (s, n),
+                Err(e) => {
+                    let u = e.utf8_error();
+                    let more_follows = offset + (n as u64) < size;
+                    // A range that ends inside a character: return up to it, the next
+                    // range starts there.
+                    if u.error_len().is_none() && more_follows && u.valid_up_to() > 0 {
+                        let mut bytes = e.into_bytes();
+                        bytes.truncate(u.valid_up_to());
+                        let k = bytes.len();
+                        (String::from_utf8(bytes).unwrap_or_default(), k)
+                    } else {
+                        return Err(ToolError::new(
+                            "not_utf8",
+                            format!(
+                                "{} is not UTF-8 at byte {}; read it with encoding \"base64\"",
+                                p.display(),
+                                offset + u.valid_up_to() as u64
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(json!({
+            "content": content,
+            "encoding": if base64 { "base64" } else { "utf8" },
+            "size": size,
+            "eof": offset + got as u64 >= size,
+        }))
+    }
+
+    fn write(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(
+            args,
+            &[
+                "path",
+                "content",
+                "encoding",
+                "offset",
+                "append",
+                "create_dirs",
+            ],
+        )?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        let content = a.str("content")?;
+        let bytes: std::borrow::Cow<[u8]> = if a.base64_encoding()? {
+            base64::engine::general_purpose::STANDARD
+                .decode(content)
+                .map_err(|e| ToolError::new("invalid_arguments", format!("content: {e}")))?
+                .into()
+        } else {
+            content.as_bytes().into()
+        };
+        if bytes.len() > MAX_IO {
+            return Err(ToolError::new(
+                "too_large",
+                format!(
+                    "content is {} bytes; at most {MAX_IO} per write (write in ranges)",
+                    bytes.len()
+                ),
+            ));
+        }
+        let offset = a.opt_u64("offset")?;
+        let append = a.opt_bool("append")?.unwrap_or(false);
+        if append && offset.is_some() {
+            return Err(ToolError::new(
+                "invalid_arguments",
+                "give either offset or append, not both",
+            ));
+        }
+        if a.opt_bool("create_dirs")?.unwrap_or(false) {
+            if let Some((parent, _)) = p.split() {
+                self.mkdir_p(&parent)?;
+            }
+        }
+        let mut flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NONBLOCK | libc::O_NOCTTY;
+        if append {
+            flags |= libc::O_APPEND;
+        }
+        let fd = self.open_at(&p, flags, 0o644)?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
+        require_regular(&p, &st)?;
+        self.check_protected(&p, &st)?;
+        // Truncate only after the regular-file check, never through O_TRUNC.
+        if !append && offset.is_none() {
+            sys::ftruncate(fd.as_fd(), 0).map_err(|e| io_error(&p, e))?;
+        }
+        let at = if append {
+            None
+        } else {
+            Some(offset.unwrap_or(0))
+        };
+        sys::write_all_at(fd.as_fd(), &bytes, at).map_err(|e| io_error(&p, e))?;
+        Ok(json!({ "written": bytes.len() }))
+    }
+
+    fn list(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["path"])?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        let fd = self.open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let stat_dir = fd.try_clone().map_err(|e| io_error(&p, e))?;
+        let (mut names, truncated) =
+            sys::read_dir_names(fd, MAX_LIST).map_err(|e| io_error(&p, e))?;
+        names.sort();
+        let mut entries = Vec::with_capacity(names.len());
+        for name in &names {
+            // An entry removed since readdir is simply skipped.
+            let Ok(st) = sys::fstatat_nofollow(stat_dir.as_fd(), name) else {
+                continue;
+            };
+            entries.push(json!({
+                "name": name.to_string_lossy(),
+                "kind": kind_of(&st),
+                "size": st.st_size.max(0),
+            }));
+        }
+        let mut out = Map::new();
+        out.insert("entries".into(), Value::Array(entries));
+        if truncated {
+            out.insert("truncated".into(), Value::Bool(true));
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn stat(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["path"])?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        let fd = self.open_at(&p, libc::O_PATH, 0)?;
+        let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
+        Ok(json!({
+            "kind": kind_of(&st),
+            "size": st.st_size.max(0),
+            "modified": crate::audit::rfc3339_ns(st.st_mtime, st.st_mtime_nsec),
+        }))
+    }
+
+    fn mkdir(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["path"])?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        self.mkdir_p(&p)?;
+        Ok(json!({}))
+    }
+
+    /// Creates `p` and its missing parents, each one beneath the root.
+    fn mkdir_p(&self, p: &GuestPath) -> Result<(), ToolError> {
+        let mut prefix = GuestPath { rel: String::new() };
+        for comp in p.rel.split('/').filter(|c| !c.is_empty()) {
+            let parent = self.open_dir_path(&prefix)?;
+            let name = CString::new(comp).unwrap_or_default();
+            match sys::mkdirat(parent.as_fd(), &name, 0o755) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(io_error(&prefix, e)),
+            }
+            if !prefix.rel.is_empty() {
+                prefix.rel.push('/');
+            }
+            prefix.rel.push_str(comp);
+        }
+        // An existing non-directory (or a symlink leading out) shows up here.
+        self.open_dir_path(p).map(drop)
+    }
+
+    fn parent_of(&self, p: &GuestPath) -> Result<(OwnedFd, CString), ToolError> {
+        let (parent, name) = p.split().ok_or_else(|| {
+            ToolError::new(
+                "invalid_path",
+                format!("{GUEST_ROOT} itself cannot be moved or deleted"),
+            )
+        })?;
+        Ok((self.open_dir_path(&parent)?, name))
+    }
+
+    fn move_(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["from", "to"])?;
+        let from = GuestPath::parse(a.str("from")?)?;
+        let to = GuestPath::parse(a.str("to")?)?;
+        let (from_dir, from_name) = self.parent_of(&from)?;
+        let (to_dir, to_name) = self.parent_of(&to)?;
+        let st =
+            sys::fstatat_nofollow(from_dir.as_fd(), &from_name).map_err(|e| io_error(&from, e))?;
+        self.check_protected(&from, &st)?;
+        sys::rename_noreplace(from_dir.as_fd(), &from_name, to_dir.as_fd(), &to_name).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    ToolError::new("exists", format!("{} already exists", to.display()))
+                }
+                _ => io_error(&from, e),
+            },
+        )?;
+        Ok(json!({}))
+    }
+
+    fn delete(&self, args: &Value) -> Result<Value, ToolError> {
+        let a = Args::new(args, &["path"])?;
+        let p = GuestPath::parse(a.str("path")?)?;
+        let (dir, name) = self.parent_of(&p)?;
+        // Make sure it exists before the trash folder is created for it.
+        let st = sys::fstatat_nofollow(dir.as_fd(), &name).map_err(|e| io_error(&p, e))?;
+        self.check_protected(&p, &st)?;
+        let mut trash = self.trash.lock().unwrap_or_else(|e| e.into_inner());
+        if trash.is_none() {
+            *trash = Some(self.open_trash()?);
+        }
+        let trash_fd = trash.as_ref().map(|t| t.as_fd()).ok_or_else(no_trash)?;
+        let target = self.trash_name(&name);
+        sys::rename_noreplace(dir.as_fd(), &name, trash_fd, &target).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EXDEV) {
+                ToolError::new(
+                    "trash_unavailable",
+                    "the trash folder is on another filesystem than the workspace",
+                )
+            } else {
+                io_error(&p, e)
+            }
+        })?;
+        Ok(json!({}))
+    }
+
+    fn open_trash(&self) -> Result<OwnedFd, ToolError> {
+        let path = self.trash_path.as_ref().ok_or_else(no_trash)?;
+        match std::fs::create_dir(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(ToolError::new(
+                    "trash_unavailable",
+                    format!("cannot create the trash folder: {e}"),
+                ))
+            }
+        }
+        let f = std::fs::File::open(path).map_err(|e| {
+            ToolError::new(
+                "trash_unavailable",
+                format!("cannot open the trash folder: {e}"),
+            )
+        })?;
+        Ok(f.into())
+    }
+
+    /// `<ns since epoch>-<seq>-<name>`: unique, sortable by deletion time.
+    fn trash_name(&self, name: &CStr) -> CString {
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let seq = self.trash_seq.fetch_add(1, Ordering::Relaxed);
+        let base = name.to_bytes();
+        let base = &base[..base.len().min(200)]; // stay under NAME_MAX with the prefix
+        let mut out = format!("{ns}-{seq}-").into_bytes();
+        out.extend_from_slice(base);
+        CString::new(out).unwrap_or_default()
+    }
+}
+
+fn no_trash() -> ToolError {
+    ToolError::new(
+        "trash_unavailable",
+        "the workspace has no parent folder for a trash folder",
+    )
+}
+
+impl Service for FsService {
+    fn tools(&self) -> Vec<ToolSpec> {
+        tool_specs()
+    }
+
+    fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
+        match tool {
+            "fs.read" => self.read(args),
+            "fs.write" => self.write(args),
+            "fs.list" => self.list(args),
+            "fs.stat" => self.stat(args),
+            "fs.mkdir" => self.mkdir(args),
+            "fs.move" => self.move_(args),
+            "fs.delete" => self.delete(args),
+            _ => Err(ToolError::new(
+                "unknown_tool",
+                format!("fs has no tool {tool:?}"),
+            )),
+        }
+    }
+}
+
+fn kind_of(st: &libc::stat) -> &'static str {
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => "file",
+        libc::S_IFDIR => "dir",
+        libc::S_IFLNK => "symlink",
+        _ => "other",
+    }
+}
+
+fn require_regular(p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+    match kind_of(st) {
+        "file" => Ok(()),
+        "dir" => Err(ToolError::new(
+            "is_directory",
+            format!("{} is a directory", p.display()),
+        )),
+        _ => Err(ToolError::new(
+            "not_regular",
+            format!("{} is not a regular file", p.display()),
+        )),
+    }
+}
+
+/// Turns an errno into a tool error that names the guest path, never the host path.
+fn io_error(p: &GuestPath, e: io::Error) -> ToolError {
+    let path = p.display();
+    let (kind, what) = match e.raw_os_error() {
+        Some(libc::ENOENT) => ("not_found", "no such file or directory".to_string()),
+        Some(libc::EXDEV) => (
+            "outside_root",
+            format!("resolves outside {GUEST_ROOT} (through a symlink or ..)"),
+        ),
+        Some(libc::ELOOP) => (
+            "outside_root",
+            "too many symlinks, or a /proc magic link".to_string(),
+        ),
+        Some(libc::ENOTDIR) => ("not_a_directory", "not a directory".to_string()),
+        Some(libc::EISDIR) => ("is_directory", "is a directory".to_string()),
+        Some(libc::EEXIST) => ("exists", "already exists".to_string()),
+        Some(libc::ENOTEMPTY) => ("not_empty", "directory not empty".to_string()),
+        Some(libc::EACCES | libc::EPERM) => ("permission_denied", "permission denied".to_string()),
+        Some(libc::ENOSPC | libc::EDQUOT) => ("no_space", "no space left".to_string()),
+        Some(libc::EINVAL) => ("invalid", "invalid operation".to_string()),
+        _ => ("io", e.to_string()),
+    };
+    ToolError::new(kind, format!("{path}: {what}"))
+}
+
+/// Argument access that checks keys and types; the policy's schema check usually
+/// refused bad arguments already, this keeps the service safe without a catalog.
+struct Args<'a> {
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Args<'a> {
+    fn new(v: &'a Value, allowed: &[&str]) -> Result<Self, ToolError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ToolError::new("invalid_arguments", "arguments must be an object"))?;
+        if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ToolError::new(
+                "invalid_arguments",
+                format!("unknown argument {k:?}"),
+            ));
+        }
+        Ok(Args { obj })
+    }
+
+    fn str(&self, key: &str) -> Result<&'a str, ToolError> {
+        match self.obj.get(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(bad_type(key, "a string")),
+            None => Err(ToolError::new(
+                "invalid_arguments",
+                format!("missing argument {key:?}"),
+            )),
+        }
+    }
+
+    fn opt_u64(&self, key: &str) -> Result<Option<u64>, ToolError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad_type(key, "a non-negative integer")),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, ToolError> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(bad_type(key, "a boolean")),
+        }
+    }
+
+    /// true for base64, false for utf8 (the default).
+    fn base64_encoding(&self) -> Result<bool, ToolError> {
+        match self.obj.get("encoding") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::String(s)) if s == "utf8" => Ok(false),
+            Some(Value::String(s)) if s == "base64" => Ok(true),
+            Some(_) => Err(bad_type("encoding", "\"utf8\" or \"base64\"")),
+        }
+    }
+}
+
+fn bad_type(key: &str, want: &str) -> ToolError {
+    ToolError::new(
+        "invalid_arguments",
+        format!("argument {key:?} must be {want}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_normalise_like_the_policy() {
+        let rel = |s: &str| GuestPath::parse(s).map(|p| p.rel);
+        assert_eq!(rel("/workspace").unwrap(), "");
+        assert_eq!(rel("/workspace/a//b/./c").unwrap(), "a/b/c");
+        assert_eq!(rel("a/../b").unwrap(), "b");
+        assert_eq!(rel("/workspace/../workspace/x").unwrap(), "x");
+        assert_eq!(rel("/etc/passwd").unwrap_err().kind, "outside_root");
+        assert_eq!(rel("/workspace/../etc").unwrap_err().kind, "outside_root");
+        assert_eq!(rel("../x").unwrap_err().kind, "outside_root");
+        assert_eq!(rel("/..").unwrap_err().kind, "invalid_path");
+        assert_eq!(rel("/workspacex/a").unwrap_err().kind, "outside_root");
+        assert_eq!(rel("a\0b").unwrap_err().kind, "invalid_path");
+    }
+}

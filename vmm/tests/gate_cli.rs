@@ -1,0 +1,453 @@
+//! `ironvmm gate` as a process, with a real p.rules policy: --stdio, --listen with
+//! 100 concurrent clients, signals, limits, and the audit log failing under it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const POLICY: &str = r#"version 1
+allow fs.read when path under "/workspace"
+allow fs.stat
+ask   fs.delete "ask me first"
+deny  fs.write "read-only here"
+default deny
+"#;
+
+struct Env {
+    dir: tempfile::TempDir,
+    policy: PathBuf,
+    workspace: PathBuf,
+    audit: PathBuf,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.rules");
+    std::fs::write(&policy, POLICY).unwrap();
+    let workspace = dir.path().join("ws");
+    std::fs::create_dir(&workspace).unwrap();
+    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    Env {
+        policy,
+        workspace,
+        audit,
+        dir,
+    }
+}
+
+fn gate_cmd(e: &Env, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
+    c.arg("gate")
+        .arg("--policy")
+        .arg(&e.policy)
+        .arg("--workspace")
+        .arg(&e.workspace)
+        .arg("--audit")
+        .arg(&e.audit)
+        .args(extra);
+    c
+}
+
+fn call(id: u64, tool: &str, args: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": tool, "arguments": args}})
+    .to_string()
+}
+
+/// Runs `gate --stdio` over the given input lines; returns (exit, replies, stderr).
+fn stdio(e: &Env, extra: &[&str], lines: &[String]) -> (Option<i32>, Vec<Value>, String) {
+    let mut input = lines.join("\n");
+    input.push('\n');
+    stdio_raw(
+        gate_cmd(e, &[&["--stdio"], extra].concat()),
+        input.as_bytes(),
+    )
+}
+
+fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let replies = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    (
+        out.status.code(),
+        replies,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn verify(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["audit", "verify"])
+        .arg(path)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn stdio_session_with_real_policy() {
+    let e = env();
+    let (code, r, err) = stdio(
+        &e,
+        &[],
+        &[
+            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#.into(),
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.into(),
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into(),
+            call(2, "fs.read", json!({"path": "/workspace/hello.txt"})),
+            call(3, "fs.read", json!({"path": "/etc/passwd"})),
+            call(4, "fs.write", json!({"path": "/workspace/x", "content": "x"})),
+            call(5, "fs.delete", json!({"path": "/workspace/hello.txt"})),
+            call(6, "mail.send", json!({})),
+            call(7, "fs.read", json!({"path": "/workspace/hello.txt", "bogus": 1})),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(r.len(), 8, "{r:?}");
+    assert_eq!(r[0]["result"]["protocolVersion"], "2025-06-18");
+    let mut names: Vec<&str> = r[1]["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fs.delete", "fs.read", "fs.stat"]);
+    assert_eq!(r[2]["result"]["structuredContent"]["content"], "hello\n");
+    let d = &r[3]["error"];
+    assert_eq!(d["code"], -32001);
+    assert_eq!(d["data"]["decided_by"], "default");
+    assert_eq!(d["data"]["rule"], Value::Null);
+    assert_eq!(r[4]["error"]["data"]["rule"], 5);
+    assert_eq!(r[4]["error"]["data"]["reason"], "read-only here");
+    assert_eq!(r[5]["error"]["data"]["rule"], 4);
+    assert_eq!(r[5]["error"]["data"]["reason"], "no approver");
+    assert_eq!(r[5]["error"]["data"]["decided_by"], "non-interactive");
+    assert!(e.workspace.join("hello.txt").exists());
+    assert_eq!(r[6]["error"]["data"]["decided_by"], "invariant");
+    assert_eq!(r[7]["error"]["data"]["decided_by"], "invariant");
+    assert!(!e.workspace.join("x").exists());
+
+    let recs = records(&e.audit);
+    assert_eq!(recs[0]["kind"], "open");
+    assert_eq!(recs[0]["policy_sha256"].as_str().unwrap().len(), 64);
+    let decisions: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "decision").collect();
+    assert_eq!(decisions.len(), 6);
+    assert_eq!(decisions[0]["decision"], "allow");
+    assert_eq!(decisions[0]["rule"], 2);
+    assert_eq!(decisions[1]["decision"], "deny");
+    assert_eq!(decisions[1]["args"]["path"], "/etc/passwd");
+    let close = recs.last().unwrap();
+    assert_eq!(close["kind"], "close");
+    assert_eq!(close["exit"], 0);
+    let head = close["hash"].as_str().unwrap();
+    assert!(err.contains(head), "the head is printed at exit: {err}");
+    let (code, out) = verify(&e.audit, &["--head", head]);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn stdio_frame_over_the_limit_resets_and_exits_125() {
+    let e = env();
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"{}"}}}}"#,
+        "a".repeat(2000)
+    );
+    let (code, r, err) = stdio(
+        &e,
+        &["--max-frame", "1000"],
+        &[r#"{"jsonrpc":"2.0","id":0,"method":"ping"}"#.into(), big],
+    );
+    assert_eq!(code, Some(125), "{err}");
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[1]["error"]["code"], -32600);
+    assert!(err.contains("over the limit"), "{err}");
+    assert_eq!(verify(&e.audit, &[]).0, Some(0), "closed cleanly");
+}
+
+#[test]
+fn invalid_policy_exits_127() {
+    let e = env();
+    std::fs::write(&e.policy, "allow fs.read when\n").unwrap();
+    let (code, _, err) = stdio(&e, &[], &[]);
+    assert_eq!(code, Some(127), "{err}");
+    assert!(err.contains("p.rules:1"), "{err}");
+    assert!(!e.audit.exists(), "no log for a gate that never started");
+}
+
+#[test]
+fn audit_write_failure_fails_closed_and_exits_125() {
+    let e = env();
+    let mut cmd = gate_cmd(&e, &["--stdio"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The log may grow to 4 KiB; the next write fails with EFBIG.
+            let lim = libc::rlimit {
+                rlim_cur: 4096,
+                rlim_max: 4096,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let lines: Vec<String> = (0..100)
+        .map(|i| call(i, "fs.read", json!({"path": "hello.txt"})))
+        .collect();
+    let mut input = lines.join("\n");
+    input.push('\n');
+    let (code, r, err) = stdio_raw(cmd, input.as_bytes());
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("audit log"), "{err}");
+    let served = r.iter().filter(|x| x["result"]["isError"] == false).count();
+    let denied: Vec<&Value> = r.iter().filter(|x| x["error"]["code"] == -32001).collect();
+    assert!(
+        served > 0 && !denied.is_empty(),
+        "{served} served, {} denied",
+        denied.len()
+    );
+    assert_eq!(denied[0]["error"]["data"]["decided_by"], "invariant");
+    // Nothing was served after the first denial.
+    let first_denied = r.iter().position(|x| x.get("error").is_some()).unwrap();
+    assert!(r[first_denied..].iter().all(|x| x.get("error").is_some()));
+    assert!(std::fs::metadata(&e.audit).unwrap().len() <= 4096);
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) {
+    let t = Instant::now();
+    while !path.exists() {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("gate exited early: {s}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn listen_serves_100_concurrent_connections() {
+    let e = env();
+    let sock = e.dir.path().join("gate.sock");
+    let mut child = gate_cmd(&e, &["--audit-sync", "batch", "--listen"])
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock, &mut child);
+    const CLIENTS: u64 = 100;
+    const CALLS: u64 = 20;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS as usize));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let sock = sock.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(&sock).unwrap();
+                barrier.wait(); // all 100 connected at once
+                let mut w = s.try_clone().unwrap();
+                let mut rd = BufReader::new(s);
+                for i in 0..CALLS {
+                    let id = c * 1000 + i;
+                    let args = if i % 2 == 0 {
+                        json!({"path": "hello.txt"})
+                    } else {
+                        json!({"path": "/etc/shadow"})
+                    };
+                    writeln!(w, "{}", call(id, "fs.read", args)).unwrap();
+                    let mut line = String::new();
+                    rd.read_line(&mut line).unwrap();
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    assert_eq!(v["id"], id);
+                    if i % 2 == 0 {
+                        assert_eq!(v["result"]["structuredContent"]["content"], "hello\n");
+                    } else {
+                        assert_eq!(v["error"]["code"], -32001);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // SIGTERM: the close record is written, exit 143.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
+    let (code, out) = verify(&e.audit, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let recs = records(&e.audit);
+    let decisions: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "decision").collect();
+    assert_eq!(decisions.len() as u64, CLIENTS * CALLS);
+    let conns: std::collections::HashSet<&str> = decisions
+        .iter()
+        .map(|d| d["conn"].as_str().unwrap())
+        .collect();
+    assert_eq!(conns.len() as u64, CLIENTS);
+    assert_eq!(recs.last().unwrap()["exit"], 143);
+}
+
+#[test]
+fn tools_json_is_a_catalog_the_policy_cli_reads() {
+    let e = env();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["tools", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let cat: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = cat["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "fs.read",
+            "fs.write",
+            "fs.list",
+            "fs.stat",
+            "fs.mkdir",
+            "fs.move",
+            "fs.delete"
+        ]
+    );
+    assert_eq!(
+        cat["tools"][5]["roles"],
+        json!({"from": "path", "to": "path"})
+    );
+    let file = e.dir.path().join("catalog.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["policy", "eval", "--catalog"])
+        .arg(&file)
+        .arg(&e.policy)
+        .args([
+            "--call",
+            r#"{"tool":"fs.read","args":{"path":"/workspace/a","bogus":1}}"#,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("invariant"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_log_and_policy_inside_the_workspace_are_protected() {
+    let mut e = env();
+    // Both files live in the workspace, which is a bad idea the gate must survive.
+    e.audit = e.workspace.join("audit.jsonl");
+    let policy = e.workspace.join("p.rules");
+    std::fs::write(&policy, "allow fs.*\ndefault deny\n").unwrap();
+    e.policy = policy;
+    let (code, r, err) = stdio(
+        &e,
+        &[],
+        &[
+            call(1, "fs.read", json!({"path": "/workspace/audit.jsonl"})),
+            call(
+                2,
+                "fs.write",
+                json!({"path": "p.rules", "content": "default allow"}),
+            ),
+            call(3, "fs.delete", json!({"path": "/workspace/./audit.jsonl"})),
+            call(4, "fs.read", json!({"path": "hello.txt"})),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for rep in &r[..3] {
+        assert_eq!(rep["error"]["data"]["decided_by"], "invariant", "{rep}");
+    }
+    assert_eq!(r[3]["result"]["isError"], false);
+    assert_eq!(
+        std::fs::read_to_string(e.workspace.join("p.rules")).unwrap(),
+        "allow fs.*\ndefault deny\n"
+    );
+    assert_eq!(verify(&e.audit, &[]).0, Some(0));
+}
+
+#[test]
+fn move_is_decided_on_both_ends() {
+    let e = env();
+    std::fs::write(
+        &e.policy,
+        "allow fs.move when path under \"/workspace/out\"\ndefault deny\n",
+    )
+    .unwrap();
+    std::fs::create_dir(e.workspace.join("out")).unwrap();
+    std::fs::write(e.workspace.join("out/a"), "a").unwrap();
+    let (code, r, err) = stdio(
+        &e,
+        &[],
+        &[
+            call(
+                1,
+                "fs.move",
+                json!({"from": "/workspace/hello.txt", "to": "/workspace/out/h"}),
+            ),
+            call(
+                2,
+                "fs.move",
+                json!({"from": "/workspace/out/a", "to": "/workspace/a"}),
+            ),
+            call(
+                3,
+                "fs.move",
+                json!({"from": "/workspace/out/a", "to": "/workspace/out/b"}),
+            ),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(r[0]["error"]["code"], -32001, "{}", r[0]);
+    assert_eq!(r[1]["error"]["code"], -32001, "{}", r[1]);
+    assert_eq!(r[2]["result"]["isError"], false, "{}", r[2]);
+    assert!(e.workspace.join("hello.txt").exists() && e.workspace.join("out/b").exists());
+}
