@@ -22,7 +22,8 @@
 #
 # Exit status: COMMAND's own; 124 when --timeout expired; 125 when the software host
 # could not be set up or could not start (the message says why), or when the host
-# died before COMMAND's status came back.
+# died before COMMAND's status came back; 127 when COMMAND is not found; 2 for bad
+# options.
 #
 # Environment:
 #   IRONVMM_KVM_HOST=native|software    force a mode (default: detect)
@@ -82,14 +83,14 @@ boot_timeout=${IRONVMM_KVM_HOST_BOOT_TIMEOUT:-300}
 # that runs guests by page-table tricks without hardware support; it cannot boot a
 # stock Linux guest). PVM shows as the kvm_pvm module.
 native_reason() {
-    if ! grep -q -w -E 'svm|vmx' /proc/cpuinfo 2>/dev/null; then
-        echo "the CPU has no svm/vmx flag (no hardware virtualization, or nested virtualization off)"
-    elif [ ! -e /dev/kvm ]; then
-        echo "/dev/kvm does not exist (kvm-amd/kvm-intel not loaded?)"
-    elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
-        echo "no permission on /dev/kvm (join the kvm group)"
-    elif [ -d /sys/module/kvm_pvm ]; then
+    if [ -d /sys/module/kvm_pvm ]; then
         echo "/dev/kvm is PVM, which cannot boot a stock Linux guest"
+    elif ! grep -q -w -E 'svm|vmx' /proc/cpuinfo 2>/dev/null; then
+        echo "the CPU shows no svm/vmx flag: no hardware virtualization, or nested virtualization is off"
+    elif [ ! -e /dev/kvm ]; then
+        echo "/dev/kvm does not exist: load kvm_amd or kvm_intel"
+    elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+        echo "no permission on /dev/kvm: join the kvm group"
     fi
 }
 
@@ -100,7 +101,7 @@ auto)
     why=$(native_reason)
     if [ -z "$why" ]; then mode=native; else
         mode=software
-        kh_log "no hardware KVM here ($why): using the software KVM host (QEMU TCG)"
+        kh_log "no hardware KVM here ($why); using the software KVM host (QEMU TCG)"
     fi
     ;;
 *) kh_err "IRONVMM_KVM_HOST must be native or software, got '$mode'"; exit 2 ;;
@@ -236,7 +237,10 @@ under_share() {
 # IRONVMM_KVM_HOST_BINS. Their libraries are copied in; the binaries too unless a
 # share already shows them.
 bins=()
-cmd_path=$(type -P "$1") || fail "COMMAND '$1' not found"
+cmd_path=$(type -P "$1") || {
+    kh_err "COMMAND '$1' not found (PATH=$PATH)"
+    exit 127
+}
 bins+=("$cmd_path")
 for a in "${@:2}" ${IRONVMM_KVM_HOST_BINS:-}; do
     [ -f "$a" ] && [ -x "$a" ] && bins+=("$(realpath "$a")")
