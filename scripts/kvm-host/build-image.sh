@@ -141,6 +141,12 @@ done < <("$busybox" --list-full)
 
 # bash for test scripts.
 kh_copy_with_libs "$root" "$(type -P bash)"
+# The C and Rust runtime libraries, so that binaries in shared folders run even when
+# a script starts them (kvm-host.sh copies libraries only for the binaries it sees).
+for lib in libc.so.6 libm.so.6 libgcc_s.so.1 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1; do
+    path=$(/sbin/ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')
+    [ -n "$path" ] && kh_copy_file "$root" "$path"
+done
 if [ "$with_qemu" = yes ]; then
     # QEMU as a peer VMM for the boot benchmark, with its firmware.
     qemu=$(type -P qemu-system-x86_64) || {

@@ -3,6 +3,7 @@
 #
 # Contract with scripts/kvm-host.sh (the "ctl" 9p share, mounted at /.kvm-host):
 #   shares     lines "TAG PATH": 9p shares to mount at PATH (shorter paths first)
+#   9p-cache   optional: the 9p cache mode for the shares (default none)
 #   run.sh     the command: environment, cd, then exec of COMMAND ARGS
 #   root/      extra files (COMMAND's binaries and their libraries) copied over /
 #   ready      written here once the host is up (its uptime in seconds)
@@ -42,10 +43,12 @@ done </lib/kvm-host-modules/order
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 ctl /.kvm-host ||
     die "cannot mount the control share (9p)"
 
+cache=none
+[ -f /.kvm-host/9p-cache ] && read -r cache </.kvm-host/9p-cache
 while read -r tag path; do
     [ -n "$tag" ] || continue
     mkdir -p "$path" || die "cannot create mount point $path"
-    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 "$tag" "$path" ||
+    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,cache=$cache" "$tag" "$path" ||
         die "cannot mount share $tag at $path"
 done </.kvm-host/shares
 
