@@ -264,6 +264,8 @@ impl LlmSettings {
 /// `[compile]` of ironvmm.toml: bounds of the repair loops and the cache folder.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CompileSettings {
+    /// The catalog file, when `--catalog` is not given.
+    pub catalog: Option<PathBuf>,
     pub max_repairs: Option<u32>,
     pub max_rounds: Option<u32>,
     pub cache_dir: Option<PathBuf>,
@@ -318,6 +320,9 @@ impl FileConfig {
                 .map_err(|e: toml::de::Error| perr(format!("[compile]: {e}")))?;
             if let Some(d) = &cfg.compile.cache_dir {
                 cfg.compile.cache_dir = Some(base.join(d));
+            }
+            if let Some(d) = &cfg.compile.catalog {
+                cfg.compile.catalog = Some(base.join(d));
             }
         }
         if let Some(v) = table.get("lists") {

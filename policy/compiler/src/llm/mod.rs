@@ -123,6 +123,15 @@ impl Llm {
     pub fn config(&self) -> &LlmConfig {
         &self.cfg
     }
+
+    pub fn log_path(&self) -> &std::path::Path {
+        self.log.path()
+    }
+
+    /// Continues logging in another file (`None`: stop logging).
+    pub fn set_log(&mut self, log: Option<ExchangeLog>) {
+        self.log = log.unwrap_or_else(ExchangeLog::disabled);
+    }
 }
 
 impl Completer for Llm {
