@@ -69,7 +69,11 @@ fn read(path: &Path, what: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
-fn prepare(c: &Common, env: &dyn Fn(&str) -> Option<String>, log_name: &str) -> Result<Prepared, String> {
+fn prepare(
+    c: &Common,
+    env: &dyn Fn(&str) -> Option<String>,
+    log_name: &str,
+) -> Result<Prepared, String> {
     let constitution = read(&c.constitution, "the constitution")?;
     let file = match &c.config {
         Some(p) => FileConfig::load(p).map_err(|e| e.to_string())?,
@@ -87,13 +91,15 @@ fn prepare(c: &Common, env: &dyn Fn(&str) -> Option<String>, log_name: &str) -> 
         .or_else(|| file.compile.catalog.clone())
         .ok_or("no catalog: pass --catalog FILE (the format of `ironvmm tools --json`) or set `catalog` in the [compile] table of ironvmm.toml")?;
     let catalog_text = read(&catalog_path, "the catalog")?;
-    let engine = PolicyEngine::new(&catalog_text).map_err(|e| format!("the catalog {}: {e}", catalog_path.display()))?;
+    let engine = PolicyEngine::new(&catalog_text)
+        .map_err(|e| format!("the catalog {}: {e}", catalog_path.display()))?;
     let mut list_sources: BTreeMap<String, PathBuf> = file.lists.clone();
     for (name, path) in &c.lists {
         list_sources.insert(name.clone(), path.clone());
     }
     let paths = Paths::new(&c.out);
-    std::fs::create_dir_all(&paths.work).map_err(|e| format!("creating {}: {e}", paths.work.display()))?;
+    std::fs::create_dir_all(&paths.work)
+        .map_err(|e| format!("creating {}: {e}", paths.work.display()))?;
     let cache_dir = c
         .cache_dir
         .clone()
@@ -114,8 +120,16 @@ fn prepare(c: &Common, env: &dyn Fn(&str) -> Option<String>, log_name: &str) -> 
             catalog_text,
             list_sources,
             out: c.out.clone(),
-            max_repairs: c.max_repairs.or(file.compile.max_repairs).unwrap_or(DEFAULT_MAX_REPAIRS).min(10),
-            max_rounds: c.max_rounds.or(file.compile.max_rounds).unwrap_or(DEFAULT_MAX_ROUNDS).min(10),
+            max_repairs: c
+                .max_repairs
+                .or(file.compile.max_repairs)
+                .unwrap_or(DEFAULT_MAX_REPAIRS)
+                .min(10),
+            max_rounds: c
+                .max_rounds
+                .or(file.compile.max_rounds)
+                .unwrap_or(DEFAULT_MAX_ROUNDS)
+                .min(10),
         },
         llm,
         engine,
@@ -156,7 +170,11 @@ fn compile_prepared(p: &mut Prepared, err: &mut dyn Write) -> u8 {
             r.status.exit_code()
         }
         Err(e) => {
-            let _ = writeln!(err, "ironvmm policy compile: writing the artifacts in {}: {e}", p.paths.dir.display());
+            let _ = writeln!(
+                err,
+                "ironvmm policy compile: writing the artifacts in {}: {e}",
+                p.paths.dir.display()
+            );
             Status::BadInput.exit_code()
         }
     }
@@ -230,17 +248,25 @@ pub fn run_refine(
     let _ = std::fs::write(p.paths.work.join("refine.diff"), &proposal.diff);
     let _ = std::fs::write(
         p.paths.work.join("refine.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"audit": summary, "proposal": proposal})).unwrap_or_default(),
+        serde_json::to_string_pretty(&serde_json::json!({"audit": summary, "proposal": proposal}))
+            .unwrap_or_default(),
     );
     if proposal.diff.is_empty() {
-        let _ = writeln!(err, "ironvmm policy refine: no edits proposed; {} is unchanged", a.common.constitution.display());
+        let _ = writeln!(
+            err,
+            "ironvmm policy refine: no edits proposed; {} is unchanged",
+            a.common.constitution.display()
+        );
         return 0;
     }
     let _ = write!(out, "{}", proposal.diff);
     for ch in &proposal.changes {
         let _ = writeln!(err, "  why: {} (evidence: {})", ch.why, ch.evidence);
     }
-    match confirm.confirm(&format!("Apply these edits to {} and recompile? [y/N] ", a.common.constitution.display())) {
+    match confirm.confirm(&format!(
+        "Apply these edits to {} and recompile? [y/N] ",
+        a.common.constitution.display()
+    )) {
         Some(true) => {}
         Some(false) => {
             let _ = writeln!(err, "ironvmm policy refine: not applied");
@@ -256,12 +282,16 @@ pub fn run_refine(
         }
     }
     if let Err(e) = write_atomic(&a.common.constitution, proposal.revised.as_bytes()) {
-        return fail(err, format!("writing {}: {e}", a.common.constitution.display()));
+        return fail(
+            err,
+            format!("writing {}: {e}", a.common.constitution.display()),
+        );
     }
     p.opts.constitution = proposal.revised;
     let _ = writeln!(err, "ironvmm policy refine: applied; recompiling");
     // The compile's own log replaces the refine log's name, not its content.
-    p.llm.set_log(ExchangeLog::create(&p.paths.llm_log, p.llm.config().api_key.clone()).ok());
+    p.llm
+        .set_log(ExchangeLog::create(&p.paths.llm_log, p.llm.config().api_key.clone()).ok());
     compile_prepared(&mut p, err)
 }
 

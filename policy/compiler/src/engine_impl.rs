@@ -26,8 +26,14 @@ impl PolicyEngine {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = path.display().to_string();
-        Policy::from_source(source, &name, Some(base), Some(&self.catalog)).map_err(|d| d.to_string())
+        // Diagnostics name the file only: they go into prompts, and a prompt that
+        // held the folder would make the cache depend on where the compile ran.
+        let name = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "p.rules".into());
+        Policy::from_source(source, &name, Some(base), Some(&self.catalog))
+            .map_err(|d| d.to_string())
     }
 }
 
@@ -45,7 +51,12 @@ impl RuleEngine for PolicyEngine {
         Ok(loaded.warnings.warnings().map(|w| w.to_string()).collect())
     }
 
-    fn decide_all(&self, source: &str, path: &Path, calls: &[Value]) -> Result<Vec<Outcome>, String> {
+    fn decide_all(
+        &self,
+        source: &str,
+        path: &Path,
+        calls: &[Value],
+    ) -> Result<Vec<Outcome>, String> {
         let loaded = self.load(source, path)?;
         calls
             .iter()

@@ -334,9 +334,14 @@ fn steps(
         pretty(&json!({"rounds": v.rounds, "remaining": v.remaining})),
     )?;
     rep.steps.push(format!(
-        "verify: {} judge-and-repair round(s) of at most {}",
+        "verify: {} judge-and-repair round(s) of at most {}{}",
         v.rounds.len(),
-        opts.max_rounds
+        opts.max_rounds,
+        if v.stalled {
+            "; stopped early: a redraft changed nothing"
+        } else {
+            ""
+        }
     ));
     rep.scenario_count = v.scenarios.len();
     rep.fixes = v

@@ -84,6 +84,8 @@ pub struct Verified {
     pub remaining: Vec<Disagreement>,
     /// Why verification stopped early, if it did.
     pub failure: Option<StepError>,
+    /// The last redraft changed nothing, so the rounds stopped early.
+    pub stalled: bool,
 }
 
 /// Decides every scenario under `text` and lists where the engine and the scenario differ.
@@ -191,6 +193,7 @@ pub fn verify(
     let mut rounds = Vec::new();
     let mut failure = None;
     let mut round_no = 0;
+    let mut stalled = false;
     let remaining = loop {
         let dis = match evaluate(
             ctx.engine,
@@ -209,7 +212,7 @@ pub fn verify(
                 break Vec::new();
             }
         };
-        if dis.is_empty() || round_no == max_rounds || failure.is_some() {
+        if dis.is_empty() || round_no == max_rounds || failure.is_some() || stalled {
             break dis;
         }
         round_no += 1;
@@ -277,6 +280,16 @@ pub fn verify(
         round.judgements = judgements;
         if !faults.is_empty() {
             match draft::repair(llm, ctx, &checked, &faults.join("\n"), max_repairs) {
+                // Answers are cached, so asking again about the same rules would replay
+                // the same answer: a redraft that changes nothing ends the loop.
+                Ok(c)
+                    if c.draft.rules == checked.draft.rules
+                        && c.draft.default == checked.draft.default =>
+                {
+                    let why = "the redrafted rules are the same as before, so another round cannot make progress";
+                    round.error = Some(why.to_string());
+                    stalled = true;
+                }
                 Ok(c) => {
                     checked = c;
                     round.rules_repaired = true;
@@ -295,6 +308,7 @@ pub fn verify(
         rounds,
         remaining,
         failure,
+        stalled,
     }
 }
 

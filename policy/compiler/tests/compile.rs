@@ -16,7 +16,12 @@ use support::{inbox_inputs, Reply, ScriptedServer, TempDir};
 const KEY: &str = "sk-test-key-never-logged-1234";
 
 /// Runs `ironvmm policy compile` on the inbox inputs copied into `dir`.
-fn compile(dir: &TempDir, server: &ScriptedServer, provider: &str, extra: impl FnOnce(&mut Common)) -> (u8, String) {
+fn compile(
+    dir: &TempDir,
+    server: &ScriptedServer,
+    provider: &str,
+    extra: impl FnOnce(&mut Common),
+) -> (u8, String) {
     let mut c = Common {
         constitution: dir.join("constitution.md"),
         out: dir.join("p.rules"),
@@ -31,8 +36,16 @@ fn compile(dir: &TempDir, server: &ScriptedServer, provider: &str, extra: impl F
         ..Default::default()
     };
     extra(&mut c);
-    let base = if provider == "anthropic" { server.anthropic_base() } else { server.openai_base() };
-    let key_var = if provider == "anthropic" { "ANTHROPIC_API_KEY" } else { "OPENAI_API_KEY" };
+    let base = if provider == "anthropic" {
+        server.anthropic_base()
+    } else {
+        server.openai_base()
+    };
+    let key_var = if provider == "anthropic" {
+        "ANTHROPIC_API_KEY"
+    } else {
+        "OPENAI_API_KEY"
+    };
     let env = support::env(&[
         ("IRONVMM_LLM_PROVIDER", provider),
         ("IRONVMM_LLM_BASE_URL", &base),
@@ -47,8 +60,10 @@ fn compile(dir: &TempDir, server: &ScriptedServer, provider: &str, extra: impl F
 /// What `ironvmm policy test p.rules p.scenarios.jsonl` does, with the engine's API:
 /// every scenario decided as expected. Returns the mismatches.
 fn policy_test(dir: &Path) -> Vec<String> {
-    let catalog = Catalog::from_json(&std::fs::read_to_string(dir.join("catalog.json")).unwrap()).unwrap();
-    let loaded = Policy::load(&dir.join("p.rules"), Some(&catalog)).unwrap_or_else(|d| panic!("p.rules does not load:\n{d}"));
+    let catalog =
+        Catalog::from_json(&std::fs::read_to_string(dir.join("catalog.json")).unwrap()).unwrap();
+    let loaded = Policy::load(&dir.join("p.rules"), Some(&catalog))
+        .unwrap_or_else(|d| panic!("p.rules does not load:\n{d}"));
     let text = std::fs::read_to_string(dir.join("p.scenarios.jsonl")).unwrap();
     let mut bad = Vec::new();
     let mut n = 0;
@@ -94,13 +109,25 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
     }
     // Scenarios are written from the English alone: the draft is never shown.
     let scen = &server.requests()[2];
-    assert!(!scen.all_user().contains("allow mail.read"), "the scenario prompt leaked the rules");
-    assert!(!scen.body.to_string().contains("@contacts and"), "the scenario prompt leaked the rules");
+    assert!(
+        !scen.all_user().contains("allow mail.read"),
+        "the scenario prompt leaked the rules"
+    );
+    assert!(
+        !scen.body.to_string().contains("@contacts and"),
+        "the scenario prompt leaked the rules"
+    );
 
     let rules = read(&dir, "p.rules");
     let sha = |s: &str| ironvmm_policy_compiler::cache::sha256_hex(s.as_bytes());
-    assert!(rules.contains(&format!("# constitution-sha256: {}", sha(&read(&dir, "constitution.md")))));
-    assert!(rules.contains(&format!("# catalog-sha256: {}", sha(&read(&dir, "catalog.json")))));
+    assert!(rules.contains(&format!(
+        "# constitution-sha256: {}",
+        sha(&read(&dir, "constitution.md"))
+    )));
+    assert!(rules.contains(&format!(
+        "# catalog-sha256: {}",
+        sha(&read(&dir, "catalog.json"))
+    )));
     assert!(rules.contains("# model: openai:test-model"));
     assert!(rules.contains("# prompt-version: ironvmm-compile/"));
     assert!(rules.contains("list contacts = file \"contacts.txt\""));
@@ -108,16 +135,38 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
     let lines: Vec<&str> = rules.lines().collect();
     for (i, l) in lines.iter().enumerate() {
         if l.starts_with("allow ") || l.starts_with("ask ") || l.starts_with("deny ") {
-            assert!(lines[i - 1].starts_with("# S"), "no source comment above {l:?}");
+            assert!(
+                lines[i - 1].starts_with("# S"),
+                "no source comment above {l:?}"
+            );
         }
     }
     assert!(rules.contains("# S4: \"Never delete anything permanently.\"\ndeny mail.purge"));
-    assert!(policy_test(dir.path()).is_empty(), "{:?}", policy_test(dir.path()));
+    assert!(
+        policy_test(dir.path()).is_empty(),
+        "{:?}",
+        policy_test(dir.path())
+    );
     let report = read(&dir, "p.report.md");
-    assert!(report.contains("**VERIFIED.** All 14 scenarios pass"), "{report}");
+    assert!(
+        report.contains("**VERIFIED.** All 14 scenarios pass"),
+        "{report}"
+    );
     assert!(report.contains("covers listing and searching"), "{report}");
-    for f in ["catalog.json", "sentences.txt", "lists.json", "draft.json", "draft.rules", "scenarios.jsonl", "verify.json", "llm-exchanges.jsonl"] {
-        assert!(dir.join("p.compile").join(f).exists(), "missing artifact {f}");
+    for f in [
+        "catalog.json",
+        "sentences.txt",
+        "lists.json",
+        "draft.json",
+        "draft.rules",
+        "scenarios.jsonl",
+        "verify.json",
+        "llm-exchanges.jsonl",
+    ] {
+        assert!(
+            dir.join("p.compile").join(f).exists(),
+            "missing artifact {f}"
+        );
     }
     // The exchange log holds every exchange and never the key.
     let log = read(&dir, "p.compile/llm-exchanges.jsonl");
@@ -132,8 +181,18 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
     assert_eq!(code, 0, "{err}");
     assert_eq!(silent.count(), 0);
     assert_eq!(silent.connections(), 0);
-    assert!(err.contains("3 answer(s) from the cache, 0 exchange(s) over HTTP"), "{err}");
-    assert_eq!(before, (read(&dir, "p.rules"), read(&dir, "p.scenarios.jsonl"), read(&dir, "p.report.md")));
+    assert!(
+        err.contains("3 answer(s) from the cache, 0 exchange(s) over HTTP"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        (
+            read(&dir, "p.rules"),
+            read(&dir, "p.scenarios.jsonl"),
+            read(&dir, "p.report.md")
+        )
+    );
     // And online, the cache still answers first.
     let (code, _) = compile(&dir, &silent, "openai", |_| {});
     assert_eq!((code, silent.connections()), (0, 0));
@@ -147,7 +206,10 @@ fn offline_with_an_empty_cache_fails_clearly() {
     let server = ScriptedServer::start();
     let (code, err) = compile(&dir, &server, "openai", |c| c.offline = true);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("--offline: no cached answer for step 'lists'"), "{err}");
+    assert!(
+        err.contains("--offline: no cached answer for step 'lists'"),
+        "{err}"
+    );
     assert!(err.contains("run once without --offline"), "{err}");
     assert_eq!(server.connections(), 0);
     assert!(!dir.join("p.rules").exists());
@@ -161,12 +223,19 @@ fn a_draft_with_syntax_errors_is_repaired_from_the_engines_diagnostics() {
     let server = ScriptedServer::start();
     server
         .answers("lists", &[&inbox::lists()])
-        .answers("draft", &[&inbox::syntax_error_draft(), &inbox::good_draft()])
+        .answers(
+            "draft",
+            &[&inbox::syntax_error_draft(), &inbox::good_draft()],
+        )
         .answers("scenarios", &[&inbox::good_scenarios_answer()]);
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 0, "{err}");
     let reqs = server.requests();
-    let repair = reqs.iter().filter(|r| r.step == "draft").nth(1).expect("a repair request");
+    let repair = reqs
+        .iter()
+        .filter(|r| r.step == "draft")
+        .nth(1)
+        .expect("a repair request");
     let fb = repair.last_user();
     // The engine's own diagnostics go back: file:line:col, the line, a caret.
     assert!(fb.contains("The policy engine rejected"), "{fb}");
@@ -188,23 +257,43 @@ fn a_rule_that_contradicts_a_scenario_is_repaired_over_the_anthropic_api() {
         .answers("lists", &[&inbox::lists()])
         .answers("draft", &[&inbox::no_bcc_draft()])
         .answers("scenarios", &[&inbox::good_scenarios_answer()])
-        .answers("judge", &[&inbox::judge(&[("s10", "rule", None, "S3: anyone not a contact, bcc included, needs asking")])])
+        .answers(
+            "judge",
+            &[&inbox::judge(&[(
+                "s10",
+                "rule",
+                None,
+                "S3: anyone not a contact, bcc included, needs asking",
+            )])],
+        )
         .answers("repair", &[&inbox::good_draft()]);
     let (code, err) = compile(&dir, &server, "anthropic", |_| {});
     assert_eq!(code, 0, "{err}\n{}", read(&dir, "p.report.md"));
-    assert_eq!(server.steps(), ["lists", "draft", "scenarios", "judge", "repair"]);
+    assert_eq!(
+        server.steps(),
+        ["lists", "draft", "scenarios", "judge", "repair"]
+    );
     for r in server.requests() {
         assert_eq!(r.path, "/v1/messages");
         assert_eq!(r.headers["x-api-key"], KEY);
         assert_eq!(r.headers["anthropic-version"], "2023-06-01");
-        assert!(r.body["system"].as_str().unwrap().starts_with("ironvmm policy compiler, step: "));
+        assert!(r.body["system"]
+            .as_str()
+            .unwrap()
+            .starts_with("ironvmm policy compiler, step: "));
         assert_eq!(r.body["temperature"], 0.0);
     }
     let judge = &server.requests()[3];
     let u = judge.last_user();
-    assert!(u.contains("s10 (for S3)") && u.contains("expects ask") && u.contains("decide allow"), "{u}");
+    assert!(
+        u.contains("s10 (for S3)") && u.contains("expects ask") && u.contains("decide allow"),
+        "{u}"
+    );
     let repair = server.requests()[4].last_user();
-    assert!(repair.contains("bcc included"), "the judge's reason reaches the repair: {repair}");
+    assert!(
+        repair.contains("bcc included"),
+        "the judge's reason reaches the repair: {repair}"
+    );
     assert!(read(&dir, "p.rules").contains("(not exists bcc or all bcc in @contacts)"));
     assert!(read(&dir, "p.report.md").contains("redrafted in verification round 1"));
     assert!(policy_test(dir.path()).is_empty());
@@ -224,14 +313,25 @@ fn a_wrong_scenario_is_corrected_and_reported_for_review() {
         .answers("scenarios", &[&inbox::wrong_delete_scenarios()])
         .answers(
             "judge",
-            &[&inbox::judge(&[("s13", "scenario", Some("deny"), "S4 forbids permanent deletion; no sentence allows deleting at all")])],
+            &[&inbox::judge(&[(
+                "s13",
+                "scenario",
+                Some("deny"),
+                "S4 forbids permanent deletion; no sentence allows deleting at all",
+            )])],
         );
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 0, "{err}");
     let scen = read(&dir, "p.scenarios.jsonl");
-    assert!(scen.contains(r#"{"call":{"tool":"mail.delete","args":{"id":"m-1001"}},"expect":"deny"}"#), "{scen}");
+    assert!(
+        scen.contains(r#"{"call":{"tool":"mail.delete","args":{"id":"m-1001"}},"expect":"deny"}"#),
+        "{scen}"
+    );
     let report = read(&dir, "p.report.md");
-    assert!(report.contains("scenario s13 (S4) was judged wrong and corrected: expect allow → deny"), "{report}");
+    assert!(
+        report.contains("scenario s13 (S4) was judged wrong and corrected: expect allow → deny"),
+        "{report}"
+    );
     // The scenarios as first written stay in the artifacts.
     assert!(read(&dir, "p.compile/scenarios.jsonl").contains("moving to Trash is not permanent"));
     assert!(policy_test(dir.path()).is_empty());
@@ -248,21 +348,72 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
         .answers("draft", &[&inbox::no_bcc_draft()])
         .answers("scenarios", &[&inbox::good_scenarios_answer()])
         .answers("judge", &[&blame, &blame])
-        // The "repair" keeps the same bug both times.
-        .answers("repair", &[&inbox::no_bcc_draft(), &inbox::no_bcc_draft()]);
+        // Each "repair" changes something, but never the bug.
+        .answers(
+            "repair",
+            &[
+                &inbox::no_bcc_draft_reworded("v1"),
+                &inbox::no_bcc_draft_reworded("v2"),
+            ],
+        );
     let (code, err) = compile(&dir, &server, "openai", |c| c.max_rounds = Some(2));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("NOT verified: 1 of 14 scenarios still disagree"), "{err}");
+    assert!(
+        err.contains("NOT verified: 1 of 14 scenarios still disagree"),
+        "{err}"
+    );
     assert!(server.unused().is_empty());
-    assert!(!dir.join("p.rules").exists(), "an unverified policy must not be written as p.rules");
+    assert!(
+        !dir.join("p.rules").exists(),
+        "an unverified policy must not be written as p.rules"
+    );
     assert!(read(&dir, "p.rules.unverified").contains("all cc in @contacts"));
     let report = read(&dir, "p.report.md");
     assert!(report.contains("**NOT VERIFIED.**"), "{report}");
-    assert!(report.contains("## Still disputed\n\n- s10 (S3)"), "{report}");
-    assert!(report.contains("the scenario expects **ask**, the rules decide **allow**"), "{report}");
-    assert!(report.contains("verify: 2 judge-and-repair round(s) of at most 2"), "{report}");
+    assert!(
+        report.contains("## Still disputed\n\n- s10 (S3)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("the scenario expects **ask**, the rules decide **allow**"),
+        "{report}"
+    );
+    assert!(
+        report.contains("verify: 2 judge-and-repair round(s) of at most 2"),
+        "{report}"
+    );
     // The scenarios are still written, and they show the bug.
     assert_eq!(read(&dir, "p.scenarios.jsonl").lines().count(), 14);
+}
+
+#[test]
+fn a_redraft_that_changes_nothing_stops_the_rounds() {
+    let dir = TempDir::new("stall");
+    inbox_inputs(dir.path());
+    let server = ScriptedServer::start();
+    server
+        .answers("lists", &[&inbox::lists()])
+        .answers("draft", &[&inbox::no_bcc_draft()])
+        .answers("scenarios", &[&inbox::good_scenarios_answer()])
+        .answers(
+            "judge",
+            &[&inbox::judge(&[(
+                "s10",
+                "rule",
+                None,
+                "bcc must be checked",
+            )])],
+        )
+        .answers("repair", &[&inbox::no_bcc_draft()]);
+    let (code, err) = compile(&dir, &server, "openai", |_| {});
+    assert_eq!(code, 1, "{err}");
+    assert!(server.unused().is_empty());
+    let report = read(&dir, "p.report.md");
+    assert!(
+        report.contains("stopped early: a redraft changed nothing"),
+        "{report}"
+    );
+    assert!(report.contains("- s10 (S3)"), "{report}");
 }
 
 #[test]
@@ -276,7 +427,10 @@ fn a_draft_that_never_loads_gives_up_with_the_last_diagnostics() {
         .answers("draft", &[&bad, &bad]);
     let (code, err) = compile(&dir, &server, "openai", |c| c.max_repairs = Some(1));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("step 'draft': no acceptable answer after 2 tries"), "{err}");
+    assert!(
+        err.contains("step 'draft': no acceptable answer after 2 tries"),
+        "{err}"
+    );
     let report = read(&dir, "p.report.md");
     assert!(report.contains("**FAILED** at step `draft`"), "{report}");
     assert!(report.contains("The policy engine rejected"), "{report}");
@@ -295,10 +449,26 @@ fn malformed_json_from_the_model_is_sent_back_and_repaired() {
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 0, "{err}");
     let reqs = server.requests();
-    assert!(reqs[1].last_user().contains("not valid JSON"), "{}", reqs[1].last_user());
-    assert!(reqs[1].last_user().contains("line 1 column"), "{}", reqs[1].last_user());
-    let shape = reqs.iter().filter(|r| r.step == "scenarios").nth(1).unwrap().last_user();
-    assert!(shape.contains("does not have the asked-for shape"), "{shape}");
+    assert!(
+        reqs[1].last_user().contains("not valid JSON"),
+        "{}",
+        reqs[1].last_user()
+    );
+    assert!(
+        reqs[1].last_user().contains("line 1 column"),
+        "{}",
+        reqs[1].last_user()
+    );
+    let shape = reqs
+        .iter()
+        .filter(|r| r.step == "scenarios")
+        .nth(1)
+        .unwrap()
+        .last_user();
+    assert!(
+        shape.contains("does not have the asked-for shape"),
+        "{shape}"
+    );
 }
 
 #[test]
@@ -309,7 +479,10 @@ fn a_provider_body_that_is_not_an_api_response_fails_clearly() {
     server.script("lists", [Reply::RawBody("<html>gateway</html>".into())]);
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("not a usable answer: the response body is not JSON"), "{err}");
+    assert!(
+        err.contains("not a usable answer: the response body is not JSON"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -320,7 +493,11 @@ fn rate_limited_then_success() {
     server.script(
         "lists",
         [
-            Reply::Status(429, r#"{"error":{"message":"rate limited"}}"#.into(), Some(0)),
+            Reply::Status(
+                429,
+                r#"{"error":{"message":"rate limited"}}"#.into(),
+                Some(0),
+            ),
             Reply::Status(503, "overloaded".into(), None),
             Reply::Answer(inbox::lists()),
         ],
@@ -330,11 +507,22 @@ fn rate_limited_then_success() {
         .answers("scenarios", &[&inbox::good_scenarios_answer()]);
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 0, "{err}");
-    assert_eq!(server.steps(), ["lists", "lists", "lists", "draft", "scenarios"]);
-    assert!(err.contains("3 exchange(s) over HTTP (5 attempt(s))"), "{err}");
+    assert_eq!(
+        server.steps(),
+        ["lists", "lists", "lists", "draft", "scenarios"]
+    );
+    assert!(
+        err.contains("3 exchange(s) over HTTP (5 attempt(s))"),
+        "{err}"
+    );
     let log = read(&dir, "p.compile/llm-exchanges.jsonl");
     let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
-    let statuses: Vec<Value> = first["attempts"].as_array().unwrap().iter().map(|a| a["status"].clone()).collect();
+    let statuses: Vec<Value> = first["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].clone())
+        .collect();
     assert_eq!(statuses, [429, 503, 200]);
 }
 
@@ -343,11 +531,17 @@ fn retries_are_bounded() {
     let dir = TempDir::new("5xx");
     inbox_inputs(dir.path());
     let server = ScriptedServer::start();
-    server.script("lists", (0..10).map(|_| Reply::Status(500, "boom".into(), None)));
+    server.script(
+        "lists",
+        (0..10).map(|_| Reply::Status(500, "boom".into(), None)),
+    );
     let (code, err) = compile(&dir, &server, "openai", |c| c.llm.max_retries = Some(2));
     assert_eq!(code, 3, "{err}");
     assert_eq!(server.count(), 3);
-    assert!(err.contains("gave up after 3 attempt(s); last: HTTP 500: boom"), "{err}");
+    assert!(
+        err.contains("gave up after 3 attempt(s); last: HTTP 500: boom"),
+        "{err}"
+    );
     // A 4xx other than 429 is not retried.
     let server = ScriptedServer::start();
     server.script("lists", [Reply::Status(401, "bad key".into(), None)]);
@@ -362,7 +556,13 @@ fn a_timeout_is_retried_and_bounded() {
     inbox_inputs(dir.path());
     let server = ScriptedServer::start();
     let stall = |r: Reply| Reply::Stall(Duration::from_millis(1600), Box::new(r));
-    server.script("lists", [stall(Reply::Answer(inbox::lists())), Reply::Answer(inbox::lists())]);
+    server.script(
+        "lists",
+        [
+            stall(Reply::Answer(inbox::lists())),
+            Reply::Answer(inbox::lists()),
+        ],
+    );
     server
         .answers("draft", &[&inbox::good_draft()])
         .answers("scenarios", &[&inbox::good_scenarios_answer()]);
@@ -372,12 +572,18 @@ fn a_timeout_is_retried_and_bounded() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     let log = read(&dir, "p.compile/llm-exchanges.jsonl");
     let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
-    let e = first["attempts"][0]["error"].as_str().unwrap().to_lowercase();
+    let e = first["attempts"][0]["error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(e.contains("timed out") || e.contains("timeout"), "{e}");
 
     // A server that never answers in time: a clear error after the bounded retries.
     let server = ScriptedServer::start();
-    server.script("lists", (0..3).map(|_| stall(Reply::Answer(inbox::lists()))));
+    server.script(
+        "lists",
+        (0..3).map(|_| stall(Reply::Answer(inbox::lists()))),
+    );
     let (code, err) = compile(&dir, &server, "openai", |c| {
         c.llm.timeout_secs = Some(1);
         c.llm.max_retries = Some(1);
@@ -395,7 +601,10 @@ fn a_service_list_without_a_source_stops_with_advice() {
     server.answers("lists", &[&inbox::lists()]);
     let (code, err) = compile(&dir, &server, "openai", |c| c.lists.clear());
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no source is configured for it: pass --list contacts=FILE"), "{err}");
+    assert!(
+        err.contains("no source is configured for it: pass --list contacts=FILE"),
+        "{err}"
+    );
     assert!(err.contains("never uses an empty list silently"), "{err}");
 }
 
@@ -408,7 +617,19 @@ fn check_against_the_constitution() {
     assert_eq!(compile(&dir, &server, "openai", |_| {}).0, 0);
     let rules = read(&dir, "p.rules");
     let english = read(&dir, "constitution.md");
-    assert!(ironvmm_policy_compiler::against::check(&rules, &english, Some(&read(&dir, "catalog.json"))).is_empty());
-    let p = ironvmm_policy_compiler::against::check(&rules, &english.replace("ask me first", "deny it"), None);
-    assert!(p[0].contains("another version of the constitution"), "{p:?}");
+    assert!(ironvmm_policy_compiler::against::check(
+        &rules,
+        &english,
+        Some(&read(&dir, "catalog.json"))
+    )
+    .is_empty());
+    let p = ironvmm_policy_compiler::against::check(
+        &rules,
+        &english.replace("ask me first", "deny it"),
+        None,
+    );
+    assert!(
+        p[0].contains("another version of the constitution"),
+        "{p:?}"
+    );
 }

@@ -12,7 +12,8 @@ pub fn lists() -> String {
     .to_string()
 }
 
-pub const SEND_TO_CONTACTS: &str = "allow mail.send when all to in @contacts and (not exists cc or all cc in @contacts) \
+pub const SEND_TO_CONTACTS: &str =
+    "allow mail.send when all to in @contacts and (not exists cc or all cc in @contacts) \
 and (not exists bcc or all bcc in @contacts) \"every recipient is in my contacts\"";
 
 pub fn good_rules() -> Vec<Value> {
@@ -53,6 +54,13 @@ pub fn no_bcc_draft() -> String {
     draft_of(r)
 }
 
+/// The same bug with a different reason text, so each redraft differs.
+pub fn no_bcc_draft_reworded(tag: &str) -> String {
+    let mut r = good_rules();
+    r[4] = json!({"sentence": 2, "rule": format!("allow mail.send when all to in @contacts and (not exists cc or all cc in @contacts) \"contacts only ({tag})\"")});
+    draft_of(r)
+}
+
 fn send(to: &[&str], cc: &[&str], bcc: &[&str]) -> Value {
     let mut args = json!({"to": to, "subject": "Hello", "body": "See you at noon."});
     if !cc.is_empty() {
@@ -65,24 +73,96 @@ fn send(to: &[&str], cc: &[&str], bcc: &[&str]) -> Value {
 }
 
 pub fn good_scenarios() -> Vec<Value> {
-    let sc = |sentence: u32, why: &str, call: Value, expect: &str| {
-        json!({"sentence": sentence, "why": why, "call": call, "expect": expect})
-    };
+    let sc = |sentence: u32, why: &str, call: Value, expect: &str| json!({"sentence": sentence, "why": why, "call": call, "expect": expect});
     vec![
-        sc(1, "reading a message", json!({"tool": "mail.read", "args": {"id": "m-1001"}}), "allow"),
-        sc(1, "listing the inbox", json!({"tool": "mail.list", "args": {"folder": "INBOX"}}), "allow"),
-        sc(1, "searching mail", json!({"tool": "mail.search", "args": {"query": "invoice"}}), "allow"),
-        sc(2, "one contact", send(&["alice@example.com"], &[], &[]), "allow"),
-        sc(2, "two contacts, a contact in cc", send(&["alice@example.com", "bob@example.org"], &["carol@example.net"], &[]), "allow"),
-        sc(2, "a contact with a display name and upper-case domain", send(&["Bob <bob@EXAMPLE.org>"], &[], &[]), "allow"),
-        sc(3, "a stranger", send(&["mallory@evil.example"], &[], &[]), "ask"),
-        sc(3, "a contact and a stranger in to", send(&["alice@example.com", "mallory@evil.example"], &[], &[]), "ask"),
-        sc(3, "a stranger hidden in cc", send(&["alice@example.com"], &["mallory@evil.example"], &[]), "ask"),
-        sc(3, "a stranger hidden in bcc", send(&["alice@example.com"], &[], &["mallory@evil.example"]), "ask"),
-        sc(3, "a look-alike of a contact's address", send(&["alice@example.com.evil.example"], &[], &[]), "ask"),
-        sc(4, "permanent deletion", json!({"tool": "mail.purge", "args": {"id": "m-1001"}}), "deny"),
-        sc(4, "no sentence allows deleting at all", json!({"tool": "mail.delete", "args": {"id": "m-1001"}}), "deny"),
-        sc(4, "a made-up tool that would empty the trash", json!({"tool": "mail.empty_trash", "args": {}}), "deny"),
+        sc(
+            1,
+            "reading a message",
+            json!({"tool": "mail.read", "args": {"id": "m-1001"}}),
+            "allow",
+        ),
+        sc(
+            1,
+            "listing the inbox",
+            json!({"tool": "mail.list", "args": {"folder": "INBOX"}}),
+            "allow",
+        ),
+        sc(
+            1,
+            "searching mail",
+            json!({"tool": "mail.search", "args": {"query": "invoice"}}),
+            "allow",
+        ),
+        sc(
+            2,
+            "one contact",
+            send(&["alice@example.com"], &[], &[]),
+            "allow",
+        ),
+        sc(
+            2,
+            "two contacts, a contact in cc",
+            send(
+                &["alice@example.com", "bob@example.org"],
+                &["carol@example.net"],
+                &[],
+            ),
+            "allow",
+        ),
+        sc(
+            2,
+            "a contact with a display name and upper-case domain",
+            send(&["Bob <bob@EXAMPLE.org>"], &[], &[]),
+            "allow",
+        ),
+        sc(
+            3,
+            "a stranger",
+            send(&["mallory@evil.example"], &[], &[]),
+            "ask",
+        ),
+        sc(
+            3,
+            "a contact and a stranger in to",
+            send(&["alice@example.com", "mallory@evil.example"], &[], &[]),
+            "ask",
+        ),
+        sc(
+            3,
+            "a stranger hidden in cc",
+            send(&["alice@example.com"], &["mallory@evil.example"], &[]),
+            "ask",
+        ),
+        sc(
+            3,
+            "a stranger hidden in bcc",
+            send(&["alice@example.com"], &[], &["mallory@evil.example"]),
+            "ask",
+        ),
+        sc(
+            3,
+            "a look-alike of a contact's address",
+            send(&["alice@example.com.evil.example"], &[], &[]),
+            "ask",
+        ),
+        sc(
+            4,
+            "permanent deletion",
+            json!({"tool": "mail.purge", "args": {"id": "m-1001"}}),
+            "deny",
+        ),
+        sc(
+            4,
+            "no sentence allows deleting at all",
+            json!({"tool": "mail.delete", "args": {"id": "m-1001"}}),
+            "deny",
+        ),
+        sc(
+            4,
+            "a made-up tool that would empty the trash",
+            json!({"tool": "mail.empty_trash", "args": {}}),
+            "deny",
+        ),
     ]
 }
 

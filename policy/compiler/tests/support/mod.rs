@@ -4,6 +4,8 @@
 //! Every request is recorded so tests can count and inspect them.
 #![allow(dead_code)]
 
+pub mod inbox;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -39,7 +41,10 @@ pub struct Recorded {
 impl Recorded {
     /// The last user message of the conversation.
     pub fn last_user(&self) -> String {
-        let msgs = self.body["messages"].as_array().cloned().unwrap_or_default();
+        let msgs = self.body["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         msgs.iter()
             .rev()
             .find(|m| m["role"] == "user")
@@ -49,7 +54,10 @@ impl Recorded {
     }
     /// All user messages joined.
     pub fn all_user(&self) -> String {
-        let msgs = self.body["messages"].as_array().cloned().unwrap_or_default();
+        let msgs = self.body["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         msgs.iter()
             .filter(|m| m["role"] == "user")
             .filter_map(|m| m["content"].as_str())
@@ -92,13 +100,21 @@ impl ScriptedServer {
                 }
             });
         }
-        ScriptedServer { addr, state, stop, connections }
+        ScriptedServer {
+            addr,
+            state,
+            stop,
+            connections,
+        }
     }
 
     /// Queues replies for a step, in order.
     pub fn script(&self, step: &str, replies: impl IntoIterator<Item = Reply>) -> &Self {
         let mut s = self.state.lock().unwrap();
-        s.scripts.entry(step.to_string()).or_default().extend(replies);
+        s.scripts
+            .entry(step.to_string())
+            .or_default()
+            .extend(replies);
         self
     }
 
@@ -186,7 +202,10 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0; len];
     if reader.read_exact(&mut body).is_err() {
         return;
@@ -197,13 +216,22 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
     let openai = path.ends_with("/chat/completions");
     let reply = {
         let mut s = state.lock().unwrap();
-        s.requests.push(Recorded { path: path.clone(), headers, body: body.clone(), step: step.clone() });
+        s.requests.push(Recorded {
+            path: path.clone(),
+            headers,
+            body: body.clone(),
+            step: step.clone(),
+        });
         s.scripts.get_mut(&step).and_then(VecDeque::pop_front)
     };
     let reply = match (anthropic || openai, reply) {
         (false, _) => Reply::Status(404, format!("no API at {path}"), None),
         // 418 is not retried: a test that runs out of script fails at once, clearly.
-        (true, None) => Reply::Status(418, format!("the test scripted no (more) answers for step '{step}'"), None),
+        (true, None) => Reply::Status(
+            418,
+            format!("the test scripted no (more) answers for step '{step}'"),
+            None,
+        ),
         (true, Some(r)) => r,
     };
     respond(conn, reply, anthropic, &body);
@@ -274,19 +302,22 @@ impl Drop for TempDir {
 }
 
 /// The repository's examples/inbox folder.
-pub fn inbox() -> PathBuf {
+pub fn inbox_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/inbox")
 }
 
 /// Copies the inbox example's inputs into `dir` (constitution, contacts, catalog).
 pub fn inbox_inputs(dir: &Path) {
     for f in ["constitution.md", "contacts.txt", "catalog.json"] {
-        std::fs::copy(inbox().join(f), dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        std::fs::copy(inbox_dir().join(f), dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
 }
 
 /// An environment with nothing but what the test sets.
 pub fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let m: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let m: BTreeMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     move |k| m.get(k).cloned()
 }
