@@ -13,3 +13,284 @@
 //! ```
 //! `roles` maps a top-level argument name to one of `path`, `url`, `host`, `email`.
 //! An argument that is an array of such values has the role applied to each element.
+//! A dotted key (`"a.b"`) gives a role to a nested argument.
+//!
+//! The schema subset is the one [`crate::schema`] implements; unknown keys in the
+//! file, unknown schema keywords, and unknown roles are errors.
+
+use crate::schema::Schema;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// How an argument's value is normalised before every operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Path,
+    Url,
+    Host,
+    Email,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Path => "path",
+            Role::Url => "url",
+            Role::Host => "host",
+            Role::Email => "email",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "path" => Role::Path,
+            "url" => Role::Url,
+            "host" => Role::Host,
+            "email" => Role::Email,
+            _ => return None,
+        })
+    }
+}
+
+/// One tool that a service offers.
+#[derive(Debug, Clone)]
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    /// The schema as given (what `tools/list` shows).
+    pub input_schema: Value,
+    /// Argument path (dotted) to role.
+    pub roles: BTreeMap<String, Role>,
+    pub(crate) schema: Schema,
+}
+
+impl Tool {
+    /// Builds a tool; the schema is compiled now so that a bad one fails here.
+    pub fn new(
+        name: &str,
+        description: &str,
+        input_schema: Value,
+        roles: BTreeMap<String, Role>,
+    ) -> Result<Tool, CatalogError> {
+        if !crate::parser::valid_tool_name(name) {
+            return Err(CatalogError(format!(
+                "tool name `{name}`: expected SERVICE.TOOL in lowercase [a-z0-9_-]"
+            )));
+        }
+        let schema = Schema::compile(&input_schema)
+            .map_err(|e| CatalogError(format!("tool `{name}`: inputSchema{e}")))?;
+        Ok(Tool {
+            name: name.to_string(),
+            description: description.to_string(),
+            input_schema,
+            roles,
+            schema,
+        })
+    }
+
+    /// The role of the argument at `path` (segments of `args`), if any.
+    pub fn role_of(&self, path: &[String]) -> Option<Role> {
+        if path.len() == 1 {
+            return self.roles.get(&path[0]).copied();
+        }
+        self.roles.get(&path.join(".")).copied()
+    }
+
+    /// Does the schema say the argument at `path` is an array?
+    pub fn arg_is_array(&self, path: &[String]) -> bool {
+        self.arg_schema(path).is_some_and(|s| s.is_array())
+    }
+
+    /// Is `path` an argument the schema describes (or could hold)?
+    pub fn has_arg(&self, path: &[String]) -> bool {
+        self.arg_schema(path).is_some()
+            || (path.len() > 1
+                && self
+                    .arg_schema(&path[..1])
+                    .is_some_and(|s| s.properties.is_empty()))
+    }
+
+    fn arg_schema(&self, path: &[String]) -> Option<&Schema> {
+        let mut s = &self.schema;
+        for seg in path {
+            s = s.properties.get(seg)?;
+        }
+        Some(s)
+    }
+
+    /// Validates call arguments against the schema.
+    pub fn validate(&self, args: &Value) -> Result<(), String> {
+        self.schema.validate(args)
+    }
+}
+
+/// Every tool the services offer.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    tools: BTreeMap<String, Tool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogError(pub String);
+
+impl fmt::Display for CatalogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "catalog: {}", self.0)
+    }
+}
+impl std::error::Error for CatalogError {}
+
+impl Catalog {
+    pub fn new() -> Catalog {
+        Catalog::default()
+    }
+
+    /// Adds a tool; a second tool of the same name is an error.
+    pub fn add(&mut self, tool: Tool) -> Result<(), CatalogError> {
+        if self.tools.contains_key(&tool.name) {
+            return Err(CatalogError(format!(
+                "tool `{}` is listed twice",
+                tool.name
+            )));
+        }
+        self.tools.insert(tool.name.clone(), tool);
+        Ok(())
+    }
+
+    pub fn tool(&self, name: &str) -> Option<&Tool> {
+        self.tools.get(name)
+    }
+
+    pub fn tools(&self) -> impl Iterator<Item = &Tool> {
+        self.tools.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+
+    /// Parses the `--catalog` file format.
+    pub fn from_json(text: &str) -> Result<Catalog, CatalogError> {
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| CatalogError(format!("not valid JSON: {e}")))?;
+        let top = v
+            .as_object()
+            .ok_or(CatalogError("expected an object {\"tools\": [...]}".into()))?;
+        if let Some(k) = top.keys().find(|k| *k != "tools") {
+            return Err(CatalogError(format!("unknown key `{k}` at the top level")));
+        }
+        let tools = top
+            .get("tools")
+            .and_then(Value::as_array)
+            .ok_or(CatalogError("expected `tools`, an array".into()))?;
+        let mut cat = Catalog::new();
+        for (i, t) in tools.iter().enumerate() {
+            cat.add(tool_from_json(t).map_err(|e| CatalogError(format!("tools[{i}]: {}", e.0)))?)?;
+        }
+        Ok(cat)
+    }
+
+    /// The `--catalog` file format (what `ironvmm tools --json` prints).
+    pub fn to_json(&self) -> Value {
+        let tools: Vec<Value> = self
+            .tools
+            .values()
+            .map(|t| {
+                let roles: Map<String, Value> =
+                    t.roles.iter().map(|(k, r)| (k.clone(), Value::from(r.as_str()))).collect();
+                json!({"name": t.name, "description": t.description, "inputSchema": t.input_schema, "roles": roles})
+            })
+            .collect();
+        json!({ "tools": tools })
+    }
+}
+
+fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
+    let o = v
+        .as_object()
+        .ok_or(CatalogError("expected an object".into()))?;
+    if let Some(k) = o
+        .keys()
+        .find(|k| !["name", "description", "inputSchema", "roles"].contains(&k.as_str()))
+    {
+        return Err(CatalogError(format!("unknown key `{k}`")));
+    }
+    let name = o
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or(CatalogError("expected `name`, a string".into()))?;
+    let description = match o.get("description") {
+        None => "",
+        Some(d) => d.as_str().ok_or(CatalogError(format!(
+            "`{name}`: `description` must be a string"
+        )))?,
+    };
+    let schema = o
+        .get("inputSchema")
+        .cloned()
+        .unwrap_or_else(|| json!({"type": "object"}));
+    let mut roles = BTreeMap::new();
+    if let Some(r) = o.get("roles") {
+        let r = r
+            .as_object()
+            .ok_or(CatalogError(format!("`{name}`: `roles` must be an object")))?;
+        for (arg, role) in r {
+            let role = role
+                .as_str()
+                .and_then(Role::parse)
+                .ok_or(CatalogError(format!(
+                    "`{name}`: role of `{arg}` must be one of path, url, host, email"
+                )))?;
+            roles.insert(arg.clone(), role);
+        }
+    }
+    Tool::new(name, description, schema, roles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_roles() {
+        let text = r#"{"tools":[{"name":"fs.read","description":"d",
+            "inputSchema":{"type":"object","properties":{"path":{"type":"string"}},"required":["path"]},
+            "roles":{"path":"path"}}]}"#;
+        let c = Catalog::from_json(text).unwrap();
+        let t = c.tool("fs.read").unwrap();
+        assert_eq!(t.role_of(&["path".into()]), Some(Role::Path));
+        let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
+        assert_eq!(again.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        for (text, needle) in [
+            (r#"{"tools":[{"name":"Bad"}]}"#, "tool name `Bad`"),
+            (
+                r#"{"tools":[{"name":"a.b","roles":{"x":"file"}}]}"#,
+                "role of `x`",
+            ),
+            (
+                r#"{"tools":[{"name":"a.b","extra":1}]}"#,
+                "unknown key `extra`",
+            ),
+            (
+                r#"{"tools":[{"name":"a.b"},{"name":"a.b"}]}"#,
+                "listed twice",
+            ),
+            (
+                r#"{"tools":[{"name":"a.b","inputSchema":{"anyOf":[]}}]}"#,
+                "anyOf",
+            ),
+            (r#"{"tool":[]}"#, "unknown key `tool`"),
+        ] {
+            let e = Catalog::from_json(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        }
+    }
+}

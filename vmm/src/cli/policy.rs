@@ -1,11 +1,551 @@
-//! `ironvmm policy` — not implemented yet.
+//! `ironvmm policy check|eval|test|explain|fmt|learned`: the policy engine on the
+//! command line. Each subcommand returns its exit code; the enum is meant to grow
+//! (`compile` and `refine` live in their own modules and add a variant here).
 
-#[derive(clap::Subcommand, Debug)]
-pub enum PolicyCommand {
-    Check,
+use clap::{Args, Subcommand};
+use ironvmm_policy::{ast::PolicyAst, learned, Call, Catalog, Decision, Loaded, Policy, Verdict};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Exit codes of the `policy` subcommands.
+pub mod code {
+    /// Loaded / every scenario passed / done.
+    pub const OK: u8 = 0;
+    /// `check`/`fmt`: the policy does not load; `test`: a scenario mismatched.
+    pub const FAIL: u8 = 1;
+    /// A malformed call, scenario, catalog or policy where one was needed to run.
+    pub const BAD_INPUT: u8 = 2;
 }
 
-pub fn run(_: PolicyCommand) -> u8 {
-    eprintln!("ironvmm: 'policy' is not implemented yet");
-    crate::exit::VMM_ERROR
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Print the policy's errors and warnings; exit 0 if it loads, 1 if not.
+    Check(CheckArgs),
+    /// Decide calls; print one JSON line per call: {"decision","rule","by","reason"}.
+    Eval(EvalArgs),
+    /// Run scenarios ({"call":{…},"expect":"allow|deny|ask"} per line); exit 1 on a mismatch.
+    Test(TestArgs),
+    /// Show every rule tried for a call, and why each did or did not match.
+    Explain(ExplainArgs),
+    /// Print the policy in canonical form.
+    Fmt(FmtArgs),
+    /// List learned rules (p.rules.learned), or revoke one with --remove SEQ.
+    Learned(LearnedArgs),
+}
+
+/// The policy and what it is loaded with.
+#[derive(Args, Debug)]
+pub struct PolicyInput {
+    /// The policy file (p.rules).
+    pub policy: PathBuf,
+    /// Tool catalog: a JSON file, or `builtin` for the services compiled into ironvmm.
+    /// Without one, the unknown-tool and schema invariants are skipped.
+    #[arg(long, value_name = "FILE|builtin")]
+    pub catalog: Option<String>,
+    /// Learned rules to evaluate (p.rules.learned).
+    #[arg(long, value_name = "FILE")]
+    pub learned: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub input: PolicyInput,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub input: PolicyInput,
+    /// One call: '{"tool":"…","args":{…}}' (optionally "at": RFC 3339 time).
+    #[arg(long, conflicts_with = "calls", required_unless_present = "calls")]
+    pub call: Option<String>,
+    /// A file of calls, one JSON object per line.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub calls: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    #[command(flatten)]
+    pub input: PolicyInput,
+    /// Scenarios: one {"call":{…},"expect":"allow|deny|ask"} per line.
+    pub scenarios: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub input: PolicyInput,
+    /// The call: '{"tool":"…","args":{…}}'.
+    #[arg(long)]
+    pub call: String,
+}
+
+#[derive(Args, Debug)]
+pub struct FmtArgs {
+    /// The policy file.
+    pub policy: PathBuf,
+    /// Rewrite the file in place instead of printing.
+    #[arg(long, short = 'w', conflicts_with = "check")]
+    pub write: bool,
+    /// Print nothing; exit 1 if the file is not in canonical form.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LearnedArgs {
+    /// The policy file; its learned rules are in POLICY.learned unless --learned says.
+    pub policy: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    pub learned: Option<PathBuf>,
+    /// Revoke the learned rule of this audit seq.
+    #[arg(long, value_name = "SEQ")]
+    pub remove: Option<u64>,
+}
+
+pub fn run(cmd: PolicyCommand) -> u8 {
+    match cmd {
+        PolicyCommand::Check(a) => check(a),
+        PolicyCommand::Eval(a) => eval(a),
+        PolicyCommand::Test(a) => test(a),
+        PolicyCommand::Explain(a) => explain(a),
+        PolicyCommand::Fmt(a) => fmt(a),
+        PolicyCommand::Learned(a) => learned_cmd(a),
+    }
+}
+
+/// The catalog `--catalog builtin` gives until the services provide theirs: the
+/// example catalog, compiled in.
+pub fn builtin_catalog_json() -> &'static str {
+    include_str!("../../../examples/catalog.json")
+}
+
+fn load_catalog(spec: Option<&str>) -> Result<Option<Catalog>, String> {
+    let Some(spec) = spec else { return Ok(None) };
+    let text = if spec == "builtin" {
+        builtin_catalog_json().to_string()
+    } else {
+        std::fs::read_to_string(spec).map_err(|e| format!("cannot read catalog `{spec}`: {e}"))?
+    };
+    Catalog::from_json(&text)
+        .map(Some)
+        .map_err(|e| format!("{spec}: {e}"))
+}
+
+/// Loads the policy. Errors are printed; the caller picks the exit code.
+fn load(input: &PolicyInput) -> Result<Loaded, LoadFailure> {
+    let catalog = load_catalog(input.catalog.as_deref()).map_err(LoadFailure::Catalog)?;
+    Policy::load_with(&input.policy, catalog.as_ref(), input.learned.as_deref())
+        .map_err(|d| LoadFailure::Policy(d.to_string(), d.errors().count()))
+}
+
+enum LoadFailure {
+    Catalog(String),
+    Policy(String, usize),
+}
+
+impl LoadFailure {
+    fn report(&self, policy: &Path) {
+        match self {
+            LoadFailure::Catalog(e) => eprintln!("ironvmm: {e}"),
+            LoadFailure::Policy(text, n) => {
+                eprintln!("{text}");
+                eprintln!(
+                    "ironvmm: {}: {n} error{} (the policy does not load)",
+                    policy.display(),
+                    plural(*n)
+                );
+            }
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn check(a: CheckArgs) -> u8 {
+    let catalog = match load_catalog(a.input.catalog.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ironvmm: {e}");
+            return code::BAD_INPUT;
+        }
+    };
+    match Policy::load_with(
+        &a.input.policy,
+        catalog.as_ref(),
+        a.input.learned.as_deref(),
+    ) {
+        Ok(l) => {
+            if !l.warnings.is_empty() {
+                println!("{}\n", l.warnings);
+            }
+            let rules = l.policy.ast().rules().count();
+            let n = l.warnings.len();
+            println!(
+                "{}: ok, {rules} rule{}, {n} warning{}",
+                a.input.policy.display(),
+                plural(rules),
+                plural(n)
+            );
+            code::OK
+        }
+        Err(d) => {
+            println!("{d}\n");
+            let (e, w) = (d.errors().count(), d.warnings().count());
+            println!(
+                "{}: does not load: {e} error{}, {w} warning{}",
+                a.input.policy.display(),
+                plural(e),
+                plural(w)
+            );
+            code::FAIL
+        }
+    }
+}
+
+/// A call line: the call, and the time it is decided at (ms since 1970).
+struct TimedCall {
+    call: Call,
+    at: Option<i64>,
+}
+
+fn parse_call(v: &Value) -> Result<TimedCall, String> {
+    let mut v = v.clone();
+    let at = match v.as_object_mut().and_then(|o| o.remove("at")) {
+        None => None,
+        Some(Value::String(s)) => Some(parse_time(&s)?),
+        Some(_) => return Err("`at` must be an RFC 3339 time string".into()),
+    };
+    let call = Call::from_json(&v).map_err(|e| e.to_string())?;
+    Ok(TimedCall { call, at })
+}
+
+fn parse_time(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("`at`: {s:?} is not an RFC 3339 time: {e}"))?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+fn parse_call_text(text: &str) -> Result<TimedCall, String> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| format!("malformed call: not JSON: {e}"))?;
+    parse_call(&v)
+}
+
+fn decide(p: &Policy, c: &TimedCall) -> Decision {
+    match c.at {
+        Some(t) => p.decide_at(&c.call, t),
+        None => p.decide(&c.call),
+    }
+}
+
+fn decision_line(d: &Decision) -> String {
+    serde_json::json!({
+        "decision": d.verdict.as_str(),
+        "rule": d.rule,
+        "by": d.by.as_str(),
+        "reason": d.reason,
+    })
+    .to_string()
+}
+
+/// Reads a JSON-lines file: (line number, value) for each non-blank line.
+fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let v = serde_json::from_str(t)
+            .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+fn eval(a: EvalArgs) -> u8 {
+    let calls: Vec<TimedCall> = match (&a.call, &a.calls) {
+        (Some(c), _) => match parse_call_text(c) {
+            Ok(c) => vec![c],
+            Err(e) => {
+                eprintln!("ironvmm: --call: {e}");
+                return code::BAD_INPUT;
+            }
+        },
+        (None, Some(f)) => {
+            let lines = match read_jsonl(f) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("ironvmm: {e}");
+                    return code::BAD_INPUT;
+                }
+            };
+            let mut calls = Vec::new();
+            for (n, v) in lines {
+                match parse_call(&v) {
+                    Ok(c) => calls.push(c),
+                    Err(e) => {
+                        eprintln!("ironvmm: {}:{n}: {e}", f.display());
+                        return code::BAD_INPUT;
+                    }
+                }
+            }
+            calls
+        }
+        (None, None) => {
+            eprintln!("ironvmm: give --call JSON or --calls FILE.jsonl");
+            return code::BAD_INPUT;
+        }
+    };
+    let loaded = match load(&a.input) {
+        Ok(l) => l,
+        Err(e) => {
+            e.report(&a.input.policy);
+            return code::BAD_INPUT;
+        }
+    };
+    let mut out = String::new();
+    for c in &calls {
+        out.push_str(&decision_line(&decide(&loaded.policy, c)));
+        out.push('\n');
+    }
+    print!("{out}");
+    code::OK
+}
+
+fn test(a: TestArgs) -> u8 {
+    let lines = match read_jsonl(&a.scenarios) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ironvmm: {e}");
+            return code::BAD_INPUT;
+        }
+    };
+    let name = a.scenarios.display().to_string();
+    let mut scenarios = Vec::new();
+    for (n, v) in lines {
+        let parsed = (|| {
+            let o = v
+                .as_object()
+                .ok_or("expected {\"call\": {...}, \"expect\": \"allow|deny|ask\"}")?;
+            if let Some(k) = o
+                .keys()
+                .find(|k| !["call", "expect", "note"].contains(&k.as_str()))
+            {
+                return Err(format!(
+                    "unknown key `{k}` (expected `call`, `expect` and an optional `note`)"
+                ));
+            }
+            let expect = o
+                .get("expect")
+                .and_then(Value::as_str)
+                .and_then(Verdict::parse)
+                .ok_or("`expect` must be \"allow\", \"deny\" or \"ask\"")?;
+            let call = parse_call(o.get("call").ok_or("missing `call`")?)?;
+            Ok::<_, String>((call, expect))
+        })();
+        match parsed {
+            Ok((c, e)) => scenarios.push((n, c, e)),
+            Err(e) => {
+                eprintln!("ironvmm: {name}:{n}: {e}");
+                return code::BAD_INPUT;
+            }
+        }
+    }
+    let loaded = match load(&a.input) {
+        Ok(l) => l,
+        Err(e) => {
+            e.report(&a.input.policy);
+            return code::BAD_INPUT;
+        }
+    };
+    let p = &loaded.policy;
+    let mut failed = 0;
+    for (n, c, expect) in &scenarios {
+        // Explain first: it looks at limits without consuming them.
+        let explanation = p.explain(&c.call, c.at);
+        let d = decide(p, c);
+        if d.verdict != *expect {
+            failed += 1;
+            let rule = d.rule.map_or(String::new(), |l| format!(", line {l}"));
+            println!(
+                "{name}:{n}: expected {expect}, got {} (by {}{rule}): {}",
+                d.verdict, d.by, d.reason
+            );
+            println!(
+                "  call: {}",
+                serde_json::json!({"tool": c.call.tool, "args": c.call.args})
+            );
+            for line in explanation.to_string().lines() {
+                println!("  {line}");
+            }
+        }
+    }
+    let total = scenarios.len();
+    println!(
+        "{name}: {total} scenario{}, {} passed, {failed} failed",
+        plural(total),
+        total - failed
+    );
+    if failed == 0 {
+        code::OK
+    } else {
+        code::FAIL
+    }
+}
+
+fn explain(a: ExplainArgs) -> u8 {
+    let c = match parse_call_text(&a.call) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ironvmm: --call: {e}");
+            return code::BAD_INPUT;
+        }
+    };
+    let loaded = match load(&a.input) {
+        Ok(l) => l,
+        Err(e) => {
+            e.report(&a.input.policy);
+            return code::BAD_INPUT;
+        }
+    };
+    println!("{}", loaded.policy.explain(&c.call, c.at));
+    code::OK
+}
+
+fn fmt(a: FmtArgs) -> u8 {
+    let text = match std::fs::read_to_string(&a.policy) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ironvmm: cannot read `{}`: {e}", a.policy.display());
+            return code::FAIL;
+        }
+    };
+    let name = a.policy.display().to_string();
+    let ast = match parse_only(&text, &name) {
+        Ok(ast) => ast,
+        Err(d) => {
+            eprintln!("{d}");
+            return code::FAIL;
+        }
+    };
+    let out = ast.format();
+    // The canonical text must mean the same policy; refuse to write otherwise.
+    if parse_only(&out, &name).ok().as_ref() != Some(&ast) {
+        eprintln!("ironvmm: internal error: the canonical form of `{name}` does not parse back to the same policy");
+        return code::BAD_INPUT;
+    }
+    if a.check {
+        return if out == text { code::OK } else { code::FAIL };
+    }
+    if a.write {
+        if out != text {
+            if let Err(e) = write_atomic(&a.policy, &out) {
+                eprintln!("ironvmm: cannot write `{name}`: {e}");
+                return code::FAIL;
+            }
+        }
+        return code::OK;
+    }
+    print!("{out}");
+    code::OK
+}
+
+fn parse_only(text: &str, name: &str) -> Result<PolicyAst, ironvmm_policy::Diagnostics> {
+    let (ast, errs) = ironvmm_policy::parser::parse(text);
+    if errs.is_empty() {
+        return Ok(ast);
+    }
+    let f = ironvmm_policy::diag::SourceFile { name, text };
+    let mut d = ironvmm_policy::Diagnostics::new();
+    for e in errs {
+        d.push(f.diag(ironvmm_policy::Severity::Error, e.span, e.message));
+    }
+    Err(d)
+}
+
+/// Replaces a file by writing a sibling and renaming it over, so that a reader
+/// never sees half a policy.
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn learned_cmd(a: LearnedArgs) -> u8 {
+    let path = a.learned.clone().unwrap_or_else(|| {
+        let mut p = a.policy.as_os_str().to_owned();
+        p.push(".learned");
+        PathBuf::from(p)
+    });
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.remove.is_none() => {
+            println!("{}: no learned rules", path.display());
+            return code::OK;
+        }
+        Err(e) => {
+            eprintln!("ironvmm: cannot read `{}`: {e}", path.display());
+            return code::FAIL;
+        }
+    };
+    match a.remove {
+        None => {
+            let entries = learned::entries(&text);
+            for e in &entries {
+                println!(
+                    "seq {} (refines line {}, {}:{}):",
+                    e.header.seq,
+                    e.header.refines,
+                    path.display(),
+                    e.line + 1
+                );
+                for l in e.rule.lines() {
+                    println!("  {l}");
+                }
+            }
+            println!(
+                "{}: {} learned rule{}",
+                path.display(),
+                entries.len(),
+                plural(entries.len())
+            );
+            code::OK
+        }
+        Some(seq) => match learned::remove_entry(&text, seq) {
+            None => {
+                eprintln!(
+                    "ironvmm: {}: no learned rule with seq {seq}",
+                    path.display()
+                );
+                code::FAIL
+            }
+            Some(rest) => match write_atomic(&path, &rest) {
+                Ok(()) => {
+                    println!(
+                        "removed the learned rule of seq {seq} from {}",
+                        path.display()
+                    );
+                    code::OK
+                }
+                Err(e) => {
+                    eprintln!("ironvmm: cannot write `{}`: {e}", path.display());
+                    code::FAIL
+                }
+            },
+        },
+    }
 }
