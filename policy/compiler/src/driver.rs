@@ -25,6 +25,10 @@ pub struct Common {
     pub constitution: PathBuf,
     pub out: PathBuf,
     pub catalog: Option<PathBuf>,
+    /// A catalog given as text (`--catalog builtin`); wins over the configuration's.
+    pub catalog_text: Option<String>,
+    /// The catalog used when neither a file nor the configuration names one.
+    pub fallback_catalog_text: Option<String>,
     pub config: Option<PathBuf>,
     /// `--list NAME=FILE`, for lists bound to a service.
     pub lists: Vec<(String, PathBuf)>,
@@ -85,14 +89,23 @@ fn prepare(
         .overlay(LlmSettings::from_env(env).map_err(|e| e.to_string())?)
         .overlay(c.llm.clone());
     let cfg = settings.resolve(env).map_err(|e| e.to_string())?;
-    let catalog_path = c
-        .catalog
-        .clone()
-        .or_else(|| file.compile.catalog.clone())
-        .ok_or("no catalog: pass --catalog FILE (the format of `ironvmm tools --json`) or set `catalog` in the [compile] table of ironvmm.toml")?;
-    let catalog_text = read(&catalog_path, "the catalog")?;
-    let engine = PolicyEngine::new(&catalog_text)
-        .map_err(|e| format!("the catalog {}: {e}", catalog_path.display()))?;
+    let (catalog_name, catalog_text) = match (&c.catalog, &c.catalog_text, &file.compile.catalog) {
+        (Some(p), _, _) => (p.display().to_string(), read(p, "the catalog")?),
+        (None, Some(t), _) => ("builtin".to_string(), t.clone()),
+        (None, None, Some(p)) => (p.display().to_string(), read(p, "the catalog")?),
+        (None, None, None) => match &c.fallback_catalog_text {
+            Some(t) => ("builtin".to_string(), t.clone()),
+            None => {
+                return Err(
+                    "no catalog: pass --catalog FILE (the format of `ironvmm tools --json`) \
+                                or set `catalog` in the [compile] table of ironvmm.toml"
+                        .into(),
+                )
+            }
+        },
+    };
+    let engine =
+        PolicyEngine::new(&catalog_text).map_err(|e| format!("the catalog {catalog_name}: {e}"))?;
     let mut list_sources: BTreeMap<String, PathBuf> = file.lists.clone();
     for (name, path) in &c.lists {
         list_sources.insert(name.clone(), path.clone());

@@ -6,7 +6,9 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use ironvmm_policy_compiler::config::{process_env, LlmSettings};
-use ironvmm_policy_compiler::driver::{self, AcceptAll, Common, Confirm, NoOne, RefineArgs as DriverRefine};
+use ironvmm_policy_compiler::driver::{
+    self, AcceptAll, Common, Confirm, NoOne, RefineArgs as DriverRefine,
+};
 
 /// Flags shared by `compile` and `refine`.
 #[derive(clap::Args, Debug, Clone)]
@@ -15,8 +17,10 @@ pub struct CompileFlags {
     /// of artifacts go next to it. Default: p.rules beside the constitution.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub out: Option<PathBuf>,
-    /// The tool catalog (the format of `ironvmm tools --json`).
-    #[arg(long, value_name = "FILE")]
+    /// The tool catalog (the format of `ironvmm tools --json`), or `builtin` for the
+    /// services compiled into ironvmm. Default: `catalog` of [compile] in --config,
+    /// else builtin.
+    #[arg(long, value_name = "FILE|builtin")]
     pub catalog: Option<PathBuf>,
     /// ironvmm.toml: its [llm], [lists] and [compile] tables.
     #[arg(long, value_name = "FILE")]
@@ -33,6 +37,7 @@ pub struct CompileFlags {
     /// `openai` (any OpenAI-compatible server: Ollama, vLLM, llama.cpp, LiteLLM) or `anthropic`.
     #[arg(long)]
     pub provider: Option<String>,
+    /// The model name, as the provider spells it (e.g. qwen2.5-coder:14b, gpt-4o).
     #[arg(long)]
     pub model: Option<String>,
     /// e.g. http://127.0.0.1:11434/v1 for Ollama.
@@ -74,7 +79,9 @@ pub struct RefineArgs {
 fn parse_list(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((n, f)) if !n.is_empty() && !f.is_empty() => Ok((n.to_string(), PathBuf::from(f))),
-        _ => Err(format!("{s:?}: expected NAME=FILE, e.g. contacts=contacts.vcf")),
+        _ => Err(format!(
+            "{s:?}: expected NAME=FILE, e.g. contacts=contacts.vcf"
+        )),
     }
 }
 
@@ -85,10 +92,14 @@ fn common(constitution: &Path, f: &CompileFlags) -> Common {
             .map(|d| d.join("p.rules"))
             .unwrap_or_else(|| PathBuf::from("p.rules"))
     });
+    let builtin = f.catalog.as_deref() == Some(Path::new("builtin"));
+    let builtin_text = super::policy::builtin_catalog_json().to_string();
     Common {
         constitution: constitution.to_path_buf(),
         out,
-        catalog: f.catalog.clone(),
+        catalog: f.catalog.clone().filter(|_| !builtin),
+        catalog_text: builtin.then(|| builtin_text.clone()),
+        fallback_catalog_text: Some(builtin_text),
         config: f.config.clone(),
         lists: f.lists.clone(),
         offline: f.offline,
@@ -104,21 +115,7 @@ fn common(constitution: &Path, f: &CompileFlags) -> Common {
     }
 }
 
-fn builtin_refused(f: &CompileFlags) -> bool {
-    if f.catalog.as_deref() == Some(Path::new("builtin")) {
-        eprintln!(
-            "ironvmm policy compile: --catalog builtin is not available to the compiler yet: \
-             pass the file that `ironvmm tools --json` prints"
-        );
-        return true;
-    }
-    false
-}
-
 pub fn run_compile(a: CompileArgs) -> u8 {
-    if builtin_refused(&a.flags) {
-        return 2;
-    }
     let c = common(&a.constitution, &a.flags);
     driver::run_compile(&c, &process_env, &mut std::io::stderr())
 }
@@ -131,14 +128,14 @@ impl Confirm for Tty {
         let _ = std::io::stderr().flush();
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line).ok()?;
-        Some(matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
+        Some(matches!(
+            line.trim().to_ascii_lowercase().as_str(),
+            "y" | "yes"
+        ))
     }
 }
 
 pub fn run_refine(a: RefineArgs) -> u8 {
-    if builtin_refused(&a.flags) {
-        return 2;
-    }
     let args = DriverRefine {
         common: common(&a.constitution, &a.flags),
         audit: a.audit,
@@ -162,9 +159,19 @@ pub fn run_refine(a: RefineArgs) -> u8 {
 
 /// `policy check --against CONSTITUTION`: 0 when p.rules still matches its English
 /// (and catalog, when one is given), 1 with the reasons when it does not.
-pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&Path>) -> u8 {
+pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&str>) -> u8 {
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    let texts = (|| Ok::<_, String>((read(rules)?, read(constitution)?, catalog.map(read).transpose()?)))();
+    let read_catalog = |spec: &str| match spec {
+        "builtin" => Ok(super::policy::builtin_catalog_json().to_string()),
+        path => read(Path::new(path)),
+    };
+    let texts = (|| {
+        Ok::<_, String>((
+            read(rules)?,
+            read(constitution)?,
+            catalog.map(read_catalog).transpose()?,
+        ))
+    })();
     let (r, c, cat) = match texts {
         Ok(t) => t,
         Err(e) => {
@@ -178,7 +185,11 @@ pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&Path>) 
         return 0;
     }
     for p in problems {
-        eprintln!("{}: does not match {}: {p}", rules.display(), constitution.display());
+        eprintln!(
+            "{}: does not match {}: {p}",
+            rules.display(),
+            constitution.display()
+        );
     }
     1
 }
