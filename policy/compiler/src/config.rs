@@ -149,6 +149,8 @@ pub struct LlmSettings {
     /// read from the file, so ironvmm.toml can be committed.
     pub api_key_env: Option<String>,
     pub timeout_secs: Option<u64>,
+    /// Finer than `timeout_secs`, which it overrides (tests use it).
+    pub timeout_ms: Option<u64>,
     pub connect_timeout_secs: Option<u64>,
     pub max_retries: Option<u32>,
     pub retry_base_ms: Option<u64>,
@@ -176,6 +178,7 @@ impl LlmSettings {
             model,
             api_key_env,
             timeout_secs,
+            timeout_ms,
             connect_timeout_secs,
             max_retries,
             retry_base_ms,
@@ -242,7 +245,10 @@ impl LlmSettings {
         } else {
             Some(self.temperature.unwrap_or(0.0))
         };
-        let timeout = Duration::from_secs(self.timeout_secs.unwrap_or(180).clamp(1, 3600));
+        let timeout = match self.timeout_ms {
+            Some(ms) => Duration::from_millis(ms.clamp(10, 3_600_000)),
+            None => Duration::from_secs(self.timeout_secs.unwrap_or(180).clamp(1, 3600)),
+        };
         let connect_timeout =
             Duration::from_secs(self.connect_timeout_secs.unwrap_or(10).clamp(1, 600));
         Ok(LlmConfig {

@@ -555,7 +555,7 @@ fn a_timeout_is_retried_and_bounded() {
     let dir = TempDir::new("timeout");
     inbox_inputs(dir.path());
     let server = ScriptedServer::start();
-    let stall = |r: Reply| Reply::Stall(Duration::from_millis(1600), Box::new(r));
+    let stall = |r: Reply| Reply::Stall(Duration::from_millis(700), Box::new(r));
     server.script(
         "lists",
         [
@@ -567,7 +567,7 @@ fn a_timeout_is_retried_and_bounded() {
         .answers("draft", &[&inbox::good_draft()])
         .answers("scenarios", &[&inbox::good_scenarios_answer()]);
     let t0 = std::time::Instant::now();
-    let (code, err) = compile(&dir, &server, "openai", |c| c.llm.timeout_secs = Some(1));
+    let (code, err) = compile(&dir, &server, "openai", |c| c.llm.timeout_ms = Some(300));
     assert_eq!(code, 0, "{err}");
     assert!(t0.elapsed() < Duration::from_secs(10));
     let log = read(&dir, "p.compile/llm-exchanges.jsonl");
@@ -585,7 +585,7 @@ fn a_timeout_is_retried_and_bounded() {
         (0..3).map(|_| stall(Reply::Answer(inbox::lists()))),
     );
     let (code, err) = compile(&dir, &server, "openai", |c| {
-        c.llm.timeout_secs = Some(1);
+        c.llm.timeout_ms = Some(300);
         c.llm.max_retries = Some(1);
         c.cache_dir = Some(dir.join("other-cache"));
     });
