@@ -24,6 +24,10 @@ use crate::scenarios;
 use crate::sentences;
 use crate::verify;
 
+/// Bounds that keep every prompt a reasonable size.
+const MAX_CONSTITUTION: usize = 64 * 1024;
+const MAX_SENTENCES: usize = 300;
+
 /// Where a compile writes, all derived from the output path (`-o p.rules`).
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -206,11 +210,27 @@ fn steps(
     let catalog =
         CatalogView::parse(&opts.catalog_text).map_err(|e| Failure::input("catalog", e))?;
     write(&paths.work.join("catalog.json"), &opts.catalog_text)?;
+    if opts.constitution.len() > MAX_CONSTITUTION {
+        return Err(Failure::input(
+            "catalog",
+            format!("{} is over {MAX_CONSTITUTION} bytes", opts.source_name),
+        ));
+    }
     let sentences = sentences::split(&opts.constitution);
     if sentences.is_empty() {
         return Err(Failure::input(
             "catalog",
             format!("{} states nothing: no sentence found", opts.source_name),
+        ));
+    }
+    if sentences.len() > MAX_SENTENCES {
+        return Err(Failure::input(
+            "catalog",
+            format!(
+                "{} has {} sentences, over the {MAX_SENTENCES} one compile handles: split the policy",
+                opts.source_name,
+                sentences.len()
+            ),
         ));
     }
     write(
@@ -260,10 +280,7 @@ fn steps(
         &paths.work.join("lists.json"),
         pretty(&json!({"proposed": specs, "resolved": resolved.as_ref().ok()})),
     )?;
-    let resolved = resolved.map_err(|e| match e {
-        ListError::Write { .. } => Failure::input("lists", e.to_string()),
-        _ => Failure::input("lists", e.to_string()),
-    })?;
+    let resolved = resolved.map_err(|e: ListError| Failure::input("lists", e.to_string()))?;
     rep.lists = resolved.clone();
 
     // 3. Draft, checked by the engine.

@@ -633,3 +633,86 @@ fn check_against_the_constitution() {
         "{p:?}"
     );
 }
+
+#[test]
+fn a_list_the_owner_must_review_is_proposed_written_and_never_empty() {
+    let dir = TempDir::new("ownerlist");
+    std::fs::write(
+        dir.join("constitution.md"),
+        "The agent may read news sites over HTTPS.\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        support::inbox_dir().join("../catalog.json"),
+        dir.join("catalog.json"),
+    )
+    .unwrap();
+    let news = |entries: Value| {
+        serde_json::json!({"lists": [{"name": "news", "kind": "host", "sentence": 1, "binding": "owner",
+            "entries": entries, "note": "well-known news sites"}]})
+        .to_string()
+    };
+    let draft = serde_json::json!({"rules": [{"sentence": 1, "rule": "allow net.connect when host in @news and port == 443"}],
+        "default": "deny", "assumptions": []})
+    .to_string();
+    let connect = |host: &str, port: u16, expect: &str| serde_json::json!({"sentence": 1, "why": "", "expect": expect, "call": {"tool": "net.connect", "args": {"host": host, "port": port}}});
+    let scenarios = inbox::scenarios_of(vec![
+        connect("apnews.com", 443, "allow"),
+        connect("WWW.BBC.CO.UK.", 443, "allow"),
+        connect("bbc.co.uk", 443, "deny"),
+        connect("evilbbc.co.uk", 443, "deny"),
+        connect("apnews.com", 80, "deny"),
+    ]);
+    let server = ScriptedServer::start();
+    server
+        .answers(
+            "lists",
+            &[
+                &news(serde_json::json!([])),
+                &news(serde_json::json!(["apnews.com", "*.bbc.co.uk"])),
+            ],
+        )
+        .answers("draft", &[&draft])
+        .answers("scenarios", &[&scenarios]);
+    let (code, err) = compile(&dir, &server, "openai", |c| c.lists.clear());
+    assert_eq!(code, 0, "{err}\n{}", read(&dir, "p.report.md"));
+    assert!(server.requests()[1]
+        .last_user()
+        .contains("bound to the owner but has no entries"));
+    let list = read(&dir, "p.news.list");
+    assert!(
+        list.contains("for the owner to review") && list.contains("\napnews.com\n*.bbc.co.uk\n"),
+        "{list}"
+    );
+    assert!(read(&dir, "p.rules").contains(
+        "# S1: \"The agent may read news sites over HTTPS.\"\nlist news = file \"p.news.list\""
+    ));
+    let report = read(&dir, "p.report.md");
+    assert!(
+        report.contains("- the entries of `p.news.list`"),
+        "{report}"
+    );
+    assert!(
+        report.contains("proposed by the model: **review it**"),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_empty_constitution_is_refused_before_any_request() {
+    let dir = TempDir::new("empty");
+    inbox_inputs(dir.path());
+    std::fs::write(
+        dir.join("constitution.md"),
+        "# Title only\n\n<!-- nothing -->\n",
+    )
+    .unwrap();
+    let server = ScriptedServer::start();
+    let (code, err) = compile(&dir, &server, "openai", |_| {});
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("constitution.md states nothing: no sentence found"),
+        "{err}"
+    );
+    assert_eq!(server.connections(), 0);
+}
