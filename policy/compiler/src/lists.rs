@@ -24,6 +24,17 @@ pub enum ListKind {
     String,
 }
 
+impl ListKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListKind::Email => "email",
+            ListKind::Host => "host",
+            ListKind::Path => "path",
+            ListKind::String => "string",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Binding {
@@ -342,9 +353,9 @@ pub fn prompt_text(lists: &[ResolvedList]) -> String {
         };
         let sample: Vec<&str> = l.values.iter().take(20).map(String::as_str).collect();
         s.push_str(&format!(
-            "- @{} ({:?} list, {from}, {} entries, for S{}): {}{}\n",
+            "- @{} ({} list, {from}, {} entries, for S{}): {}{}\n",
             l.spec.name,
-            l.spec.kind,
+            l.spec.kind.as_str(),
             l.values.len(),
             l.spec.sentence,
             sample.join(", "),
