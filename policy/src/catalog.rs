@@ -15,6 +15,12 @@
 //! An argument that is an array of such values has the role applied to each element.
 //! A dotted key (`"a.b"`) gives a role to a nested argument.
 //!
+//! `aliases` (optional) names an argument that conditions may use for others:
+//! `{"path": ["from", "to"]}` on `fs.move` makes `path` in a condition mean `from`
+//! and then `to`. The call is decided once per listed argument and the most
+//! restrictive decision wins (deny, then ask, then allow), so both ends of a move
+//! are decided by the same rules.
+//!
 //! The schema subset is the one [`crate::schema`] implements; unknown keys in the
 //! file, unknown schema keywords, and unknown roles are errors.
 
@@ -61,6 +67,8 @@ pub struct Tool {
     pub input_schema: Value,
     /// Argument path (dotted) to role.
     pub roles: BTreeMap<String, Role>,
+    /// Argument name usable in conditions to the arguments it stands for.
+    pub aliases: BTreeMap<String, Vec<String>>,
     pub(crate) schema: Schema,
 }
 
@@ -84,12 +92,43 @@ impl Tool {
             description: description.to_string(),
             input_schema,
             roles,
+            aliases: BTreeMap::new(),
             schema,
         })
     }
 
+    /// Makes `alias` stand for each of `targets` in conditions (see the module doc).
+    pub fn with_alias(mut self, alias: &str, targets: &[&str]) -> Result<Tool, CatalogError> {
+        if targets.is_empty()
+            || targets
+                .iter()
+                .any(|t| !self.schema.properties.contains_key(*t))
+        {
+            return Err(CatalogError(format!(
+                "tool `{}`: alias `{alias}` must name arguments of the schema",
+                self.name
+            )));
+        }
+        if self.schema.properties.contains_key(alias) {
+            return Err(CatalogError(format!(
+                "tool `{}`: alias `{alias}` is already an argument",
+                self.name
+            )));
+        }
+        self.aliases.insert(
+            alias.to_string(),
+            targets.iter().map(|t| t.to_string()).collect(),
+        );
+        Ok(self)
+    }
+
     /// The role of the argument at `path` (segments of `args`), if any.
     pub fn role_of(&self, path: &[String]) -> Option<Role> {
+        if let Some(t) = path.first().and_then(|a| self.aliases.get(a)) {
+            let mut p = path.to_vec();
+            p[0] = t[0].clone();
+            return self.role_of(&p);
+        }
         if path.len() == 1 {
             return self.roles.get(&path[0]).copied();
         }
@@ -112,7 +151,15 @@ impl Tool {
 
     fn arg_schema(&self, path: &[String]) -> Option<&Schema> {
         let mut s = &self.schema;
-        for seg in path {
+        let first = path
+            .first()
+            .and_then(|a| self.aliases.get(a))
+            .and_then(|t| s.properties.get(&t[0]));
+        if let Some(f) = first {
+            s = f;
+        }
+        let skip = usize::from(first.is_some());
+        for seg in &path[skip..] {
             s = s.properties.get(seg)?;
         }
         Some(s)
@@ -202,7 +249,11 @@ impl Catalog {
             .map(|t| {
                 let roles: Map<String, Value> =
                     t.roles.iter().map(|(k, r)| (k.clone(), Value::from(r.as_str()))).collect();
-                json!({"name": t.name, "description": t.description, "inputSchema": t.input_schema, "roles": roles})
+                let mut v = json!({"name": t.name, "description": t.description, "inputSchema": t.input_schema, "roles": roles});
+                if !t.aliases.is_empty() {
+                    v["aliases"] = json!(t.aliases);
+                }
+                v
             })
             .collect();
         json!({ "tools": tools })
@@ -215,7 +266,7 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
         .ok_or(CatalogError("expected an object".into()))?;
     if let Some(k) = o
         .keys()
-        .find(|k| !["name", "description", "inputSchema", "roles"].contains(&k.as_str()))
+        .find(|k| !["name", "description", "inputSchema", "roles", "aliases"].contains(&k.as_str()))
     {
         return Err(CatalogError(format!("unknown key `{k}`")));
     }
@@ -248,7 +299,22 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
             roles.insert(arg.clone(), role);
         }
     }
-    Tool::new(name, description, schema, roles)
+    let mut tool = Tool::new(name, description, schema, roles)?;
+    if let Some(a) = o.get("aliases") {
+        let a = a.as_object().ok_or(CatalogError(format!(
+            "`{name}`: `aliases` must be an object"
+        )))?;
+        for (alias, targets) in a {
+            let targets: Option<Vec<&str>> = targets
+                .as_array()
+                .and_then(|t| t.iter().map(Value::as_str).collect());
+            let targets = targets.ok_or(CatalogError(format!(
+                "`{name}`: alias `{alias}` must be an array of argument names"
+            )))?;
+            tool = tool.with_alias(alias, &targets)?;
+        }
+    }
+    Ok(tool)
 }
 
 #[cfg(test)]

@@ -121,12 +121,18 @@ pub(crate) fn func_kind(f: Func) -> Kind {
     }
 }
 
+/// Argument names (one segment each).
+pub(crate) type ArgPaths = Box<[Box<str>]>;
+
 #[derive(Debug, Default)]
 pub(crate) struct ToolEntry {
     pub steps: Vec<Step>,
     /// Arguments whose role is `path` (invariant 3 checks them).
     pub path_args: Vec<Box<[Box<str>]>>,
     pub tool: Option<Tool>,
+    /// `path` standing for `from` and then `to` (catalog `aliases`): the call is
+    /// decided once per target.
+    pub alias: Option<(Box<str>, ArgPaths)>,
 }
 
 #[derive(Debug)]
@@ -222,6 +228,13 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
                     .map(|(k, _)| k.split('.').map(Box::from).collect())
                     .collect();
                 e.tool = Some(t.clone());
+                // One alias per tool is enough for the catalogs we have (fs.move).
+                e.alias = t.aliases.iter().next().map(|(a, ts)| {
+                    (
+                        Box::from(a.as_str()),
+                        ts.iter().map(|t| Box::from(t.as_str())).collect(),
+                    )
+                });
                 exact.insert(t.name.as_str().into(), e);
             }
         }
@@ -293,6 +306,7 @@ impl Compiler<'_> {
             steps,
             path_args: Vec::new(),
             tool: None,
+            alias: None,
         }
     }
 

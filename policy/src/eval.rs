@@ -163,6 +163,57 @@ impl Program {
                 return inv(reason);
             }
         }
+        if let Some((alias, targets)) = &entry.alias {
+            return self.decide_each(entry, alias, targets, args, clock, consume, tracer);
+        }
+        self.rules_decide(entry, args, clock, consume, tracer)
+    }
+
+    /// A tool with an alias: decided once per target argument, with the alias bound
+    /// to it; the most restrictive decision wins (deny, then ask, then allow).
+    #[allow(clippy::too_many_arguments)]
+    fn decide_each<'p, T: Tracer>(
+        &'p self,
+        entry: &'p ToolEntry,
+        alias: &str,
+        targets: &[Box<str>],
+        args: &Value,
+        clock: &mut Clock,
+        consume: bool,
+        tracer: &mut T,
+    ) -> DecisionRef<'p> {
+        let rank = |v: Verdict| match v {
+            Verdict::Deny => 2,
+            Verdict::Ask => 1,
+            Verdict::Allow => 0,
+        };
+        let mut worst: Option<DecisionRef<'p>> = None;
+        for t in targets {
+            let Some(obj) = args.as_object() else { break };
+            let Some(target) = obj.get(&**t) else {
+                continue;
+            };
+            let mut bound = obj.clone();
+            bound.insert(alias.to_string(), target.clone());
+            let d = self.rules_decide(entry, &Value::Object(bound), clock, consume, tracer);
+            if worst
+                .as_ref()
+                .is_none_or(|w| rank(d.verdict) > rank(w.verdict))
+            {
+                worst = Some(d);
+            }
+        }
+        worst.unwrap_or_else(|| self.rules_decide(entry, args, clock, consume, tracer))
+    }
+
+    fn rules_decide<'p, T: Tracer>(
+        &'p self,
+        entry: &'p ToolEntry,
+        args: &Value,
+        clock: &mut Clock,
+        consume: bool,
+        tracer: &mut T,
+    ) -> DecisionRef<'p> {
         let mut limited: Option<u32> = None;
         for step in &entry.steps {
             let meta = &self.rules[step.rule as usize];

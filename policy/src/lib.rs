@@ -525,7 +525,13 @@ impl fmt::Display for Explanation {
             } else {
                 format!("line {}", s.line)
             };
-            writeln!(f, "{at}: {}\n    {what}", s.text)?;
+            match s.outcome {
+                // Rules that never met the call take one line each.
+                ExplainOutcome::PatternDoesNotMatch | ExplainOutcome::NotReached => {
+                    writeln!(f, "{at}: {}  ({what})", s.text)?
+                }
+                ExplainOutcome::Tried(_) => writeln!(f, "{at}: {}\n    {what}", s.text)?,
+            }
         }
         let d = &self.decision;
         let rule = d.rule.map_or(String::new(), |l| format!(" line {l}"));

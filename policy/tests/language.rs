@@ -710,7 +710,10 @@ fn explain_names_the_failing_part() {
         "{e}"
     );
     assert!(e.contains("line 3: ask mail.send\n    MATCHED"), "{e}");
-    assert!(e.contains("line 4: allow fs.read\n    skipped"), "{e}");
+    assert!(
+        e.contains("line 4: allow fs.read  (skipped: the tool pattern does not match)"),
+        "{e}"
+    );
     assert!(e.contains("decision: ask (by rule line 3)"), "{e}");
 }
 
@@ -733,4 +736,37 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     let _ = Path::new(&d);
     d
+}
+
+#[test]
+fn move_decides_both_ends_through_the_path_alias() {
+    let p = load_cat("allow fs.* when path under \"/workspace/scratch\"\nask fs.move\n");
+    assert!(allowed(
+        &p,
+        "fs.move",
+        json!({"from": "/workspace/scratch/a", "to": "/workspace/scratch/b"})
+    ));
+    assert_eq!(
+        v(
+            &p,
+            "fs.move",
+            json!({"from": "/workspace/scratch/a", "to": "/workspace/keep"})
+        ),
+        Verdict::Ask
+    );
+    assert_eq!(
+        v(
+            &p,
+            "fs.move",
+            json!({"from": "/workspace/keep", "to": "/workspace/scratch/b"})
+        ),
+        Verdict::Ask
+    );
+    let p =
+        load_cat("allow fs.move when from under \"/workspace\" and to under \"/workspace/out\"\n");
+    assert!(allowed(
+        &p,
+        "fs.move",
+        json!({"from": "/workspace/a", "to": "/workspace/out/a"})
+    ));
 }
