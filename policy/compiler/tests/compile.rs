@@ -716,3 +716,58 @@ fn an_empty_constitution_is_refused_before_any_request() {
     );
     assert_eq!(server.connections(), 0);
 }
+
+#[test]
+fn everything_can_come_from_ironvmm_toml() {
+    let dir = TempDir::new("toml");
+    inbox_inputs(dir.path());
+    let server = ScriptedServer::start();
+    clean_script(&server);
+    std::fs::write(
+        dir.join("ironvmm.toml"),
+        format!(
+            "[llm]\nprovider = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"from-toml\"\napi_key_env = \"MY_KEY\"\n\
+             retry_base_ms = 10\n\n[lists]\ncontacts = \"contacts.txt\"\n\n\
+             [compile]\ncatalog = \"catalog.json\"\ncache_dir = \"answers\"\n\n[services.mail]\nignored = true\n",
+            server.anthropic_base()
+        ),
+    )
+    .unwrap();
+    let c = Common {
+        constitution: dir.join("constitution.md"),
+        out: dir.join("p.rules"),
+        config: Some(dir.join("ironvmm.toml")),
+        ..Default::default()
+    };
+    let env = support::env(&[("MY_KEY", KEY)]);
+    let mut err = Vec::new();
+    let code = driver::run_compile(&c, &env, &mut err);
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let r = &server.requests()[0];
+    assert_eq!(
+        (r.path.as_str(), r.headers["x-api-key"].as_str()),
+        ("/v1/messages", KEY)
+    );
+    assert_eq!(r.body["model"], "from-toml");
+    assert!(read(&dir, "p.rules").contains("# model: anthropic:from-toml"));
+    assert!(
+        dir.join("answers").is_dir(),
+        "the [compile] cache_dir is used"
+    );
+    // A key in the file itself is refused: files get committed.
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[llm]\nmodel = \"m\"\napi_key = \"sk-123\"\n",
+    )
+    .unwrap();
+    let c = Common {
+        config: Some(dir.join("bad.toml")),
+        ..c
+    };
+    let mut err = Vec::new();
+    assert_eq!(driver::run_compile(&c, &env, &mut err), 2);
+    assert!(String::from_utf8(err)
+        .unwrap()
+        .contains("keys are not read from files"));
+}
