@@ -20,7 +20,7 @@ pub struct Asked<T> {
 pub enum StepError {
     #[error(transparent)]
     Llm(#[from] LlmError),
-    #[error("step '{step}': no acceptable answer after {tries} tries; the last was rejected because: {last}")]
+    #[error("no acceptable answer after {tries} tries; the last was rejected because: {last}")]
     GaveUp {
         step: String,
         tries: u32,

@@ -250,7 +250,7 @@ pub fn run_refine(
     let proposal = match refine::propose(&mut p.llm, &input, p.opts.max_repairs) {
         Ok(x) => x,
         Err(e) => {
-            let _ = writeln!(err, "ironvmm policy refine: {e}");
+            let _ = writeln!(err, "ironvmm policy refine: step 'refine': {e}");
             let _ = writeln!(err, "{}", stats_line(&p.llm));
             return match e {
                 crate::ask::StepError::Llm(_) => Status::LlmUnavailable.exit_code(),

@@ -428,7 +428,7 @@ fn a_draft_that_never_loads_gives_up_with_the_last_diagnostics() {
     let (code, err) = compile(&dir, &server, "openai", |c| c.max_repairs = Some(1));
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("step 'draft': no acceptable answer after 2 tries"),
+        err.contains("compile failed at step 'draft': no acceptable answer after 2 tries"),
         "{err}"
     );
     let report = read(&dir, "p.report.md");
