@@ -57,7 +57,10 @@ impl RuleEngine for PolicyEngine {
         path: &Path,
         calls: &[Value],
     ) -> Result<Vec<Outcome>, String> {
-        let loaded = self.load(source, path)?;
+        let mut loaded = self.load(source, path)?;
+        // As `Policy::load` (and so `policy test`) does: the policy file itself is a
+        // protected path, so scenarios are decided exactly as they will be later.
+        loaded.policy.add_protected_path(path);
         calls
             .iter()
             .enumerate()
