@@ -84,7 +84,8 @@ pub(crate) enum Kind {
 
 #[derive(Debug)]
 pub(crate) enum CVal {
-    Const(Konst),
+    /// A constant, and the kind its functions gave it (`host("...")` is a host).
+    Const(Konst, Kind),
     Arg {
         path: Box<[Box<str>]>,
         role: Option<Role>,
@@ -103,8 +104,8 @@ pub(crate) enum Konst {
 impl CVal {
     pub fn kind(&self) -> Kind {
         match self {
-            CVal::Const(Konst::Num(_)) => Kind::Num,
-            CVal::Const(_) => Kind::Plain,
+            CVal::Const(Konst::Num(_), _) => Kind::Num,
+            CVal::Const(_, k) => *k,
             CVal::Arg { role, funcs, .. } => match funcs.last() {
                 None => role.map_or(Kind::Plain, Kind::Role),
                 Some(f) => func_kind(*f),
@@ -411,13 +412,13 @@ impl Compiler<'_> {
             Value::Str(s, _) => {
                 // A function of a constant is a constant.
                 let k = crate::eval::fold(s, &funcs);
-                CVal::Const(k)
+                CVal::Const(k, funcs.last().map_or(Kind::Plain, |f| func_kind(*f)))
             }
             Value::Num(n, _, _) => {
                 if funcs.is_empty() {
-                    CVal::Const(Konst::Num(*n))
+                    CVal::Const(Konst::Num(*n), Kind::Num)
                 } else {
-                    CVal::Const(Konst::Missing)
+                    CVal::Const(Konst::Missing, Kind::Plain)
                 }
             }
             Value::Call(..) => unreachable!("unwrapped above"),
@@ -427,14 +428,14 @@ impl Compiler<'_> {
 
 fn normalise_const(v: CVal, other: Kind) -> CVal {
     match (v, other) {
-        (CVal::Const(Konst::Str(s)), Kind::Role(r)) => {
+        (CVal::Const(Konst::Str(s), k), Kind::Role(r)) => {
             let n = match r {
                 Role::Path => norm::path(&s).map(|c| c.into_owned()),
                 Role::Url => norm::url(&s).map(|c| c.into_owned()),
                 Role::Host => norm::host(&s).map(|c| c.into_owned()),
                 Role::Email => norm::email(&s).map(|c| c.into_owned()),
             };
-            CVal::Const(n.map_or(Konst::Missing, |n| Konst::Str(n.into())))
+            CVal::Const(n.map_or(Konst::Missing, |n| Konst::Str(n.into())), k)
         }
         (v, _) => v,
     }

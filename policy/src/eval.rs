@@ -446,9 +446,9 @@ fn finish<'a>(base: RV<'a>, role: Option<Role>, funcs: &[Func]) -> RV<'a> {
 #[inline]
 fn eval_val<'a>(v: &'a CVal, args: &'a Value) -> RV<'a> {
     match v {
-        CVal::Const(Konst::Str(s)) => RV::Str(Cow::Borrowed(s)),
-        CVal::Const(Konst::Num(n)) => RV::Num(Num::Int(*n as i128)),
-        CVal::Const(Konst::Missing) => RV::Missing,
+        CVal::Const(Konst::Str(s), _) => RV::Str(Cow::Borrowed(s)),
+        CVal::Const(Konst::Num(n), _) => RV::Num(Num::Int(*n as i128)),
+        CVal::Const(Konst::Missing, _) => RV::Missing,
         CVal::Arg { path, role, funcs } => {
             let base = raw(lookup(args, path));
             if let RV::Arr(_) = base {
@@ -585,11 +585,23 @@ fn describe(v: &RV) -> String {
         RV::Num(Num::Int(i)) => i.to_string(),
         RV::Num(Num::Float(f)) => f.to_string(),
         RV::Arr(a) => {
-            let mut q = serde_json::to_string(a).unwrap_or_default();
-            if q.chars().count() > 80 {
-                q = q.chars().take(77).collect::<String>() + "...";
+            // Element by element, one level deep: a hostile value may nest deeply.
+            let mut parts: Vec<String> = a
+                .iter()
+                .take(5)
+                .map(|e| match e {
+                    Value::String(s) => describe(&RV::Str(Cow::Borrowed(s))),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    Value::Null => "null".into(),
+                    Value::Array(_) => "[...]".into(),
+                    Value::Object(_) => "{...}".into(),
+                })
+                .collect();
+            if a.len() > 5 {
+                parts.push(format!("... ({} elements)", a.len()));
             }
-            q
+            format!("[{}]", parts.join(","))
         }
         RV::Other => "a boolean or an object".into(),
     }
@@ -602,7 +614,7 @@ fn test_values(t: &CTest, args: &Value) -> String {
                 let name = path.iter().map(|s| &**s).collect::<Vec<_>>().join(".");
                 Some(format!("`{name}` is {}", describe(&eval_val(v, args))))
             }
-            CVal::Const(_) => None,
+            CVal::Const(..) => None,
         }
     };
     let parts: Vec<String> = match &t.kind {

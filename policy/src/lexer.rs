@@ -108,7 +108,8 @@ pub fn lex(src: &str) -> (Vec<Token>, Vec<LexError>) {
             }
             b'#' => {
                 let end = src[i..].find('\n').map_or(src.len(), |n| i + n);
-                let text = src[i + 1..end].trim_end_matches('\r').to_string();
+                // Trailing whitespace carries nothing (and fmt drops it).
+                let text = src[i + 1..end].trim_end().to_string();
                 toks.push(Token {
                     tok: Tok::Comment(text),
                     span: Span::new(i, end),

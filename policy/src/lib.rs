@@ -268,7 +268,8 @@ impl Policy {
         Ok(loaded)
     }
 
-    /// Compiles a policy from text. List files are read from `base_dir`.
+    /// Compiles a policy from text. List files are read from `base_dir` (`None`: the
+    /// working directory).
     pub fn from_source(
         src: &str,
         display_name: &str,
