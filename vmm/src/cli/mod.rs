@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod audit;
 pub mod boot;
+pub mod compile;
 pub mod doctor;
 pub mod gate;
 pub mod image;

@@ -31,6 +31,10 @@ pub enum PolicyCommand {
     Fmt(FmtArgs),
     /// List learned rules (p.rules.learned), or revoke one with --remove SEQ.
     Learned(LearnedArgs),
+    /// Compile plain English into a verified p.rules (LLM, cached; docs/policy-compiler.md).
+    Compile(Box<super::compile::CompileArgs>),
+    /// Propose edits to the English from the audit log; recompile on acceptance.
+    Refine(Box<super::compile::RefineArgs>),
 }
 
 /// The policy and what it is loaded with.
@@ -51,6 +55,9 @@ pub struct PolicyInput {
 pub struct CheckArgs {
     #[command(flatten)]
     pub input: PolicyInput,
+    /// Also tell whether the policy still matches the English it was compiled from.
+    #[arg(long, value_name = "CONSTITUTION")]
+    pub against: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +120,8 @@ pub fn run(cmd: PolicyCommand) -> u8 {
         PolicyCommand::Explain(a) => explain(a),
         PolicyCommand::Fmt(a) => fmt(a),
         PolicyCommand::Learned(a) => learned_cmd(a),
+        PolicyCommand::Compile(a) => super::compile::run_compile(*a),
+        PolicyCommand::Refine(a) => super::compile::run_refine(*a),
     }
 }
 
@@ -195,7 +204,12 @@ fn check(a: CheckArgs) -> u8 {
                 plural(rules),
                 plural(n)
             );
-            code::OK
+            match &a.against {
+                Some(c) => {
+                    super::compile::check_against(&a.input.policy, c, a.input.catalog.as_deref())
+                }
+                None => code::OK,
+            }
         }
         Err(d) => {
             println!("{d}\n");

@@ -1,0 +1,60 @@
+//! The seam between the compiler and the policy engine. The pipeline only needs two
+//! things from an engine: load a p.rules (errors and warnings as the engine words
+//! them) and decide calls under it. `PolicyEngine` is the real one.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Ask,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Ask => "ask",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the engine decided for one call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    /// The line of the deciding rule, if a rule decided.
+    pub rule: Option<u32>,
+    /// `rule`, `default`, `invariant`, ... as the engine names it.
+    pub by: String,
+    pub reason: String,
+}
+
+pub trait RuleEngine {
+    /// Loads `source` as if it were the file `path` (its lists are resolved from
+    /// `path`'s folder). `Ok` holds the warnings, `Err` the diagnostics, each as the
+    /// engine prints them.
+    fn check(&self, source: &str, path: &Path) -> Result<Vec<String>, String>;
+
+    /// Loads `source` once and decides each call in order, as `policy test` does
+    /// (limit counters carry from one call to the next). A call the engine cannot
+    /// read is an `Err` naming its index.
+    fn decide_all(
+        &self,
+        source: &str,
+        path: &Path,
+        calls: &[Value],
+    ) -> Result<Vec<Outcome>, String>;
+}
