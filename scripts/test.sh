@@ -17,22 +17,7 @@ cargo test --workspace 2>&1
 
 [ "${1:-}" = "--fast" ] && exit 0
 
-say "booting suite: building the test binaries"
-# The test binaries that hold booting (ignored) tests.
-mapfile -t bins < <(cargo test -p ironvmm --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | grep -E '/(boot|gate_vm)-[0-9a-f]+$' || true)
-[ ${#bins[@]} -gt 0 ] || { say "no booting test binaries found"; exit 1; }
-
-runner="$root/target/kvm-host-suite.sh"
-{
-    echo '#!/bin/sh'
-    echo 'status=0'
-    for b in "${bins[@]}"; do
-        echo "echo '[test] running $(basename "$b") inside the KVM host'"
-        echo "IRONVMM_KERNEL='$kernel' '$b' --ignored --test-threads=1 || status=1"
-    done
-    echo 'exit $status'
-} > "$runner"
-chmod +x "$runner"
-say "booting suite: one KVM host for ${#bins[@]} test binaries"
-scripts/kvm-host.sh --share "$(dirname "$kernel")" -- "$runner" "${bins[@]}"
+say "booting suite: the kvm-host selftest, then every booting test in one KVM host"
+scripts/kvm-host/selftest.sh
+KVM_HOST_ARGS="--share $(dirname "$kernel") --cpus 2 --timeout 2400" \
+    scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test gate_vm --test kvm_smoke -- --include-ignored --test-threads=1

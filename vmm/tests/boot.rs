@@ -47,15 +47,28 @@ fn image(name: &str, cmd: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
+/// A policy that denies everything: these tests make no calls, and a VM never
+/// boots without a policy.
+fn deny_all() -> PathBuf {
+    let p = scratch("deny-all.rules");
+    std::fs::write(&p, "version 1\ndefault deny\n").unwrap();
+    p
+}
+
+fn ironvmm_boot(img: &Path) -> Command {
+    let mut c = Command::new(ironvmm());
+    c.arg("boot")
+        .arg("--policy")
+        .arg(deny_all())
+        .arg("--audit")
+        .arg(scratch(&format!("audit-{}.jsonl", img.file_stem().unwrap().to_string_lossy())))
+        .arg(img);
+    c
+}
+
 fn boot(img: &Path, args: &[&str]) -> (Output, Duration) {
     let t = Instant::now();
-    let o = Command::new(ironvmm())
-        .arg("boot")
-        .arg(img)
-        .args(args)
-        .args(["--timeout", "60s"])
-        .output()
-        .unwrap();
+    let o = ironvmm_boot(img).args(args).args(["--timeout", "60s"]).output().unwrap();
     (o, t.elapsed())
 }
 
@@ -108,9 +121,7 @@ fn agent_exit_status_passes_through() {
 fn timeout_stops_a_sleeping_agent_with_124() {
     let img = image("sleep", "sleep 100", &[]);
     let t = Instant::now();
-    let o = Command::new(ironvmm())
-        .arg("boot")
-        .arg(&img)
+    let o = ironvmm_boot(&img)
         .args(["--timeout", "2s", "--console", "off"])
         .output()
         .unwrap();
@@ -166,14 +177,10 @@ fn bad_images_fail_clearly_without_booting() {
     let missing = dir.join("missing.img");
     for (img, want) in [
         (&truncated, "truncated"),
-        (&not_tar, ""),
-        (&missing, "missing"),
+        (&not_tar, "not a valid tar"),
+        (&missing, "no such file"),
     ] {
-        let o = Command::new(ironvmm())
-            .arg("boot")
-            .arg(img)
-            .output()
-            .unwrap();
+        let o = ironvmm_boot(img).output().unwrap();
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(126), "{}: {err}", img.display());
         assert!(!err.contains("panicked"), "{err}");

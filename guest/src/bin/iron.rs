@@ -4,6 +4,7 @@
 //!   iron list                          the tools the policy could allow
 //!   iron mcp                           an MCP stdio server relaying to the gate
 //!   iron bench [-n N] [-c C] [--tool T --args JSON]
+//!   iron send [--port P] [--no-read SECS]   raw bytes, for testing the gate itself
 //!
 //! It connects to vsock CID 2 port 1, or to `$IRON_GATE` (`unix:PATH`,
 //! `vsock:PORT`, `vsock:CID:PORT`).
@@ -28,6 +29,10 @@ const USAGE: &str = "usage:
   iron mcp                           MCP stdio server relaying to the gate
   iron bench [-n N] [-c C] [--tool T --args JSON]
                                      N calls over C connections (default: 1000 pings on 1)
+  iron send [--port P] [--no-read SECS]
+                                     raw bytes from stdin to the gate, replies to stdout
+                                     (for testing the gate's framing; --no-read holds the
+                                     connection open without reading for SECS)
 The gate is vsock CID 2 port 1, or $IRON_GATE (unix:PATH | vsock:PORT | vsock:CID:PORT).
 Exit codes: 0 ok, 3 denied, 4 tool or protocol error (and bad usage), 5 gate unreachable.";
 
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         "list" => list(&addr),
         "mcp" => mcp(&addr),
         "bench" => bench(&addr, rest),
+        "send" => send(&addr, rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -369,5 +375,64 @@ fn bench(addr: &GateAddr, args: &[String]) -> ExitCode {
         ExitCode::from(EXIT_ERROR)
     } else {
         ExitCode::from(EXIT_OK)
+    }
+}
+
+/// Sends stdin as is (no framing, no JSON check) and copies every reply byte to
+/// stdout until the gate closes. Exit 0 on a clean close, 4 on a reset, 5 when
+/// the connection is refused.
+fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
+    let mut addr = addr.clone();
+    let mut hold: Option<u64> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--port" => match (it.next().and_then(|p| p.parse().ok()), &addr) {
+                (Some(port), GateAddr::Vsock { cid, .. }) => addr = GateAddr::Vsock { cid: *cid, port },
+                (Some(_), _) => return usage_error("--port applies to a vsock gate only"),
+                (None, _) => return usage_error("--port needs a number"),
+            },
+            "--no-read" => match it.next().and_then(|s| s.parse().ok()) {
+                Some(secs) => hold = Some(secs),
+                None => return usage_error("--no-read needs seconds"),
+            },
+            other => return usage_error(&format!("unknown option {other:?} for send")),
+        }
+    }
+    let mut input = Vec::new();
+    if let Err(e) = io::stdin().read_to_end(&mut input) {
+        eprintln!("iron: cannot read stdin: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let mut stream = match addr.connect() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("iron: cannot reach the gate: {e}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    if let Err(e) = stream.write_all(&input) {
+        eprintln!("iron: send failed: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    if let Some(secs) = hold {
+        std::thread::sleep(Duration::from_secs(secs));
+        return ExitCode::from(EXIT_OK);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut out = io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return ExitCode::from(EXIT_OK),
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            Err(e) => {
+                eprintln!("iron: connection reset: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
     }
 }

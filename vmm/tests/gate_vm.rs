@@ -1,0 +1,204 @@
+//! The gate from inside a real guest: every request leaves the VM as a vsock frame,
+//! is decided, served and audited. Ignored in the fast suite; `scripts/test.sh`
+//! runs them inside one KVM host (the same calls through the host-only gate are in
+//! gate_*.rs).
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn ironvmm() -> &'static str {
+    env!("CARGO_BIN_EXE_ironvmm")
+}
+
+fn kernel() -> PathBuf {
+    PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"))
+}
+
+/// A fresh folder for one test: workspace, policy, image, audit log.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ironvmm-gate-vm-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    dir
+}
+
+const POLICY: &str = r#"version 1
+allow fs.read  when path under "/workspace"
+allow fs.write when path under "/workspace/out"
+allow fs.list  when path under "/workspace"
+allow fs.stat  when path under "/workspace"
+allow fs.mkdir when path under "/workspace/out"
+default deny
+"#;
+
+/// Builds an image running `script` and boots it with the workspace `dir/ws`.
+fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
+    std::fs::write(dir.join("p.rules"), POLICY).unwrap();
+    std::fs::write(dir.join("agent.sh"), script).unwrap();
+    let img = dir.join("agent.img");
+    let o = Command::new(ironvmm())
+        .args(["image", "build", "--kernel"])
+        .arg(kernel())
+        .arg("--add")
+        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
+        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "image build: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(ironvmm())
+        .arg("boot")
+        .arg("--policy")
+        .arg(dir.join("p.rules"))
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"))
+        .args(["--audit-sync", "batch", "--timeout", "600s"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, out, err)
+}
+
+fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn marker<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in guest output:\n{out}"))
+}
+
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn workspace_reads_and_writes_follow_the_policy_and_are_audited() {
+    let dir = scratch("rw");
+    std::fs::write(dir.join("ws/hello.txt"), "hello from the host\n").unwrap();
+    std::fs::write(dir.join("secret.txt"), "host secret\n").unwrap();
+    // A symlink inside the workspace pointing outside it: the policy allows the path,
+    // the fs service must still refuse to follow it.
+    symlink(dir.join("secret.txt"), dir.join("ws/escape")).unwrap();
+    let (o, out, err) = run_agent(
+        &dir,
+        r#"
+iron call fs.read '{"path":"/workspace/hello.txt"}'; echo "read_ok=$?"
+iron call fs.read '{"path":"/etc/passwd"}' 2>/dev/null; echo "read_outside=$?"
+iron call fs.read '{"path":"/workspace/../../etc/shadow"}' 2>/dev/null; echo "read_climb=$?"
+iron call fs.read '{"path":"/workspace/escape"}' 2>/dev/null; echo "read_symlink=$?"
+iron call fs.mkdir '{"path":"/workspace/out"}'; echo "mkdir=$?"
+iron call fs.write '{"path":"/workspace/out/result.txt","content":"written by the guest\n"}'; echo "write_ok=$?"
+iron call fs.write '{"path":"/workspace/hello.txt","content":"overwrite"}' 2>/dev/null; echo "write_denied=$?"
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("hello from the host"), "{out}");
+    assert_eq!(marker(&out, "read_ok"), "0");
+    assert_eq!(marker(&out, "read_outside"), "3", "denied → iron exits 3");
+    assert_eq!(marker(&out, "read_climb"), "3");
+    assert_ne!(marker(&out, "read_symlink"), "0", "a symlink out of the workspace must not be followed");
+    assert!(!out.contains("host secret"), "{out}");
+    assert_eq!(marker(&out, "mkdir"), "0");
+    assert_eq!(marker(&out, "write_ok"), "0");
+    assert_eq!(marker(&out, "write_denied"), "3");
+    assert_eq!(std::fs::read_to_string(dir.join("ws/out/result.txt")).unwrap(), "written by the guest\n");
+    assert_eq!(std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(), "hello from the host\n");
+
+    let recs = audit_records(&dir);
+    assert_eq!(recs.first().unwrap()["kind"], "open");
+    assert_eq!(recs.last().unwrap()["kind"], "close");
+    let decisions: Vec<_> = recs.iter().filter(|r| r["kind"] == "decision").collect();
+    let find = |path: &str| decisions.iter().find(|r| r["args"]["path"] == path).unwrap_or_else(|| panic!("no decision for {path}"));
+    assert_eq!(find("/workspace/hello.txt")["decision"], "allow");
+    assert_eq!(find("/workspace/hello.txt")["rule"], 2);
+    assert_eq!(find("/etc/passwd")["decision"], "deny");
+    assert_eq!(find("/etc/passwd")["decided_by"], "default");
+    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("audit.jsonl")).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+
+    // Tampering with any decision is detected.
+    let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let tampered = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
+    assert_ne!(text, tampered);
+    std::fs::write(dir.join("tampered.jsonl"), tampered).unwrap();
+    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("tampered.jsonl")).output().unwrap();
+    assert!(!v.status.success(), "a tampered log verified");
+}
+
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn ten_thousand_calls_in_a_row_and_a_hundred_connections() {
+    let dir = scratch("many");
+    let (o, out, err) = run_agent(
+        &dir,
+        r#"
+iron bench -n 10000 -c 1 --tool fs.stat --args '{"path":"/workspace"}' > /tmp/one.json; echo "bench1=$?"
+tail -n1 /tmp/one.json | sed 's/^/one_json=/'
+iron bench -n 1000 -c 100 --tool fs.stat --args '{"path":"/workspace"}' > /tmp/hundred.json; echo "bench100=$?"
+tail -n1 /tmp/hundred.json | sed 's/^/hundred_json=/'
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(marker(&out, "bench1"), "0", "{out}");
+    assert_eq!(marker(&out, "bench100"), "0", "{out}");
+    let one: serde_json::Value = serde_json::from_str(marker(&out, "one_json")).unwrap();
+    let hundred: serde_json::Value = serde_json::from_str(marker(&out, "hundred_json")).unwrap();
+    eprintln!("1 connection: {one}\n100 connections: {hundred}");
+    let decisions = audit_records(&dir).iter().filter(|r| r["kind"] == "decision" && r["decision"] == "allow").count();
+    let outcomes = audit_records(&dir).iter().filter(|r| r["kind"] == "outcome" && r["status"] == "ok").count();
+    assert_eq!(decisions, 11_000, "every call decided and audited, none lost");
+    assert_eq!(outcomes, 11_000);
+    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("audit.jsonl")).output().unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn hostile_frames_get_errors_and_the_gate_keeps_serving() {
+    let dir = scratch("hostile");
+    std::fs::write(dir.join("ws/ok.txt"), "still fine\n").unwrap();
+    let (o, out, err) = run_agent(
+        &dir,
+        r#"
+printf 'this is not json\n' | iron send | sed 's/^/malformed=/'
+printf '{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}\n' | iron send | sed 's/^/dupkeys=/'
+printf '{"jsonrpc":"2.0","id":1,"method":"p\xff\xfe"}\n' | iron send | sed 's/^/badutf8=/'
+printf '[{"jsonrpc":"2.0","id":1,"method":"ping"}]\n' | iron send | sed 's/^/batch=/'
+awk 'BEGIN { s = "["; for (i = 0; i < 100; i++) s = s "["; print s }' | iron send | sed 's/^/deep=/'
+head -c 1100000 /dev/zero | tr '\0' 'a' | iron send | cut -c1-200 | sed 's/^/toolong=/'; echo "toolong_rc=$?"
+printf '{"jsonrpc":"2.0","id":7,"method":"pi' | iron send; echo "midframe_rc=$?"
+printf '{"jsonrpc":"2.0","id":1,"method":"ping"}\n' | iron send --port 9; echo "otherport_rc=$?"
+yes '{"jsonrpc":"2.0","id":1,"method":"ping"}' | head -n 20000 | iron send --no-read 5 &
+sleep 1
+iron call fs.read '{"path":"/workspace/ok.txt"}'; echo "after_rc=$?"
+wait
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    let code = |name: &str| -> i64 {
+        let v: serde_json::Value = serde_json::from_str(marker(&out, name)).unwrap_or_else(|e| panic!("{name}: {e}\n{out}"));
+        v["error"]["code"].as_i64().unwrap_or_else(|| panic!("{name}: no error code in {v}"))
+    };
+    assert_eq!(code("malformed"), -32700);
+    assert_eq!(code("dupkeys"), -32700);
+    assert_eq!(code("badutf8"), -32700);
+    assert_eq!(code("batch"), -32600);
+    assert_eq!(code("deep"), -32600);
+    assert!(marker(&out, "toolong").contains("-32600"), "{out}");
+    assert_eq!(marker(&out, "midframe_rc"), "0", "a half frame gets no reply and no crash");
+    assert_eq!(marker(&out, "otherport_rc"), "5", "any port but 1 is refused");
+    assert!(out.contains("still fine"), "{out}");
+    assert_eq!(marker(&out, "after_rc"), "0");
+}
