@@ -542,3 +542,18 @@ fn a_panicking_service_is_an_error_outcome_not_a_crash() {
     let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
     assert_eq!(r[0]["result"], json!({}));
 }
+
+#[test]
+fn a_tool_no_service_here_offers_is_denied_as_unknown() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    let r = roundtrip(
+        &mut c,
+        &call_frame(1, "mail.send", json!({"to": "x@example.com"})),
+    );
+    assert_eq!(
+        r[0]["error"]["data"],
+        json!({"decision": "deny", "rule": null, "decided_by": "invariant", "reason": "unknown tool"})
+    );
+    assert_eq!(fx.records()[1]["tool"], "mail.send");
+}
