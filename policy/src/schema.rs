@@ -105,43 +105,32 @@ impl Schema {
         self.types == [JsonType::Array]
     }
 
-    /// Checks `v`; the error says which argument was wrong and how.
+    /// Checks `v`; the error says which argument was wrong and how. Nothing is
+    /// allocated unless the value is refused.
     pub fn validate(&self, v: &Value) -> Result<(), String> {
-        self.check(v, &mut String::new())
+        self.check(v).map_err(|e| e.render())
     }
 
-    fn check(&self, v: &Value, at: &mut String) -> Result<(), String> {
-        let here = |at: &str| {
-            if at.is_empty() {
-                "the arguments".to_string()
-            } else {
-                format!("`{at}`")
-            }
-        };
+    fn check(&self, v: &Value) -> Result<(), Refusal> {
         if !self.types.is_empty() && !self.types.iter().any(|t| t.admits(v)) {
             let names: Vec<&str> = self.types.iter().map(|t| t.name()).collect();
-            return Err(format!("{} must be {}", here(at), names.join(" or ")));
+            return Err(Refusal::at_value(format!("must be {}", names.join(" or "))));
         }
         if let Some(e) = &self.enumeration {
             if !e.contains(v) {
-                return Err(format!("{} is not one of the allowed values", here(at)));
+                return Err(Refusal::at_value("is not one of the allowed values".into()));
             }
         }
         match v {
-            Value::Object(m) => self.check_object(m, at)?,
+            Value::Object(m) => self.check_object(m)?,
             Value::Array(a) => {
                 let n = a.len() as u64;
                 if self.min_items.is_some_and(|m| n < m) || self.max_items.is_some_and(|m| n > m) {
-                    return Err(format!("{} has {n} elements, out of range", here(at)));
+                    return Err(Refusal::at_value(format!("has {n} elements, out of range")));
                 }
                 if let Some(items) = &self.items {
                     for (i, e) in a.iter().enumerate() {
-                        let len = at.len();
-                        use std::fmt::Write;
-                        let _ = write!(at, "[{i}]");
-                        let r = items.check(e, at);
-                        at.truncate(len);
-                        r?;
+                        items.check(e).map_err(|r| r.inside(Seg::Index(i)))?;
                     }
                 }
             }
@@ -151,12 +140,14 @@ impl Schema {
                     if self.min_length.is_some_and(|m| n < m)
                         || self.max_length.is_some_and(|m| n > m)
                     {
-                        return Err(format!("{} has {n} characters, out of range", here(at)));
+                        return Err(Refusal::at_value(format!(
+                            "has {n} characters, out of range"
+                        )));
                     }
                 }
                 if let Some(p) = &self.pattern {
                     if !p.is_match(s) {
-                        return Err(format!("{} does not match its pattern", here(at)));
+                        return Err(Refusal::at_value("does not match its pattern".into()));
                     }
                 }
             }
@@ -165,7 +156,7 @@ impl Schema {
                 if self.minimum.is_some_and(|m| f.is_nan() || f < m)
                     || self.maximum.is_some_and(|m| f.is_nan() || f > m)
                 {
-                    return Err(format!("{} is out of range", here(at)));
+                    return Err(Refusal::at_value("is out of range".into()));
                 }
             }
             _ => {}
@@ -173,38 +164,80 @@ impl Schema {
         Ok(())
     }
 
-    fn check_object(&self, m: &Map<String, Value>, at: &mut String) -> Result<(), String> {
+    fn check_object(&self, m: &Map<String, Value>) -> Result<(), Refusal> {
         for r in &self.required {
             if !m.contains_key(r) {
-                return Err(format!("missing required argument `{}`", join(at, r)));
+                return Err(Refusal {
+                    path: vec![Seg::Key(r.clone())],
+                    what: What::Missing,
+                });
             }
         }
         for (k, v) in m {
-            let len = at.len();
-            if !at.is_empty() {
-                at.push('.');
-            }
-            at.push_str(k);
             let r = match self.properties.get(k) {
-                Some(s) => s.check(v, at),
+                Some(s) => s.check(v),
                 None => match &self.additional {
-                    Some(s) => s.check(v, at),
+                    Some(s) => s.check(v),
                     None if self.additional_allowed => Ok(()),
-                    None => Err(format!("unknown argument `{at}`")),
+                    None => Err(Refusal {
+                        path: Vec::new(),
+                        what: What::Unknown,
+                    }),
                 },
             };
-            at.truncate(len);
-            r?;
+            r.map_err(|e| e.inside(Seg::Key(k.clone())))?;
         }
         Ok(())
     }
 }
 
-fn join(at: &str, k: &str) -> String {
-    if at.is_empty() {
-        k.to_string()
-    } else {
-        format!("{at}.{k}")
+/// Why a value was refused, and where (innermost segment first while unwinding).
+struct Refusal {
+    path: Vec<Seg>,
+    what: What,
+}
+
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+enum What {
+    Value(String),
+    Missing,
+    Unknown,
+}
+
+impl Refusal {
+    fn at_value(msg: String) -> Refusal {
+        Refusal {
+            path: Vec::new(),
+            what: What::Value(msg),
+        }
+    }
+    fn inside(mut self, seg: Seg) -> Refusal {
+        self.path.push(seg);
+        self
+    }
+    fn render(self) -> String {
+        let mut at = String::new();
+        for seg in self.path.iter().rev() {
+            match seg {
+                Seg::Key(k) => {
+                    if !at.is_empty() {
+                        at.push('.');
+                    }
+                    at.push_str(k);
+                }
+                Seg::Index(i) => at.push_str(&format!("[{i}]")),
+            }
+        }
+        match self.what {
+            What::Missing => format!("missing required argument `{at}`"),
+            What::Unknown => format!("unknown argument `{at}`"),
+            What::Value(msg) if at.is_empty() => format!("the arguments {msg}"),
+            What::Value(msg) => format!("`{at}` {msg}"),
+        }
     }
 }
 

@@ -18,3 +18,5 @@ pub mod gate;
 pub mod image;
 pub mod kvm;
 pub mod services;
+pub mod timing;
+pub mod vm_event;

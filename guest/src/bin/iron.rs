@@ -1,4 +1,373 @@
-fn main() {
-    eprintln!("iron: not implemented yet");
-    std::process::exit(5)
+//! iron: the guest's client of the gate (docs/image.md, "iron").
+//!
+//!   iron call [--json] TOOL [JSON|-]   one tools/call; exit 0 ok, 3 denied, 4 error, 5 unreachable
+//!   iron list                          the tools the policy could allow
+//!   iron mcp                           an MCP stdio server relaying to the gate
+//!   iron bench [-n N] [-c C] [--tool T --args JSON]
+//!
+//! It connects to vsock CID 2 port 1, or to `$IRON_GATE` (`unix:PATH`,
+//! `vsock:PORT`, `vsock:CID:PORT`).
+
+use std::io::{self, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::process::ExitCode;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use ironvmm_guest::conn::GateAddr;
+use ironvmm_guest::rpc::{
+    read_line_limited, tool_output, CallError, Client, EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE,
+    MAX_LINE,
+};
+use ironvmm_guest::stats::summarize;
+use serde_json::{json, Value};
+
+const USAGE: &str = "usage:
+  iron call [--json] TOOL [JSON|-]   call a tool (JSON arguments, '-' reads them from stdin)
+  iron list                          list the tools the policy could allow
+  iron mcp                           MCP stdio server relaying to the gate
+  iron bench [-n N] [-c C] [--tool T --args JSON]
+                                     N calls over C connections (default: 1000 pings on 1)
+The gate is vsock CID 2 port 1, or $IRON_GATE (unix:PATH | vsock:PORT | vsock:CID:PORT).
+Exit codes: 0 ok, 3 denied, 4 tool or protocol error (and bad usage), 5 gate unreachable.";
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("iron: {msg}\n{USAGE}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(sub) = args.first() else {
+        return usage_error("no command");
+    };
+    let rest = &args[1..];
+    let addr = match GateAddr::from_env() {
+        Ok(a) => a,
+        Err(e) => return usage_error(&e),
+    };
+    match sub.as_str() {
+        "call" => call(&addr, rest),
+        "list" => list(&addr),
+        "mcp" => mcp(&addr),
+        "bench" => bench(&addr, rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "-V" | "--version" => {
+            println!("iron {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        other => usage_error(&format!("unknown command {other:?}")),
+    }
+}
+
+fn fail(e: &CallError) -> ExitCode {
+    eprintln!("iron: {e}");
+    ExitCode::from(e.exit_code())
+}
+
+fn connect(addr: &GateAddr) -> Result<Client, CallError> {
+    let mut c = Client::connect(addr)?;
+    c.initialize()?;
+    Ok(c)
+}
+
+fn call(addr: &GateAddr, args: &[String]) -> ExitCode {
+    let mut raw_json = false;
+    let mut pos = Vec::new();
+    for a in args {
+        match a.as_str() {
+            "--json" => raw_json = true,
+            _ => pos.push(a.as_str()),
+        }
+    }
+    let (tool, arg_text) = match pos.as_slice() {
+        [tool] => (*tool, "{}".to_string()),
+        [tool, "-"] => {
+            let mut s = String::new();
+            if let Err(e) = io::stdin().read_to_string(&mut s) {
+                return usage_error(&format!("reading arguments from stdin: {e}"));
+            }
+            (*tool, s)
+        }
+        [tool, j] => (*tool, j.to_string()),
+        _ => return usage_error("call needs TOOL and at most one JSON argument"),
+    };
+    let arguments: Value = match serde_json::from_str(&arg_text) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return usage_error("the arguments must be a JSON object"),
+        Err(e) => return usage_error(&format!("the arguments are not JSON: {e}")),
+    };
+    let result = connect(addr).and_then(|mut c| c.call_tool(tool, arguments));
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if raw_json {
+        println!("{result}");
+    }
+    match tool_output(&result) {
+        Ok(text) => {
+            if !raw_json {
+                print_text(&text);
+            }
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints text as is, with a final newline only if it lacks one.
+fn print_text(text: &str) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    if !text.is_empty() && !text.ends_with('\n') {
+        let _ = out.write_all(b"\n");
+    }
+    let _ = out.flush();
+}
+
+fn list(addr: &GateAddr) -> ExitCode {
+    let result = connect(addr).and_then(|mut c| c.request("tools/list", json!({})));
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    let Some(tools) = result.get("tools").and_then(Value::as_array) else {
+        return fail(&CallError::Protocol(
+            "tools/list result has no tools".into(),
+        ));
+    };
+    for t in tools {
+        let name = t.get("name").and_then(Value::as_str).unwrap_or("?");
+        let desc = t.get("description").and_then(Value::as_str).unwrap_or("");
+        println!("{name:<20} {desc}");
+    }
+    ExitCode::from(EXIT_OK)
+}
+
+/// Relays MCP messages line by line between stdio and the gate. The gate speaks
+/// MCP itself, so the client's own `initialize` goes straight through.
+fn mcp(addr: &GateAddr) -> ExitCode {
+    let stream = match addr.connect() {
+        Ok(s) => s,
+        Err(e) => return fail(&CallError::Unreachable(format!("{addr}: {e}"))),
+    };
+    let mut to_gate = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return fail(&CallError::Unreachable(format!("{addr}: {e}"))),
+    };
+    std::thread::spawn(move || {
+        let mut stdin = io::stdin().lock();
+        loop {
+            match read_line_limited(&mut stdin, MAX_LINE) {
+                Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Some(mut line)) => {
+                    line.push(b'\n');
+                    if to_gate.write_all(&line).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("iron mcp: reading stdin: {e}");
+                    break;
+                }
+            }
+        }
+        // The client is done: let the gate answer what is in flight, then end.
+        let _ = to_gate.shutdown(Shutdown::Write);
+        std::thread::sleep(Duration::from_secs(5));
+        std::process::exit(0);
+    });
+    let mut from_gate = BufReader::with_capacity(64 * 1024, stream);
+    let mut stdout = io::stdout().lock();
+    loop {
+        match read_line_limited(&mut from_gate, MAX_LINE) {
+            Ok(Some(mut line)) => {
+                line.push(b'\n');
+                if stdout
+                    .write_all(&line)
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+            Ok(None) => return ExitCode::from(EXIT_OK),
+            Err(e) => {
+                eprintln!("iron mcp: reading from the gate: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    }
+}
+
+/// Per-connection results of `iron bench`.
+#[derive(Default)]
+struct Tally {
+    latencies_ns: Vec<u64>,
+    ok: u64,
+    denied: u64,
+    tool_errors: u64,
+    errors: u64,
+    unreachable: bool,
+    first_error: Option<String>,
+}
+
+fn bench(addr: &GateAddr, args: &[String]) -> ExitCode {
+    let mut n: u64 = 1000;
+    let mut c: u64 = 1;
+    let mut tool: Option<String> = None;
+    let mut tool_args = json!({});
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let parsed: Result<(), String> = (|| {
+            match a.as_str() {
+                "-n" => n = val("-n")?.parse().map_err(|_| "-n needs a number")?,
+                "-c" => c = val("-c")?.parse().map_err(|_| "-c needs a number")?,
+                "--tool" => tool = Some(val("--tool")?),
+                "--args" => {
+                    tool_args = serde_json::from_str(&val("--args")?)
+                        .map_err(|e| format!("--args is not JSON: {e}"))?;
+                    if !tool_args.is_object() {
+                        return Err("--args must be a JSON object".into());
+                    }
+                }
+                other => return Err(format!("unknown bench option {other:?}")),
+            }
+            Ok(())
+        })();
+        if let Err(e) = parsed {
+            return usage_error(&e);
+        }
+    }
+    if n == 0 || c == 0 || c > 1024 {
+        return usage_error("-n must be at least 1, -c between 1 and 1024");
+    }
+    let c = c.min(n);
+    let barrier = Arc::new(Barrier::new(c as usize + 1));
+    let mut handles = Vec::new();
+    for i in 0..c {
+        let share = n / c + u64::from(i < n % c);
+        let (addr, tool, tool_args, barrier) = (
+            addr.clone(),
+            tool.clone(),
+            tool_args.clone(),
+            barrier.clone(),
+        );
+        handles.push(std::thread::spawn(move || {
+            let mut t = Tally::default();
+            let client = connect(&addr);
+            barrier.wait();
+            let mut client = match client {
+                Ok(cl) => cl,
+                Err(e) => {
+                    t.unreachable = matches!(e, CallError::Unreachable(_));
+                    t.errors = share;
+                    t.first_error = Some(e.to_string());
+                    return t;
+                }
+            };
+            t.latencies_ns.reserve(share as usize);
+            for _ in 0..share {
+                let start = Instant::now();
+                let r = match &tool {
+                    Some(name) => client.call_tool(name, tool_args.clone()),
+                    None => client.request("ping", json!({})),
+                };
+                t.latencies_ns.push(start.elapsed().as_nanos() as u64);
+                let r = r.and_then(|v| {
+                    if tool.is_some() {
+                        tool_output(&v).map(|_| ())
+                    } else {
+                        Ok(())
+                    }
+                });
+                match r {
+                    Ok(()) => t.ok += 1,
+                    Err(CallError::Denied(_)) => t.denied += 1,
+                    Err(CallError::Tool(_)) => t.tool_errors += 1,
+                    Err(e @ CallError::Rpc { .. }) => {
+                        t.errors += 1;
+                        t.first_error.get_or_insert(e.to_string());
+                    }
+                    Err(e) => {
+                        // The connection is unusable after a protocol error.
+                        t.first_error.get_or_insert(e.to_string());
+                        t.errors += share - (t.ok + t.denied + t.tool_errors + t.errors);
+                        break;
+                    }
+                }
+            }
+            t
+        }));
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let tallies: Vec<Tally> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let elapsed = start.elapsed();
+
+    let mut all = Vec::with_capacity(n as usize);
+    let (mut ok, mut denied, mut tool_errors, mut errors) = (0, 0, 0, 0);
+    let mut first_error = None;
+    for t in &tallies {
+        all.extend_from_slice(&t.latencies_ns);
+        ok += t.ok;
+        denied += t.denied;
+        tool_errors += t.tool_errors;
+        errors += t.errors;
+        if first_error.is_none() {
+            first_error = t.first_error.clone();
+        }
+    }
+    let s = summarize(&all);
+    let secs = elapsed.as_secs_f64();
+    let replies = ok + denied + tool_errors;
+    let per_sec = if secs > 0.0 {
+        replies as f64 / secs
+    } else {
+        0.0
+    };
+    println!("latency histogram ({} round trips):", s.count);
+    for line in s.histogram_lines() {
+        println!("{line}");
+    }
+    println!(
+        "p50 {:.1} us, p99 {:.1} us, {:.0} calls/s over {c} connection(s)",
+        s.p50_us, s.p99_us, per_sec
+    );
+    if let Some(e) = &first_error {
+        eprintln!("iron bench: first error: {e}");
+    }
+    let mut out = s.to_json();
+    let o = out.as_object_mut().expect("summary is an object");
+    o.insert(
+        "method".into(),
+        json!(if tool.is_some() { "tools/call" } else { "ping" }),
+    );
+    o.insert("tool".into(), json!(tool));
+    o.insert("calls".into(), json!(n));
+    o.insert("connections".into(), json!(c));
+    o.insert("ok".into(), json!(ok));
+    o.insert("denied".into(), json!(denied));
+    o.insert("tool_errors".into(), json!(tool_errors));
+    o.insert("errors".into(), json!(errors));
+    o.insert("elapsed_ms".into(), json!((secs * 1e4).round() / 10.0));
+    o.insert("calls_per_s".into(), json!(per_sec.round()));
+    println!("{out}");
+    if tallies.iter().all(|t| t.unreachable) {
+        ExitCode::from(EXIT_UNREACHABLE)
+    } else if errors > 0 {
+        ExitCode::from(EXIT_ERROR)
+    } else {
+        ExitCode::from(EXIT_OK)
+    }
 }

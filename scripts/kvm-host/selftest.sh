@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Tests of scripts/kvm-host.sh. Each case that boots a software host costs one boot
+# (about 5-15 s here). The last line says "N passed, N failed"; the exit status is 0
+# only when nothing failed.
+#
+#   scripts/kvm-host/selftest.sh [--no-qemu]
+#
+#   --no-qemu   skip the case that runs QEMU as a peer VMM inside the host (it builds a
+#               bigger image once and boots a Linux guest under the host's KVM)
+#
+# Mode: whatever kvm-host.sh picks here (IRONVMM_KVM_HOST is honoured); the cases
+# that need the software host force it.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+kh=$repo/scripts/kvm-host.sh
+with_qemu=yes
+[ "${1:-}" = --no-qemu ] && with_qemu=no
+
+passed=0
+failed=0
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/kvm-host-selftest.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+ok() {
+    passed=$((passed + 1))
+    printf 'ok    %s\n' "$1"
+}
+bad() {
+    failed=$((failed + 1))
+    printf 'FAIL  %s: %s\n' "$1" "$2"
+    [ -f "$tmp/err" ] && tail -n 15 "$tmp/err" | sed 's/^/      | /'
+}
+# Runs kvm-host.sh with a wall-clock bound of its own, so a hang fails the case.
+run() {
+    local limit=$1
+    shift
+    local start=$EPOCHREALTIME
+    timeout -k 5 "$limit" "$kh" "$@" >"$tmp/out" 2>"$tmp/err"
+    rc=$?
+    secs=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+}
+
+# --- the KVM smoke test, run by cargo-test.sh (one boot for a test suite) --------------
+start=$EPOCHREALTIME
+IRONVMM_REQUIRE_KVM=1 timeout -k 5 600 "$here/cargo-test.sh" -q -p ironvmm --test kvm_smoke -- --test-threads=1 >"$tmp/out" 2>"$tmp/err"
+rc=$?
+secs=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+if [ "$rc" = 0 ] && grep -q '^test result: ok. 2 passed' "$tmp/out" && grep -q 'all 1 test binaries passed' "$tmp/out"; then
+    ok "kvm_smoke (capabilities + long-mode guest) on real KVM via cargo-test.sh, status 0 (${secs} s with the build)"
+else
+    bad "kvm_smoke on real KVM" "status $rc, output: $(tail -n 3 "$tmp/out" | tr '\n' ' ')"
+fi
+
+# --- status 7, 10,000 lines intact on stdout, stderr kept apart ----------------------------
+seq 1 10000 | sed 's/^/line /' >"$tmp/expected-out"
+seq 1 500 | sed 's/^/err /' >"$tmp/expected-err"
+IRONVMM_KVM_HOST=software run 300 -q -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; exit 7'
+if [ "$rc" = 7 ] && cmp -s "$tmp/out" "$tmp/expected-out" && cmp -s "$tmp/err" "$tmp/expected-err"; then
+    ok "status 7; 10,000 stdout lines and 500 stderr lines intact (${secs} s)"
+else
+    bad "status 7 + 10,000 lines" "status $rc, stdout $(wc -l <"$tmp/out") lines ($(cmp "$tmp/out" "$tmp/expected-out" 2>&1 | head -n 1)), stderr $(wc -l <"$tmp/err") lines"
+fi
+
+# --- status 1; arguments, environment and working folder as outside ----------------------
+mkdir -p "$tmp/share/sub dir"
+(
+    cd "$tmp/share/sub dir" &&
+        SELFTEST_VALUE="it's \"quoted\" \$x" IRONVMM_KVM_HOST=software run 300 -q --share "$tmp/share" -- \
+            sh -c 'printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
+            sh "a b" "it's" '$HOME' '*' ''
+    echo "$rc $secs" >"$tmp/rc"
+)
+read -r rc secs <"$tmp/rc"
+expected=$(printf '%s\n' '<a b>' "<it's>" '<$HOME>' '<*>' '<>' "it's \"quoted\" \$x" "$tmp/share/sub dir" "$HOME" kvm)
+if [ "$rc" = 1 ] && [ "$(cat "$tmp/out")" = "$expected" ] && [ "$(cat "$tmp/share/sub dir/result" 2>/dev/null)" = written ]; then
+    ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share (${secs} s)"
+else
+    bad "status 1 + arguments" "status $rc, got: $(tr '\n' '|' <"$tmp/out")"
+fi
+
+# --- the same statuses natively (no boot) ------------------------------------------------
+IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native; exit 7'
+if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: status 7, output (${secs} s)"; else bad "native mode" "status $rc"; fi
+
+# --- --timeout stops a command that hangs --------------------------------------------------
+IRONVMM_KVM_HOST=software run 300 -q --timeout 5 -- sleep 600
+if [ "$rc" = 124 ] && grep -q 'did not finish within 5 s' "$tmp/err"; then
+    ok "a hanging COMMAND is stopped by --timeout: status 124 (${secs} s)"
+else
+    bad "--timeout" "status $rc"
+fi
+
+# --- a host that cannot start fails clearly and quickly --------------------------------------
+IRONVMM_KVM_HOST=software IRONVMM_KVM_HOST_KERNEL_DEB=$tmp/no-such-kernel.deb run 60 -- true
+if [ "$rc" = 125 ] && grep -q 'software KVM host could not start: kernel package .*no-such-kernel.deb.* does not exist' "$tmp/err"; then
+    ok "missing kernel package: status 125 and a clear message (${secs} s)"
+else
+    bad "missing kernel package" "status $rc"
+fi
+echo 'not a debian package' >"$tmp/bogus.deb"
+IRONVMM_KVM_HOST=software IRONVMM_KVM_HOST_KERNEL_DEB=$tmp/bogus.deb IRONVMM_CACHE_DIR=$tmp/cache run 60 -- true
+if [ "$rc" = 125 ] && grep -q 'could not start: building the host image from .*bogus.deb failed' "$tmp/err"; then
+    ok "bogus kernel package: status 125 and a clear message (${secs} s)"
+else
+    bad "bogus kernel package" "status $rc"
+fi
+IRONVMM_KVM_HOST=software IRONVMM_KVM_HOST_BOOT_TIMEOUT=1 run 60 -- true
+if [ "$rc" = 125 ] && grep -q 'did not come up within 1 s' "$tmp/err"; then
+    ok "a host that does not come up in time: status 125, console shown (${secs} s)"
+else
+    bad "boot timeout" "status $rc"
+fi
+
+# --- QEMU as a peer VMM inside the host boots a Linux guest under the host's KVM ---------------
+if [ "$with_qemu" = yes ]; then
+    # The guest: the host's own kernel, without a root file system; it panics, and
+    # panic=-1 with reboot=t ends QEMU. Reaching the panic proves the boot ran.
+    image=$(dirname "$(ls -t "${IRONVMM_CACHE_DIR:-$HOME/.cache/ironvmm}"/kvm-host/image-*/kernel 2>/dev/null | head -n 1)")
+    cat >"$tmp/peer.sh" <<EOF
+#!/bin/bash
+start=\$EPOCHREALTIME
+timeout 240 qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 256M -nodefaults -no-user-config \\
+    -display none -serial stdio -no-reboot -kernel '$image/kernel' \\
+    -append 'console=ttyS0 reboot=t panic=-1 loglevel=4' </dev/null >'$tmp/peer.log' 2>&1
+echo "qemu status \$? after \$(awk -v a="\$start" -v b="\$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
+EOF
+    chmod +x "$tmp/peer.sh"
+    IRONVMM_KVM_HOST=software run 580 -q --with-qemu --share "$tmp" --share "$image" -- "$tmp/peer.sh"
+    if [ "$rc" = 0 ] && grep -q 'Kernel panic' "$tmp/peer.log" && grep -q '^qemu status 0 ' "$tmp/out"; then
+        ok "QEMU -M microvm -enable-kvm inside the host boots a Linux guest to its panic ($(cat "$tmp/out"); ${secs} s in all)"
+    else
+        bad "QEMU peer VMM" "status $rc, $(cat "$tmp/out"), guest log: $(tail -n 3 "$tmp/peer.log" 2>/dev/null | tr '\n' '|')"
+    fi
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

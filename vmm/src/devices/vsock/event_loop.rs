@@ -1,0 +1,60 @@
+//! A device thread for the vsock: one epoll over the queue EventFds (the ioeventfds of
+//! QueueNotify), the device's wake EventFd and a stop EventFd. It sleeps in `epoll_wait`
+//! with no timeout, so an idle or stalled guest costs no CPU.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VsockDevice;
+use crate::devices::virtio_mmio::lock;
+
+const WAKE_TOKEN: u64 = 1 << 32;
+const STOP_TOKEN: u64 = (1 << 32) + 1;
+
+/// Runs until `stop_evt` is written. `queue_evts` are the transport's queue EventFds (or
+/// clones of them), in queue order.
+pub fn run(
+    device: Arc<Mutex<VsockDevice>>,
+    queue_evts: Vec<EventFd>,
+    stop_evt: EventFd,
+) -> io::Result<()> {
+    let wake_evt = lock(&device).waker()?;
+    let epoll = Epoll::new()?;
+    let add = |fd: i32, token: u64| {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    };
+    for (i, evt) in queue_evts.iter().enumerate() {
+        add(evt.as_raw_fd(), i as u64)?;
+    }
+    add(wake_evt.as_raw_fd(), WAKE_TOKEN)?;
+    add(stop_evt.as_raw_fd(), STOP_TOKEN)?;
+
+    let mut events = vec![EpollEvent::default(); queue_evts.len() + 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                STOP_TOKEN => return Ok(()),
+                WAKE_TOKEN => lock(&device).handle_wake(),
+                q => {
+                    let q = q as usize;
+                    // Reading resets the counter; several kicks become one pass.
+                    let _ = queue_evts[q].read();
+                    lock(&device).handle_queue_event(q);
+                }
+            }
+        }
+    }
+}

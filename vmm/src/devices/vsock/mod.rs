@@ -1,0 +1,463 @@
+//! The virtio-vsock device: the guest's only egress. Guest stream connections end here, in
+//! the VMM, and their bytes go to a [`StreamHandler`] chosen by a [`PortListener`]; nothing
+//! is ever spliced to a host socket.
+//!
+//! - `packet`     the wire header and copying packets out of / into descriptor chains
+//! - `connection` one connection's state and credit-based flow control
+//! - `muxer`      the connection table and the choice of the next packet for the guest
+//! - `event_loop` an epoll thread that drives the device from its EventFds
+//!
+//! See docs/vsock.md for the limits, their defaults and the threading model.
+
+pub mod connection;
+pub mod event_loop;
+pub mod muxer;
+pub mod packet;
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::virtio_mmio::{new_queues, ActivateError, Interrupt, VirtioDevice};
+use muxer::{warn_rate, Muxer};
+use packet::RxBuffer;
+
+/// The host's CID; the only destination a guest packet may have.
+pub const HOST_CID: u64 = 2;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Feature bit: stream sockets (virtio 1.2, 5.10.3). Seqpacket is not offered.
+pub const VIRTIO_VSOCK_F_STREAM: u32 = 0;
+
+/// A stream handler's refusal to go on; the connection is reset. The reason is logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamError(pub String);
+
+/// Bytes from the guest on one connection, and the replies to them.
+pub trait StreamHandler: Send {
+    /// Bytes from the guest, in order. Reply bytes are appended to `out`.
+    /// `Err` resets the connection.
+    fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError>;
+    /// Called after the device is woken through its waker (see [`VsockDevice::waker`]):
+    /// append output that became ready later, for example the answer to a parked call.
+    /// `Err` resets the connection.
+    fn poll(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
+        let _ = out;
+        Ok(())
+    }
+    /// The connection is gone (guest close or reset, our reset, device reset). Called once.
+    fn on_close(&mut self);
+}
+
+/// Decides which host ports the guest may connect to.
+pub trait PortListener: Send {
+    /// A guest connects from `guest_port` to `host_port`; `None` refuses with an RST.
+    fn accept(&mut self, host_port: u32, guest_port: u32) -> Option<Box<dyn StreamHandler>>;
+}
+
+/// Device configuration and limits. See docs/vsock.md for why the defaults are what they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID, 3 or more.
+    pub guest_cid: u64,
+    /// Open connections at most; a REQUEST beyond it gets an RST.
+    pub max_connections: usize,
+    /// Receive space advertised per connection: guest bytes held before the handler takes them.
+    pub buf_alloc: u32,
+    /// Reply bytes per connection after which the handler is not fed until the guest reads.
+    pub max_pending_output: usize,
+    /// RSTs waiting for rx buffers, for connections that no longer exist.
+    pub max_pending_control: usize,
+    /// Largest payload accepted in one tx packet.
+    pub max_tx_payload: u32,
+}
+
+impl Default for VsockConfig {
+    fn default() -> Self {
+        VsockConfig {
+            guest_cid: 3,
+            max_connections: 128,
+            buf_alloc: 256 * 1024,
+            max_pending_output: 256 * 1024,
+            max_pending_control: 1024,
+            max_tx_payload: 64 * 1024,
+        }
+    }
+}
+
+/// Errors constructing the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is reserved or too large (use 3 to 0xFFFFFFFE)")]
+    BadCid(u64),
+    #[error("vsock limit {0} must be greater than zero")]
+    ZeroLimit(&'static str),
+    #[error("cannot create the vsock wake eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), VsockError> {
+        if !(3..=0xFFFF_FFFE).contains(&self.guest_cid) {
+            return Err(VsockError::BadCid(self.guest_cid));
+        }
+        let limits = [
+            ("max_connections", self.max_connections),
+            ("buf_alloc", self.buf_alloc as usize),
+            ("max_pending_output", self.max_pending_output),
+            ("max_pending_control", self.max_pending_control),
+            ("max_tx_payload", self.max_tx_payload as usize),
+        ];
+        for (name, v) in limits {
+            if v == 0 {
+                return Err(VsockError::ZeroLimit(name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters for tests, diagnostics and the run report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VsockStats {
+    /// Packets the guest sent (tx queue), well-formed ones.
+    pub tx_packets: u64,
+    /// Packets we put in the guest's rx queue.
+    pub rx_packets: u64,
+    /// Payload bytes we sent to the guest.
+    pub rx_bytes: u64,
+    pub connections_opened: u64,
+    /// REQUESTs refused because no listener took the port.
+    pub refused_port: u64,
+    /// REQUESTs refused because `max_connections` were open.
+    pub refused_limit: u64,
+    pub resets_sent: u64,
+    pub credit_overruns: u64,
+    pub handler_errors: u64,
+    pub protocol_errors: u64,
+    /// Packets with a wrong source or destination CID.
+    pub dropped_packets: u64,
+    /// RSTs lost because the control queue was full.
+    pub control_dropped: u64,
+    /// Descriptor chains that could not be used (outside memory, too short...).
+    pub bad_chains: u64,
+}
+
+/// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
+/// thread) and the device thread, which calls [`VsockDevice::handle_queue_event`] and
+/// [`VsockDevice::handle_wake`].
+pub struct VsockDevice {
+    cfg: VsockConfig,
+    queues: Vec<Queue>,
+    mem: Option<GuestMemoryMmap>,
+    interrupt: Option<Arc<Interrupt>>,
+    acked_features: u64,
+    /// A queue became unusable; nothing is processed until the driver resets the device.
+    broken: bool,
+    muxer: Muxer,
+    wake_evt: EventFd,
+}
+
+impl VsockDevice {
+    pub fn new(cfg: VsockConfig, listener: Box<dyn PortListener>) -> Result<Self, VsockError> {
+        cfg.validate()?;
+        Ok(VsockDevice {
+            queues: new_queues(&[QUEUE_MAX_SIZE; 3]),
+            mem: None,
+            interrupt: None,
+            acked_features: 0,
+            broken: false,
+            muxer: Muxer::new(cfg.clone(), listener),
+            wake_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &VsockConfig {
+        &self.cfg
+    }
+
+    /// A handle that wakes the device thread so it calls every handler's `poll`: write 1
+    /// to it from any thread once a handler has late output.
+    pub fn waker(&self) -> std::io::Result<EventFd> {
+        self.wake_evt.try_clone()
+    }
+
+    /// The wake EventFd, for the device thread's epoll set.
+    pub fn wake_evt(&self) -> &EventFd {
+        &self.wake_evt
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.mem.is_some()
+    }
+
+    /// True after a queue error, until the driver resets the device.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    pub fn stats(&self) -> &VsockStats {
+        &self.muxer.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Bytes buffered on a connection: (from the guest, to the guest).
+    pub fn buffered(&self, guest_port: u32, host_port: u32) -> Option<(usize, usize)> {
+        self.muxer.buffered(guest_port, host_port)
+    }
+
+    /// The device thread saw queue `queue`'s EventFd fire.
+    pub fn handle_queue_event(&mut self, queue: usize) {
+        match queue {
+            TX_QUEUE => self.process_tx(),
+            RX_QUEUE => self.process_rx(),
+            // We never send events (they exist for migration), so there is nothing to do.
+            _ => {}
+        }
+    }
+
+    /// The device thread saw the wake EventFd fire.
+    pub fn handle_wake(&mut self) {
+        let _ = self.wake_evt.read();
+        if !self.is_active() || self.broken {
+            return;
+        }
+        self.muxer.poll_all();
+        self.process_rx();
+    }
+
+    /// Takes every packet the guest posted on the tx queue, then sends what it produced.
+    pub fn process_tx(&mut self) {
+        let (Some(mem), false) = (self.mem.as_ref(), self.broken) else {
+            return;
+        };
+        let max = self.cfg.max_tx_payload;
+        let q = &mut self.queues[TX_QUEUE];
+        let res = drain_tx(q, mem, &mut self.muxer, max)
+            .and_then(|used| notify_if_needed(q, mem, used, self.interrupt.as_deref()));
+        if let Err(e) = res {
+            self.fail(TX_QUEUE, e);
+            return;
+        }
+        self.process_rx();
+    }
+
+    /// Fills the guest's rx buffers with pending packets. When the guest has posted none,
+    /// returns at once: the rx queue's notify brings us back, so there is no polling.
+    pub fn process_rx(&mut self) {
+        let (Some(mem), false) = (self.mem.as_ref(), self.broken) else {
+            return;
+        };
+        if !self.muxer.has_rx_work() {
+            return;
+        }
+        let q = &mut self.queues[RX_QUEUE];
+        let res = fill_rx(q, mem, &mut self.muxer)
+            .and_then(|used| notify_if_needed(q, mem, used, self.interrupt.as_deref()));
+        if let Err(e) = res {
+            self.fail(RX_QUEUE, e);
+        }
+    }
+
+    fn fail(&mut self, queue: usize, e: virtio_queue::Error) {
+        log::error!("vsock: queue {queue} unusable ({e}); device needs a reset by the driver");
+        self.broken = true;
+        if let Some(irq) = &self.interrupt {
+            irq.set_needs_reset();
+        }
+    }
+}
+
+fn drain_tx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut Muxer,
+    max_payload: u32,
+) -> Result<bool, virtio_queue::Error> {
+    let mut used = false;
+    loop {
+        // No kicks while we drain; re-enabled (and re-checked) before we sleep.
+        q.disable_notification(mem)?;
+        loop {
+            let next = q.iter(mem)?.next();
+            let Some(chain) = next else { break };
+            let head = chain.head_index();
+            match packet::read_tx(mem, chain, max_payload) {
+                Ok((hdr, data)) => muxer.handle_guest_packet(&hdr, &data),
+                Err(e) => {
+                    muxer.stats.bad_chains += 1;
+                    warn_rate(
+                        muxer.stats.bad_chains,
+                        format_args!("vsock: dropped tx chain {head}: {e}"),
+                    );
+                    if let Some(hdr) = e.header() {
+                        muxer.reset_for_bad_packet(hdr);
+                    }
+                }
+            }
+            q.add_used(mem, head, 0)?;
+            used = true;
+        }
+        if !q.enable_notification(mem)? {
+            return Ok(used);
+        }
+    }
+}
+
+fn fill_rx(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut Muxer,
+) -> Result<bool, virtio_queue::Error> {
+    let mut used = false;
+    loop {
+        q.disable_notification(mem)?;
+        while muxer.has_rx_work() {
+            let next = q.iter(mem)?.next();
+            let Some(chain) = next else { break };
+            let head = chain.head_index();
+            let written = match RxBuffer::new(mem, chain) {
+                Ok(buf) => muxer.fill_rx(buf),
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(Some(len)) => q.add_used(mem, head, len)?,
+                Ok(None) => {
+                    // Nothing was really pending: leave the buffer to the guest.
+                    q.go_to_previous_position();
+                    break;
+                }
+                Err(e) => {
+                    muxer.stats.bad_chains += 1;
+                    warn_rate(
+                        muxer.stats.bad_chains,
+                        format_args!("vsock: dropped rx chain {head}: {e}"),
+                    );
+                    q.add_used(mem, head, 0)?;
+                }
+            }
+            used = true;
+        }
+        if !muxer.has_rx_work() {
+            // Leave notifications off: we only want rx kicks once we are out of buffers.
+            return Ok(used);
+        }
+        // Out of buffers with packets pending: sleep until the guest posts more, unless
+        // some arrived while notifications were off.
+        if !q.enable_notification(mem)? {
+            return Ok(used);
+        }
+    }
+}
+
+fn notify_if_needed(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    used: bool,
+    irq: Option<&Interrupt>,
+) -> Result<(), virtio_queue::Error> {
+    if used && q.needs_notification(mem)? {
+        if let Some(irq) = irq {
+            irq.signal_used_queue();
+        }
+    }
+    Ok(())
+}
+
+impl VirtioDevice for VsockDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_STREAM)
+    }
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let cfg = self.cfg.guest_cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| cfg.get(usize::try_from(o).ok()?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::warn!(
+            "vsock: ignored guest write of {} bytes to read-only config at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: self.queues.len(),
+            });
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(i));
+            }
+            if !q.is_valid(&mem) {
+                return Err(ActivateError::QueueInvalid(i));
+            }
+        }
+        let event_idx = acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &mut self.queues {
+            q.set_event_idx(event_idx);
+        }
+        self.acked_features = acked_features;
+        self.mem = Some(mem);
+        self.interrupt = Some(interrupt);
+        self.broken = false;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.mem = None;
+        self.interrupt = None;
+        self.acked_features = 0;
+        self.broken = false;
+        self.muxer.reset();
+        let _ = self.wake_evt.read();
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        self.muxer.reset();
+    }
+}

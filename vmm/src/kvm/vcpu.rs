@@ -1,0 +1,64 @@
+//! One thread per vCPU: KVM_RUN, and each exit handed to the device bus or turned
+//! into a reason for the VM to stop.
+
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::Bus;
+use crate::timing::Timings;
+use crate::vm_event::{EventSender, VmEvent};
+
+/// Runs `vcpu` until the guest stops it or KVM fails; the reason goes to `events`.
+pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, timings: Arc<Timings>, events: EventSender) {
+    if id == 0 {
+        timings.first_run.set_once();
+    }
+    loop {
+        let stop = match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    bus.pio_write(port, data);
+                    None
+                }
+                VcpuExit::IoIn(port, data) => {
+                    bus.pio_read(port, data);
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    bus.mmio_read(addr, data);
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    bus.mmio_write(addr, data);
+                    None
+                }
+                VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+                // With an in-kernel irqchip HLT does not exit; if it does, this vCPU is done.
+                VcpuExit::Hlt => Some(VmEvent::Crash(format!("vCPU {id} halted before the agent's exit status was reported"))),
+                VcpuExit::Shutdown => Some(VmEvent::Reset(format!("vCPU {id}: triple fault or reset (KVM shutdown exit)"))),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
+                        Some(VmEvent::Reset(format!("vCPU {id}: the guest asked for a system {}", if kind == KVM_SYSTEM_EVENT_RESET { "reset" } else { "shutdown" })))
+                    }
+                    other => Some(VmEvent::Crash(format!("vCPU {id}: unexpected system event {other}"))),
+                },
+                VcpuExit::FailEntry(reason, cpu) => {
+                    Some(VmEvent::Crash(format!("KVM could not enter vCPU {id} (hardware reason {reason:#x}, cpu {cpu})")))
+                }
+                VcpuExit::InternalError => Some(VmEvent::Crash(format!(
+                    "KVM internal error on vCPU {id} (emulation failure); on a PVM host guests cannot boot: run `ironvmm doctor`"
+                ))),
+                other => Some(VmEvent::Crash(format!("vCPU {id}: unhandled exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VmEvent::Fatal(format!("KVM_RUN failed on vCPU {id}: {e}"))),
+        };
+        if let Some(ev) = stop {
+            // The receiver may be gone when the VM is already ending; nothing to do then.
+            let _ = events.send(ev);
+            return;
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
+//! map memory, add devices, load the kernel, set up vCPUs, run until an event.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::cpu_state;
+use super::layout::{KBD_IRQ, KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ};
+use super::{cpuid, loader, memory, mptable};
+use crate::devices::bus::{lock, Bus, IrqTrigger, MmioDevice};
+use crate::devices::console::ConsoleOut;
+use crate::devices::status_port::StatusPort;
+use crate::timing::Timings;
+use crate::vm_event::{EventSender, VmEvent};
+
+/// What to boot and how.
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub kernel: Vec<u8>,
+    pub initrd: Vec<u8>,
+    pub cmdline: String,
+}
+
+/// Why the VM could not be built; each maps to one exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot use KVM: {0}")]
+    Kvm(String),
+    #[error("{0}")]
+    Memory(#[from] memory::MemoryError),
+    #[error("guest kernel: {0}")]
+    Load(#[from] loader::LoadError),
+    #[error("{0}")]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("vCPU set-up: {0}")]
+    Cpu(#[from] cpu_state::CpuStateError),
+    #[error("{0} vCPUs requested; ironvmm runs 1 to {max}", max = MAX_VCPUS)]
+    VcpuCount(u8),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl VmError {
+    /// 126 for a kernel that cannot be loaded, 125 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmError::Load(_) => crate::exit::BAD_IMAGE,
+            _ => crate::exit::VMM_ERROR,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(format!("{what}: {e}"))
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    AgentExit(u8),
+    Timeout,
+    Interrupted,
+    Crash(String),
+    Fatal(String),
+}
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    pub bus: Arc<Bus>,
+    vcpus: Vec<VcpuFd>,
+    events_tx: EventSender,
+    events_rx: Receiver<VmEvent>,
+    pub timings: Arc<Timings>,
+}
+
+impl Vm {
+    /// Steps 1–4: KVM, VM with irqchip and PIT, guest memory, legacy devices.
+    /// The kernel is loaded by `boot` once the caller has added its MMIO devices.
+    pub fn create(
+        mem_mib: u64,
+        vcpus: u8,
+        console: ConsoleOut,
+        timings: Arc<Timings>,
+    ) -> Result<Vm, VmError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(vcpus));
+        }
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(mem_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmError::Io(format!("guest memory region {slot}: {e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
+            // for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let (events_tx, events_rx) = channel();
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let kbd_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        fd.register_irqfd(&kbd_irq, KBD_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
+        let serial = Serial::new(IrqTrigger(serial_irq), console);
+        let status = StatusPort::new(timings.clone(), events_tx.clone());
+        let bus = Bus::new(serial, IrqTrigger(kbd_irq), events_tx.clone(), status);
+        timings.vm_created.set_once();
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            mem,
+            bus: Arc::new(bus),
+            vcpus: Vec::new(),
+            events_tx,
+            events_rx,
+            timings,
+        })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn events(&self) -> EventSender {
+        self.events_tx.clone()
+    }
+
+    /// Adds an MMIO device before boot; only possible while no vCPU runs.
+    pub fn add_mmio(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Arc<Mutex<dyn MmioDevice>>,
+    ) -> Result<(), VmError> {
+        Arc::get_mut(&mut self.bus)
+            .ok_or_else(|| VmError::Io("devices can only be added before boot".into()))?
+            .add_mmio(base, len, dev);
+        Ok(())
+    }
+
+    /// Steps 5–6: kernel, initramfs, command line, MP table; vCPUs with CPUID,
+    /// MSRs, registers and LAPIC.
+    pub fn load(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
+        let entry = loader::load(
+            &self.mem,
+            cfg.mem_mib << 20,
+            &cfg.kernel,
+            &cfg.initrd,
+            &cfg.cmdline,
+        )?;
+        mptable::write(&self.mem, cfg.vcpus)?;
+        let kvm = &self._kvm;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+        let msrs = msr_list.as_slice().to_vec();
+        for id in 0..cfg.vcpus {
+            let vcpu = self
+                .fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&supported, id, cfg.vcpus))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            cpu_state::set_msrs(&vcpu, &msrs)?;
+            cpu_state::set_lint(&vcpu)?;
+            if id == 0 {
+                // The others wait in the in-kernel LAPIC for the guest's INIT/SIPI.
+                vcpu.set_regs(&cpu_state::boot_regs(entry.mode, entry.addr))
+                    .map_err(kvm_err("KVM_SET_REGS"))?;
+                cpu_state::set_sregs(&vcpu, &self.mem, entry.mode)?;
+                cpu_state::set_fpu(&vcpu)?;
+            }
+            self.vcpus.push(vcpu);
+        }
+        self.timings.kernel_loaded.set_once();
+        Ok(())
+    }
+
+    /// Step 7: one thread per vCPU, then wait for the first reason to stop, the
+    /// deadline, or Ctrl-C.
+    pub fn run(
+        mut self,
+        timeout: Option<Duration>,
+        interrupts: &AtomicUsize,
+    ) -> (Outcome, Arc<Bus>) {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (bus, timings, events) = (
+                self.bus.clone(),
+                self.timings.clone(),
+                self.events_tx.clone(),
+            );
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || super::vcpu::run(vcpu, id as u8, bus, timings, events));
+            if let Err(e) = spawned {
+                return (
+                    Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
+                    self.bus,
+                );
+            }
+        }
+        let outcome = loop {
+            if interrupts.load(Ordering::Relaxed) > 0 {
+                break Outcome::Interrupted;
+            }
+            let mut wait = Duration::from_millis(50);
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Outcome::Timeout;
+                }
+                wait = wait.min(left);
+            }
+            match self.events_rx.recv_timeout(wait) {
+                Ok(VmEvent::AgentExit(code)) => break Outcome::AgentExit(code),
+                Ok(VmEvent::Reset(why)) | Ok(VmEvent::Crash(why)) => break Outcome::Crash(why),
+                Ok(VmEvent::Fatal(why)) => break Outcome::Fatal(why),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Outcome::Fatal("every vCPU thread ended".into())
+                }
+            }
+        };
+        let _ = lock(&self.bus.serial).writer_mut().flush_console();
+        (outcome, self.bus)
+    }
+
+    /// The raw fd, for the device threads that poll alongside.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl ConsoleOut {
+    /// Flushes buffered console output (named so it reads clearly at call sites).
+    pub fn flush_console(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(self)
+    }
+}
