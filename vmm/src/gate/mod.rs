@@ -14,6 +14,7 @@ pub mod json;
 pub mod policy;
 pub mod rpc;
 pub mod setup;
+pub mod vsock;
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -46,7 +47,7 @@ impl Default for GateLimits {
         GateLimits {
             max_frame: DEFAULT_MAX_FRAME,
             max_buffered: 2 * DEFAULT_MAX_FRAME,
-            max_output: 4 * DEFAULT_MAX_FRAME,
+            max_output: DEFAULT_MAX_FRAME,
         }
     }
 }
