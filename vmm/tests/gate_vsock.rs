@@ -8,14 +8,14 @@ mod vsock_common;
 use gate_common::*;
 use ironvmm::devices::vsock::packet::op;
 use ironvmm::devices::vsock::{VsockConfig, RX_QUEUE};
-use ironvmm::gate::vsock::GateListener;
+use ironvmm::gate::vsock_ports::GatePorts;
 use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsock_common::*;
 
 fn guest(fx: &Fixture) -> Guest {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let listener = GateListener::new(fx.gate.clone(), None);
+    let listener = GatePorts::new(fx.gate.clone());
     let mut g = Guest::with_listener(
         VsockConfig::default(),
         mem,
@@ -72,7 +72,7 @@ fn port_1_is_the_gate_and_other_ports_are_refused() {
     );
     assert_eq!(r[1]["error"]["code"], -32001);
     let recs = fx.records();
-    assert_eq!(recs[1]["conn"], "vsock:1000");
+    assert_eq!(recs[1]["conn"], "vsock:1000#1");
     assert_eq!(recs[1]["decision"], "allow");
     assert_eq!(recs[3]["decision"], "deny");
 

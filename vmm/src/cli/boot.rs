@@ -5,9 +5,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::SyncMode;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
+use crate::devices::vsock::VsockConfig;
 use crate::exit;
+use crate::gate::setup::{self, GateConfig};
+use crate::gate::vsock_ports::GatePorts;
+use crate::gate::GateLimits;
+use crate::image::copy_in::{copy_in_cpio, CopyIn};
 use crate::kvm::vm::{Outcome, Vm, VmConfig};
 use crate::timing::Timings;
 
@@ -21,9 +27,25 @@ pub struct BootArgs {
     /// The guest image (tar with manifest.json, vmlinux, initramfs.cpio).
     #[arg(required_unless_present = "kernel")]
     pub image: Option<PathBuf>,
-    /// The policy that decides every request of the guest.
+    /// The policy that decides every request of the guest (required: a VM never
+    /// runs without one).
     #[arg(long)]
-    pub policy: Option<PathBuf>,
+    pub policy: PathBuf,
+    /// Host folder the fs service serves to the guest as /workspace.
+    #[arg(long, value_name = "DIR")]
+    pub workspace: Option<PathBuf>,
+    /// Snapshot SRC into the guest's RAM at GUESTPATH (default /work); no per-file decisions.
+    #[arg(long = "copy-in", value_name = "SRC[:GUESTPATH]")]
+    pub copy_in: Vec<String>,
+    /// The audit log (default: $XDG_STATE_HOME/ironvmm/audit/VM.jsonl).
+    #[arg(long, value_name = "FILE")]
+    pub audit: Option<PathBuf>,
+    /// always: fsync before every service call; batch: at most every 10 ms.
+    #[arg(long, value_name = "MODE", default_value = "always")]
+    pub audit_sync: SyncMode,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..0xffff_ffff))]
+    pub cid: u64,
     /// Guest memory, e.g. 128M or 1G (default: the image's, else 128M).
     #[arg(long, value_parser = parse_size_mib)]
     pub mem: Option<u64>,
@@ -118,6 +140,7 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
 
 /// What the image gave us to boot.
 struct Payload {
+    image_sha256: Option<String>,
     kernel: Vec<u8>,
     initrd: Vec<u8>,
     cmdline: String,
@@ -142,6 +165,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
             .transpose()?
             .unwrap_or_default();
         return Ok(Payload {
+            image_sha256: None,
             kernel: read(k, "kernel")?,
             initrd,
             cmdline: a.cmdline.clone(),
@@ -156,6 +180,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
     let img = crate::image::GuestImage::open(path).map_err(|e| (exit::BAD_IMAGE, e.to_string()))?;
     let m = &img.manifest;
     Ok(Payload {
+        image_sha256: Some(img.sha256().to_string()),
         cmdline: m.cmdline.clone(),
         mem_mib: u64::from(m.mem_mib),
         cpus: u8::try_from(m.cpus).unwrap_or(u8::MAX),
@@ -164,27 +189,120 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
     })
 }
 
+/// A VM id unique on this host: the audit log and `ironvmm ps` name VMs by it.
+fn vm_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("vm-{ms}-{}", std::process::id())
+}
+
+fn console_sink(spec: &str) -> Result<ConsoleOut, String> {
+    Ok(match spec {
+        // SAFETY: isatty only inspects the fd.
+        "stdout" => ConsoleOut::new(
+            Some(Box::new(std::io::stdout())),
+            unsafe { libc::isatty(1) } == 1,
+        ),
+        "off" => ConsoleOut::new(None, false),
+        file => match std::fs::File::create(file) {
+            Ok(f) => ConsoleOut::new(Some(Box::new(f)), false),
+            Err(e) => return Err(format!("--console {file}: {e}")),
+        },
+    })
+}
+
+/// Appends the `--copy-in` snapshot as a second cpio archive: the kernel unpacks
+/// concatenated archives, each starting 4-byte aligned.
+fn append_copy_in(initrd: &mut Vec<u8>, specs: &[String], mem_mib: u64) -> Result<(), String> {
+    if specs.is_empty() {
+        return Ok(());
+    }
+    let items = specs
+        .iter()
+        .map(|s| CopyIn::parse(s).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let extra = copy_in_cpio(&items, (mem_mib << 20) / 2).map_err(|e| e.to_string())?;
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend_from_slice(&extra);
+    Ok(())
+}
+
 pub fn run(a: BootArgs) -> u8 {
     let timings = Arc::new(Timings::default());
-    let p = match payload(&a) {
+    let mut p = match payload(&a) {
         Ok(p) => p,
         Err((code, msg)) => return fail(code, msg),
     };
     let mem_mib = a.mem.unwrap_or(p.mem_mib);
     let cpus = a.cpus.unwrap_or(p.cpus);
-    let (sink, filter): (Option<Box<dyn std::io::Write + Send>>, bool) = match a.console.as_str() {
-        "stdout" => (
-            Some(Box::new(std::io::stdout())),
-            unsafe { libc::isatty(1) } == 1,
-        ),
-        "off" => (None, false),
-        file => match std::fs::File::create(file) {
-            Ok(f) => (Some(Box::new(f)), false),
-            Err(e) => return fail(exit::VMM_ERROR, format!("--console {file}: {e}")),
-        },
+    if let Err(e) = append_copy_in(&mut p.initrd, &a.copy_in, mem_mib) {
+        return fail(exit::VMM_ERROR, format!("--copy-in: {e}"));
+    }
+
+    // The policy and the audit log come before the VM: a VM never runs ungated.
+    let vm = vm_id();
+    let mut gate_cfg = GateConfig {
+        policy: a.policy.clone(),
+        workspace: a.workspace.clone(),
+        audit: a.audit.clone(),
+        audit_sync: a.audit_sync,
+        limits: GateLimits::default(),
+        vm: vm.clone(),
+        image_sha256: p.image_sha256.clone(),
+        flags: serde_json::Value::Null,
     };
-    let console = ConsoleOut::new(sink, filter);
-    let cmdline = [BASE_CMDLINE, p.cmdline.trim()]
+    gate_cfg.flags = setup::gate_flags("boot", &gate_cfg);
+    let opened = match setup::open_gate(&gate_cfg) {
+        Ok(o) => o,
+        Err(e) => return fail(e.code, e.message),
+    };
+    if !opened.warnings.is_empty() {
+        eprint!("{}", opened.warnings);
+    }
+    let gate = opened.gate;
+    let audit = opened.audit;
+    let finish = |code: u8| -> u8 {
+        if let Some(f) = audit.failure() {
+            return fail(
+                exit::VMM_ERROR,
+                format!("the audit log can no longer be written, stopping: {f}"),
+            );
+        }
+        match audit.close(Some(i32::from(code))) {
+            Ok(_) => code,
+            Err(e) => fail(
+                exit::VMM_ERROR,
+                format!(
+                    "cannot close the audit log {}: {e}",
+                    opened.audit_path.display()
+                ),
+            ),
+        }
+    };
+
+    // Said in one line before trying, rather than after minutes of emulation.
+    if let Some(refusal) = crate::kvm::capability::check().refusal() {
+        return finish(fail(exit::VMM_ERROR, refusal));
+    }
+    let console = match console_sink(&a.console) {
+        Ok(c) => c,
+        Err(e) => return finish(fail(exit::VMM_ERROR, e)),
+    };
+    let mut vm = match Vm::create(mem_mib, cpus, console, timings.clone()) {
+        Ok(vm) => vm,
+        Err(e) => return finish(fail(e.exit_code(), e)),
+    };
+    let vsock = VsockConfig {
+        guest_cid: a.cid,
+        ..VsockConfig::default()
+    };
+    let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
+        Ok(entry) => entry,
+        Err(e) => return finish(fail(e.exit_code(), e)),
+    };
+    let cmdline = [BASE_CMDLINE, &vsock_entry, p.cmdline.trim()]
         .join(" ")
         .trim()
         .to_string();
@@ -195,29 +313,27 @@ pub fn run(a: BootArgs) -> u8 {
         initrd: p.initrd,
         cmdline,
     };
-
-    let mut vm = match Vm::create(mem_mib, cpus, console, timings.clone()) {
-        Ok(vm) => vm,
-        Err(e) => return fail(e.exit_code(), e),
-    };
     if let Err(e) = vm.load(&cfg) {
-        return fail(e.exit_code(), e);
+        return finish(fail(e.exit_code(), e));
     }
     drop(cfg);
+
     install_sigint();
+    // SAFETY: isatty only inspects the fd.
     let forward_stdin = a.console == "stdout" && unsafe { libc::isatty(0) } == 1;
     if forward_stdin {
         console_input::enter_char_mode();
     }
     console_input::spawn(vm.bus.serial.clone(), forward_stdin);
-    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
+    let gate_for_check = gate.clone();
+    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
     console_input::restore_terminal();
     timings.exit.set_once();
     if a.timings {
         eprintln!("{}", timings.to_json());
     }
     let panic_line = crate::devices::bus::lock(&bus.serial).writer().panic_line();
-    match outcome {
+    let code = match outcome {
         Outcome::AgentExit(code) => {
             if code >= exit::TIMEOUT {
                 eprintln!("ironvmm: the agent itself exited with status {code}");
@@ -240,7 +356,8 @@ pub fn run(a: BootArgs) -> u8 {
             ),
         },
         Outcome::Fatal(why) => fail(exit::VMM_ERROR, why),
-    }
+    };
+    finish(code)
 }
 
 #[cfg(test)]

@@ -45,7 +45,13 @@ pub enum Command {
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
 pub fn main() -> u8 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return usage_exit_code(&e);
+        }
+    };
     match cli.command {
         Command::Boot(a) => boot::run(a),
         Command::Policy(c) => policy::run(c),
@@ -54,5 +60,23 @@ pub fn main() -> u8 {
         Command::Image(c) => image::run(c),
         Command::Tools(a) => tools::run(a),
         Command::Doctor(a) => doctor::run(a),
+    }
+}
+
+/// Help and version exit 0. A usage error exits 125 for `boot` (interfaces.md:
+/// bad flags are ironvmm's own failure) and 2, clap's usual code, elsewhere.
+fn usage_exit_code(e: &clap::Error) -> u8 {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        return 0;
+    }
+    match std::env::args().nth(1).as_deref() {
+        Some("boot") | Some("run") => crate::exit::VMM_ERROR,
+        _ => 2,
     }
 }

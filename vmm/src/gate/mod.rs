@@ -14,7 +14,7 @@ pub mod json;
 pub mod policy;
 pub mod rpc;
 pub mod setup;
-pub mod vsock;
+pub mod vsock_ports;
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};

@@ -11,17 +11,23 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cpu_state;
-use super::layout::{KBD_IRQ, KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ};
+use super::layout::{
+    KBD_IRQ, KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
+};
 use super::{cpuid, loader, memory, mptable};
 use crate::devices::bus::{lock, Bus, IrqTrigger, MmioDevice};
 use crate::devices::console::ConsoleOut;
 use crate::devices::status_port::StatusPort;
+use crate::devices::virtio_mmio::{
+    cmdline_entry, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice};
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
 
@@ -224,10 +230,13 @@ impl Vm {
 
     /// Step 7: one thread per vCPU, then wait for the first reason to stop, the
     /// deadline, or Ctrl-C.
+    /// `fatal` is asked every 50 ms whether ironvmm must stop the VM (for example
+    /// when the audit log can no longer be written).
     pub fn run(
         mut self,
         timeout: Option<Duration>,
         interrupts: &AtomicUsize,
+        fatal: &dyn Fn() -> Option<String>,
     ) -> (Outcome, Arc<Bus>) {
         let deadline = timeout.map(|t| Instant::now() + t);
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -249,6 +258,9 @@ impl Vm {
         let outcome = loop {
             if interrupts.load(Ordering::Relaxed) > 0 {
                 break Outcome::Interrupted;
+            }
+            if let Some(why) = fatal() {
+                break Outcome::Fatal(why);
             }
             let mut wait = Duration::from_millis(50);
             if let Some(d) = deadline {
@@ -275,6 +287,69 @@ impl Vm {
     /// The raw fd, for the device threads that poll alongside.
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
+    }
+
+    /// Adds the virtio-mmio vsock, the guest's only egress: MMIO window, QueueNotify
+    /// ioeventfds, irqfd and its device thread. Returns the kernel command-line entry
+    /// that announces it.
+    pub fn attach_vsock(
+        &mut self,
+        cfg: VsockConfig,
+        listener: Box<dyn PortListener>,
+    ) -> Result<String, VmError> {
+        let (base, irq) = (VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE);
+        let dev =
+            VsockDevice::new(cfg, listener).map_err(|e| VmError::Io(format!("vsock: {e}")))?;
+        let dev = Arc::new(Mutex::new(dev));
+        let transport = MmioTransport::new(dev.clone(), self.mem.clone())
+            .map_err(|e| VmError::Io(format!("vsock transport: {e}")))?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            self.fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    i as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD (vsock queue notify)"))?;
+        }
+        self.fd
+            .register_irqfd(transport.interrupt().evt(), irq)
+            .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+        let evts = transport
+            .queue_evts()
+            .iter()
+            .map(|e| e.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        let stop =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        let events = self.events_tx.clone();
+        thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || {
+                // The device thread ending (an error, or a panic in a handler) leaves the
+                // guest without its gate: stop the VM rather than let calls hang.
+                let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    event_loop::run(dev, evts, stop)
+                })) {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => format!("the vsock device thread failed: {e}"),
+                    Err(_) => "the vsock device thread panicked".to_string(),
+                };
+                let _ = events.send(VmEvent::Fatal(why));
+            })
+            .map_err(|e| VmError::Io(format!("cannot start the vsock thread: {e}")))?;
+        self.add_mmio(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
+        Ok(cmdline_entry(base, irq))
+    }
+}
+
+impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data)
     }
 }
 
