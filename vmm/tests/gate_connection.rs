@@ -318,7 +318,15 @@ fn ten_thousand_calls_in_a_row_lose_nothing() {
         ));
         pending.push(b'\n');
         if pending.len() > 16 * 1024 || i + 1 == n {
-            c.on_data(&pending, &mut out).unwrap();
+            // As a transport does: take the replies, then let the backlog go on.
+            let mut chunk = Vec::new();
+            c.on_data(&pending, &mut chunk).unwrap();
+            out.extend_from_slice(&chunk);
+            while c.has_backlog() {
+                chunk.clear();
+                c.resume(&mut chunk).unwrap();
+                out.extend_from_slice(&chunk);
+            }
             pending.clear();
         }
     }
@@ -541,4 +549,19 @@ fn a_panicking_service_is_an_error_outcome_not_a_crash() {
     assert_eq!(fx.records()[2]["status"], "error");
     let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
     assert_eq!(r[0]["result"], json!({}));
+}
+
+#[test]
+fn a_tool_no_service_here_offers_is_denied_as_unknown() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    let r = roundtrip(
+        &mut c,
+        &call_frame(1, "mail.send", json!({"to": "x@example.com"})),
+    );
+    assert_eq!(
+        r[0]["error"]["data"],
+        json!({"decision": "deny", "rule": null, "decided_by": "invariant", "reason": "unknown tool"})
+    );
+    assert_eq!(fx.records()[1]["tool"], "mail.send");
 }

@@ -47,7 +47,7 @@ impl Default for GateLimits {
         GateLimits {
             max_frame: DEFAULT_MAX_FRAME,
             max_buffered: 2 * DEFAULT_MAX_FRAME,
-            max_output: 4 * DEFAULT_MAX_FRAME,
+            max_output: DEFAULT_MAX_FRAME,
         }
     }
 }
@@ -192,17 +192,22 @@ impl Gate {
         if let Some(f) = self.fatal() {
             return deny(out, id, None, DecidedBy::Invariant, &f);
         }
-        // A bug in the engine must not take the VMM down, nor let the call through.
-        let ruling = match panic::catch_unwind(AssertUnwindSafe(|| {
-            self.decider.decide(&call.tool, &call.args)
-        })) {
-            Ok(r) => r,
-            Err(_) => DecisionRef {
-                verdict: Verdict::Deny,
-                rule: None,
-                by: DecidedBy::Invariant,
-                reason: "internal error in the policy engine".into(),
-            },
+        let invariant = |reason: &'static str| DecisionRef {
+            verdict: Verdict::Deny,
+            rule: None,
+            by: DecidedBy::Invariant,
+            reason: reason.into(),
+        };
+        // The catalog the policy knows lists every builtin tool; a tool this gate does
+        // not serve (fs without --workspace) is an unknown tool here.
+        let ruling = if !self.services.offers(&call.tool) {
+            invariant("unknown tool")
+        } else {
+            // A bug in the engine must not take the VMM down, nor let the call through.
+            panic::catch_unwind(AssertUnwindSafe(|| {
+                self.decider.decide(&call.tool, &call.args)
+            }))
+            .unwrap_or_else(|_| invariant("internal error in the policy engine"))
         };
         let policy_ns = t0.elapsed().as_nanos() as u64;
         // Until approvals exist, nobody can answer an ask: it resolves as deny.

@@ -29,8 +29,9 @@ pub const MAX_LIST: usize = 10_000;
 
 /// The catalog entries of the fs tools.
 pub fn tool_specs() -> Vec<ToolSpec> {
-    let path =
-        json!({"type": "string", "description": "absolute under /workspace, or relative to it"});
+    // 4096: PATH_MAX; longer paths could never be opened anyway.
+    let path = json!({"type": "string", "maxLength": 4096,
+                      "description": "absolute under /workspace, or relative to it"});
     let obj = |props: Value, required: &[&str]| {
         json!({"type": "object", "properties": props, "required": required,
                "additionalProperties": false})
