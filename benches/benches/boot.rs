@@ -106,8 +106,18 @@ fn rss_of(mut cmd: Command) -> Option<u64> {
 }
 
 fn ironvmm_cmd(bin: &Path, img: &Path) -> Command {
+    // The agent makes no calls; a VM still never boots without a policy and a log.
+    let work = img.parent().unwrap();
+    let policy = work.join("deny-all.rules");
+    std::fs::write(&policy, "version 1\ndefault deny\n").unwrap();
+    let audit = work.join("audit.jsonl");
+    let _ = std::fs::remove_file(&audit);
     let mut c = Command::new(bin);
     c.arg("boot")
+        .arg("--policy")
+        .arg(policy)
+        .arg("--audit")
+        .arg(audit)
         .arg(img)
         .args(["--mem", &format!("{MEM_MIB}M"), "--timeout", "60s"]);
     c
@@ -155,6 +165,7 @@ fn main() {
         sh(&mut Command::new(root.join("scripts/build-guest.sh")));
         let kernel = last_line(&sh(&mut Command::new(root.join("scripts/build-kernel.sh"))));
         let status = Command::new(root.join("scripts/kvm-host.sh"))
+            .arg("--with-qemu")
             .arg("--share")
             .arg(&cache)
             .arg("--")
@@ -188,9 +199,7 @@ fn main() {
         "{} reboot=t",
         ironvmm::cli::boot::BASE_CMDLINE.replace("reboot=k", "")
     );
-    let host = if std::path::Path::new("/proc/ironvmm-kvm-host").exists()
-        || std::env::var("IRONVMM_KVM_HOST_INSIDE").is_ok()
-    {
+    let host = if std::env::var("KVM_HOST").as_deref() == Ok("software") {
         "the software KVM host (QEMU TCG, nested SVM)"
     } else {
         "this host's KVM"

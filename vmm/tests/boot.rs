@@ -61,14 +61,21 @@ fn ironvmm_boot(img: &Path) -> Command {
         .arg("--policy")
         .arg(deny_all())
         .arg("--audit")
-        .arg(scratch(&format!("audit-{}.jsonl", img.file_stem().unwrap().to_string_lossy())))
+        .arg(scratch(&format!(
+            "audit-{}.jsonl",
+            img.file_stem().unwrap().to_string_lossy()
+        )))
         .arg(img);
     c
 }
 
 fn boot(img: &Path, args: &[&str]) -> (Output, Duration) {
     let t = Instant::now();
-    let o = ironvmm_boot(img).args(args).args(["--timeout", "60s"]).output().unwrap();
+    let o = ironvmm_boot(img)
+        .args(args)
+        .args(["--timeout", "60s"])
+        .output()
+        .unwrap();
     (o, t.elapsed())
 }
 

@@ -12,7 +12,9 @@ fn ironvmm() -> &'static str {
 }
 
 fn kernel() -> PathBuf {
-    PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"))
+    PathBuf::from(
+        std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"),
+    )
 }
 
 /// A fresh folder for one test: workspace, policy, image, audit log.
@@ -47,7 +49,11 @@ fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
         .arg(&img)
         .output()
         .unwrap();
-    assert!(o.status.success(), "image build: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "image build: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = Command::new(ironvmm())
         .arg("boot")
         .arg("--policy")
@@ -106,24 +112,43 @@ exit 0
     assert_eq!(marker(&out, "read_ok"), "0");
     assert_eq!(marker(&out, "read_outside"), "3", "denied → iron exits 3");
     assert_eq!(marker(&out, "read_climb"), "3");
-    assert_ne!(marker(&out, "read_symlink"), "0", "a symlink out of the workspace must not be followed");
+    assert_ne!(
+        marker(&out, "read_symlink"),
+        "0",
+        "a symlink out of the workspace must not be followed"
+    );
     assert!(!out.contains("host secret"), "{out}");
     assert_eq!(marker(&out, "mkdir"), "0");
     assert_eq!(marker(&out, "write_ok"), "0");
     assert_eq!(marker(&out, "write_denied"), "3");
-    assert_eq!(std::fs::read_to_string(dir.join("ws/out/result.txt")).unwrap(), "written by the guest\n");
-    assert_eq!(std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(), "hello from the host\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ws/out/result.txt")).unwrap(),
+        "written by the guest\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(),
+        "hello from the host\n"
+    );
 
     let recs = audit_records(&dir);
     assert_eq!(recs.first().unwrap()["kind"], "open");
     assert_eq!(recs.last().unwrap()["kind"], "close");
     let decisions: Vec<_> = recs.iter().filter(|r| r["kind"] == "decision").collect();
-    let find = |path: &str| decisions.iter().find(|r| r["args"]["path"] == path).unwrap_or_else(|| panic!("no decision for {path}"));
+    let find = |path: &str| {
+        decisions
+            .iter()
+            .find(|r| r["args"]["path"] == path)
+            .unwrap_or_else(|| panic!("no decision for {path}"))
+    };
     assert_eq!(find("/workspace/hello.txt")["decision"], "allow");
     assert_eq!(find("/workspace/hello.txt")["rule"], 2);
     assert_eq!(find("/etc/passwd")["decision"], "deny");
     assert_eq!(find("/etc/passwd")["decided_by"], "default");
-    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("audit.jsonl")).output().unwrap();
+    let v = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 
     // Tampering with any decision is detected.
@@ -131,7 +156,11 @@ exit 0
     let tampered = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
     assert_ne!(text, tampered);
     std::fs::write(dir.join("tampered.jsonl"), tampered).unwrap();
-    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("tampered.jsonl")).output().unwrap();
+    let v = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("tampered.jsonl"))
+        .output()
+        .unwrap();
     assert!(!v.status.success(), "a tampered log verified");
 }
 
@@ -155,11 +184,24 @@ exit 0
     let one: serde_json::Value = serde_json::from_str(marker(&out, "one_json")).unwrap();
     let hundred: serde_json::Value = serde_json::from_str(marker(&out, "hundred_json")).unwrap();
     eprintln!("1 connection: {one}\n100 connections: {hundred}");
-    let decisions = audit_records(&dir).iter().filter(|r| r["kind"] == "decision" && r["decision"] == "allow").count();
-    let outcomes = audit_records(&dir).iter().filter(|r| r["kind"] == "outcome" && r["status"] == "ok").count();
-    assert_eq!(decisions, 11_000, "every call decided and audited, none lost");
+    let decisions = audit_records(&dir)
+        .iter()
+        .filter(|r| r["kind"] == "decision" && r["decision"] == "allow")
+        .count();
+    let outcomes = audit_records(&dir)
+        .iter()
+        .filter(|r| r["kind"] == "outcome" && r["status"] == "ok")
+        .count();
+    assert_eq!(
+        decisions, 11_000,
+        "every call decided and audited, none lost"
+    );
     assert_eq!(outcomes, 11_000);
-    let v = Command::new(ironvmm()).args(["audit", "verify"]).arg(dir.join("audit.jsonl")).output().unwrap();
+    let v = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
 
@@ -188,8 +230,11 @@ exit 0
     );
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
     let code = |name: &str| -> i64 {
-        let v: serde_json::Value = serde_json::from_str(marker(&out, name)).unwrap_or_else(|e| panic!("{name}: {e}\n{out}"));
-        v["error"]["code"].as_i64().unwrap_or_else(|| panic!("{name}: no error code in {v}"))
+        let v: serde_json::Value = serde_json::from_str(marker(&out, name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{out}"));
+        v["error"]["code"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name}: no error code in {v}"))
     };
     assert_eq!(code("malformed"), -32700);
     assert_eq!(code("dupkeys"), -32700);
@@ -197,8 +242,16 @@ exit 0
     assert_eq!(code("batch"), -32600);
     assert_eq!(code("deep"), -32600);
     assert!(marker(&out, "toolong").contains("-32600"), "{out}");
-    assert_eq!(marker(&out, "midframe_rc"), "0", "a half frame gets no reply and no crash");
-    assert_eq!(marker(&out, "otherport_rc"), "5", "any port but 1 is refused");
+    assert_eq!(
+        marker(&out, "midframe_rc"),
+        "0",
+        "a half frame gets no reply and no crash"
+    );
+    assert_eq!(
+        marker(&out, "otherport_rc"),
+        "5",
+        "any port but 1 is refused"
+    );
     assert!(out.contains("still fine"), "{out}");
     assert_eq!(marker(&out, "after_rc"), "0");
 }

@@ -116,7 +116,6 @@ fn a_large_read_flows_through_many_rx_buffers() {
 /// Three ~1 MiB replies: the second and third frames wait in the connection's backlog
 /// (max_output) until the device calls `StreamHandler::poll` after the guest read.
 #[test]
-#[ignore = "needs the vsock device to call StreamHandler::poll when its output drains (devices/vsock/connection.rs feed)"]
 fn pipelined_large_reads_continue_after_the_guest_reads() {
     large_reads(3);
 }

@@ -388,7 +388,9 @@ fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--port" => match (it.next().and_then(|p| p.parse().ok()), &addr) {
-                (Some(port), GateAddr::Vsock { cid, .. }) => addr = GateAddr::Vsock { cid: *cid, port },
+                (Some(port), GateAddr::Vsock { cid, .. }) => {
+                    addr = GateAddr::Vsock { cid: *cid, port }
+                }
                 (Some(_), _) => return usage_error("--port applies to a vsock gate only"),
                 (None, _) => return usage_error("--port needs a number"),
             },

@@ -332,6 +332,14 @@ pub fn run(a: BootArgs) -> u8 {
     if a.timings {
         eprintln!("{}", timings.to_json());
     }
+    if std::env::var_os("IRONVMM_EXIT_STATS").is_some() {
+        // For benchmarks: how many exits reached userspace (docs/benchmarks.md).
+        let ((pio, mmio), (upio, ummio)) = (bus.exits(), bus.unknown_accesses());
+        eprintln!(
+            "{}",
+            serde_json::json!({"vm_exits": {"pio": pio, "mmio": mmio, "unknown_pio": upio, "unknown_mmio": ummio}})
+        );
+    }
     let panic_line = crate::devices::bus::lock(&bus.serial).writer().panic_line();
     let code = match outcome {
         Outcome::AgentExit(code) => {

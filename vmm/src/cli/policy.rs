@@ -125,16 +125,16 @@ pub fn run(cmd: PolicyCommand) -> u8 {
     }
 }
 
-/// The catalog `--catalog builtin` gives until the services provide theirs: the
-/// example catalog, compiled in.
-pub fn builtin_catalog_json() -> &'static str {
-    include_str!("../../../examples/catalog.json")
+/// The catalog of `--catalog builtin`: the services compiled into ironvmm, exactly
+/// what `ironvmm tools --json` prints.
+pub fn builtin_catalog_json() -> String {
+    crate::services::builtin_catalog_json().to_string()
 }
 
 fn load_catalog(spec: Option<&str>) -> Result<Option<Catalog>, String> {
     let Some(spec) = spec else { return Ok(None) };
     let text = if spec == "builtin" {
-        builtin_catalog_json().to_string()
+        builtin_catalog_json()
     } else {
         std::fs::read_to_string(spec).map_err(|e| format!("cannot read catalog `{spec}`: {e}"))?
     };

@@ -55,6 +55,9 @@ pub struct Bus {
     mmio: Vec<MmioRange>,
     unknown_pio: AtomicU64,
     unknown_mmio: AtomicU64,
+    /// Every port and MMIO exit that reached userspace: the cost benchmarks report.
+    pio_exits: AtomicU64,
+    mmio_exits: AtomicU64,
 }
 
 impl Bus {
@@ -71,6 +74,8 @@ impl Bus {
             mmio: Vec::new(),
             unknown_pio: AtomicU64::new(0),
             unknown_mmio: AtomicU64::new(0),
+            pio_exits: AtomicU64::new(0),
+            mmio_exits: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +84,7 @@ impl Bus {
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.pio_exits.fetch_add(1, Ordering::Relaxed);
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
                 data[0] = lock(&self.serial).read((p - SERIAL_PORT) as u8);
@@ -95,6 +101,7 @@ impl Bus {
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio_exits.fetch_add(1, Ordering::Relaxed);
         match port {
             p if (SERIAL_PORT..SERIAL_PORT + 8).contains(&p) && data.len() == 1 => {
                 // A console write error is the sink's problem, not the guest's.
@@ -118,6 +125,7 @@ impl Bus {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
         match self.find_mmio(addr, data.len()) {
             Some((r, off)) => lock(&r.dev).read(off, data),
             None => {
@@ -128,12 +136,21 @@ impl Bus {
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio_exits.fetch_add(1, Ordering::Relaxed);
         match self.find_mmio(addr, data.len()) {
             Some((r, off)) => lock(&r.dev).write(off, data),
             None => {
                 self.unknown_mmio.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Userspace exits so far: (port I/O, MMIO).
+    pub fn exits(&self) -> (u64, u64) {
+        (
+            self.pio_exits.load(Ordering::Relaxed),
+            self.mmio_exits.load(Ordering::Relaxed),
+        )
     }
 
     /// Accesses that reached no device: (port I/O, MMIO).

@@ -200,6 +200,17 @@ impl Connection {
             // Reuse the allocation for the next burst.
             self.inbound = data;
             self.inbound.clear();
+        } else if !self.closing && self.inbound.is_empty() && self.backlog_ok() {
+            // The guest read what we had for it: the handler may have held replies back
+            // (a pipelining guest); without this its connection would stall.
+            let out = if self.guest_rcv_closed {
+                &mut Vec::new()
+            } else {
+                &mut self.outbound
+            };
+            if let Err(e) = self.handler.poll(out) {
+                return self.handler_failed(e);
+            }
         }
         self.check_credit_update();
         Verdict::Keep
