@@ -129,14 +129,17 @@ fn timeout_stops_a_sleeping_agent_with_124() {
     let img = image("sleep", "sleep 100", &[]);
     let t = Instant::now();
     let o = ironvmm_boot(&img)
-        .args(["--timeout", "2s", "--console", "off"])
+        .args(["--timeout", "2s", "--console", "off", "--timings"])
         .output()
         .unwrap();
     let took = t.elapsed();
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(124), "{err}");
     assert!(err.contains("timeout"), "{err}");
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // Far sooner than the agent's 100 s. Under emulation (the software KVM host, a
+    // debug build) setting up and tearing down the VM alone takes seconds.
+    assert!(took < Duration::from_secs(40), "took {took:?}: {err}");
+    eprintln!("--timeout 2s returned after {took:?}: {err}");
 }
 
 #[test]
@@ -165,12 +168,21 @@ fn cpus_and_memory_are_what_was_asked() {
 
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
-fn a_panicking_guest_exits_128_with_a_reason() {
-    // Killing PID 1 panics the kernel; panic=-1 resets it at once.
-    let img = image("panic", "kill -SEGV 1; sleep 5", &[]);
+fn a_guest_that_dies_before_its_status_exits_128_with_a_reason() {
+    // A kernel panic (no init to run): panic=-1 resets at once, and the reason
+    // given is the kernel's own panic line.
+    let img = image("panic", "true", &["--cmdline", "rdinit=/no/such/init"]);
     let (o, _) = boot(&img, &["--console", "off"]);
     let (_, err) = text(&o);
-    assert!(matches!(o.status.code(), Some(128) | Some(139)), "{err}");
+    assert_eq!(o.status.code(), Some(128), "{err}");
+    assert!(err.contains("Kernel panic"), "{err}");
+
+    // A reset behind ironinit's back, before any exit status was reported.
+    let img = image("reset", "reboot -f; sleep 30", &[]);
+    let (o, _) = boot(&img, &["--console", "off"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(128), "{err}");
+    assert!(err.contains("before reporting an exit status"), "{err}");
 }
 
 #[test]

@@ -221,10 +221,13 @@ awk 'BEGIN { s = "["; for (i = 0; i < 100; i++) s = s "["; print s }' | iron sen
 head -c 1100000 /dev/zero | tr '\0' 'a' | iron send | cut -c1-200 | sed 's/^/toolong=/'; echo "toolong_rc=$?"
 printf '{"jsonrpc":"2.0","id":7,"method":"pi' | iron send; echo "midframe_rc=$?"
 printf '{"jsonrpc":"2.0","id":1,"method":"ping"}\n' | iron send --port 9; echo "otherport_rc=$?"
-yes '{"jsonrpc":"2.0","id":1,"method":"ping"}' | head -n 20000 | iron send --no-read 5 &
-sleep 1
+# A guest that floods requests and never reads its replies: it blocks on its own
+# full window; the VMM neither spins nor buffers without bound, and serves others.
+yes '{"jsonrpc":"2.0","id":1,"method":"ping"}' | head -n 20000 | iron send --no-read 60 &
+flood=$!
+sleep 2
 iron call fs.read '{"path":"/workspace/ok.txt"}'; echo "after_rc=$?"
-wait
+kill $flood 2>/dev/null
 exit 0
 "#,
     );
