@@ -126,8 +126,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 apt_install() {
     command -v apt-get >/dev/null || fail "missing $*, and there is no apt-get to install it"
     kh_log "installing $* with apt-get"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2 ||
-        { as_root apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >&2; } ||
+    as_root env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends "$@" >&2 ||
+        { as_root timeout 600 apt-get update -q >&2 && as_root env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q --no-install-recommends "$@" >&2; } ||
         fail "could not install $* (run: sudo apt-get install $*)"
 }
 
@@ -151,7 +151,7 @@ else
     command -v apt-cache >/dev/null || fail "no apt-cache to find the kernel package; set IRONVMM_KVM_HOST_KERNEL_DEB to a linux-image .deb"
     kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     if [ -z "$kpkg" ]; then
-        as_root apt-get update -q >&2 || true
+        as_root timeout 600 apt-get update -q >&2 || true
         kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     fi
     [ -n "$kpkg" ] || fail "apt knows no linux-image-amd64 package (is this Debian with an amd64 archive?)"
@@ -159,11 +159,15 @@ else
     kernel_deb=$(ls "$cache/debs/${kpkg}_${kver//:/%3a}_"*.deb 2>/dev/null | head -n 1)
     if [ -z "$kernel_deb" ]; then
         kh_log "downloading kernel package $kpkg $kver (about 70 MB, once)"
-        (cd "$cache/debs" && apt-get download -q "$kpkg" >&2 2>/dev/null) ||
-            (cd "$cache/debs" && as_root apt-get update -q >&2 && apt-get download -q "$kpkg" >&2) ||
-            fail "could not download $kpkg with apt-get download"
-        kernel_deb=$(ls "$cache/debs/${kpkg}_"*.deb 2>/dev/null | head -n 1)
-        [ -n "$kernel_deb" ] || fail "apt-get download $kpkg left no .deb in $cache/debs"
+        # Into a fresh folder first: an interrupted download must not look cached.
+        dl=$(mktemp -d "$cache/debs/download.XXXXXX") || fail "cannot write to $cache/debs"
+        (cd "$dl" && timeout 900 apt-get download -q "$kpkg" >&2 2>/dev/null) ||
+            (cd "$dl" && as_root timeout 600 apt-get update -q >&2 && timeout 900 apt-get download -q "$kpkg" >&2) ||
+            { rm -rf "$dl"; fail "could not download $kpkg with apt-get download"; }
+        got=$(ls "$dl/${kpkg}_"*.deb 2>/dev/null | head -n 1)
+        [ -n "$got" ] || { rm -rf "$dl"; fail "apt-get download $kpkg left no .deb"; }
+        mv "$got" "$cache/debs/" && rm -rf "$dl"
+        kernel_deb=$cache/debs/$(basename "$got")
     fi
     echo "$kernel_deb" >"$cache/debs/current"
 fi
@@ -188,7 +192,7 @@ if [ ! -f "$image/initrd.cpio" ]; then
     (
         exec 9>"$cache/build.lock"
         flock -w 600 9 || exit 1
-        [ -f "$image/initrd.cpio" ] || KH_QUIET=$KH_QUIET "$script_dir/kvm-host/build-image.sh" "${build_flags[@]}" "$image" "$kernel_deb"
+        [ -f "$image/initrd.cpio" ] || KH_QUIET=$KH_QUIET bash ${KH_BUILD_TRACE:+-x} "$script_dir/kvm-host/build-image.sh" "${build_flags[@]}" "$image" "$kernel_deb"
     ) || fail "building the host image from $kernel_deb failed (see above)"
     # Keep the three most recently used images (a kernel update makes a new one).
     ls -dt "$cache"/image-* 2>/dev/null | grep -v '\.tmp\.' | tail -n +4 | xargs -r rm -rf
@@ -252,6 +256,8 @@ cmd_path=$(type -P "$1") || {
     kh_err "COMMAND '$1' not found (PATH=$PATH)"
     exit 127
 }
+# Absolute, so that it still names the same file if run.sh has to cd elsewhere.
+case $cmd_path in /*) ;; *) cmd_path=$PWD/$cmd_path ;; esac
 bins+=("$cmd_path")
 for a in "${@:2}" ${IRONVMM_KVM_HOST_BINS:-}; do
     [ -f "$a" ] && [ -x "$a" ] && bins+=("$(realpath "$a")")
@@ -314,25 +320,27 @@ if [ -n "${IRONVMM_KVM_HOST_VERBOSE:-}" ]; then
     tailpid=$!
 fi
 
-# The watchdog bounds both phases: the boot, then COMMAND.
+# The watchdog bounds both phases, in wall-clock time: the boot, then COMMAND.
 (
-    waited=0
+    launched=$EPOCHREALTIME
+    boot_deadline=$((SECONDS + boot_timeout))
+    cmd_deadline=
     while kill -0 "$qpid" 2>/dev/null; do
-        if [ ! -e "$ctl/ready" ] && [ "$waited" -ge $((boot_timeout * 10)) ]; then
-            echo boot >"$run_dir/timeout"
-            kill "$qpid"
-            exit
-        fi
-        if [ -e "$ctl/ready" ] && [ ! -e "$run_dir/ready_at" ]; then
-            echo "$waited" >"$run_dir/ready_at"
-        fi
-        if [ -e "$run_dir/ready_at" ] && [ $((waited - $(cat "$run_dir/ready_at"))) -ge $((timeout_s * 10)) ]; then
+        if [ -z "$cmd_deadline" ]; then
+            if [ -e "$ctl/ready" ]; then
+                cmd_deadline=$((SECONDS + timeout_s))
+                awk -v a="$launched" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f\n", b - a }' >"$run_dir/ready_at"
+            elif [ "$SECONDS" -ge "$boot_deadline" ]; then
+                echo boot >"$run_dir/timeout"
+                kill "$qpid"
+                exit
+            fi
+        elif [ "$SECONDS" -ge "$cmd_deadline" ]; then
             echo command >"$run_dir/timeout"
             kill "$qpid"
             exit
         fi
         sleep 0.1
-        waited=$((waited + 1))
     done
 ) &
 watchdog=$!
@@ -369,7 +377,7 @@ fi
 if [ -n "$status" ] && [[ $status =~ ^[0-9]+$ ]]; then
     up=$(cat "$ctl/ready" 2>/dev/null || echo '?')
     ready_at=$(cat "$run_dir/ready_at" 2>/dev/null || echo 0)
-    kh_log "COMMAND exited with $status ($(awk -v a="$t0" -v b="$t1" -v r="$ready_at" 'BEGIN { printf "%.1f s in all; host ready %.1f s after launch", b - a, r / 10 }'), kernel uptime ${up} s)"
+    kh_log "COMMAND exited with $status ($(awk -v a="$t0" -v b="$t1" -v r="$ready_at" 'BEGIN { printf "%.1f s in all; host ready %.1f s after launch", b - a, r }'), kernel uptime ${up} s)"
     exit "$status"
 fi
 

@@ -46,7 +46,7 @@ dpkg-deb -x "$deb" "$work/kernel" || {
     kh_err "cannot unpack kernel package $deb"
     exit 1
 }
-vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n 1)
+vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null || true)
 [ -n "$vmlinuz" ] || {
     kh_err "$deb holds no /boot/vmlinuz-*: is it a linux-image package?"
     exit 1
@@ -71,7 +71,8 @@ find_module() {
 }
 is_builtin() {
     local n=${1//-/_}
-    [ -f "$moddir/modules.builtin" ] && sed 's/-/_/g' "$moddir/modules.builtin" | grep -q "/$n\.ko$"
+    [ -f "$moddir/modules.builtin" ] &&
+        awk -v n="$n" '{ gsub("-", "_") } $0 ~ ("/" n "\\.ko$") { f = 1 } END { exit !f }' "$moddir/modules.builtin"
 }
 
 declare -A seen=()
@@ -144,7 +145,9 @@ kh_copy_with_libs "$root" "$(type -P bash)"
 # The C and Rust runtime libraries, so that binaries in shared folders run even when
 # a script starts them (kvm-host.sh copies libraries only for the binaries it sees).
 for lib in libc.so.6 libm.so.6 libgcc_s.so.1 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1; do
-    path=$(/sbin/ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')
+    # (awk reads to the end: an early exit would kill ldconfig with SIGPIPE, which
+    # pipefail and set -e turn into a failed build.)
+    path=$(/sbin/ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l && /x86-64/ && !p { p = $NF } END { print p }')
     [ -n "$path" ] && kh_copy_file "$root" "$path"
 done
 if [ "$with_qemu" = yes ]; then
@@ -184,7 +187,8 @@ if command -v readelf >/dev/null; then
         # The decompressor complains about the bytes after the payload: ignore its status.
         tail -c +$((off + 1)) "$vmlinuz" | $cmd >"$work/vmlinux" 2>/dev/null || true
         # XEN_ELFNOTE_PHYS32_ENTRY (type 0x12) marks the PVH entry point.
-        if LC_ALL=C readelf -n "$work/vmlinux" 2>/dev/null | grep -q -E '^ *Xen .*(\(0x00000012\)|PHYS32)'; then
+        notes=$(LC_ALL=C readelf -n "$work/vmlinux" 2>/dev/null || true)
+        if grep -q -E '^ *Xen .*(\(0x00000012\)|PHYS32)' <<<"$notes"; then
             kernel=$work/vmlinux
             kh_log "kernel: uncompressed $name vmlinux with a PVH entry"
         fi
