@@ -394,6 +394,8 @@ command)
 esac
 if [ -f "$ctl/failed" ]; then
     kh_err "the software KVM host could not start: $(cat "$ctl/failed")"
+elif grep -q '^IRONVMM-KVM-HOST-FAILED' "$console" 2>/dev/null; then
+    kh_err "the software KVM host could not start: $(sed -n 's/^IRONVMM-KVM-HOST-FAILED //p' "$console" | head -n 1)"
 elif [ -f "$ctl/ready" ]; then
     kh_err "the software KVM host stopped before COMMAND's status came back (QEMU exit $qemu_rc)"
 else

@@ -83,9 +83,16 @@ cat /run/err >"$err_dev" &
 errpid=$!
 sh /.kvm-host/run.sh >/run/out 2>/run/err </dev/null
 status=$?
-# Each cat ends when COMMAND (and whatever it left running with the pipe open) has
-# closed its end; virtio-serial hands each write to QEMU before it returns.
+# Each cat ends when COMMAND has closed its end of the pipe; virtio-serial hands each
+# write to QEMU before it returns. A process COMMAND left running could hold the pipe
+# open for ever: after 5 s its output is cut off.
+(
+    sleep 5
+    kill "$outpid" "$errpid"
+) 2>/dev/null &
+killer=$!
 wait "$outpid" "$errpid"
+kill "$killer" 2>/dev/null
 
 echo "$status" >/.kvm-host/status.tmp && mv /.kvm-host/status.tmp /.kvm-host/status
 sync

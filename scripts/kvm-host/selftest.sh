@@ -68,14 +68,14 @@ mkdir -p "$tmp/share/sub dir"
 (
     cd "$tmp/share/sub dir" &&
         SELFTEST_VALUE="it's \"quoted\" \$x" IRONVMM_KVM_HOST=software run 300 -q --share "$tmp/share" -- \
-            sh -c 'printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
+            sh -c 'sleep 1000 & printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
             sh "a b" "it's" '$HOME' '*' ''
     echo "$rc $secs" >"$tmp/rc"
 )
 read -r rc secs <"$tmp/rc"
 expected=$(printf '%s\n' '<a b>' "<it's>" '<$HOME>' '<*>' '<>' "it's \"quoted\" \$x" "$tmp/share/sub dir" "$HOME" kvm)
 if [ "$rc" = 1 ] && [ "$(cat "$tmp/out")" = "$expected" ] && [ "$(cat "$tmp/share/sub dir/result" 2>/dev/null)" = written ]; then
-    ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share (${secs} s)"
+    ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share, a process left behind (${secs} s)"
 else
     bad "status 1 + arguments" "status $rc, got: $(tr '\n' '|' <"$tmp/out")"
 fi
@@ -85,9 +85,9 @@ IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native; exit 7'
 if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: status 7, output (${secs} s)"; else bad "native mode" "status $rc"; fi
 
 # --- --timeout stops a command that hangs --------------------------------------------------
-IRONVMM_KVM_HOST=software run 300 -q --timeout 5 -- sleep 600
-if [ "$rc" = 124 ] && grep -q 'did not finish within 5 s' "$tmp/err"; then
-    ok "a hanging COMMAND is stopped by --timeout: status 124 (${secs} s)"
+IRONVMM_KVM_HOST=software run 300 -q --timeout 5 --cpus 2 --mem 1G -- sh -c 'nproc; sleep 600'
+if [ "$rc" = 124 ] && grep -q 'did not finish within 5 s' "$tmp/err" && [ "$(cat "$tmp/out")" = 2 ]; then
+    ok "a hanging COMMAND is stopped by --timeout: status 124; --cpus 2 (${secs} s)"
 else
     bad "--timeout" "status $rc"
 fi
