@@ -176,11 +176,19 @@ fi
 qemu_bin=$(type -P qemu-system-x86_64)
 # Files are keyed by path, size and mtime (hashing the 70 MB kernel package each run
 # would cost seconds); the scripts that build the image by content.
+qemu_inputs=()
+if [ "$with_qemu" = yes ]; then
+    mapfile -t qemu_inputs < <(echo "$qemu_bin"; kh_ldd_libs "$qemu_bin"; find /usr/share/qemu /usr/share/seabios -type f 2>/dev/null | LC_ALL=C sort)
+fi
+# The runtime libraries the image carries (see build-image.sh), so a libc update
+# rebuilds it.
+mapfile -t lib_inputs < <(kh_ldd_libs "$(type -P bash)"
+    /sbin/ldconfig -p 2>/dev/null | awk '$1 ~ /^lib(c|m|gcc_s|pthread|dl|rt|util)\.so\.[0-9]+$/ && /x86-64/ { print $NF }')
 image_key=$(
     {
         sha256sum "$script_dir/kvm-host/build-image.sh" "$script_dir/kvm-host/init.sh" "$script_dir/kvm-host/lib.sh" | cut -d' ' -f1
-        stat -L -c '%n %s %Y' "$kernel_deb" "$(type -P busybox)" "$qemu_bin" "$(type -P bash)" $(kh_ldd_libs "$qemu_bin")
-        find /usr/share/qemu /usr/share/seabios -type f 2>/dev/null | LC_ALL=C sort | xargs -r stat -c '%n %s %Y'
+        stat -L -c '%n %s %Y' "$kernel_deb" "$(type -P busybox)" "$(type -P bash)" "${qemu_inputs[@]}"
+        stat -L -c '%n %s %Y' "${lib_inputs[@]}"
         echo "with-qemu=$with_qemu"
     } | sha256sum | cut -c1-16
 )
@@ -195,6 +203,7 @@ if [ ! -f "$image/initrd.cpio" ]; then
         [ -f "$image/initrd.cpio" ] || KH_QUIET=$KH_QUIET bash ${KH_BUILD_TRACE:+-x} "$script_dir/kvm-host/build-image.sh" "${build_flags[@]}" "$image" "$kernel_deb"
     ) || fail "building the host image from $kernel_deb failed (see above)"
     # Keep the three most recently used images (a kernel update makes a new one).
+    # shellcheck disable=SC2010 # our own names (image-HEX), and ls -t sorts by age
     ls -dt "$cache"/image-* 2>/dev/null | grep -v '\.tmp\.' | tail -n +4 | xargs -r rm -rf
 fi
 touch "$image"

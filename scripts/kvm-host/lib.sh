@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of scripts/kvm-host.sh and scripts/kvm-host/build-image.sh (bash).
 
 kh_log() { [ -n "${KH_QUIET:-}" ] || printf 'kvm-host: %s\n' "$*" >&2; }
