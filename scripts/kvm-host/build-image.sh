@@ -174,7 +174,13 @@ install -m 755 "$here/init.sh" "$root/init"
 # Rust-built tools of the project are not in the image: they run from the shared repo.
 kh_log "packing the initramfs"
 (cd "$root" && find . -mindepth 1 ! -type d | sed 's|^\.||' | sort) >"$work/manifest"
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$work/initrd.cpio"
+if command -v cpio >/dev/null; then
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$work/initrd.cpio"
+else
+    # busybox's cpio writes newc too (files keep the builder's owner; it runs as root
+    # inside either way).
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) >"$work/initrd.cpio"
+fi
 
 # The kernel: the vmlinux inside the bzImage, booted through its PVH entry, skips the
 # decompressor. Falls back to the bzImage when any step does not work out.

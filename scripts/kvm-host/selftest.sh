@@ -55,10 +55,11 @@ fi
 
 # --- status 7, 10,000 lines intact on stdout, stderr kept apart ----------------------------
 seq 1 10000 | sed 's/^/line /' >"$tmp/expected-out"
-seq 1 500 | sed 's/^/err /' >"$tmp/expected-err"
-IRONVMM_KVM_HOST=software run 300 -q -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; exit 7'
+head -c 262144 /dev/urandom >"$tmp/blob"
+{ seq 1 500 | sed 's/^/err /'; cat "$tmp/blob"; } >"$tmp/expected-err"
+IRONVMM_KVM_HOST=software run 300 -q --share "$tmp" -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; cat "$1" >&2; exit 7' sh "$tmp/blob"
 if [ "$rc" = 7 ] && cmp -s "$tmp/out" "$tmp/expected-out" && cmp -s "$tmp/err" "$tmp/expected-err"; then
-    ok "status 7; 10,000 stdout lines and 500 stderr lines intact (${secs} s)"
+    ok "status 7; 10,000 stdout lines, and 500 lines + 256 KiB of random bytes on stderr, intact and apart (${secs} s)"
 else
     bad "status 7 + 10,000 lines" "status $rc, stdout $(wc -l <"$tmp/out") lines ($(cmp "$tmp/out" "$tmp/expected-out" 2>&1 | head -n 1)), stderr $(wc -l <"$tmp/err") lines"
 fi
