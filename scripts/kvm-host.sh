@@ -315,7 +315,7 @@ relay_err=$!
 qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m "$mem" -M pc -nodefaults \
     -display none -monitor none -no-reboot \
     -kernel "$image/kernel" -initrd "$image/initrd.cpio" \
-    -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 mitigations=off" \
+    -append "console=ttyS0 reboot=t panic=-1 quiet loglevel=4 mitigations=off cryptomgr.notests tsc=reliable" \
     -chardev "file,id=con,path=$console" -serial chardev:con \
     -device virtio-serial-pci,max_ports=4 \
     -chardev "file,id=out,path=$run_dir/out" -device virtserialport,chardev=out,name=kh.out \

@@ -27,13 +27,17 @@ out=${1:?usage: build-image.sh OUT_DIR KERNEL_DEB}
 deb=${2:?usage: build-image.sh OUT_DIR KERNEL_DEB}
 
 # Modules wanted, by name; their dependencies are found with modinfo and loaded first.
-# virtio_pci + 9p: the shares; virtio_console: COMMAND's stdout and stderr; kvm-amd: /dev/kvm (QEMU TCG's "max" CPU is an AMD CPU
-# with SVM whatever the real CPU is); vhost_vsock: vsock for a QEMU peer VMM.
-top_modules=(virtio_pci virtio_console 9pnet_virtio 9p kvm-amd vhost_vsock)
+# - virtio_pci + 9p: the shares; virtio_console: COMMAND's stdout and stderr.
+# - kvm-amd: /dev/kvm. QEMU TCG's "max" CPU is an AMD CPU with SVM, whatever the real
+#   CPU is.
+# - vhost_vsock (--with-qemu only): vsock for a QEMU peer VMM. ironvmm's own vsock
+#   device lives in user space and needs no module.
+top_modules=(virtio_pci virtio_console 9pnet_virtio 9p kvm-amd)
+[ "$with_qemu" = yes ] && top_modules+=(vhost_vsock)
 # The order measured in docs/kvm-host.md, used when modinfo is not available.
 fallback_order=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_console
-    9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd
-    vsock vhost_iotlb vhost vmw_vsock_virtio_transport_common vhost_vsock)
+    9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd)
+[ "$with_qemu" = yes ] && fallback_order+=(vsock vhost_iotlb vhost vmw_vsock_virtio_transport_common vhost_vsock)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kvm-host-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -59,7 +59,7 @@ fi
 [ -c /dev/kvm ] || die "/dev/kvm is missing: kvm-amd did not load (dmesg: $(dmesg | grep -i -E 'kvm|svm' | tail -n 3))"
 # Give the VMMs inside the rights they would have outside.
 chmod 666 /dev/kvm
-[ -e /dev/vhost-vsock ] && chmod 666 /dev/vhost-vsock
+if [ -e /dev/vhost-vsock ]; then chmod 666 /dev/vhost-vsock; fi
 
 # COMMAND's stdout and stderr leave through two virtio-serial ports (no tty layer,
 # so bytes pass unchanged and nothing is lost at close).
