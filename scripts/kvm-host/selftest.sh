@@ -86,11 +86,15 @@ IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native; exit 7'
 if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: status 7, output (${secs} s)"; else bad "native mode" "status $rc"; fi
 
 # --- --timeout stops a command that hangs --------------------------------------------------
-IRONVMM_KVM_HOST=software run 300 -q --timeout 5 --cpus 2 --mem 1G -- sh -c 'nproc; sleep 600'
-if [ "$rc" = 124 ] && grep -q 'did not finish within 5 s' "$tmp/err" && [ "$(cat "$tmp/out")" = 2 ]; then
-    ok "a hanging COMMAND is stopped by --timeout: status 124; --cpus 2 (${secs} s)"
+# (and, in the same boot: --cpus, and ironvmm doctor finding hardware KVM there)
+doctor=$(cd "$repo" && cargo build -q -p ironvmm --bin ironvmm --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\/ironvmm\)".*/\1/p' | tail -n 1)
+IRONVMM_KVM_HOST=software run 300 -q --timeout 8 --cpus 2 --mem 1G -- \
+    sh -c 'nproc; "$1" doctor --json | grep -q "\"native\":true" && echo native; sleep 600' sh "${doctor:-ironvmm-not-built}"
+if [ "$rc" = 124 ] && grep -q 'did not finish within 8 s' "$tmp/err" && [ "$(cat "$tmp/out")" = "$(printf '2\nnative')" ]; then
+    ok "a hanging COMMAND is stopped by --timeout: status 124; --cpus 2; ironvmm doctor says native inside (${secs} s)"
 else
-    bad "--timeout" "status $rc"
+    bad "--timeout" "status $rc, output: $(tr '\n' '|' <"$tmp/out")"
 fi
 
 # --- a host that cannot start fails clearly and quickly --------------------------------------
@@ -108,7 +112,7 @@ else
     bad "bogus kernel package" "status $rc"
 fi
 IRONVMM_KVM_HOST=software IRONVMM_KVM_HOST_BOOT_TIMEOUT=1 run 60 -- true
-if [ "$rc" = 125 ] && grep -q 'did not come up within 1 s' "$tmp/err"; then
+if [ "$rc" = 125 ] && grep -q 'did not come up within 1 s' "$tmp/err" && grep -q "last lines of the host's console" "$tmp/err"; then
     ok "a host that does not come up in time: status 125, console shown (${secs} s)"
 else
     bad "boot timeout" "status $rc"
