@@ -370,7 +370,9 @@ wait "$relay_out" "$relay_err"
 [ -n "${tailpid:-}" ] && { sleep 0.2; kill "$tailpid" 2>/dev/null; }
 
 show_console() {
-    kh_err "last lines of the host's console ($console):"
+    # The run folder goes away at exit; keep the console of the last failure.
+    cp "$console" "$cache/last-failure-console.log" 2>/dev/null
+    kh_err "last lines of the host's console (all of it: $cache/last-failure-console.log):"
     tail -n 25 "$console" 2>/dev/null | sed 's/^/    /' >&2
     [ -s "$run_dir/qemu.log" ] && sed 's/^/    qemu: /' "$run_dir/qemu.log" >&2
 }
