@@ -27,13 +27,17 @@ out=${1:?usage: build-image.sh OUT_DIR KERNEL_DEB}
 deb=${2:?usage: build-image.sh OUT_DIR KERNEL_DEB}
 
 # Modules wanted, by name; their dependencies are found with modinfo and loaded first.
-# virtio_pci + 9p: the shares; virtio_console: COMMAND's stdout and stderr; kvm-amd: /dev/kvm (QEMU TCG's "max" CPU is an AMD CPU
-# with SVM whatever the real CPU is); vhost_vsock: vsock for a QEMU peer VMM.
-top_modules=(virtio_pci virtio_console 9pnet_virtio 9p kvm-amd vhost_vsock)
+# - virtio_pci + 9p: the shares; virtio_console: COMMAND's stdout and stderr.
+# - kvm-amd: /dev/kvm. QEMU TCG's "max" CPU is an AMD CPU with SVM, whatever the real
+#   CPU is.
+# - vhost_vsock (--with-qemu only): vsock for a QEMU peer VMM. ironvmm's own vsock
+#   device lives in user space and needs no module.
+top_modules=(virtio_pci virtio_console 9pnet_virtio 9p kvm-amd)
+[ "$with_qemu" = yes ] && top_modules+=(vhost_vsock)
 # The order measured in docs/kvm-host.md, used when modinfo is not available.
 fallback_order=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_console
-    9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd
-    vsock vhost_iotlb vhost vmw_vsock_virtio_transport_common vhost_vsock)
+    9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd)
+[ "$with_qemu" = yes ] && fallback_order+=(vsock vhost_iotlb vhost vmw_vsock_virtio_transport_common vhost_vsock)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kvm-host-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -46,7 +50,7 @@ dpkg-deb -x "$deb" "$work/kernel" || {
     kh_err "cannot unpack kernel package $deb"
     exit 1
 }
-vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' 2>/dev/null | head -n 1)
+vmlinuz=$(find "$work/kernel/boot" -maxdepth 1 -name 'vmlinuz-*' -print -quit 2>/dev/null || true)
 [ -n "$vmlinuz" ] || {
     kh_err "$deb holds no /boot/vmlinuz-*: is it a linux-image package?"
     exit 1
@@ -71,7 +75,8 @@ find_module() {
 }
 is_builtin() {
     local n=${1//-/_}
-    [ -f "$moddir/modules.builtin" ] && sed 's/-/_/g' "$moddir/modules.builtin" | grep -q "/$n\.ko$"
+    [ -f "$moddir/modules.builtin" ] &&
+        awk -v n="$n" '{ gsub("-", "_") } $0 ~ ("/" n "\\.ko$") { f = 1 } END { exit !f }' "$moddir/modules.builtin"
 }
 
 declare -A seen=()
@@ -144,7 +149,9 @@ kh_copy_with_libs "$root" "$(type -P bash)"
 # The C and Rust runtime libraries, so that binaries in shared folders run even when
 # a script starts them (kvm-host.sh copies libraries only for the binaries it sees).
 for lib in libc.so.6 libm.so.6 libgcc_s.so.1 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1; do
-    path=$(/sbin/ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l && /x86-64/ { print $NF; exit }')
+    # (awk reads to the end: an early exit would kill ldconfig with SIGPIPE, which
+    # pipefail and set -e turn into a failed build.)
+    path=$(/sbin/ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l && /x86-64/ && !p { p = $NF } END { print p }')
     [ -n "$path" ] && kh_copy_file "$root" "$path"
 done
 if [ "$with_qemu" = yes ]; then
@@ -171,7 +178,13 @@ install -m 755 "$here/init.sh" "$root/init"
 # Rust-built tools of the project are not in the image: they run from the shared repo.
 kh_log "packing the initramfs"
 (cd "$root" && find . -mindepth 1 ! -type d | sed 's|^\.||' | sort) >"$work/manifest"
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$work/initrd.cpio"
+if command -v cpio >/dev/null; then
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >"$work/initrd.cpio"
+else
+    # busybox's cpio writes newc too (files keep the builder's owner; it runs as root
+    # inside either way).
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) >"$work/initrd.cpio"
+fi
 
 # The kernel: the vmlinux inside the bzImage, booted through its PVH entry, skips the
 # decompressor. Falls back to the bzImage when any step does not work out.
@@ -184,7 +197,8 @@ if command -v readelf >/dev/null; then
         # The decompressor complains about the bytes after the payload: ignore its status.
         tail -c +$((off + 1)) "$vmlinuz" | $cmd >"$work/vmlinux" 2>/dev/null || true
         # XEN_ELFNOTE_PHYS32_ENTRY (type 0x12) marks the PVH entry point.
-        if LC_ALL=C readelf -n "$work/vmlinux" 2>/dev/null | grep -q -E '^ *Xen .*(\(0x00000012\)|PHYS32)'; then
+        notes=$(LC_ALL=C readelf -n "$work/vmlinux" 2>/dev/null || true)
+        if grep -q -E '^ *Xen .*(\(0x00000012\)|PHYS32)' <<<"$notes"; then
             kernel=$work/vmlinux
             kh_log "kernel: uncompressed $name vmlinux with a PVH entry"
         fi

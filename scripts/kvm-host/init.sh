@@ -59,7 +59,7 @@ fi
 [ -c /dev/kvm ] || die "/dev/kvm is missing: kvm-amd did not load (dmesg: $(dmesg | grep -i -E 'kvm|svm' | tail -n 3))"
 # Give the VMMs inside the rights they would have outside.
 chmod 666 /dev/kvm
-[ -e /dev/vhost-vsock ] && chmod 666 /dev/vhost-vsock
+if [ -e /dev/vhost-vsock ]; then chmod 666 /dev/vhost-vsock; fi
 
 # COMMAND's stdout and stderr leave through two virtio-serial ports (no tty layer,
 # so bytes pass unchanged and nothing is lost at close).
@@ -83,9 +83,16 @@ cat /run/err >"$err_dev" &
 errpid=$!
 sh /.kvm-host/run.sh >/run/out 2>/run/err </dev/null
 status=$?
-# Each cat ends when COMMAND (and whatever it left running with the pipe open) has
-# closed its end; virtio-serial hands each write to QEMU before it returns.
+# Each cat ends when COMMAND has closed its end of the pipe; virtio-serial hands each
+# write to QEMU before it returns. A process COMMAND left running could hold the pipe
+# open for ever: after 5 s its output is cut off.
+(
+    sleep 5
+    kill "$outpid" "$errpid"
+) 2>/dev/null &
+killer=$!
 wait "$outpid" "$errpid"
+kill "$killer" 2>/dev/null
 
 echo "$status" >/.kvm-host/status.tmp && mv /.kvm-host/status.tmp /.kvm-host/status
 sync

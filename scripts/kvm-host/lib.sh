@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of scripts/kvm-host.sh and scripts/kvm-host/build-image.sh (bash).
 
 kh_log() { [ -n "${KH_QUIET:-}" ] || printf 'kvm-host: %s\n' "$*" >&2; }
@@ -51,7 +52,7 @@ kh_copy_with_libs() {
             kh_err "cannot find $bin"
             return 1
         }
-        if head -c 2 "$bin" 2>/dev/null | grep -q '^#!'; then
+        if [ "$(head -c 2 "$bin" 2>/dev/null)" = '#!' ]; then
             read -r interp _ < <(head -n 1 "$bin" | cut -c3-)
             if [ "$(basename "$interp")" = env ]; then
                 interp=$(head -n 1 "$bin" | cut -c3- | awk '{print $2}')

@@ -15,7 +15,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "end to end, 'kvm-host.sh -- true' ($runs runs):"
-for i in $(seq 1 "$runs"); do
+for _ in $(seq 1 "$runs"); do
     start=$EPOCHREALTIME
     "$repo/scripts/kvm-host.sh" -- true 2>"$tmp/err"
     end=$EPOCHREALTIME

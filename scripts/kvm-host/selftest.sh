@@ -55,10 +55,11 @@ fi
 
 # --- status 7, 10,000 lines intact on stdout, stderr kept apart ----------------------------
 seq 1 10000 | sed 's/^/line /' >"$tmp/expected-out"
-seq 1 500 | sed 's/^/err /' >"$tmp/expected-err"
-IRONVMM_KVM_HOST=software run 300 -q -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; exit 7'
+head -c 262144 /dev/urandom >"$tmp/blob"
+{ seq 1 500 | sed 's/^/err /'; cat "$tmp/blob"; } >"$tmp/expected-err"
+IRONVMM_KVM_HOST=software run 300 -q --share "$tmp" -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; cat "$1" >&2; exit 7' sh "$tmp/blob"
 if [ "$rc" = 7 ] && cmp -s "$tmp/out" "$tmp/expected-out" && cmp -s "$tmp/err" "$tmp/expected-err"; then
-    ok "status 7; 10,000 stdout lines and 500 stderr lines intact (${secs} s)"
+    ok "status 7; 10,000 stdout lines, and 500 lines + 256 KiB of random bytes on stderr, intact and apart (${secs} s)"
 else
     bad "status 7 + 10,000 lines" "status $rc, stdout $(wc -l <"$tmp/out") lines ($(cmp "$tmp/out" "$tmp/expected-out" 2>&1 | head -n 1)), stderr $(wc -l <"$tmp/err") lines"
 fi
@@ -68,14 +69,14 @@ mkdir -p "$tmp/share/sub dir"
 (
     cd "$tmp/share/sub dir" &&
         SELFTEST_VALUE="it's \"quoted\" \$x" IRONVMM_KVM_HOST=software run 300 -q --share "$tmp/share" -- \
-            sh -c 'printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
+            sh -c 'sleep 1000 & printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
             sh "a b" "it's" '$HOME' '*' ''
     echo "$rc $secs" >"$tmp/rc"
 )
 read -r rc secs <"$tmp/rc"
 expected=$(printf '%s\n' '<a b>' "<it's>" '<$HOME>' '<*>' '<>' "it's \"quoted\" \$x" "$tmp/share/sub dir" "$HOME" kvm)
 if [ "$rc" = 1 ] && [ "$(cat "$tmp/out")" = "$expected" ] && [ "$(cat "$tmp/share/sub dir/result" 2>/dev/null)" = written ]; then
-    ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share (${secs} s)"
+    ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share, a process left behind (${secs} s)"
 else
     bad "status 1 + arguments" "status $rc, got: $(tr '\n' '|' <"$tmp/out")"
 fi
@@ -85,11 +86,15 @@ IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native; exit 7'
 if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: status 7, output (${secs} s)"; else bad "native mode" "status $rc"; fi
 
 # --- --timeout stops a command that hangs --------------------------------------------------
-IRONVMM_KVM_HOST=software run 300 -q --timeout 5 -- sleep 600
-if [ "$rc" = 124 ] && grep -q 'did not finish within 5 s' "$tmp/err"; then
-    ok "a hanging COMMAND is stopped by --timeout: status 124 (${secs} s)"
+# (and, in the same boot: --cpus, and ironvmm doctor finding hardware KVM there)
+doctor=$(cd "$repo" && cargo build -q -p ironvmm --bin ironvmm --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\/ironvmm\)".*/\1/p' | tail -n 1)
+IRONVMM_KVM_HOST=software run 300 -q --timeout 8 --cpus 2 --mem 1G -- \
+    sh -c 'nproc; "$1" doctor --json | grep -q "\"native\":true" && echo native; sleep 600' sh "${doctor:-ironvmm-not-built}"
+if [ "$rc" = 124 ] && grep -q 'did not finish within 8 s' "$tmp/err" && [ "$(cat "$tmp/out")" = "$(printf '2\nnative')" ]; then
+    ok "a hanging COMMAND is stopped by --timeout: status 124; --cpus 2; ironvmm doctor says native inside (${secs} s)"
 else
-    bad "--timeout" "status $rc"
+    bad "--timeout" "status $rc, output: $(tr '\n' '|' <"$tmp/out")"
 fi
 
 # --- a host that cannot start fails clearly and quickly --------------------------------------
@@ -107,7 +112,7 @@ else
     bad "bogus kernel package" "status $rc"
 fi
 IRONVMM_KVM_HOST=software IRONVMM_KVM_HOST_BOOT_TIMEOUT=1 run 60 -- true
-if [ "$rc" = 125 ] && grep -q 'did not come up within 1 s' "$tmp/err"; then
+if [ "$rc" = 125 ] && grep -q 'did not come up within 1 s' "$tmp/err" && grep -q "last lines of the host's console" "$tmp/err"; then
     ok "a host that does not come up in time: status 125, console shown (${secs} s)"
 else
     bad "boot timeout" "status $rc"

@@ -124,6 +124,7 @@ fn program() -> Vec<u8> {
 #[test]
 fn long_mode_guest_runs_pio_mmio_and_hlt() {
     let Some(kvm) = kvm() else { return };
+    let started = std::time::Instant::now();
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     let mem: GuestMemoryMmap<()> =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
@@ -207,6 +208,10 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
             &format!("mmio {MMIO:#x} [88]"),
             "hlt"
         ]
+    );
+    eprintln!(
+        "kvm_smoke: VM set-up and run to HLT took {:.2} ms",
+        started.elapsed().as_secs_f64() * 1000.0
     );
     let regs = vcpu.get_regs().unwrap();
     assert_eq!(regs.rax, MAGIC, "64-bit register after the run");

@@ -93,6 +93,11 @@ pub fn render(r: &HostReport) -> String {
             ),
         }
     ));
+    if let (Some(nested), Some(smm)) = (f.cap_nested_state, f.cap_x86_smm) {
+        out.push_str(&format!(
+            "  KVM_CAP_NESTED_STATE/SMM   {nested}/{smm} (hardware KVM reports both, PVM neither)\n"
+        ));
+    }
     let advice = r.advice();
     if !advice.is_empty() {
         out.push_str("\nwhat to do:\n");
