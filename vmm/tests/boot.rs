@@ -169,9 +169,9 @@ fn cpus_and_memory_are_what_was_asked() {
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn a_guest_that_dies_before_its_status_exits_128_with_a_reason() {
-    // A kernel panic (no init to run): panic=-1 resets at once, and the reason
+    // A kernel panic (init exits at once): panic=-1 resets at once, and the reason
     // given is the kernel's own panic line.
-    let img = image("panic", "true", &["--cmdline", "rdinit=/no/such/init"]);
+    let img = image("panic", "true", &["--cmdline", "rdinit=/bin/false"]);
     let (o, _) = boot(&img, &["--console", "off"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(128), "{err}");

@@ -249,11 +249,33 @@ fn half_close_still_delivers_replies_and_refuses_more_data() {
     g.post_rx(2, 4096, &Layout::Joined);
     lock(&g.dev).waker().unwrap().write(1).unwrap();
     lock(&g.dev).handle_wake();
-    assert_eq!(rw_payload(&g.recv(), 31), b"parked");
-    // Data after SHUTDOWN(SEND) breaks the protocol.
+    let pkts = g.recv();
+    assert_eq!(rw_payload(&pkts, 31), b"parked");
+    // With every answer handed over, the host closes its side too: a half-closing
+    // client reads its replies, then end of stream.
+    assert_eq!(ops(&pkts).last(), Some(&op::SHUTDOWN), "{:?}", ops(&pkts));
+    // Data after that is for a connection that no longer exists.
+    g.post_rx(1, 4096, &Layout::Joined);
     g.write(31, 4, b"more", &Layout::Joined);
     assert_eq!(ops(&g.recv()), vec![op::RST]);
-    assert_eq!(g.stats().protocol_errors, 1);
+}
+
+#[test]
+fn half_close_with_nothing_pending_ends_the_stream() {
+    let mut g = Guest::new(cfg());
+    open(&mut g, 32, 1);
+    g.post_rx(4, 4096, &Layout::Joined);
+    g.write(32, 1, b"ping", &Layout::Joined);
+    let mut h = g.hdr(32, 1, op::SHUTDOWN, 0);
+    h.flags = SHUTDOWN_SEND;
+    g.send(&h, &[], &Layout::Joined);
+    let pkts = g.recv();
+    assert_eq!(rw_payload(&pkts, 32), b"ping", "the echo still arrives");
+    let ends = ops(&pkts);
+    assert!(
+        ends.contains(&op::SHUTDOWN) || ends.contains(&op::RST),
+        "no end of stream: {ends:?}"
+    );
 }
 
 #[test]

@@ -413,9 +413,11 @@ fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    if let Err(e) = stream.write_all(&input) {
+    // A gate that refuses the input (a frame over the limit) answers and resets:
+    // keep what it said, so the caller sees the error reply.
+    let sent = stream.write_all(&input);
+    if let Err(e) = &sent {
         eprintln!("iron: send failed: {e}");
-        return ExitCode::from(EXIT_ERROR);
     }
     if let Some(secs) = hold {
         std::thread::sleep(Duration::from_secs(secs));
@@ -426,7 +428,8 @@ fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match stream.read(&mut buf) {
-            Ok(0) => return ExitCode::from(EXIT_OK),
+            Ok(0) if sent.is_ok() => return ExitCode::from(EXIT_OK),
+            Ok(0) => return ExitCode::from(EXIT_ERROR),
             Ok(n) => {
                 let _ = out.write_all(&buf[..n]);
                 let _ = out.flush();

@@ -62,6 +62,10 @@ impl StreamHandler for GateStream {
             .map_err(|e| StreamError(format!("{}: {e}", self.0.id())))
     }
 
+    fn has_pending_output(&self) -> bool {
+        self.0.has_backlog()
+    }
+
     fn on_close(&mut self) {
         self.0.on_close();
     }

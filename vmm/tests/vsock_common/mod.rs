@@ -105,6 +105,10 @@ impl StreamHandler for TestHandler {
         Ok(())
     }
 
+    fn has_pending_output(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
     fn poll(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
         out.append(&mut self.parked);
         Ok(())

@@ -51,6 +51,9 @@ pub enum Verdict {
     Drop,
     /// The handler failed with output pending: deliver it, then SHUTDOWN and drop.
     Closing,
+    /// The guest will send nothing more and every reply is queued: deliver them,
+    /// then SHUTDOWN and drop (a normal end, not logged).
+    Finish,
 }
 
 /// The next packet a connection wants to send, decided before its rx buffer is written.
@@ -211,6 +214,20 @@ impl Connection {
             if let Err(e) = self.handler.poll(out) {
                 return self.handler_failed(e);
             }
+        }
+        if self.guest_send_closed
+            && !self.closing
+            && self.inbound.is_empty()
+            && !self.handler.has_pending_output()
+        {
+            // Request/response: once the guest has said all it will and every answer
+            // is queued, our side is done too. Without this a guest that half-closes
+            // would wait forever for an end of stream.
+            if self.guest_rcv_closed || self.out_len() == 0 {
+                return Verdict::Reset(ResetReason::GuestClosed);
+            }
+            self.closing = true;
+            return Verdict::Finish;
         }
         self.check_credit_update();
         Verdict::Keep

@@ -53,6 +53,11 @@ pub trait StreamHandler: Send {
         let _ = out;
         Ok(())
     }
+    /// Whether output is held back that `poll` would still hand over (the connection
+    /// is not closed behind it when the guest half-closes).
+    fn has_pending_output(&self) -> bool {
+        false
+    }
     /// The connection is gone (guest close or reset, our reset, device reset). Called once.
     fn on_close(&mut self);
 }

@@ -165,6 +165,7 @@ impl Muxer {
                 self.log_reset(key, ResetReason::HandlerError);
                 self.schedule(key);
             }
+            Verdict::Finish => self.schedule(key),
             Verdict::Drop => {
                 if let Some(mut conn) = self.conns.remove(&key) {
                     conn.close_handler();
