@@ -186,6 +186,27 @@ fn main() {
                 }));
             }
         }
+        if std::env::var_os("POLICY_BENCH_BY_KIND").is_some() {
+            // Per kind of call (the tool's index mod 5), ironvmm only.
+            for kind in 0..5 {
+                let mut k: Vec<f64> = ours
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| {
+                        let t = &calls[i % CALLS].0.tool;
+                        let idx: usize = t[3..t.find('.').unwrap()].parse::<usize>().unwrap() * 5
+                            + t[t.len() - 1..].parse::<usize>().unwrap();
+                        idx % 5 == kind
+                    })
+                    .map(|(_, v)| *v)
+                    .collect();
+                println!(
+                    "  kind {kind}: median {:.0} ns over {} samples",
+                    median(&mut k).unwrap_or(0.0),
+                    k.len()
+                );
+            }
+        }
         let (mo, mt) = (median(&mut ours).unwrap(), median(&mut theirs).unwrap());
         let (po, pt) = (
             percentile(&mut ours, 99.0).unwrap(),
