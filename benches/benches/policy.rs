@@ -7,7 +7,7 @@
 //! out of the workspace, hosts and ports, recipient lists, modes and sizes. Each
 //! engine gets the call already parsed (a `Call`, a Cedar `Request`): what is timed
 //! is the decision alone. The figure is the median over calls of the mean of 32
-//! back-to-back decisions of the same call.
+//! back-to-back decisions of the same call (fewer for Cedar on big policies).
 
 use cedar_policy::{Authorizer, Context, Entities, EntityUid, PolicySet, Request};
 use ironvmm_benches::{median, percentile, ratio_line};
@@ -115,12 +115,12 @@ fn call(rng: &mut Rng, n: usize) -> (String, Value) {
     (tool(t), args)
 }
 
-fn time_per_decision(mut f: impl FnMut()) -> f64 {
+fn time_per_decision(reps: u32, mut f: impl FnMut()) -> f64 {
     let t0 = Instant::now();
-    for _ in 0..REPS {
+    for _ in 0..reps {
         f();
     }
-    t0.elapsed().as_nanos() as f64 / f64::from(REPS)
+    t0.elapsed().as_nanos() as f64 / f64::from(reps)
 }
 
 fn main() {
@@ -130,7 +130,15 @@ fn main() {
         CALLS
     );
     let mut load_1000 = None;
-    for &n in &[10usize, 100, 1000] {
+    // POLICY_BENCH_SIZES=100 (comma-separated) runs only those sizes.
+    let sizes: Vec<usize> = std::env::var("POLICY_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 100, 1000]);
+    for &n in &sizes {
+        // Cedar evaluates every policy on every call: fewer repetitions keep the
+        // 1,000-rule run short (each sample is still a mean over >= 1 ms of work).
+        let cedar_reps = (REPS * 10 / n as u32).clamp(1, REPS);
         let (rules, cedar_src) = policies(n);
         let policy = Policy::from_source(&rules, "bench.rules", None, None)
             .expect("bench policy loads")
@@ -170,12 +178,33 @@ fn main() {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             for (c, r) in &calls {
-                ours.push(time_per_decision(|| {
+                ours.push(time_per_decision(REPS, || {
                     black_box(policy.decide_ref(black_box(c)));
                 }));
-                theirs.push(time_per_decision(|| {
+                theirs.push(time_per_decision(cedar_reps, || {
                     black_box(auth.is_authorized(black_box(r), &cedar, &entities));
                 }));
+            }
+        }
+        if std::env::var_os("POLICY_BENCH_BY_KIND").is_some() {
+            // Per kind of call (the tool's index mod 5), ironvmm only.
+            for kind in 0..5 {
+                let mut k: Vec<f64> = ours
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| {
+                        let t = &calls[i % CALLS].0.tool;
+                        let idx: usize = t[3..t.find('.').unwrap()].parse::<usize>().unwrap() * 5
+                            + t[t.len() - 1..].parse::<usize>().unwrap();
+                        idx % 5 == kind
+                    })
+                    .map(|(_, v)| *v)
+                    .collect();
+                println!(
+                    "  kind {kind}: median {:.0} ns over {} samples",
+                    median(&mut k).unwrap_or(0.0),
+                    k.len()
+                );
             }
         }
         let (mo, mt) = (median(&mut ours).unwrap(), median(&mut theirs).unwrap());

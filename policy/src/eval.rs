@@ -322,9 +322,20 @@ fn check_protected<'p>(v: Option<&Value>, protected: &[Box<str>]) -> Option<Cow<
 pub(crate) fn lookup<'a>(args: &'a Value, path: &[Box<str>]) -> Option<&'a Value> {
     let mut cur = args;
     for seg in path {
-        cur = cur.as_object()?.get(&**seg)?;
+        cur = get(cur.as_object()?, seg)?;
     }
     Some(cur)
+}
+
+/// A key of an object. Tool arguments are small objects: a scan of a few keys beats
+/// hashing the key (serde_json's ordered map hashes with SipHash).
+#[inline]
+fn get<'a>(m: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
+    if m.len() <= 8 {
+        m.iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v)
+    } else {
+        m.get(key)
+    }
 }
 
 #[inline]

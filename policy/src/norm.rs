@@ -120,7 +120,12 @@ fn is_canonical_ascii_host(h: &str) -> bool {
 /// `None` for anything that is not one plain address (lists, control characters,
 /// stray `<`, `>`, `,`, `;`, whitespace inside the address).
 pub fn email(s: &str) -> Option<Cow<'_, str>> {
-    if s.chars().any(char::is_control) {
+    let control = if s.is_ascii() {
+        s.bytes().any(|b| b < b' ' || b == 0x7f)
+    } else {
+        s.chars().any(char::is_control)
+    };
+    if control {
         return None;
     }
     let s = s.trim_matches(' ');
@@ -138,10 +143,15 @@ pub fn email(s: &str) -> Option<Cow<'_, str>> {
     if addr.is_empty() || addr.len() > 1024 {
         return None;
     }
-    if addr
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || "<>,;()[]\\\"".contains(c))
-    {
+    // ASCII addresses (nearly all) are checked byte by byte.
+    let bad_ascii = |b: u8| b <= b' ' || b == 0x7f || b"<>,;()[]\\\"".contains(&b);
+    let bad = if addr.is_ascii() {
+        addr.bytes().any(bad_ascii)
+    } else {
+        addr.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || (c.is_ascii() && bad_ascii(c as u8)))
+    };
+    if bad {
         return None;
     }
     let at = addr.rfind('@')?;

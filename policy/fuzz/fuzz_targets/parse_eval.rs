@@ -29,8 +29,9 @@ fuzz_target!(|data: &[u8]| {
 
     // Half the inputs run with the catalog (roles, schemas), half without. List
     // files are looked up in a directory that does not exist.
-    let catalog = Catalog::from_json(CATALOG).ok();
-    let cat = if data.len() % 2 == 0 { catalog.as_ref() } else { None };
+    static CAT: std::sync::OnceLock<Catalog> = std::sync::OnceLock::new();
+    let catalog = CAT.get_or_init(|| Catalog::from_json(CATALOG).expect("the example catalog loads"));
+    let cat = if data.len() % 2 == 0 { Some(catalog) } else { None };
     let base = std::path::Path::new("/nonexistent-ironvmm-fuzz");
     let Ok(loaded) = Policy::from_source(policy, "fuzz.rules", Some(base), cat) else { return };
     let _ = loaded.warnings.to_string();
