@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const SMALL_CALLS: usize = 2000;
+const SMALL_CALLS: usize = 1000;
 const BULK: &str = r#"{"path":"/workspace/big.bin","length":524288,"encoding":"base64"}"#;
 const STAT: &str = r#"{"path":"/workspace"}"#;
 /// 16 MiB in 512 KiB reads (the per-call maximum of interfaces.md).
