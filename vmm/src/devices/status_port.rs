@@ -1,7 +1,7 @@
 //! The one-register status port (interfaces.md): ironinit's boot mark, the agent's
 //! start, and the agent's exit status, on which the VM ends at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::timing::Timings;
@@ -17,6 +17,7 @@ pub struct StatusPort {
     timings: Arc<Timings>,
     events: EventSender,
     ignored: AtomicU64,
+    exited: AtomicBool,
 }
 
 impl StatusPort {
@@ -25,6 +26,7 @@ impl StatusPort {
             timings,
             events,
             ignored: AtomicU64::new(0),
+            exited: AtomicBool::new(false),
         }
     }
 
@@ -43,6 +45,7 @@ impl StatusPort {
             }
             v if v & EXIT_MASK == EXIT => {
                 self.timings.agent_exit.set_once();
+                self.exited.store(true, Ordering::Release);
                 let _ = self.events.send(VmEvent::AgentExit((v & 0xff) as u8));
             }
             _ => {
@@ -54,6 +57,11 @@ impl StatusPort {
     /// Reads return all ones.
     pub fn read(&self, data: &mut [u8]) {
         data.fill(0xff);
+    }
+
+    /// The agent's exit status was reported: the guest has nothing more to do.
+    pub fn exited(&self) -> bool {
+        self.exited.load(Ordering::Acquire)
     }
 
     pub fn ignored_writes(&self) -> u64 {
@@ -80,8 +88,10 @@ mod tests {
         p.write(&[1, 2]);
         assert_eq!(p.ignored_writes(), 2);
         assert!(rx.try_recv().is_err());
+        assert!(!p.exited());
         p.write(&(EXIT | 7).to_le_bytes());
         assert_eq!(rx.try_recv().unwrap(), VmEvent::AgentExit(7));
+        assert!(p.exited());
         let mut buf = [0u8; 4];
         p.read(&mut buf);
         assert_eq!(buf, [0xff; 4]);

@@ -20,6 +20,11 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, timings: Arc<Timings>, event
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {
                     bus.pio_write(port, data);
+                    // The status is in: stop here rather than let the guest run on
+                    // (and print its reboot) while the VM is being ended.
+                    if port == crate::devices::status_port::PORT && bus.status.exited() {
+                        return;
+                    }
                     None
                 }
                 VcpuExit::IoIn(port, data) => {
