@@ -12,31 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ironvmm_benches::{median, ratio_line};
+use ironvmm_benches::{
+    inside_kvm_host, kvm_kind, median, ratio_line, rerun_in_kvm_host, run_ok, workspace_root,
+};
 
 const MARKER: &str = "IRONVMM-BENCH-MARKER";
 const RUNS: usize = 10;
 const MEM_MIB: u64 = 128;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let o = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?} failed");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap_or_default().to_string()
-}
 
 struct Run {
     to_marker: Duration,
@@ -153,57 +135,37 @@ fn qemu_cmd(kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
 }
 
 fn main() {
-    let inside = std::env::args().any(|a| a == "--inside-kvm-host");
-    let root = root();
-    let cache = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-        .join(".cache/ironvmm");
-    if !inside {
-        // Everything that needs the package registries or a compiler happens out here.
-        sh(Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "ironvmm"]));
-        sh(&mut Command::new(root.join("scripts/build-guest.sh")));
-        let kernel = last_line(&sh(&mut Command::new(root.join("scripts/build-kernel.sh"))));
-        let status = Command::new(root.join("scripts/kvm-host.sh"))
-            .arg("--with-qemu")
-            .arg("--share")
-            .arg(&cache)
-            .arg("--")
-            .arg(std::env::current_exe().unwrap())
-            .arg("--inside-kvm-host")
-            .env("IRONVMM_KERNEL", kernel)
-            .status()
-            .expect("scripts/kvm-host.sh");
-        std::process::exit(status.code().unwrap_or(1));
+    if !inside_kvm_host() {
+        rerun_in_kvm_host(&["--with-qemu"]);
     }
-
+    let root = workspace_root();
     let kernel = PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL"));
     let bin = root.join("target/release/ironvmm");
     let work = std::env::temp_dir().join("ironvmm-boot-bench");
     std::fs::create_dir_all(&work).unwrap();
     let img = work.join("bench.img");
-    sh(Command::new(&bin)
-        .args(["image", "build", "--kernel"])
-        .arg(&kernel)
-        .args(["--cmd", &format!("echo {MARKER}")])
-        .arg("-o")
-        .arg(&img));
-    sh(Command::new("tar")
-        .arg("-xf")
-        .arg(&img)
-        .arg("-C")
-        .arg(&work)
-        .args(["vmlinux", "initramfs.cpio"]));
+    run_ok(
+        Command::new(&bin)
+            .args(["image", "build", "--kernel"])
+            .arg(&kernel)
+            .args(["--cmd", &format!("echo {MARKER}")])
+            .arg("-o")
+            .arg(&img),
+    );
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&img)
+            .arg("-C")
+            .arg(&work)
+            .args(["vmlinux", "initramfs.cpio"]),
+    );
     let initrd = work.join("initramfs.cpio");
     let qemu_cmdline = format!(
         "{} reboot=t",
         ironvmm::cli::boot::BASE_CMDLINE.replace("reboot=k", "")
     );
-    let host = if std::env::var("KVM_HOST").as_deref() == Ok("software") {
-        "the software KVM host (QEMU TCG, nested SVM)"
-    } else {
-        "this host's KVM"
-    };
+    let host = kvm_kind();
     println!("boot bench: {RUNS} boots each, {MEM_MIB} MiB, 1 vCPU, on {host}");
 
     let (mut ours_init, mut ours_exit, mut qemu_init, mut qemu_exit) =
@@ -234,18 +196,22 @@ fn main() {
     report("boot-to-exit (median)", &mut ours_exit, &mut qemu_exit);
 
     let sleeper = work.join("sleep.img");
-    sh(Command::new(&bin)
-        .args(["image", "build", "--kernel"])
-        .arg(&kernel)
-        .args(["--cmd", &format!("echo {MARKER}; sleep 30")])
-        .arg("-o")
-        .arg(&sleeper));
-    sh(Command::new("tar")
-        .arg("-xf")
-        .arg(&sleeper)
-        .arg("-C")
-        .arg(&work)
-        .arg("initramfs.cpio"));
+    run_ok(
+        Command::new(&bin)
+            .args(["image", "build", "--kernel"])
+            .arg(&kernel)
+            .args(["--cmd", &format!("echo {MARKER}; sleep 30")])
+            .arg("-o")
+            .arg(&sleeper),
+    );
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&sleeper)
+            .arg("-C")
+            .arg(&work)
+            .arg("initramfs.cpio"),
+    );
     let ours = rss_of(ironvmm_cmd(&bin, &sleeper));
     let peer = rss_of(qemu_cmd(&work.join("vmlinux"), &initrd, &qemu_cmdline));
     match (ours, peer) {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ironvmm_benches::{inside_kvm_host, kvm_kind, rerun_in_kvm_host, run_ok, workspace_root};
 use serde_json::Value;
 
 const SMALL_CALLS: usize = 1000;
@@ -18,22 +19,6 @@ const BULK: &str = r#"{"path":"/workspace/big.bin","length":524288,"encoding":"b
 const STAT: &str = r#"{"path":"/workspace"}"#;
 /// 16 MiB in 512 KiB reads (the per-call maximum of interfaces.md).
 const BULK_CALLS: usize = 32;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let o = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?} failed");
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
 
 /// The three workloads, as `iron bench` arguments, with their labels.
 fn workloads() -> Vec<(&'static str, String)> {
@@ -77,14 +62,16 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str) -> (String, u64) {
     let agent = p.work.join(format!("{name}.sh"));
     std::fs::write(&agent, script).unwrap();
     let img = p.work.join(format!("{name}.img"));
-    sh(Command::new(&p.bin)
-        .args(["image", "build", "--kernel"])
-        .arg(&p.kernel)
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", agent.display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
-        .arg(&img));
+    run_ok(
+        Command::new(&p.bin)
+            .args(["image", "build", "--kernel"])
+            .arg(&p.kernel)
+            .arg("--add")
+            .arg(format!("{}:/agent.sh", agent.display()))
+            .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+            .arg("-o")
+            .arg(&img),
+    );
     let audit = std::env::temp_dir().join(format!("ironvmm-rpc-{name}-{sync}.jsonl"));
     let _ = std::fs::remove_file(&audit);
     let o = Command::new(&p.bin)
@@ -161,33 +148,15 @@ fn host_gate(p: &Paths, sync: &str) -> Vec<Option<Value>> {
 }
 
 fn main() {
-    let inside = std::env::args().any(|a| a == "--inside-kvm-host");
-    let root = root();
+    let root = workspace_root();
     let work = root.join("target/bench-rpc");
-    let cache = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-        .join(".cache/ironvmm");
-    if !inside {
-        sh(Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "ironvmm"]));
-        sh(&mut Command::new(root.join("scripts/build-guest.sh")));
-        let kernel = sh(&mut Command::new(root.join("scripts/build-kernel.sh")));
-        let kernel = kernel.lines().last().unwrap_or_default().to_string();
+    if !inside_kvm_host() {
         std::fs::create_dir_all(work.join("ws")).unwrap();
         let big: Vec<u8> = (0..16u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
         std::fs::write(work.join("ws/big.bin"), big).unwrap();
-        let status = Command::new(root.join("scripts/kvm-host.sh"))
-            .args(["--mem", "3G", "--share"])
-            .arg(&cache)
-            .arg("--")
-            .arg(std::env::current_exe().unwrap())
-            .arg("--inside-kvm-host")
-            .env("IRONVMM_KERNEL", kernel)
-            .status()
-            .expect("scripts/kvm-host.sh");
-        std::process::exit(status.code().unwrap_or(1));
+        rerun_in_kvm_host(&["--mem", "3G"]);
     }
 
     let p = Paths {
@@ -196,11 +165,7 @@ fn main() {
         kernel: PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL")),
         work,
     };
-    let host = if std::env::var("KVM_HOST").as_deref() == Ok("software") {
-        "the software KVM host (QEMU TCG, nested SVM)"
-    } else {
-        "this host's KVM"
-    };
+    let host = kvm_kind();
     println!("rpc bench on {host}; audit log on tmpfs");
     for sync in ["batch", "always"] {
         let mut script = String::new();

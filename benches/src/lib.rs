@@ -1,6 +1,73 @@
 //! Shared reporting for ironvmm's benchmarks: every bench prints medians and the
 //! ratio against its peer the same way, so figures from different runs line up.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The repository root (the benches crate sits in `benches/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("benches/ has a parent")
+        .to_path_buf()
+}
+
+/// Runs `cmd`, stderr passed through, and returns its trimmed stdout; panics with
+/// the command when it fails (a benchmark cannot go on without its inputs).
+pub fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(o.status.success(), "{cmd:?} failed");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// The flag a bench passes to itself when re-run inside the KVM host.
+pub const INSIDE_FLAG: &str = "--inside-kvm-host";
+
+/// Whether this process is the re-run inside the KVM host.
+pub fn inside_kvm_host() -> bool {
+    std::env::args().any(|a| a == INSIDE_FLAG)
+}
+
+/// Which KVM the figures come from, in words.
+pub fn kvm_kind() -> &'static str {
+    if std::env::var("KVM_HOST").as_deref() == Ok("software") {
+        "the software KVM host (QEMU TCG, nested SVM)"
+    } else {
+        "this host's KVM"
+    }
+}
+
+/// Builds what a booting bench needs (release ironvmm, static guest binaries, the
+/// kernel) out here, where compilers and registries are, then re-runs this bench
+/// inside `scripts/kvm-host.sh` with `host_args`, and exits with its status.
+pub fn rerun_in_kvm_host(host_args: &[&str]) -> ! {
+    let root = workspace_root();
+    run_ok(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "ironvmm"]),
+    );
+    run_ok(&mut Command::new(root.join("scripts/build-guest.sh")));
+    let kernel = run_ok(&mut Command::new(root.join("scripts/build-kernel.sh")));
+    let kernel = kernel.lines().last().unwrap_or_default().to_string();
+    let cache = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+        .join(".cache/ironvmm");
+    let status = Command::new(root.join("scripts/kvm-host.sh"))
+        .args(host_args)
+        .arg("--share")
+        .arg(&cache)
+        .arg("--")
+        .arg(std::env::current_exe().expect("the bench's own path"))
+        .arg(INSIDE_FLAG)
+        .env("IRONVMM_KERNEL", kernel)
+        .status()
+        .expect("scripts/kvm-host.sh");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 /// Median of a sample set (sorted in place). `None` for an empty set.
 pub fn median(samples: &mut [f64]) -> Option<f64> {
     if samples.is_empty() {
