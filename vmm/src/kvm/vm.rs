@@ -1,7 +1,6 @@
 //! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
 //! map memory, add devices, load the kernel, set up vCPUs, run until an event.
 
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -282,11 +281,6 @@ impl Vm {
         };
         let _ = lock(&self.bus.serial).writer_mut().flush_console();
         (outcome, self.bus)
-    }
-
-    /// The raw fd, for the device threads that poll alongside.
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
     }
 
     /// Adds the virtio-mmio vsock, the guest's only egress: MMIO window, QueueNotify
