@@ -134,6 +134,27 @@ fn qemu_cmd(kernel: &Path, initrd: &Path, cmdline: &str) -> Command {
     c
 }
 
+/// Builds an image whose agent runs `cmd`, and unpacks its kernel and initramfs
+/// into `work` for QEMU.
+fn image_for_both(bin: &Path, kernel: &Path, cmd: &str, img: &Path, work: &Path) {
+    run_ok(
+        Command::new(bin)
+            .args(["image", "build", "--kernel"])
+            .arg(kernel)
+            .args(["--cmd", cmd])
+            .arg("-o")
+            .arg(img),
+    );
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(img)
+            .arg("-C")
+            .arg(work)
+            .args(["vmlinux", "initramfs.cpio"]),
+    );
+}
+
 fn main() {
     if !inside_kvm_host() {
         rerun_in_kvm_host(&["--with-qemu"]);
@@ -144,22 +165,7 @@ fn main() {
     let work = std::env::temp_dir().join("ironvmm-boot-bench");
     std::fs::create_dir_all(&work).unwrap();
     let img = work.join("bench.img");
-    run_ok(
-        Command::new(&bin)
-            .args(["image", "build", "--kernel"])
-            .arg(&kernel)
-            .args(["--cmd", &format!("echo {MARKER}")])
-            .arg("-o")
-            .arg(&img),
-    );
-    run_ok(
-        Command::new("tar")
-            .arg("-xf")
-            .arg(&img)
-            .arg("-C")
-            .arg(&work)
-            .args(["vmlinux", "initramfs.cpio"]),
-    );
+    image_for_both(&bin, &kernel, &format!("echo {MARKER}"), &img, &work);
     let initrd = work.join("initramfs.cpio");
     let qemu_cmdline = format!(
         "{} reboot=t",
@@ -196,21 +202,13 @@ fn main() {
     report("boot-to-exit (median)", &mut ours_exit, &mut qemu_exit);
 
     let sleeper = work.join("sleep.img");
-    run_ok(
-        Command::new(&bin)
-            .args(["image", "build", "--kernel"])
-            .arg(&kernel)
-            .args(["--cmd", &format!("echo {MARKER}; sleep 30")])
-            .arg("-o")
-            .arg(&sleeper),
-    );
-    run_ok(
-        Command::new("tar")
-            .arg("-xf")
-            .arg(&sleeper)
-            .arg("-C")
-            .arg(&work)
-            .arg("initramfs.cpio"),
+    // QEMU boots the same sleeping initramfs (extracted over the first one).
+    image_for_both(
+        &bin,
+        &kernel,
+        &format!("echo {MARKER}; sleep 30"),
+        &sleeper,
+        &work,
     );
     let ours = rss_of(ironvmm_cmd(&bin, &sleeper));
     let peer = rss_of(qemu_cmd(&work.join("vmlinux"), &initrd, &qemu_cmdline));

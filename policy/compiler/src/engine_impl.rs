@@ -6,7 +6,7 @@ use std::path::Path;
 use ironvmm_policy::{Call, Catalog, Policy};
 use serde_json::Value;
 
-use crate::engine::{Outcome, RuleEngine, Verdict};
+use crate::engine::{Outcome, RuleEngine};
 
 pub struct PolicyEngine {
     catalog: Catalog,
@@ -37,14 +37,6 @@ impl PolicyEngine {
     }
 }
 
-fn verdict(v: ironvmm_policy::Verdict) -> Verdict {
-    match v {
-        ironvmm_policy::Verdict::Allow => Verdict::Allow,
-        ironvmm_policy::Verdict::Deny => Verdict::Deny,
-        ironvmm_policy::Verdict::Ask => Verdict::Ask,
-    }
-}
-
 impl RuleEngine for PolicyEngine {
     fn check(&self, source: &str, path: &Path) -> Result<Vec<String>, String> {
         let loaded = self.load(source, path)?;
@@ -68,7 +60,7 @@ impl RuleEngine for PolicyEngine {
                 let call = Call::from_json(c).map_err(|e| format!("call {i}: {e}"))?;
                 let d = loaded.policy.decide(&call);
                 Ok(Outcome {
-                    verdict: verdict(d.verdict),
+                    verdict: d.verdict,
                     rule: d.rule,
                     by: d.by.as_str().to_string(),
                     reason: d.reason,

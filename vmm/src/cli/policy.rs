@@ -150,6 +150,15 @@ fn load(input: &PolicyInput) -> Result<Loaded, LoadFailure> {
         .map_err(|d| LoadFailure::Policy(d.to_string(), d.errors().count()))
 }
 
+/// `eval`, `test` and `explain` all stop the same way on a policy that does not
+/// load: the diagnostics on stderr, then exit 2.
+fn load_or_report(input: &PolicyInput) -> Result<Loaded, u8> {
+    load(input).map_err(|e| {
+        e.report(&input.policy);
+        code::BAD_INPUT
+    })
+}
+
 enum LoadFailure {
     Catalog(String),
     Policy(String, usize),
@@ -322,12 +331,9 @@ fn eval(a: EvalArgs) -> u8 {
             return code::BAD_INPUT;
         }
     };
-    let loaded = match load(&a.input) {
+    let loaded = match load_or_report(&a.input) {
         Ok(l) => l,
-        Err(e) => {
-            e.report(&a.input.policy);
-            return code::BAD_INPUT;
-        }
+        Err(code) => return code,
     };
     let mut out = String::new();
     for c in &calls {
@@ -377,12 +383,9 @@ fn test(a: TestArgs) -> u8 {
             }
         }
     }
-    let loaded = match load(&a.input) {
+    let loaded = match load_or_report(&a.input) {
         Ok(l) => l,
-        Err(e) => {
-            e.report(&a.input.policy);
-            return code::BAD_INPUT;
-        }
+        Err(code) => return code,
     };
     let p = &loaded.policy;
     let mut failed = 0;
@@ -427,12 +430,9 @@ fn explain(a: ExplainArgs) -> u8 {
             return code::BAD_INPUT;
         }
     };
-    let loaded = match load(&a.input) {
+    let loaded = match load_or_report(&a.input) {
         Ok(l) => l,
-        Err(e) => {
-            e.report(&a.input.policy);
-            return code::BAD_INPUT;
-        }
+        Err(code) => return code,
     };
     println!("{}", loaded.policy.explain(&c.call, c.at));
     code::OK
