@@ -8,6 +8,7 @@
 //! `ironvmm gate`) owns one `Connection` per guest connection and feeds it bytes.
 //! `Gate` is shared by all connections of one VM.
 
+pub mod approver;
 pub mod decide;
 pub mod frame;
 pub mod policy;
