@@ -18,6 +18,7 @@ pub mod engine;
 pub mod engine_impl;
 pub mod exchange_log;
 pub mod inputs;
+pub mod learned_check;
 pub mod lists;
 pub mod llm;
 pub mod pipeline;
