@@ -26,6 +26,7 @@ pub mod prompts;
 pub mod refine;
 pub mod report;
 pub mod scenarios;
+pub mod schemas;
 pub mod sentences;
 pub mod verify;
 

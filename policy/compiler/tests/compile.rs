@@ -106,6 +106,12 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
         assert_eq!(r.headers["authorization"], format!("Bearer {KEY}"));
         assert_eq!(r.body["temperature"], 0.0);
         assert_eq!(r.body["model"], "test-model");
+        // Schema-constrained JSON where the server supports it.
+        assert_eq!(r.body["response_format"]["type"], "json_schema");
+        assert_eq!(
+            r.body["response_format"]["json_schema"]["schema"]["type"],
+            "object"
+        );
     }
     // Scenarios are written from the English alone: the draft is never shown.
     let scen = &server.requests()[2];
@@ -285,6 +291,9 @@ fn a_rule_that_contradicts_a_scenario_is_repaired_over_the_anthropic_api() {
             .unwrap()
             .starts_with("ironvmm policy compiler, step: "));
         assert_eq!(r.body["temperature"], 0.0);
+        // The answer comes as a tool's input, constrained by the step's schema.
+        assert_eq!(r.body["tool_choice"]["name"], "answer");
+        assert_eq!(r.body["tools"][0]["input_schema"]["type"], "object");
     }
     let judge = &server.requests()[3];
     let u = judge.last_user();
