@@ -126,12 +126,14 @@ impl StructuredOutput {
             "json_object" => Self::JsonObject,
             "format" => Self::Format,
             "none" => Self::None,
-            other => return Err(ConfigError::Invalid {
-                what: "llm structured_output".into(),
-                message: format!(
+            other => {
+                return Err(ConfigError::Invalid {
+                    what: "llm structured_output".into(),
+                    message: format!(
                     "{other:?}: expected \"json_schema\", \"json_object\", \"format\" or \"none\""
                 ),
-            }),
+                })
+            }
         })
     }
 }
