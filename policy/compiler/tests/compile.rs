@@ -788,3 +788,46 @@ fn everything_can_come_from_ironvmm_toml() {
         .unwrap()
         .contains("keys are not read from files"));
 }
+
+#[test]
+fn an_offline_miss_says_which_input_changed_and_which_model_the_cache_holds() {
+    let dir = TempDir::new("offline-why");
+    inbox_inputs(dir.path());
+    let server = ScriptedServer::start();
+    clean_script(&server);
+    assert_eq!(compile(&dir, &server, "openai", |_| {}).0, 0);
+    let good_report = read(&dir, "p.report.md");
+    // The English changes: the cache cannot answer, and says why.
+    std::fs::write(
+        dir.join("constitution.md"),
+        read(&dir, "constitution.md").replace("ask me first", "deny it"),
+    )
+    .unwrap();
+    let silent = ScriptedServer::start();
+    let (code, err) = compile(&dir, &silent, "openai", |c| c.offline = true);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("since the compile that filled the cache, the constitution changed: run once without --offline"),
+        "{err}"
+    );
+    assert!(!err.contains("catalog changed"), "{err}");
+    // A failed run leaves the good report beside the good p.rules alone.
+    assert_eq!(read(&dir, "p.report.md"), good_report);
+    assert!(read(&dir, "p.report.unverified.md").contains("**FAILED** at step `lists`"));
+    // No model configured: the error names the one the cache holds.
+    let c = Common {
+        constitution: dir.join("constitution.md"),
+        out: dir.join("p.rules"),
+        catalog: Some(dir.join("catalog.json")),
+        offline: true,
+        ..Default::default()
+    };
+    let mut err = Vec::new();
+    let code = driver::run_compile(&c, &support::env(&[]), &mut err);
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("holds answers of the model openai:test-model: pass --model test-model"),
+        "{err}"
+    );
+}
