@@ -187,7 +187,7 @@ pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&str>) -
     };
     let problems = ironvmm_policy_compiler::against::check(&r, &c, cat.as_deref());
     if problems.is_empty() {
-        println!("{}: matches {}", rules.display(), constitution.display());
+        outln!("{}: matches {}", rules.display(), constitution.display());
         return 0;
     }
     for p in problems {
