@@ -82,7 +82,7 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// Who decided (interfaces.md, "Who decided"): one enum everywhere.
+/// Who decided (docs/protocol.md, "Who decided"): one enum everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecidedBy {

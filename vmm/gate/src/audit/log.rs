@@ -67,7 +67,7 @@ impl fmt::Display for AuditError {
 
 impl std::error::Error for AuditError {}
 
-/// What a `decision` record holds (interfaces.md "The audit log").
+/// What a `decision` record holds (docs/audit.md "Records").
 pub struct DecisionRecord<'a> {
     pub conn: &'a str,
     pub rpc_id: &'a Value,

@@ -1,5 +1,5 @@
 //! Building a gate from its settings: policy, services, audit log. Shared by
-//! `ironvmm gate` and the VMM (`boot`/`run`), so both get the same checks.
+//! `ironvmm gate` and the VMM (`boot`), so both get the same checks.
 
 use std::path::PathBuf;
 use std::sync::Arc;
