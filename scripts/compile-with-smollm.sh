@@ -61,8 +61,8 @@ log=$out/llama-server.log
 "$venv/bin/python" -m llama_cpp.server --model "$model" --host 127.0.0.1 --port "$port" \
 	--n_threads "$threads" --n_ctx 8192 >"$log" 2>&1 &
 server=$!
-stop() { kill "$server" 2>/dev/null || true; }
-trap stop EXIT
+# Only the server this script started is stopped, by its pid.
+trap 'kill "$server" 2>/dev/null || true' EXIT
 
 for _ in $(seq 1 120); do
 	if curl -fsS "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; then
