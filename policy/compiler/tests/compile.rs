@@ -608,6 +608,9 @@ fn a_timeout_is_retried_and_bounded() {
     });
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("gave up after 2 attempt(s)"), "{err}");
+    // Said once, with the setting to raise.
+    assert!(!err.contains("Network Error: Network Error"), "{err}");
+    assert!(err.contains("raise [llm] timeout_secs"), "{err}");
 }
 
 #[test]
