@@ -4,19 +4,21 @@
 //! Data flows one way: frame → call → decision → service → audit.
 //! - `kvm`      the VM: memory, vCPUs, boot
 //! - `devices`  what the guest can touch: serial, i8042, status port, virtio-mmio vsock
-//! - `gate`     frames and JSON-RPC on the vsock, turned into policy calls
-//! - `services` what an allowed call reaches (fs, ...)
-//! - `audit`    the hash-chained decision log
+//! - `gate_ports` the vsock ports the gate serves (the devices ↔ gate seam)
+//! - `gate`, `services`, `audit`: the `ironvmm-gate` crate, re-exported
 //! - `image`    guest.img: manifest, tar, cpio
 //! - `cli`      the `ironvmm` command line
 
-pub mod audit;
 pub mod cli;
 pub mod devices;
-pub mod exit;
-pub mod gate;
+pub mod gate_ports;
 pub mod image;
 pub mod kvm;
-pub mod services;
+
+// The gate, its services and the audit log live in `ironvmm-gate` (no KVM, no
+// guest memory); the wire constants in `ironvmm-wire`. Re-exported so that
+// `ironvmm::gate` and friends name one thing wherever they are used.
+pub use ironvmm_gate::{audit, gate, json, services};
+pub use ironvmm_wire::exit;
 pub mod timing;
 pub mod vm_event;

@@ -8,7 +8,7 @@ mod vsock_common;
 use gate_common::*;
 use ironvmm::devices::vsock::packet::op;
 use ironvmm::devices::vsock::{VsockConfig, RX_QUEUE};
-use ironvmm::gate::vsock_ports::GatePorts;
+use ironvmm::gate_ports::GatePorts;
 use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vsock_common::*;

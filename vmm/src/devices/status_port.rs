@@ -7,11 +7,10 @@ use std::sync::Arc;
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
 
-pub const PORT: u16 = 0x501;
-pub const BOOT: u32 = 0x424F_4F54;
-pub const AGENT_STARTED: u32 = 0x4147_5354;
-pub const EXIT_MASK: u32 = 0xffff_ff00;
-pub const EXIT: u32 = 0x4558_0000;
+pub use ironvmm_wire::{
+    STATUS_AGENT_STARTED as AGENT_STARTED, STATUS_BOOT as BOOT, STATUS_EXIT as EXIT,
+    STATUS_EXIT_MASK as EXIT_MASK, STATUS_PORT as PORT,
+};
 
 pub struct StatusPort {
     timings: Arc<Timings>,

@@ -30,8 +30,7 @@ pub use reader::{GuestImage, ImageError, MemberInfo};
 pub use writer::write_image;
 
 /// Where ironinit finds its copy of the manifest inside the initramfs.
-/// guest/src/lib.rs holds the same path; the two crates share no code.
-pub const GUEST_MANIFEST_PATH: &str = "/etc/ironvmm/manifest.json";
+pub use ironvmm_wire::MANIFEST_PATH as GUEST_MANIFEST_PATH;
 /// Where `--copy-in` puts its snapshot unless told otherwise.
 pub const DEFAULT_COPY_IN_PATH: &str = "/work";
 

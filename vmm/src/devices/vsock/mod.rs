@@ -28,7 +28,7 @@ use muxer::{warn_rate, Muxer};
 use packet::RxBuffer;
 
 /// The host's CID; the only destination a guest packet may have.
-pub const HOST_CID: u64 = 2;
+pub const HOST_CID: u64 = ironvmm_wire::HOST_CID as u64;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;

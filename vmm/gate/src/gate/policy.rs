@@ -14,11 +14,11 @@ use crate::services::builtin_catalog;
 /// An invalid policy is exit 127 with the engine's diagnostics.
 pub fn load(path: &Path, protected: &[PathBuf]) -> Result<(Box<dyn Decider>, String), SetupError> {
     let catalog = builtin_catalog().map_err(|e| SetupError {
-        code: crate::exit::VMM_ERROR,
+        code: ironvmm_wire::exit::VMM_ERROR,
         message: format!("the builtin catalog is invalid: {e}"),
     })?;
     let loaded = Policy::load(path, Some(&catalog)).map_err(|d| SetupError {
-        code: crate::exit::BAD_POLICY,
+        code: ironvmm_wire::exit::BAD_POLICY,
         message: format!("invalid policy:\n{d}"),
     })?;
     let mut policy = loaded.policy;

@@ -4,7 +4,7 @@
 //! memory without bound.
 
 /// Default largest frame, newline excluded (architecture.md: 1 MiB).
-pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+pub use ironvmm_wire::DEFAULT_MAX_FRAME;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameError {

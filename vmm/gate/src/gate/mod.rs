@@ -8,13 +8,12 @@
 //! `ironvmm gate`) owns one `Connection` per guest connection and feeds it bytes.
 //! `Gate` is shared by all connections of one VM.
 
+pub mod approver;
 pub mod decide;
 pub mod frame;
-pub mod json;
 pub mod policy;
 pub mod rpc;
 pub mod setup;
-pub mod vsock_ports;
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
@@ -24,10 +23,10 @@ use std::time::Instant;
 use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditLog, DecisionRecord, OutcomeStatus};
+use crate::json::{self, JsonError};
 use crate::services::Services;
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
 use frame::{FrameError, Framer, DEFAULT_MAX_FRAME};
-use json::JsonError;
 
 /// Configurable limits of the gate.
 #[derive(Debug, Clone, Copy)]

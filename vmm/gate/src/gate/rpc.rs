@@ -2,17 +2,13 @@
 
 use serde_json::{json, Value};
 
-pub const PARSE_ERROR: i64 = -32700;
-pub const INVALID_REQUEST: i64 = -32600;
-pub const METHOD_NOT_FOUND: i64 = -32601;
-pub const INVALID_PARAMS: i64 = -32602;
+pub use ironvmm_wire::rpc_code::{INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR};
 /// Denied by a rule, the default, an invariant, a limit, a user...
 pub const DENIED: i64 = -32001;
 /// Denied because nobody answered an ask in time.
 pub const APPROVAL_TIMEOUT: i64 = -32002;
 
-/// The MCP revision this gate speaks (interfaces.md).
-pub const PROTOCOL_VERSION: &str = "2025-06-18";
+pub use ironvmm_wire::PROTOCOL_VERSION;
 
 fn head(out: &mut Vec<u8>, id: &Value) {
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");

@@ -12,11 +12,9 @@
 
 use std::sync::Arc;
 
-use super::{Connection, Gate};
 use crate::devices::vsock::{PortListener, StreamError, StreamHandler};
-
-/// The host port of tool calls (architecture.md).
-pub const TOOLS_PORT: u32 = 1;
+use crate::gate::{Connection, Gate};
+pub use ironvmm_wire::TOOLS_PORT;
 
 /// Accepts guest connections for the VM's gate.
 pub struct GatePorts {

@@ -161,7 +161,7 @@ pub fn verify(
 
 /// Parses one line and checks that its hash covers it.
 fn check_line(line: &[u8], lineno: u64) -> Result<Value, VerifyError> {
-    let rec = crate::gate::json::parse_strict(line)
+    let rec = crate::json::parse_strict(line)
         .map_err(|e| at(lineno, None, format!("not a valid JSON record: {e}")))?;
     let seq = rec.get("seq").and_then(Value::as_u64);
     if !rec.is_object() {

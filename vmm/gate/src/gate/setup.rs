@@ -9,9 +9,9 @@ use sha2::{Digest, Sha256};
 
 use super::{Gate, GateLimits};
 use crate::audit::{self, AuditLog, SyncMode};
-use crate::exit;
 use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::Services;
+use ironvmm_wire::exit;
 
 /// Everything a gate is built from.
 #[derive(Debug, Clone)]
