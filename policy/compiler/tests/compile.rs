@@ -834,3 +834,29 @@ fn an_offline_miss_says_which_input_changed_and_which_model_the_cache_holds() {
         "{err}"
     );
 }
+
+#[test]
+fn the_report_names_rules_no_scenario_exercised() {
+    let dir = TempDir::new("unexercised");
+    inbox_inputs(dir.path());
+    let mut rules = inbox::good_rules();
+    rules.insert(
+        4,
+        serde_json::json!({"sentence": 3, "rule": "ask mail.send when subject == \"wire the money\" \"ask about payments\""}),
+    );
+    let draft =
+        serde_json::json!({"rules": rules, "default": "deny", "assumptions": []}).to_string();
+    let server = ScriptedServer::start();
+    server
+        .answers("lists", &[&inbox::lists()])
+        .answers("draft", &[&draft])
+        .answers("scenarios", &[&inbox::good_scenarios_answer()]);
+    let (code, err) = compile(&dir, &server, "openai", |_| {});
+    assert_eq!(code, 0, "{err}");
+    let report = read(&dir, "p.report.md");
+    assert!(
+        report.contains("- no scenario exercised line 23: `ask mail.send when subject == \"wire the money\" \"ask about payments\"`"),
+        "{report}"
+    );
+    assert!(report.contains("- S3: 5 written, "), "{report}");
+}
