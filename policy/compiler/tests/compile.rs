@@ -500,6 +500,25 @@ fn a_provider_body_that_is_not_an_api_response_fails_clearly() {
         err.contains("not a usable answer: the response body is not JSON"),
         "{err}"
     );
+    // A JSON body without `choices` (a proxy's own answer) is named as such.
+    let server = ScriptedServer::start();
+    server.script(
+        "lists",
+        [Reply::RawBody(
+            r#"{"error":null,"object":"list","data":[]}"#.into(),
+        )],
+    );
+    let (code, err) = compile(&dir, &server, "openai", |c| {
+        c.cache_dir = Some(dir.join("other-cache"))
+    });
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(
+            "the chat-completions response has no `choices` (its keys: error, object, data)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("error: null"), "{err}");
 }
 
 #[test]
