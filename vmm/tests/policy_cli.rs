@@ -456,3 +456,54 @@ fn explain_names_the_value_that_failed() {
         stdout(&o)
     );
 }
+
+#[test]
+fn compile_replays_the_committed_inbox_cache_offline() {
+    let d = tmp("compile-offline");
+    let inbox = root().join("examples/inbox");
+    for f in ["constitution.md", "catalog.json", "contacts.txt"] {
+        std::fs::copy(inbox.join(f), d.join(f)).unwrap();
+    }
+    let cache = inbox.join("p.compile/cache");
+    let args = |out: &str| {
+        vec![
+            "policy".to_string(),
+            "compile".into(),
+            d.join("constitution.md").display().to_string(),
+            "--catalog".into(),
+            d.join("catalog.json").display().to_string(),
+            "--list".into(),
+            format!("contacts={}", d.join("contacts.txt").display()),
+            "--offline".into(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "-o".into(),
+            d.join(out).display().to_string(),
+        ]
+    };
+    // No model configured: the error names the one the cache holds.
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env_remove("IRONVMM_LLM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pass --model recorded-transcript"),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env("IRONVMM_LLM_MODEL", "recorded-transcript")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for f in ["p.rules", "p.scenarios.jsonl", "p.report.md"] {
+        assert_eq!(
+            std::fs::read_to_string(d.join(f)).unwrap(),
+            std::fs::read_to_string(inbox.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
