@@ -115,7 +115,7 @@ fn eval_prints_one_json_line_per_call() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
-        "{\"decision\":\"ask\",\"rule\":12,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
+        "{\"decision\":\"ask\",\"rule\":15,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
     );
     let d = tmp("eval");
     let calls = d.join("calls.jsonl");
@@ -140,7 +140,7 @@ fn eval_prints_one_json_line_per_call() {
         .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["decision"], "allow");
-    assert_eq!(lines[0]["rule"], 8);
+    assert_eq!(lines[0]["rule"], 11);
     assert_eq!(lines[1]["by"], "invariant");
     assert_eq!(lines[2]["reason"], "unknown tool: malformed tool name");
 }
@@ -235,7 +235,7 @@ fn test_reports_mismatches_and_exits_1() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 13): never delete anything permanently"), "{out}");
+    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 16): never delete anything permanently"), "{out}");
     assert!(out.contains("2 scenarios, 1 passed, 1 failed"), "{out}");
     std::fs::write(
         &s,
@@ -268,7 +268,7 @@ fn explain_shows_the_failing_part() {
         out.contains("`not` of a true test: `exists cc` is true"),
         "{out}"
     );
-    assert!(out.contains("decision: ask (by rule line 12)"), "{out}");
+    assert!(out.contains("decision: ask (by rule line 15)"), "{out}");
 }
 
 #[test]
