@@ -11,7 +11,10 @@
 //!    "roles": {"path": "path"}}
 //! ]}
 //! ```
-//! `roles` maps a top-level argument name to one of `path`, `url`, `host`, `email`.
+//! `roles` maps a top-level argument name to one of `path`, `tree`, `url`, `host`,
+//! `email`. `tree` is a path the tool acts on as a whole tree (a move, a delete):
+//! `under` in a deny or ask rule, and the protected-path invariant, hold for it when
+//! the two paths overlap (either lies under the other).
 //! An argument that is an array of such values has the role applied to each element.
 //! A dotted key (`"a.b"`) gives a role to a nested argument.
 //!
@@ -39,6 +42,10 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Path,
+    /// A path whose tool acts on the whole tree below it (`fs.move`, `fs.delete`):
+    /// normalised like `path`; `under` in deny/ask rules and the protected-path
+    /// invariant hold when the paths overlap (see `eval`).
+    Tree,
     Url,
     Host,
     Email,
@@ -48,6 +55,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Path => "path",
+            Role::Tree => "tree",
             Role::Url => "url",
             Role::Host => "host",
             Role::Email => "email",
@@ -56,11 +64,17 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         Some(match s {
             "path" => Role::Path,
+            "tree" => Role::Tree,
             "url" => Role::Url,
             "host" => Role::Host,
             "email" => Role::Email,
             _ => return None,
         })
+    }
+
+    /// `path` and `tree`: values normalised as paths.
+    pub fn is_path(self) -> bool {
+        matches!(self, Role::Path | Role::Tree)
     }
 }
 

@@ -368,7 +368,7 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
     );
     assert_eq!(
         cat["tools"][5]["roles"],
-        json!({"from": "path", "to": "path"})
+        json!({"from": "tree", "to": "tree"})
     );
     let file = e.dir.path().join("catalog.json");
     std::fs::write(&file, &out.stdout).unwrap();
@@ -398,9 +398,17 @@ fn the_log_and_policy_inside_the_workspace_are_protected() {
     let policy = e.workspace.join("p.rules");
     std::fs::write(&policy, "allow fs.*\ndefault deny\n").unwrap();
     e.policy = policy;
+    // The log's key never goes in the workspace: refused unless it is put elsewhere.
+    let (code, _, err) = stdio(&e, &[], &[]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("would lie inside the workspace") && err.contains("--audit-key"),
+        "{err}"
+    );
+    let key = e.dir.path().join("audit.key");
     let (code, r, err) = stdio(
         &e,
-        &[],
+        &["--audit-key", key.to_str().unwrap()],
         &[
             call(1, "fs.read", json!({"path": "/workspace/audit.jsonl"})),
             call(
@@ -421,7 +429,17 @@ fn the_log_and_policy_inside_the_workspace_are_protected() {
         std::fs::read_to_string(e.workspace.join("p.rules")).unwrap(),
         "allow fs.*\ndefault deny\n"
     );
-    assert_eq!(verify(&e.audit, &[]).0, Some(0));
+    assert_eq!(
+        verify(&e.audit, &["--key", key.to_str().unwrap()]).0,
+        Some(0)
+    );
+    // Without its key the log cannot be checked, and says so.
+    let (code, out) = verify(&e.audit, &[]);
+    assert_eq!(code, Some(125), "{out}");
+    assert!(
+        out.contains("without the log's key") && out.contains("--key"),
+        "{out}"
+    );
 }
 
 #[test]

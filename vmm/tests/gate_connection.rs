@@ -344,7 +344,10 @@ fn ten_thousand_calls_in_a_row_lose_nothing() {
     }
     let head = fx.gate.audit().close(Some(0)).unwrap();
     let f = std::fs::File::open(&fx.audit_path).unwrap();
-    let v = ironvmm::audit::verify::verify(std::io::BufReader::new(f), Some(&head), false).unwrap();
+    let key =
+        ironvmm::audit::AuditKey::load(&ironvmm::audit::default_key_path(&fx.audit_path)).unwrap();
+    let v = ironvmm::audit::verify::verify(std::io::BufReader::new(f), &key, Some(&head), false)
+        .unwrap();
     assert_eq!(v.records, 1 + 2 * n + 1);
 }
 

@@ -106,9 +106,10 @@ impl Gate {
     /// A condition the VMM must act on by stopping the VM (exit 125): the audit log
     /// can no longer be written, so every call is being denied.
     pub fn fatal(&self) -> Option<String> {
-        self.audit
-            .failure()
-            .map(|f| format!("the audit log can no longer be written: {f}"))
+        if let Some(f) = self.audit.failure() {
+            return Some(format!("the audit log can no longer be written: {f}"));
+        }
+        self.audit.exhausted().map(str::to_string)
     }
 
     /// Handles one complete frame, appending at most one reply line to `out`.
