@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::audit::SyncMode;
+use crate::builder::Machine;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
 use crate::devices::vsock::VsockConfig;
@@ -14,7 +15,7 @@ use crate::gate::setup::{self, GateConfig};
 use crate::gate::GateLimits;
 use crate::gate_ports::GatePorts;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
-use crate::kvm::vm::{Outcome, Vm, VmConfig};
+use crate::kvm::vm::{Outcome, VmConfig};
 use crate::timing::Timings;
 
 /// What every guest's command line starts with. `reboot=k` resets through the
@@ -302,7 +303,7 @@ pub fn run(a: BootArgs) -> u8 {
         Ok(c) => c,
         Err(e) => return finish(fail(exit::VMM_ERROR, e)),
     };
-    let mut vm = match Vm::create(mem_mib, cpus, console, timings.clone()) {
+    let mut vm = match Machine::new(mem_mib, cpus, console, timings.clone()) {
         Ok(vm) => vm,
         Err(e) => return finish(fail(e.exit_code(), e)),
     };
@@ -336,7 +337,7 @@ pub fn run(a: BootArgs) -> u8 {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    console_input::spawn(vm.bus.serial.clone(), forward_stdin);
+    console_input::spawn(vm.serial(), forward_stdin);
     let gate_for_check = gate.clone();
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
     console_input::restore_terminal();
