@@ -1,7 +1,7 @@
 //! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
 //! map memory, load the kernel, set up vCPUs, run until an event. Which devices the
-//! guest gets is the builder's business (`crate::builder`): here a vCPU's exits go
-//! to an [`ExitHandler`], whatever it is.
+//! guest gets is the builder's business: here a vCPU's exits go to an
+//! [`ExitHandler`], whatever it is.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};

@@ -99,7 +99,8 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             ));
         }
     }
-    let (mut policy, warnings) = super::policy::load(&cfg.policy)?;
+    let (mut policy, warnings) =
+        super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
