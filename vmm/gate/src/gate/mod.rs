@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use crate::audit::{AuditLog, DecisionRecord, OutcomeStatus};
+use crate::audit::{AuditLog, DecisionRecord, FinalDecision, OutcomeStatus};
 use crate::json::{self, JsonError};
 use crate::services::Services;
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
@@ -243,10 +243,14 @@ impl Gate {
             rpc_id: id,
             tool: &call.tool,
             args: &call.args,
-            decision: if allowed { "allow" } else { "deny" },
+            decision: if allowed {
+                FinalDecision::Allow
+            } else {
+                FinalDecision::Deny
+            },
             asked,
             rule: ruling.rule,
-            decided_by: by.as_str(),
+            decided_by: by,
             reason,
             policy_ns,
         };
