@@ -39,6 +39,7 @@ pub mod lists;
 pub mod norm;
 pub mod parser;
 pub mod schema;
+mod value;
 
 pub use catalog::{Catalog, CatalogError, Role, Tool};
 pub use diag::{Diagnostic, Diagnostics, Severity};
