@@ -92,6 +92,8 @@ pub struct Vm {
     events_tx: EventSender,
     events_rx: Receiver<VmEvent>,
     pub timings: Arc<Timings>,
+    /// Device threads and the EventFd that stops each.
+    device_threads: Vec<(EventFd, thread::JoinHandle<()>)>,
 }
 
 impl Vm {
@@ -158,6 +160,7 @@ impl Vm {
             events_tx,
             events_rx,
             timings,
+            device_threads: Vec::new(),
         })
     }
 
@@ -227,15 +230,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Step 7: one thread per vCPU, then wait for the first reason to stop, the
-    /// deadline, or Ctrl-C.
-    /// `fatal` is asked every 50 ms whether ironvmm must stop the VM (for example
-    /// when the audit log can no longer be written).
+    /// Step 7: one thread per vCPU, then wait for the first reason to stop (an
+    /// event: the agent's exit, a crash, a fatal condition such as the audit log
+    /// failing), the deadline, or Ctrl-C. The device threads are stopped and joined
+    /// before it returns.
     pub fn run(
         mut self,
         timeout: Option<Duration>,
         interrupts: &AtomicUsize,
-        fatal: &dyn Fn() -> Option<String>,
     ) -> (Outcome, Arc<Bus>) {
         let deadline = timeout.map(|t| Instant::now() + t);
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -258,9 +260,6 @@ impl Vm {
             if interrupts.load(Ordering::Relaxed) > 0 {
                 break Outcome::Interrupted;
             }
-            if let Some(why) = fatal() {
-                break Outcome::Fatal(why);
-            }
             let mut wait = Duration::from_millis(50);
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
@@ -279,6 +278,10 @@ impl Vm {
                 }
             }
         };
+        for (stop, handle) in self.device_threads.drain(..) {
+            let _ = stop.write(1);
+            let _ = handle.join();
+        }
         let _ = lock(&self.bus.serial).writer_mut().flush_console();
         (outcome, self.bus)
     }
@@ -318,7 +321,10 @@ impl Vm {
         let stop =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
         let events = self.events_tx.clone();
-        thread::Builder::new()
+        let stop_handle = stop
+            .try_clone()
+            .map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        let handle = thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
                 // The device thread ending (an error, or a panic in a handler) leaves the
@@ -333,6 +339,7 @@ impl Vm {
                 let _ = events.send(VmEvent::Fatal(why));
             })
             .map_err(|e| VmError::Io(format!("cannot start the vsock thread: {e}")))?;
+        self.device_threads.push((stop_handle, handle));
         self.add_mmio(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
         Ok(cmdline_entry(base, irq))
     }

@@ -11,7 +11,9 @@ pub mod read;
 pub mod redact;
 pub mod verify;
 
-pub use log::{AuditError, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+pub use log::{
+    AnswerRef, AuditError, AuditLog, DecisionRecord, FailureHook, OutcomeStatus, SyncMode,
+};
 
 use sha2::{Digest, Sha256};
 

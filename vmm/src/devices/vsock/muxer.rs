@@ -6,7 +6,7 @@
 //! no longer exist. A guest that floods us while posting no rx buffers loses packets, not
 //! our memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::connection::{ConnKey, Connection, ResetReason, Verdict};
 use super::packet::{op, Header, PacketError, RxBuffer, TYPE_STREAM};
@@ -16,8 +16,10 @@ pub struct Muxer {
     cfg: VsockConfig,
     listener: Box<dyn PortListener>,
     conns: HashMap<ConnKey, Connection>,
-    /// Connections with something to send, in round-robin order.
+    /// Live connections with something to send, in round-robin order, each at most
+    /// once: `queued` says which are in it, and a connection that goes is taken out.
     rxq: VecDeque<ConnKey>,
+    queued: HashSet<ConnKey>,
     /// RSTs for connections that are gone or never existed.
     control: VecDeque<Header>,
     pub stats: VsockStats,
@@ -30,6 +32,7 @@ impl Muxer {
             listener,
             conns: HashMap::new(),
             rxq: VecDeque::new(),
+            queued: HashSet::new(),
             control: VecDeque::new(),
             stats: VsockStats::default(),
         }
@@ -151,11 +154,20 @@ impl Muxer {
         if hdr.op == op::RST {
             return;
         }
+        self.remove(key);
+        self.log_reset(key, why);
+        self.push_rst(key);
+    }
+
+    /// Forgets a connection: its handler is closed and its key leaves the rx queue
+    /// (a key left there would pile up as the guest opens and resets the same port).
+    fn remove(&mut self, key: ConnKey) {
         if let Some(mut conn) = self.conns.remove(&key) {
             conn.close_handler();
         }
-        self.log_reset(key, why);
-        self.push_rst(key);
+        if self.queued.remove(&key) {
+            self.rxq.retain(|k| *k != key);
+        }
     }
 
     fn apply(&mut self, key: ConnKey, verdict: Verdict) {
@@ -166,15 +178,9 @@ impl Muxer {
                 self.schedule(key);
             }
             Verdict::Finish => self.schedule(key),
-            Verdict::Drop => {
-                if let Some(mut conn) = self.conns.remove(&key) {
-                    conn.close_handler();
-                }
-            }
+            Verdict::Drop => self.remove(key),
             Verdict::Reset(why) => {
-                if let Some(mut conn) = self.conns.remove(&key) {
-                    conn.close_handler();
-                }
+                self.remove(key);
                 self.log_reset(key, why);
                 self.push_rst(key);
             }
@@ -199,9 +205,8 @@ impl Muxer {
     }
 
     fn schedule(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if !conn.queued && conn.has_rx_work() {
-                conn.queued = true;
+        if let Some(conn) = self.conns.get(&key) {
+            if conn.has_rx_work() && self.queued.insert(key) {
                 self.rxq.push_back(key);
             }
         }
@@ -252,10 +257,10 @@ impl Muxer {
             };
         }
         while let Some(key) = self.rxq.pop_front() {
+            self.queued.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
-            conn.queued = false;
             let Some(plan) = conn.plan_rx(buf.payload_capacity()) else {
                 continue;
             };
@@ -263,7 +268,7 @@ impl Muxer {
             hdr.src_cid = HOST_CID;
             hdr.dst_cid = self.cfg.guest_cid;
             if let Err(e) = buf.write(hdr, conn.rx_data(&plan)) {
-                conn.queued = true;
+                self.queued.insert(key);
                 self.rxq.push_front(key);
                 return Err(e);
             }
@@ -279,6 +284,11 @@ impl Muxer {
     fn address(&self, hdr: &mut Header) {
         hdr.src_cid = HOST_CID;
         hdr.dst_cid = self.cfg.guest_cid;
+    }
+
+    /// Length of the rx queue (at most the number of connections).
+    pub fn rx_queue_len(&self) -> usize {
+        self.rxq.len()
     }
 
     /// Lets every handler emit late output (see `StreamHandler::poll`).
@@ -298,6 +308,7 @@ impl Muxer {
             conn.close_handler();
         }
         self.rxq.clear();
+        self.queued.clear();
         self.control.clear();
     }
 }
