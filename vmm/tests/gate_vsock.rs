@@ -76,7 +76,7 @@ fn port_1_is_the_gate_and_other_ports_are_refused() {
         r[0]["result"]["structuredContent"]["content"],
         "hello, gate\n"
     );
-    assert_eq!(r[1]["error"]["code"], -32001);
+    assert_eq!(denial(&r[1])["decided_by"], "default");
     let recs = fx.records();
     let rec = |id: u64| recs.iter().find(|r| r["rpc_id"] == id).unwrap();
     assert_eq!(rec(1)["conn"], "vsock:1000#1");
