@@ -320,3 +320,98 @@ pub fn warn_rate(count: u64, msg: std::fmt::Arguments<'_>) {
         log::warn!("{msg} (occurrence {count})");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::vsock::{StreamError, StreamHandler};
+    use proptest::prelude::*;
+
+    struct Echo;
+    impl StreamHandler for Echo {
+        fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+            out.extend_from_slice(data);
+            Ok(())
+        }
+        fn on_close(&mut self) {}
+    }
+
+    struct All;
+    impl PortListener for All {
+        fn accept(&mut self, _: u32, _: u32) -> Option<Box<dyn StreamHandler>> {
+            Some(Box::new(Echo))
+        }
+    }
+
+    fn muxer() -> Muxer {
+        let cfg = VsockConfig {
+            max_connections: 4,
+            ..VsockConfig::default()
+        };
+        Muxer::new(cfg, Box::new(All))
+    }
+
+    fn packet(port: u32, op_: u16, flags: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: port,
+            dst_port: 1,
+            type_: TYPE_STREAM,
+            op: op_,
+            flags,
+            buf_alloc: 4096,
+            ..Header::default()
+        }
+    }
+
+    /// The rx queue holds only live connections, each at most once.
+    fn check(m: &Muxer) -> Result<(), TestCaseError> {
+        let mut seen = HashSet::new();
+        for k in &m.rxq {
+            prop_assert!(m.conns.contains_key(k), "a stale key {k:?} is queued");
+            prop_assert!(seen.insert(*k), "{k:?} is queued twice");
+        }
+        prop_assert_eq!(&seen, &m.queued);
+        prop_assert!(m.rxq.len() <= m.conns.len());
+        Ok(())
+    }
+
+    #[test]
+    fn open_and_reset_without_rx_buffers_does_not_grow_the_queue() {
+        // #10.6: the guest opens and resets the same port and never posts rx buffers.
+        let mut m = muxer();
+        for _ in 0..10_000 {
+            m.handle_guest_packet(&packet(1025, op::REQUEST, 0), &[]);
+            m.handle_guest_packet(&packet(1025, op::RST, 0), &[]);
+        }
+        assert_eq!(m.rx_queue_len(), 0);
+        assert!(m.control.len() <= m.cfg.max_pending_control);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_rx_queue_holds_each_live_connection_once(
+            steps in proptest::collection::vec((0u32..6, 0u8..6, 0u32..4), 1..300)
+        ) {
+            let mut m = muxer();
+            for (port, what, flags) in steps {
+                let port = 1024 + port;
+                match what {
+                    0 => m.handle_guest_packet(&packet(port, op::REQUEST, 0), &[]),
+                    1 => m.handle_guest_packet(&packet(port, op::RST, 0), &[]),
+                    2 => {
+                        let h = Header { len: 5, ..packet(port, op::RW, 0) };
+                        m.handle_guest_packet(&h, b"hello");
+                    }
+                    3 => m.handle_guest_packet(&packet(port, op::SHUTDOWN, flags), &[]),
+                    4 => m.handle_guest_packet(&packet(port, op::CREDIT_REQUEST, 0), &[]),
+                    _ => m.poll_all(),
+                }
+                check(&m)?;
+            }
+        }
+    }
+}
