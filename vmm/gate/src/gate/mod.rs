@@ -595,6 +595,15 @@ impl Gate {
     }
 }
 
+impl Drop for Gate {
+    /// The workers end once their queue is empty (`shutdown` also joins them).
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.stop();
+        }
+    }
+}
+
 /// What the policy said about an asked call.
 struct Ask {
     rule: Option<u32>,

@@ -247,6 +247,17 @@ impl Pool {
         lock(&self.inner.state).live
     }
 
+    /// Stops taking jobs; the threads end once the queue is empty. Does not wait
+    /// (safe from any thread, a worker included).
+    pub fn stop(&self) {
+        let mut st = lock(&self.inner.state);
+        st.stopping = true;
+        self.inner.stopping.store(true, Ordering::Release);
+        drop(st);
+        self.inner.work.notify_all();
+        self.inner.timers.notify_all();
+    }
+
     /// Stops taking jobs, runs those queued, and joins every thread (stuck workers
     /// for up to `STUCK_GRACE`). Returns how many stuck threads were left behind.
     pub fn shutdown(&self) -> usize {

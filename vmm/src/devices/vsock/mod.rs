@@ -113,6 +113,8 @@ pub struct VsockConfig {
     pub max_pending_control: usize,
     /// Largest payload accepted in one tx packet.
     pub max_tx_payload: u32,
+    /// Offer `VIRTIO_RING_F_EVENT_IDX` (on unless measuring what it saves).
+    pub event_idx: bool,
 }
 
 impl Default for VsockConfig {
@@ -124,6 +126,7 @@ impl Default for VsockConfig {
             max_pending_output: 256 * 1024,
             max_pending_control: 1024,
             max_tx_payload: 64 * 1024,
+            event_idx: true,
         }
     }
 }
@@ -480,7 +483,12 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_STREAM)
+        let event_idx = if self.cfg.event_idx {
+            1 << VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
+        (1 << VIRTIO_F_VERSION_1) | event_idx | (1 << VIRTIO_VSOCK_F_STREAM)
     }
 
     fn queues(&self) -> &[Queue] {
