@@ -179,11 +179,14 @@ fn print_host_only(sync: &str, results: &[Option<Value>]) {
 
 /// `--host-only`: the host-only gate alone, built and run here, no VM.
 fn host_only(root: &Path, work: PathBuf) {
-    run_ok(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["build", "--release", "-p", "ironvmm", "-p", "ironvmm-guest"]),
-    );
+    run_ok(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "ironvmm",
+        "-p",
+        "ironvmm-guest",
+    ]));
     let p = Paths {
         bin: root.join("target/release/ironvmm"),
         iron: root.join("target/release/iron"),

@@ -396,8 +396,9 @@ pub fn run(a: BootArgs) -> u8 {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    console_input::spawn(vm.bus.serial.clone(), forward_stdin);
+    let console_thread = console_input::spawn(vm.bus.serial.clone(), forward_stdin);
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
+    console_thread.stop();
     console_input::restore_terminal();
     timings.exit.set_once();
     if a.timings {

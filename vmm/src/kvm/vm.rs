@@ -1,7 +1,7 @@
 //! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
 //! map memory, add devices, load the kernel, set up vCPUs, run until an event.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -240,20 +240,28 @@ impl Vm {
         interrupts: &AtomicUsize,
     ) -> (Outcome, Arc<Bus>) {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let stop = Arc::new(AtomicBool::new(false));
+        super::vcpu::install_kick_handler();
+        let mut vcpu_threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (bus, timings, events) = (
+            let (bus, timings, events, vcpu_stop) = (
                 self.bus.clone(),
                 self.timings.clone(),
                 self.events_tx.clone(),
+                Arc::clone(&stop),
             );
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || super::vcpu::run(vcpu, id as u8, bus, timings, events));
-            if let Err(e) = spawned {
-                return (
-                    Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
-                    self.bus,
-                );
+                .spawn(move || super::vcpu::run(vcpu, id as u8, bus, timings, events, vcpu_stop));
+            match spawned {
+                Ok(h) => vcpu_threads.push(h),
+                Err(e) => {
+                    let _ = stop_vcpus(&stop, vcpu_threads);
+                    return (
+                        Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
+                        self.bus,
+                    );
+                }
             }
         }
         let outcome = loop {
@@ -278,8 +286,10 @@ impl Vm {
                 }
             }
         };
-        for (stop, handle) in self.device_threads.drain(..) {
-            let _ = stop.write(1);
+        // vCPUs first: they may be inside a device (MMIO) when the devices stop.
+        let _ = stop_vcpus(&stop, vcpu_threads);
+        for (stop_evt, handle) in self.device_threads.drain(..) {
+            let _ = stop_evt.write(1);
             let _ = handle.join();
         }
         let _ = lock(&self.bus.serial).writer_mut().flush_console();
@@ -345,6 +355,31 @@ impl Vm {
     }
 }
 
+/// Stops the vCPU threads and joins them: each is kicked out of KVM_RUN with
+/// `vcpu::kick_signal` until it has ended (a kick that lands outside KVM_RUN is
+/// followed by another). A thread still running after a second is left to end with
+/// the process, and reported. Returns how many were left.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) -> usize {
+    use std::os::unix::thread::JoinHandleExt;
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut left = 0;
+    for h in threads {
+        while !h.is_finished() && Instant::now() < deadline {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), super::vcpu::kick_signal()) };
+            thread::sleep(Duration::from_millis(1));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            log::warn!("a vCPU thread did not stop within a second; leaving it");
+            left += 1;
+        }
+    }
+    left
+}
+
 impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         MmioTransport::read(self, offset, data)
@@ -358,5 +393,31 @@ impl ConsoleOut {
     /// Flushes buffered console output (named so it reads clearly at call sites).
     pub fn flush_console(&mut self) -> std::io::Result<()> {
         std::io::Write::flush(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kick reaches a thread blocked in a system call (as a vCPU is in KVM_RUN),
+    /// which then sees `stop` and ends; `stop_vcpus` joins it.
+    #[test]
+    fn stopping_kicks_blocked_threads_and_joins_them() {
+        super::super::vcpu::install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        // SAFETY: poll with no descriptors sleeps until a signal.
+                        unsafe { libc::poll(std::ptr::null_mut(), 0, -1) };
+                    }
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(stop_vcpus(&stop, threads), 0, "every thread joined");
     }
 }
