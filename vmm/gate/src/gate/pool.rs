@@ -122,12 +122,18 @@ pub struct Pool {
 pub struct Deadline {
     ticket: Arc<Ticket>,
     inner: Arc<Inner>,
+    settled: bool,
 }
 
 impl Deadline {
     /// True when the work finished before its deadline: the caller answers the call.
     /// False when the watchdog already answered it.
-    pub fn finish(self) -> bool {
+    pub fn finish(mut self) -> bool {
+        self.settle()
+    }
+
+    fn settle(&mut self) -> bool {
+        self.settled = true;
         let won = self
             .ticket
             .state
@@ -144,6 +150,16 @@ impl Deadline {
             STUCK_HERE.with(|s| s.set(true));
         }
         won
+    }
+}
+
+impl Drop for Deadline {
+    /// A deadline dropped unfinished (its job unwound) counts as finished, so the
+    /// stuck count stays right.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle();
+        }
     }
 }
 
@@ -193,7 +209,7 @@ impl Pool {
         self.inner.cfg
     }
 
-    /// Queues a job. Jobs must not panic; the gate catches panics inside them.
+    /// Queues a job. A job that panics is logged; its worker goes on.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) -> Result<(), PoolError> {
         let mut st = lock(&self.inner.state);
         if st.stopping {
@@ -234,6 +250,7 @@ impl Pool {
         Deadline {
             ticket,
             inner: Arc::clone(&self.inner),
+            settled: false,
         }
     }
 
@@ -314,7 +331,10 @@ fn worker(inner: &Arc<Inner>) {
         if let Some(job) = st.jobs.pop_front() {
             drop(st);
             STUCK_HERE.with(|s| s.set(false));
-            job();
+            // A panicking job must not take its worker (and the pool's count) with it.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                log::error!("gate: a job panicked on a worker");
+            }
             st = lock(&inner.state);
             if STUCK_HERE.with(|s| s.replace(false)) {
                 // Back from overrunning: if a spare took this worker's place, one
