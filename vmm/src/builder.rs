@@ -49,6 +49,11 @@ impl Machine {
         Ok(Machine { vm, bus })
     }
 
+    /// Where device threads and the gate report why the VM must stop.
+    pub fn events(&self) -> crate::vm_event::EventSender {
+        self.vm.events()
+    }
+
     /// The serial port, for the thread that feeds it the host's keyboard.
     pub fn serial(&self) -> Arc<Mutex<SerialDevice>> {
         self.bus.serial.clone()
@@ -89,8 +94,9 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::EventFd)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let stop_handle = stop.try_clone().map_err(VmError::EventFd)?;
         let events = self.vm.events();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
                 // The device thread ending (an error, or a panic in a handler) leaves the
@@ -105,6 +111,7 @@ impl Machine {
                 let _ = events.send(VmEvent::Fatal(why));
             })
             .map_err(|e| VmError::Io(format!("cannot start the vsock thread: {e}")))?;
+        self.vm.add_device_thread(stop_handle, handle);
         self.bus
             .add_mmio(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)));
         Ok(cmdline_entry(base, irq))
@@ -117,14 +124,9 @@ impl Machine {
 
     /// Runs the VM (`Vm::run`) with the bus behind its exits. Returns how it ended,
     /// and the bus for what it counted and what the console saw.
-    pub fn run(
-        self,
-        timeout: Option<Duration>,
-        interrupts: &AtomicUsize,
-        fatal: &dyn Fn() -> Option<String>,
-    ) -> (Outcome, Arc<Bus>) {
+    pub fn run(self, timeout: Option<Duration>, interrupts: &AtomicUsize) -> (Outcome, Arc<Bus>) {
         let bus = Arc::new(self.bus);
-        let outcome = self.vm.run(bus.clone(), timeout, interrupts, fatal);
+        let outcome = self.vm.run(bus.clone(), timeout, interrupts);
         let _ = lock(&bus.serial).writer_mut().flush_console();
         (outcome, bus)
     }

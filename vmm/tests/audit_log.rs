@@ -9,8 +9,8 @@ use std::process::Command;
 
 use gate_common::*;
 use ironvmm::audit::verify::verify;
-use ironvmm::audit::{AuditKey, AuditLog, DecisionRecord, FinalDecision, OutcomeStatus, SyncMode};
-use ironvmm::gate::DecidedBy;
+use ironvmm::audit::{AuditKey, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+use ironvmm::gate::{DecidedBy, Verdict};
 use serde_json::{json, Map, Value};
 
 fn ironvmm() -> Command {
@@ -32,11 +32,12 @@ fn sample_log(dir: &Path) -> (PathBuf, String) {
                 tool: if allowed { "fs.read" } else { "fs.write" },
                 args: &json!({"path": format!("/workspace/{i}"), "token": "t0p"}),
                 decision: if allowed {
-                    FinalDecision::Allow
+                    Verdict::Allow
                 } else {
-                    FinalDecision::Deny
+                    Verdict::Deny
                 },
                 asked: false,
+                answer: None,
                 rule: Some(4),
                 decided_by: DecidedBy::Rule,
                 reason: "because",
@@ -259,8 +260,9 @@ fn batch_mode_syncs_and_verifies() {
         rpc_id: &Value::Null,
         tool: "fs.read",
         args: &json!({}),
-        decision: FinalDecision::Allow,
+        decision: Verdict::Allow,
         asked: false,
+        answer: None,
         rule: None,
         decided_by: DecidedBy::Default,
         reason: "",
@@ -325,7 +327,8 @@ fn write_failure_fails_closed() {
     let mut data = frame.clone();
     data.push(b'\n');
     let mut out = Vec::new();
-    let err = c.on_data(&data, &mut out).unwrap_err();
+    c.on_data(&data, &mut out).unwrap();
+    let err = settle(&mut c, &mut out).unwrap_err();
     assert!(
         matches!(err, ironvmm::gate::ConnectionError::AuditFailed(ref m) if m.contains("audit log")),
         "{err:?}"
@@ -342,7 +345,8 @@ fn write_failure_fails_closed() {
     let mut out = Vec::new();
     let mut data = call_frame(3, "fs.read", json!({"path": "hello.txt"}));
     data.push(b'\n');
-    assert!(c2.on_data(&data, &mut out).is_err());
+    c2.on_data(&data, &mut out).unwrap();
+    assert!(settle(&mut c2, &mut out).is_err());
     assert_eq!(denial(&replies(&out)[0])["decided_by"], "invariant");
     assert!(fx.gate.audit().close(Some(0)).is_err());
 }
