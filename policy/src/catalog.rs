@@ -24,6 +24,11 @@
 //! restrictive decision wins (deny, then ask, then allow), so both ends of a move
 //! are decided by the same rules.
 //!
+//! `rolesKnown` (optional, default `true`): `false` says nobody has said which of
+//! the tool's arguments are paths, URLs, hosts or addresses (an MCP server of the
+//! owner's, configured without `roles`). Its arguments are then compared literally,
+//! and `policy check` warns of every rule whose conditions read them.
+//!
 //! `groups` (optional) names arguments that hold the same kind of thing in different
 //! places: `{"recipients": ["to", "cc", "bcc"]}` on `mail.send`, `{"ends": ["from",
 //! "to"]}` on `fs.move`. The engine does not read them; the policy compiler derives
@@ -91,6 +96,8 @@ pub struct Tool {
     pub aliases: BTreeMap<String, Vec<String>>,
     /// Argument groups (see the module doc): group name to its member arguments.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// `false`: the roles of the arguments are unknown, not merely absent.
+    pub roles_known: bool,
     pub(crate) schema: Schema,
 }
 
@@ -116,6 +123,7 @@ impl Tool {
             roles,
             aliases: BTreeMap::new(),
             groups: BTreeMap::new(),
+            roles_known: true,
             schema,
         })
     }
@@ -298,6 +306,9 @@ impl Catalog {
                 if !t.groups.is_empty() {
                     v["groups"] = json!(t.groups);
                 }
+                if !t.roles_known {
+                    v["rolesKnown"] = Value::Bool(false);
+                }
                 v
             })
             .collect();
@@ -317,6 +328,7 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
             "roles",
             "aliases",
             "groups",
+            "rolesKnown",
         ]
         .contains(&k.as_str())
     }) {
@@ -352,6 +364,15 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
         }
     }
     let mut tool = Tool::new(name, description, schema, roles)?;
+    match o.get("rolesKnown") {
+        None => {}
+        Some(Value::Bool(b)) => tool.roles_known = *b,
+        Some(_) => {
+            return Err(CatalogError(format!(
+                "`{name}`: `rolesKnown` must be a boolean"
+            )))
+        }
+    }
     if let Some(a) = o.get("aliases") {
         let a = a.as_object().ok_or(CatalogError(format!(
             "`{name}`: `aliases` must be an object"
@@ -404,6 +425,12 @@ mod tests {
         assert_eq!(c.tool("fs.move").unwrap().groups["ends"], ["from", "to"]);
         let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
         assert_eq!(again.tool("fs.move").unwrap().groups.len(), 1);
+        let text = r#"{"tools":[{"name":"files.read","rolesKnown":false}]}"#;
+        let c = Catalog::from_json(text).unwrap();
+        assert!(!c.tool("files.read").unwrap().roles_known);
+        let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
+        assert!(!again.tool("files.read").unwrap().roles_known);
+        assert!(Catalog::from_json(r#"{"tools":[{"name":"a.b","rolesKnown":1}]}"#).is_err());
     }
 
     #[test]

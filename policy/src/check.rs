@@ -363,6 +363,26 @@ impl Cx<'_> {
         if let Some(c) = &r.cond {
             let wild = !matches!(r.pattern, ToolPattern::Exact(_));
             self.cond(f, c, &tools, wild);
+            let literal: Vec<&str> = tools
+                .iter()
+                .filter(|t| !t.roles_known)
+                .map(|t| t.name.as_str())
+                .collect();
+            if !literal.is_empty() {
+                let names = literal.iter().take(3).map(|n| format!("`{n}`"));
+                let more = literal.len().saturating_sub(3);
+                self.warn(
+                    f,
+                    r.pattern_span,
+                    format!(
+                        "{}{}: no argument roles are known (give them with `roles` in the [[mcp]] table): \
+                         arguments are compared literally, not normalised as paths, URLs, hosts or addresses, \
+                         and the protected paths are not checked against them",
+                        names.collect::<Vec<_>>().join(", "),
+                        if more > 0 { format!(" and {more} more") } else { String::new() }
+                    ),
+                );
+            }
         }
     }
 }

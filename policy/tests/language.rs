@@ -949,3 +949,36 @@ fn check_warns_when_a_deny_is_bypassed_through_a_move() {
     );
     assert!(!w.contains("bypasses"), "{w}");
 }
+
+#[test]
+fn check_warns_of_rules_on_tools_whose_roles_are_unknown() {
+    let c = Catalog::from_json(
+        r#"{"tools":[
+        {"name":"files.read","inputSchema":{"type":"object","properties":{"path":{"type":"string"}}},"rolesKnown":false},
+        {"name":"files.stat","inputSchema":{"type":"object","properties":{"path":{"type":"string"}}},"roles":{"path":"path"}}]}"#,
+    )
+    .unwrap();
+    let w = warnings("allow files.read when path under \"/srv\"\n", Some(&c));
+    assert!(
+        w.contains("`files.read`: no argument roles are known"),
+        "{w}"
+    );
+    assert!(w.contains("compared literally"), "{w}");
+    // A tool whose roles the owner gave, and a rule without conditions: no warning.
+    let w = warnings(
+        "allow files.stat when path under \"/srv\"\ndeny files.read\n",
+        Some(&c),
+    );
+    assert!(!w.contains("no argument roles"), "{w}");
+    // `==` on such a tool compares the raw text: `/srv/../etc` is not `/etc`.
+    let p = Policy::from_source(
+        "allow files.read when path == \"/etc\"\n",
+        "t",
+        None,
+        Some(&c),
+    )
+    .unwrap()
+    .policy;
+    assert!(!allowed(&p, "files.read", json!({"path": "/srv/../etc"})));
+    assert!(allowed(&p, "files.read", json!({"path": "/etc"})));
+}

@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::{AnswerRef, AuditLog, DecisionRecord, OutcomeStatus};
 use crate::json::{self, JsonError};
-use crate::services::Services;
+use crate::services::{Reply, Services};
 use approver::{Answer, Approver, AskRequest, DenyAll};
 pub use connection::{Connection, ConnectionError};
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
@@ -563,7 +563,7 @@ impl Gate {
             })
         });
         let served = panic::catch_unwind(AssertUnwindSafe(|| {
-            self.services.call(&call.tool, &call.args)
+            self.services.serve(&call.tool, &call.args)
         }));
         if deadline.is_some_and(|d| !d.finish()) {
             return;
@@ -572,7 +572,15 @@ impl Gate {
             return;
         };
         let (result, status) = match served {
-            Ok(Ok(v)) => (rpc::tool_result(v, false, None), OutcomeStatus::Ok),
+            Ok(Ok(Reply::Structured(v))) => (rpc::tool_result(v, false, None), OutcomeStatus::Ok),
+            Ok(Ok(Reply::Forwarded { result, is_error })) => {
+                let status = if is_error {
+                    OutcomeStatus::ToolError
+                } else {
+                    OutcomeStatus::Ok
+                };
+                (result, status)
+            }
             Err(_) => {
                 let m = "internal error in the service";
                 let structured = json!({"error": {"kind": "internal", "message": m}});

@@ -3,6 +3,7 @@
 //! service reads the very value the policy decided on.
 
 pub mod fs;
+pub mod mcp_servers;
 mod sys;
 
 use std::collections::HashMap;
@@ -21,6 +22,10 @@ pub struct ToolSpec {
     /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
     pub aliases: &'static [(&'static str, &'static [&'static str])],
 }
+
+/// The reply cap of most tools: a reply frame stays under the 1 MiB frame limit
+/// once JSON-RPC has wrapped it.
+pub const DEFAULT_REPLY_CAP: usize = 768 * 1024;
 
 impl ToolSpec {
     /// The entry in the `--catalog` file format (policy/src/catalog.rs).
@@ -74,11 +79,26 @@ impl ToolError {
     }
 }
 
+/// What an allowed call gave back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The tool's structured result; the gate wraps it as a tool result.
+    Structured(Value),
+    /// A whole MCP tool result from another MCP server (`content`,
+    /// `structuredContent`, `isError`), already checked and capped by its service.
+    Forwarded { result: Value, is_error: bool },
+}
+
 /// A service: a family of tools sharing one prefix (`fs.`).
 pub trait Service: Send + Sync {
     fn tools(&self) -> Vec<ToolSpec>;
     /// Serves an allowed call; `Ok` is the tool's structured result.
     fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError>;
+    /// Serves an allowed call as the gate replies it. Services whose results are
+    /// already MCP tool results (forwarded MCP servers) override this.
+    fn serve(&self, tool: &str, args: &Value) -> Result<Reply, ToolError> {
+        self.call(tool, args).map(Reply::Structured)
+    }
 }
 
 /// The services one gate serves, indexed by tool name.
@@ -113,14 +133,40 @@ impl Services {
     }
 
     pub fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
+        self.service(tool)?.call(tool, args)
+    }
+
+    /// Serves an allowed call as the gate replies it.
+    pub fn serve(&self, tool: &str, args: &Value) -> Result<Reply, ToolError> {
+        self.service(tool)?.serve(tool, args)
+    }
+
+    fn service(&self, tool: &str) -> Result<&dyn Service, ToolError> {
         match self.by_tool.get(tool) {
-            Some(&i) => self.services[i].call(tool, args),
+            Some(&i) => Ok(&*self.services[i]),
             None => Err(ToolError::new(
                 "unknown_tool",
                 format!("no service here offers {tool:?}"),
             )),
         }
     }
+}
+
+/// Bytes of `v` as compact JSON, counted without building the text.
+pub(crate) fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// Every tool compiled into ironvmm, whatever a given run configures.
