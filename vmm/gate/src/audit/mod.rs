@@ -11,7 +11,7 @@ pub mod read;
 pub mod redact;
 pub mod verify;
 
-pub use log::{AuditError, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+pub use log::{AuditError, AuditLog, DecisionRecord, LearnRecord, OutcomeStatus, SyncMode};
 
 use sha2::{Digest, Sha256};
 
