@@ -8,6 +8,8 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{Gate, GateLimits};
+use crate::approvals::live::LiveDecider;
+use crate::approvals::LivePolicy;
 use crate::audit::{self, AuditLog, SyncMode};
 use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::Services;
@@ -35,6 +37,8 @@ pub struct OpenedGate {
     pub gate: Arc<Gate>,
     pub audit: Arc<AuditLog>,
     pub audit_path: PathBuf,
+    /// The running policy: answers learned as rules are put in force through it.
+    pub live: Arc<LivePolicy>,
     /// Policy warnings, already formatted (empty when none).
     pub warnings: String,
 }
@@ -87,7 +91,8 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             }
         }
     }
-    let (decider, warnings) = super::policy::load(&cfg.policy, &protected)?;
+    let (live, warnings) = super::policy::load(&cfg.policy, &protected)?;
+    let decider = Box::new(LiveDecider(Arc::clone(&live)));
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -109,6 +114,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     if let Some(mut svc) = fs {
         svc.protect(&audit_path);
         svc.protect(&cfg.policy);
+        svc.protect(live.learned_path());
         services.add(Box::new(svc));
     }
     let gate = Arc::new(Gate::new(decider, services, Arc::clone(&log), cfg.limits));
@@ -116,6 +122,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         gate,
         audit: log,
         audit_path,
+        live,
         warnings,
     })
 }
