@@ -241,7 +241,7 @@ fn learning(scenarios: Option<&str>) -> Learning {
     }
     let audit = dir.path().join("audit.jsonl");
     let log = Arc::new(AuditLog::create(&audit, "vm1", SyncMode::Always, Map::new()).unwrap());
-    let (live, _) = LivePolicy::load(&policy, Some(builtin_catalog().unwrap()), &[]).unwrap();
+    let (live, _) = LivePolicy::load(&policy, Some(builtin_catalog().unwrap())).unwrap();
     let mut cfg = HubConfig::new("vm1", Mode::Socket);
     cfg.learner = Some(Learner::new(Arc::clone(&live), Some(log)));
     Learning {

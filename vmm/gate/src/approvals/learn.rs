@@ -491,7 +491,7 @@ pub fn rule_text(
                             conds.push(format!("host({a}) == {}", lit(&host)));
                         }
                     }
-                    Role::Path => {
+                    Role::Path | Role::Tree => {
                         for s in strings {
                             conds.push(format!("{a} under {}", lit(&parent_dir(s))));
                         }

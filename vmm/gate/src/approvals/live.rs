@@ -3,19 +3,14 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ironvmm_policy::{Catalog, DecisionRef, Diagnostics, Policy};
 use serde_json::Value;
 
 use crate::gate::Decider;
 
-/// The learned rules of `policy`: `p.rules.learned` beside `p.rules`.
-pub fn learned_path(policy: &Path) -> PathBuf {
-    let mut p = policy.as_os_str().to_owned();
-    p.push(".learned");
-    PathBuf::from(p)
-}
+pub use crate::gate::setup::learned_path;
 
 /// The scenarios of `policy`: `p.scenarios.jsonl` beside `p.rules` (the policy's
 /// file name without its extension, plus `.scenarios.jsonl`).
@@ -32,7 +27,8 @@ pub struct LivePolicy {
     policy_path: PathBuf,
     learned_path: PathBuf,
     catalog: Option<Catalog>,
-    protected: Vec<PathBuf>,
+    /// More paths invariant 3 denies, kept across reloads.
+    protected: Mutex<Vec<PathBuf>>,
     current: RwLock<Arc<Policy>>,
 }
 
@@ -46,35 +42,47 @@ impl std::fmt::Debug for LivePolicy {
 }
 
 impl LivePolicy {
-    /// Loads `policy` with its learned rules when the file exists. `protected`
-    /// are more paths invariant 3 denies; the learned file is always one of them,
-    /// even before it exists.
+    /// Loads `policy` with its learned rules when the file exists. The learned
+    /// file is protected (invariant 3) even before it exists.
     pub fn load(
         policy: &Path,
         catalog: Option<Catalog>,
-        protected: &[PathBuf],
     ) -> Result<(Arc<LivePolicy>, Diagnostics), Diagnostics> {
         let learned = learned_path(policy);
-        let mut protected = protected.to_vec();
-        protected.push(learned.clone());
+        let protected = vec![learned.clone()];
         let (p, warnings) = read(policy, &learned, catalog.as_ref(), &protected)?;
         let live = LivePolicy {
             policy_path: policy.to_path_buf(),
             learned_path: learned,
             catalog,
-            protected,
+            protected: Mutex::new(protected),
             current: RwLock::new(Arc::new(p)),
         };
         Ok((Arc::new(live), warnings))
     }
 
     fn read(&self) -> Result<(Policy, Diagnostics), Diagnostics> {
+        let protected = self
+            .protected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         read(
             &self.policy_path,
             &self.learned_path,
             self.catalog.as_ref(),
-            &self.protected,
+            &protected,
         )
+    }
+
+    /// More paths invariant 3 denies (the gate's own files, as the host and the
+    /// guest name them), now and after every reload.
+    pub fn protect(&self, paths: &[PathBuf]) -> Result<(), Diagnostics> {
+        self.protected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(paths);
+        self.reload()
     }
 
     /// Reads the policy and its learned rules again and puts them in force. The
