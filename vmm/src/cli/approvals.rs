@@ -278,19 +278,39 @@ pub struct Approvals {
     pub terminal: Option<Arc<TerminalShare>>,
 }
 
-/// Builds the hub of VM `vm` and starts its channels: the control socket always
-/// (so `ironvmm approvals` can answer), the terminal approver with `tty`.
-/// `run_mode`: `ironvmm run` implies `deny` unless told otherwise.
-pub fn start(
-    a: &ApproverArgs,
-    vm: &str,
-    live: Option<&Arc<LivePolicy>>,
-    audit: Option<&Arc<AuditLog>>,
-    run_mode: bool,
-) -> Result<Approvals, (u8, String)> {
+/// Where the approver of a VM runs.
+pub struct Setting<'a> {
+    pub vm: &'a str,
+    pub live: Option<&'a Arc<LivePolicy>>,
+    pub audit: Option<&'a Arc<AuditLog>>,
+    /// `ironvmm run`: implies `deny` unless told otherwise.
+    pub run_mode: bool,
+    /// Stdin carries something else (`gate --stdio`): no terminal approver.
+    pub stdin_taken: bool,
+    /// The terminal the prompts (and, in a VM, the guest console) are written to.
+    pub terminal: Box<dyn Write + Send>,
+}
+
+/// Builds the hub of a VM and starts its channels: the control socket always (so
+/// `ironvmm approvals` can answer), the terminal approver with `tty`. Keys reach
+/// the terminal approver through `Approvals::terminal` (`TerminalShare::keys`).
+pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)> {
+    let Setting {
+        vm,
+        live,
+        audit,
+        run_mode,
+        stdin_taken,
+        terminal,
+    } = s;
     let bad = |m: String| (exit::VMM_ERROR, m);
-    let tty_in = std::io::stdin().is_terminal();
+    let tty_in = std::io::stdin().is_terminal() && !stdin_taken;
     let mode = match a.approver.as_deref() {
+        Some("tty") if stdin_taken => {
+            return Err(bad(
+                "--approver tty: stdin carries the protocol here (--stdio)".into(),
+            ))
+        }
         Some("tty") if !tty_in => {
             return Err(bad("--approver tty: stdin is not a terminal".into()))
         }
@@ -340,8 +360,8 @@ pub fn start(
     if let Some(log) = audit {
         socket::spawn_audit_feed(hub.clone(), log.path().to_path_buf());
     }
-    let terminal = (mode == Mode::Tty && !a.non_interactive).then(|| {
-        let share = TerminalShare::new(Box::new(std::io::stderr()), tty::random_mark());
+    let share = (mode == Mode::Tty && !a.non_interactive).then(|| {
+        let share = TerminalShare::new(terminal, tty::random_mark());
         eprintln!(
             "ironvmm: asks will be shown here, marked [{}]. A prompt without this mark is not ironvmm's.",
             share.mark()
@@ -358,6 +378,30 @@ pub fn start(
     Ok(Approvals {
         hub,
         socket,
-        terminal,
+        terminal: share,
     })
+}
+
+/// Without a guest console (`ironvmm gate`), the terminal's keys go only to the
+/// terminal approver: read from stdin in character mode, dropped when no question
+/// is up.
+pub fn keys_from_stdin(share: Arc<TerminalShare>) {
+    crate::devices::console_input::enter_char_mode();
+    let _ = std::thread::Builder::new()
+        .name("approvals-keys".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let _ = share.keys(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        });
 }

@@ -54,6 +54,8 @@ pub struct GateArgs {
     /// Most clients served at once over --listen; more are closed at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub approver: super::approvals::ApproverArgs,
 }
 
 pub fn run(args: GateArgs) -> u8 {
@@ -96,6 +98,20 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         opened.audit_path.display(),
         args.audit_sync.as_str()
     );
+    let approvals = super::approvals::start(
+        &args.approver,
+        super::approvals::Setting {
+            vm: &cfg.vm,
+            live: Some(&opened.live),
+            audit: Some(&opened.audit),
+            run_mode: false,
+            stdin_taken: args.stdio,
+            terminal: Box::new(std::io::stderr()),
+        },
+    )?;
+    if let Some(share) = &approvals.terminal {
+        super::approvals::keys_from_stdin(Arc::clone(share));
+    }
     let (gate, log) = (opened.gate, opened.audit);
     spawn_signal_waiter(sigs, Arc::clone(&log));
 
@@ -105,6 +121,8 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         let path = args.listen.as_deref().unwrap_or(Path::new(""));
         serve_listen(&gate, path, args.max_clients)?
     };
+    crate::devices::console_input::restore_terminal();
+    drop(approvals);
     finish(&log, code)
 }
 
@@ -282,6 +300,7 @@ fn spawn_signal_waiter(set: libc::sigset_t, log: Arc<AuditLog>) {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 return;
             }
+            crate::devices::console_input::restore_terminal();
             let code = 128 + sig;
             let code = match log.failure() {
                 Some(_) => i32::from(exit::VMM_ERROR),

@@ -404,6 +404,13 @@ pub fn running_vms() -> Result<Vec<VmInfo>, SocketError> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        if let Err(e) = UnixStream::connect(&p) {
+            // Nobody listens: the socket of a VM that died (the folder is ours).
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                let _ = std::fs::remove_file(&p);
+            }
+            continue;
+        }
         if let Ok(replies) = request(&p, &json!({"op": "info"})) {
             if let Some(Value::Object(info)) = replies.into_iter().last() {
                 out.push(VmInfo {
