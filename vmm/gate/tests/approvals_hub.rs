@@ -460,3 +460,74 @@ fn learning_from_a_default_ask_is_refused_clearly() {
     assert!(e.to_string().contains("no rule to refine"), "{e}");
     assert_eq!(l.hub.pending().len(), 1);
 }
+
+/// The seed policy: "for anyone else, ask me first". Learning "always allow this
+/// recipient" changes no scenario; learning "always allow mail.send" would allow
+/// the scenarios that say strangers must be asked, and is refused without
+/// confirmation. The scenarios use `at` (limit windows) and notes.
+#[test]
+fn seed_inbox_policy_learns_a_recipient_and_refuses_the_whole_tool() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let dir = tempfile::tempdir().unwrap();
+    for (from, to) in [
+        ("policies/inbox.rules", "p.rules"),
+        ("policies/contacts.txt", "contacts.txt"),
+        ("policies/inbox.scenarios.jsonl", "p.scenarios.jsonl"),
+    ] {
+        std::fs::copy(root.join(from), dir.path().join(to)).unwrap();
+    }
+    let catalog = ironvmm_policy::Catalog::from_json(
+        &std::fs::read_to_string(root.join("catalog.json")).unwrap(),
+    )
+    .unwrap();
+    let policy = dir.path().join("p.rules");
+    let (live, _) = LivePolicy::load(&policy, Some(catalog)).unwrap();
+    let mut cfg = HubConfig::new("inbox", Mode::Socket);
+    cfg.learner = Some(Learner::new(Arc::clone(&live), None));
+    let hub = ApprovalHub::new(cfg);
+    let send = json!({"to": ["dave@gmail.com"], "subject": "hi", "body": "x"});
+    let (v, _) = decide(&live, "mail.send", send.clone());
+    assert_eq!(v, Verdict::Ask, "a non-contact is asked");
+
+    let rx = ask(&hub, req(30, "mail.send", send.clone(), Some(15)));
+    let id = hub.pending()[0].id;
+    let AnswerError::NeedsConfirmation(c) = hub
+        .answer(id, reply(true, Some(Scope::Tool), false))
+        .unwrap_err()
+    else {
+        panic!("the whole tool must need confirmation")
+    };
+    assert!(
+        c.conflicts
+            .iter()
+            .any(|x| x.note.as_deref() == Some("one outsider") && x.after == Verdict::Allow),
+        "{:?}",
+        c.conflicts
+    );
+    let d = hub
+        .answer(id, reply(true, Some(Scope::Value), false))
+        .unwrap();
+    assert_eq!(
+        d.learned.unwrap().rule,
+        "allow mail.send when all args.to in [\"dave@gmail.com\"]"
+    );
+    assert!(rx.recv_timeout(WAIT).unwrap().allow);
+    // the next send to dave goes through without asking; a stranger is still asked
+    assert_eq!(
+        decide(
+            &live,
+            "mail.send",
+            json!({"to": ["dave@gmail.com"], "subject": "again", "body": "y"})
+        ),
+        (Verdict::Allow, DecidedBy::Learned)
+    );
+    assert_eq!(
+        decide(
+            &live,
+            "mail.send",
+            json!({"to": ["eve@gmail.com"], "subject": "hi", "body": "x"})
+        )
+        .0,
+        Verdict::Ask
+    );
+}
