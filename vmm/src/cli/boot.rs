@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
@@ -79,6 +80,8 @@ pub struct BootArgs {
     /// Extra kernel command line for --kernel.
     #[arg(long, hide = true, default_value = "")]
     pub cmdline: String,
+    #[command(flatten)]
+    pub approver: super::approvals::ApproverArgs,
 }
 
 /// Parses `128M`, `1G`, `512MiB`, `256` (MiB) into MiB.
@@ -273,6 +276,27 @@ pub fn run(a: BootArgs) -> u8 {
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
     }
+    // The terminal, when the guest console is on it, is shared with the approver.
+    let on_terminal = a.console == "stdout";
+    let terminal: Box<dyn std::io::Write + Send> = if on_terminal {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::stderr())
+    };
+    let approvals = match super::approvals::start(
+        &a.approver,
+        super::approvals::Setting {
+            vm: &vm,
+            live: Some(&opened.live),
+            audit: Some(&opened.audit),
+            run_mode: false,
+            stdin_taken: false,
+            terminal,
+        },
+    ) {
+        Ok(ap) => ap,
+        Err((code, m)) => return fail(code, m),
+    };
     let gate = opened.gate;
     let audit = opened.audit;
     let finish = |code: u8| -> u8 {
@@ -298,7 +322,15 @@ pub fn run(a: BootArgs) -> u8 {
     if let Some(refusal) = crate::kvm::capability::check().refusal() {
         return finish(fail(exit::VMM_ERROR, refusal));
     }
-    let console = match console_sink(&a.console) {
+    let console = match &approvals.terminal {
+        // SAFETY: isatty only inspects the fd.
+        Some(share) if on_terminal => Ok(ConsoleOut::new(
+            Some(Box::new(GuestConsole(Arc::clone(share)))),
+            unsafe { libc::isatty(1) } == 1,
+        )),
+        _ => console_sink(&a.console),
+    };
+    let console = match console {
         Ok(c) => c,
         Err(e) => return finish(fail(exit::VMM_ERROR, e)),
     };
@@ -336,7 +368,15 @@ pub fn run(a: BootArgs) -> u8 {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    console_input::spawn(vm.bus.serial.clone(), forward_stdin);
+    match &approvals.terminal {
+        Some(share) if !forward_stdin => super::approvals::keys_from_stdin(Arc::clone(share)),
+        _ => {}
+    }
+    console_input::spawn(
+        vm.bus.serial.clone(),
+        forward_stdin,
+        approvals.terminal.clone(),
+    );
     let gate_for_check = gate.clone();
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
     console_input::restore_terminal();

@@ -6,6 +6,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::bus::{lock, SerialDevice};
+use crate::approvals::tty::TerminalShare;
 
 /// The terminal state to restore at exit, when stdin was a terminal.
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
@@ -43,8 +44,13 @@ pub fn restore_terminal() {
 }
 
 /// Starts the thread that feeds stdin (when `forward_stdin`) into the serial port
-/// and flushes console output every 20 ms.
-pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
+/// and flushes console output every 20 ms. With a terminal approver (`share`), keys
+/// typed while it asks go to it, never to the guest.
+pub fn spawn(
+    serial: Arc<Mutex<SerialDevice>>,
+    forward_stdin: bool,
+    share: Option<Arc<TerminalShare>>,
+) {
     let _ = thread::Builder::new()
         .name("console".into())
         .spawn(move || {
@@ -66,7 +72,9 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
                         if r <= 0 {
                             stdin_open = false;
                         } else {
-                            pending.extend_from_slice(&buf[..r as usize]);
+                            let keys = &buf[..r as usize];
+                            let keys = share.as_ref().map_or(keys, |s| s.keys(keys));
+                            pending.extend_from_slice(keys);
                         }
                     }
                 } else {

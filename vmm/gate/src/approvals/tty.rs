@@ -125,6 +125,20 @@ impl TerminalShare {
     }
 }
 
+/// The guest console's way to the terminal: a writer that goes through the share
+/// (held back while a question is up).
+pub struct GuestConsole(pub Arc<TerminalShare>);
+
+impl Write for GuestConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.guest_output(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A random mark for this run (never given to the guest).
 pub fn random_mark() -> String {
     let mut b = [0u8; 4];
