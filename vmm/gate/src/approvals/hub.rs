@@ -121,6 +121,8 @@ struct Inner {
     learner: Option<Learner>,
     state: Mutex<State>,
     timer: Condvar,
+    /// Woken when a question is added (the terminal approver waits on it).
+    asked: Condvar,
     /// One learned rule at a time: each is checked against the file it extends.
     learning: Mutex<()>,
 }
@@ -150,6 +152,7 @@ impl ApprovalHub {
                 subscribers: Vec::new(),
             }),
             timer: Condvar::new(),
+            asked: Condvar::new(),
             learning: Mutex::new(()),
         });
         let weak = Arc::downgrade(&inner);
@@ -179,6 +182,20 @@ impl ApprovalHub {
     pub fn pending(&self) -> Vec<AskView> {
         let st = self.inner.lock();
         self.views(&st)
+    }
+
+    /// Waits up to `d` for a pending question; true if there is one.
+    pub fn wait_pending(&self, d: Duration) -> bool {
+        let st = self.inner.lock();
+        if !st.questions.is_empty() {
+            return true;
+        }
+        let (st, _) = self
+            .inner
+            .asked
+            .wait_timeout(st, d)
+            .unwrap_or_else(|e| e.into_inner());
+        !st.questions.is_empty()
     }
 
     /// The pending questions, and every event from now on. The receiver ends if
@@ -443,6 +460,7 @@ impl Approver for ApprovalHub {
         broadcast(&mut st, Event::Ask(v));
         drop(st);
         inner.timer.notify_one();
+        inner.asked.notify_all();
     }
 }
 

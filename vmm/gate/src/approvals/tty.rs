@@ -199,8 +199,8 @@ fn shorten(v: &Value) -> Value {
 /// The prompt for question `a`.
 pub fn render(a: &AskView, mark: &str) -> String {
     let pretty = serde_json::to_string_pretty(&shorten(&a.args)).unwrap_or_default();
-    let pretty = escape_for_terminal(&pretty);
-    let mut lines: Vec<&str> = pretty.lines().collect();
+    // JSON escapes C0 controls in strings already; C1 and bidi need it here.
+    let mut lines: Vec<String> = pretty.lines().map(escape_for_terminal).collect();
     let cut = lines.len().saturating_sub(MAX_ARG_LINES);
     if cut > 0 {
         lines.truncate(MAX_ARG_LINES);
@@ -249,13 +249,12 @@ pub fn spawn(hub: ApprovalHub, share: Arc<TerminalShare>) {
 }
 
 fn run(hub: ApprovalHub, share: Arc<TerminalShare>) {
-    let (_, events) = hub.subscribe();
     loop {
+        // No subscription: a busy decision feed must never cut the approver off.
+        if !hub.wait_pending(Duration::from_secs(1)) {
+            continue;
+        }
         let Some(q) = hub.pending().into_iter().next() else {
-            // Nothing pending: wait for the next event of any kind.
-            if events.recv().is_err() {
-                return;
-            }
             continue;
         };
         let (tx, rx) = mpsc::channel();
@@ -264,7 +263,6 @@ fn run(hub: ApprovalHub, share: Arc<TerminalShare>) {
         let said = ask_one(&hub, &share, &q, &rx);
         share.say(&format!("{said}\r\n"));
         share.release();
-        while events.try_recv().is_ok() {}
     }
 }
 
@@ -431,6 +429,66 @@ mod tests {
         share.release();
         assert!(String::from_utf8_lossy(&buf.0.lock().unwrap())
             .contains("bytes of guest output dropped"));
+    }
+
+    #[test]
+    fn a_key_answers_the_prompt_and_guest_output_waits() {
+        use crate::approvals::{HubConfig, Mode};
+        use crate::gate::approver::{Approver, AskRequest};
+        let buf = Buf::default();
+        let share = TerminalShare::new(Box::new(buf.clone()), "pewter-amber-12".into());
+        let hub = ApprovalHub::new(HubConfig::new("vm", Mode::Tty));
+        spawn(hub.clone(), Arc::clone(&share));
+        let (tx, rx) = mpsc::channel();
+        hub.ask(
+            AskRequest {
+                ask_seq: 1,
+                conn: "c".into(),
+                rpc_id: serde_json::json!(1),
+                tool: "fs.write".into(),
+                args: serde_json::json!({"path": "/workspace/x", "content": "a\u{1b}]0;t\u{7}"}),
+                rule: Some(2),
+                reason: "ask me".into(),
+            },
+            Box::new(move |a| {
+                let _ = tx.send(a);
+            }),
+        );
+        let shown = || String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        let t0 = std::time::Instant::now();
+        while !shown().contains("d deny always >") {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{}", shown());
+            thread::sleep(Duration::from_millis(20));
+        }
+        let s = shown();
+        assert!(
+            s.contains("ironvmm asks [pewter-amber-12]") && s.contains("line 2: ask me"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\\u001b]0;t\\u0007") && !s.contains('\u{7}'),
+            "escaped: {s}"
+        );
+        assert!(
+            s.contains("\"path\": \"/workspace/x\",\r\n"),
+            "one argument a line: {s}"
+        );
+        share.guest_output(b"GUEST SAYS y\n");
+        assert!(!shown().contains("GUEST SAYS"), "held while asking");
+        assert_eq!(share.keys(b"x"), b"", "keys go to the approver");
+        assert!(rx.try_recv().is_err(), "x is not an answer");
+        assert_eq!(share.keys(b"n"), b"");
+        let a = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(!a.allow);
+        assert_eq!(
+            (a.answerer.channel.as_str(), a.answerer.by),
+            ("tty", crate::gate::DecidedBy::User)
+        );
+        while !shown().contains("GUEST SAYS") {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{}", shown());
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(share.keys(b"y"), b"y", "no question: keys go to the guest");
     }
 
     #[test]
