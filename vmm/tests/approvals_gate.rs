@@ -20,6 +20,8 @@ default deny
 
 struct Fixture {
     dir: tempfile::TempDir,
+    /// Each gate run writes its own audit log (a log is one chain).
+    runs: std::cell::Cell<u32>,
     run: PathBuf,
     ws: PathBuf,
     sock: PathBuf,
@@ -29,6 +31,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
     std::fs::create_dir(&ws).unwrap();
+    std::fs::create_dir(ws.join("out")).unwrap();
+    std::fs::create_dir(ws.join("ci")).unwrap();
     std::fs::write(ws.join("in.txt"), "hello").unwrap();
     std::fs::write(dir.path().join("p.rules"), POLICY).unwrap();
     let run = dir.path().join("run");
@@ -38,11 +42,18 @@ fn fixture() -> Fixture {
         .create(run.join("ironvmm"))
         .unwrap();
     let sock = dir.path().join("gate.sock");
-    Fixture { dir, run, ws, sock }
+    Fixture {
+        dir,
+        runs: std::cell::Cell::new(0),
+        run,
+        ws,
+        sock,
+    }
 }
 
 impl Fixture {
     fn gate(&self, transport: &[&str], extra: &[&str]) -> Command {
+        self.runs.set(self.runs.get() + 1);
         let mut c = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
         c.arg("gate")
             .arg("--policy")
@@ -50,7 +61,7 @@ impl Fixture {
             .arg("--workspace")
             .arg(&self.ws)
             .arg("--audit")
-            .arg(self.dir.path().join("audit.jsonl"))
+            .arg(self.audit_path())
             .args(["--audit-sync", "batch"])
             .args(transport)
             .args(extra)
@@ -71,8 +82,13 @@ impl Fixture {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+    fn audit_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("audit-{}.jsonl", self.runs.get()))
+    }
     fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+        std::fs::read_to_string(self.audit_path())
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

@@ -119,6 +119,7 @@ fn terminal_prompt_parks_one_call_answers_and_learns_and_a_fake_prompt_does_noth
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
     std::fs::create_dir(&ws).unwrap();
+    std::fs::create_dir(ws.join("out")).unwrap();
     std::fs::write(ws.join("in.txt"), "hello").unwrap();
     let policy = dir.path().join("p.rules");
     std::fs::write(

@@ -341,7 +341,7 @@ impl ApprovalHub {
             None => "no --answers file".into(),
         };
         format!(
-            "no approver can answer: stdin is not a terminal, --approver socket was not given, and {answers}"
+            "no approver can answer: no terminal approver, no --approver socket, and {answers}"
         )
     }
 }
