@@ -141,6 +141,19 @@ fn timeout_denies_and_one_thread_serves_all_timers() {
 }
 
 #[test]
+fn closing_the_hub_denies_what_is_pending() {
+    let hub = ApprovalHub::new(HubConfig::new("vm1", Mode::Socket));
+    let a = ask(&hub, req(1, "fs.read", json!({"path": "/w/a"}), Some(1)));
+    assert_eq!(hub.close("the run ended"), 1);
+    let d = a.recv_timeout(WAIT).unwrap();
+    assert_eq!(
+        (d.allow, d.answerer.by, d.reason.as_str()),
+        (false, DecidedBy::Timeout, "the run ended")
+    );
+    assert!(hub.pending().is_empty());
+}
+
+#[test]
 fn breaker_denies_a_loop_without_asking() {
     let mut cfg = HubConfig::new("vm1", Mode::Socket);
     cfg.breaker = BreakerConfig {

@@ -380,6 +380,8 @@ pub fn run(a: BootArgs) -> u8 {
     let gate_for_check = gate.clone();
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
     console_input::restore_terminal();
+    // The guest is gone: nobody is waiting for the answers any more.
+    approvals.hub.close("the VM stopped before anyone answered");
     timings.exit.set_once();
     if a.timings {
         eprintln!("{}", timings.to_json());

@@ -121,6 +121,10 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         let path = args.listen.as_deref().unwrap_or(Path::new(""));
         serve_listen(&gate, path, args.max_clients)?
     };
+    // The client is gone: nobody is waiting for the answers any more.
+    approvals
+        .hub
+        .close("the gate is stopping before anyone answered");
     crate::devices::console_input::restore_terminal();
     drop(approvals);
     finish(&log, code)

@@ -268,6 +268,21 @@ impl ApprovalHub {
         decided.ok_or(AnswerError::NoSuchAsk(id))
     }
 
+    /// Denies every pending question (the run is ending: nobody will answer now),
+    /// as `timeout`, saying why. Returns how many questions there were.
+    pub fn close(&self, why: &str) -> usize {
+        let ids: Vec<u64> = self.inner.lock().questions.keys().copied().collect();
+        for &id in &ids {
+            let answerer = Answerer {
+                by: DecidedBy::Timeout,
+                channel: "none".into(),
+                who: None,
+            };
+            self.resolve(id, false, answerer, why.to_string(), None);
+        }
+        ids.len()
+    }
+
     /// Answers every pending question the running policy now decides by a
     /// learned rule.
     fn settle_by_learned(&self, learner: &Learner) {
@@ -340,9 +355,7 @@ impl ApprovalHub {
             ),
             None => "no --answers file".into(),
         };
-        format!(
-            "no approver can answer: no terminal approver, no --approver socket, and {answers}"
-        )
+        format!("no approver can answer: no terminal approver, no --approver socket, and {answers}")
     }
 }
 
