@@ -82,6 +82,43 @@ fn list_allow_deny_and_ps_from_another_shell() {
         text(&o)
     );
 
+    // `watch` streams asks and answers as they happen
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["approvals", "watch", "--json"])
+        .env("XDG_RUNTIME_DIR", &run)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watched = std::io::BufReader::new(watch.stdout.take().unwrap());
+    // the watcher is connected once it gets a first event: poll with a probe ask
+    let probe = ask(&hub, 4, "/workspace/probe.txt");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut watched, &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (v["event"].as_str(), v["args"]["path"].as_str()),
+        (Some("ask"), Some("/workspace/probe.txt")),
+        "{line}"
+    );
+    let probe_id = v["id"].as_u64().unwrap();
+    let r = ironvmm(&run, &["approvals", "allow", &probe_id.to_string()]);
+    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert!(probe.recv_timeout(Duration::from_secs(20)).unwrap().allow);
+    line.clear();
+    std::io::BufRead::read_line(&mut watched, &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (
+            v["event"].as_str(),
+            v["id"].as_u64(),
+            v["decision"].as_str()
+        ),
+        (Some("decided"), Some(probe_id), Some("allow")),
+        "{line}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+
     let a = ask(&hub, 5, "/workspace/a.txt");
     let b = ask(&hub, 6, "/workspace/b.txt");
     let o = ironvmm(&run, &["approvals", "list"]);
