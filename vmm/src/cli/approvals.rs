@@ -304,7 +304,11 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
         terminal,
     } = s;
     let bad = |m: String| (exit::VMM_ERROR, m);
-    let tty_in = std::io::stdin().is_terminal() && !stdin_taken;
+    // A terminal in the foreground only: reading it from the background would stop
+    // the whole process (SIGTTIN).
+    // SAFETY: tcgetpgrp and getpgrp only inspect fd 0 and this process.
+    let foreground = unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+    let tty_in = std::io::stdin().is_terminal() && foreground && !stdin_taken;
     let mode = match a.approver.as_deref() {
         Some("tty") if stdin_taken => {
             return Err(bad(
@@ -312,7 +316,9 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
             ))
         }
         Some("tty") if !tty_in => {
-            return Err(bad("--approver tty: stdin is not a terminal".into()))
+            return Err(bad(
+                "--approver tty: stdin is not a terminal in the foreground".into(),
+            ))
         }
         Some("tty") => Mode::Tty,
         Some("socket") => Mode::Socket,

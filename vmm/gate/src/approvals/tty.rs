@@ -260,7 +260,11 @@ fn run(hub: ApprovalHub, share: Arc<TerminalShare>) {
         let (tx, rx) = mpsc::channel();
         share.hold(tx);
         share.say(&render(&q, share.mark()));
-        let said = ask_one(&hub, &share, &q, &rx);
+        // Whatever happens while asking, the console must not stay held.
+        let said = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ask_one(&hub, &share, &q, &rx)
+        }))
+        .unwrap_or_else(|_| "the terminal approver failed on this question".into());
         share.say(&format!("{said}\r\n"));
         share.release();
     }
