@@ -167,7 +167,6 @@ fn pending(f: &Fixture, n: usize) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "needs asks parked by the gate (data path)"]
 fn a_parked_call_waits_while_a_thousand_flow_and_the_socket_answers_it() {
     let f = fixture();
     let sock = f.sock.to_str().unwrap().to_string();
@@ -288,7 +287,6 @@ fn stdio_call(f: &Fixture, extra: &[&str]) -> Value {
 }
 
 #[test]
-#[ignore = "needs the gate to call its approver (data path)"]
 fn in_ci_every_ask_resolves_at_once() {
     let f = fixture();
     // nobody to ask

@@ -114,7 +114,6 @@ fn mark_of(screen: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs asks parked by the gate (data path), then runs in the fast suite"]
 fn terminal_prompt_parks_one_call_answers_and_learns_and_a_fake_prompt_does_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
