@@ -74,7 +74,13 @@ fn list_allow_deny_and_watch() {
         (ans.answerer.by, ans.answerer.channel.as_str()),
         (DecidedBy::User, "socket")
     );
-    assert!(ans.answerer.who.unwrap().starts_with("uid 0 pid ") || unsafe { libc::geteuid() } != 0);
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(ans
+        .answerer
+        .who
+        .unwrap()
+        .starts_with(&format!("uid {euid} pid ")));
 
     let r = socket::request(&path, &json!({"op": "deny", "id": idb})).unwrap();
     assert_eq!(r[0]["decision"], "deny");
