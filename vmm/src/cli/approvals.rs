@@ -389,25 +389,48 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
 }
 
 /// Without a guest console (`ironvmm gate`), the terminal's keys go only to the
-/// terminal approver: read from stdin in character mode, dropped when no question
-/// is up.
+/// terminal approver. Stdin is read, in character mode, only while a question is
+/// up: an idle gate leaves the terminal as it found it.
 pub fn keys_from_stdin(share: Arc<TerminalShare>) {
-    crate::devices::console_input::enter_char_mode();
+    use crate::devices::console_input::{enter_char_mode, restore_terminal};
     let _ = std::thread::Builder::new()
         .name("approvals-keys".into())
         .spawn(move || {
-            use std::io::Read;
+            let mut raw = false;
             let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin().lock();
             loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        let _ = share.keys(&buf[..n]);
+                let held = share.is_held();
+                if held != raw {
+                    if held {
+                        enter_char_mode();
+                        // Keys typed before the question must never answer it.
+                        // SAFETY: tcflush on fd 0 only discards its pending input.
+                        unsafe { libc::tcflush(0, libc::TCIFLUSH) };
+                    } else {
+                        restore_terminal();
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
+                    raw = held;
                 }
+                if !held {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                    continue;
+                }
+                // SAFETY: reading into a live buffer of the given length.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    restore_terminal();
+                    return;
+                }
+                let _ = share.keys(&buf[..n as usize]);
             }
         });
 }

@@ -93,6 +93,11 @@ impl TerminalShare {
         }
     }
 
+    /// Is a question up (the console held)?
+    pub fn is_held(&self) -> bool {
+        self.lock().held
+    }
+
     fn hold(&self, keys: Sender<u8>) {
         let mut s = self.lock();
         s.held = true;
