@@ -340,6 +340,7 @@ pub fn run(a: BootArgs) -> u8 {
             run_mode: false,
             stdin_taken: false,
             terminal,
+            guest_console: on_terminal,
         },
     ) {
         Ok(ap) => ap,

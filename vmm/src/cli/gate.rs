@@ -113,6 +113,7 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
             run_mode: false,
             stdin_taken: args.stdio,
             terminal: Box::new(std::io::stderr()),
+            guest_console: false,
         },
     )?;
     if let Some(share) = &approvals.terminal {

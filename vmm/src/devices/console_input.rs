@@ -74,18 +74,12 @@ pub fn spawn(
         .spawn(move || {
             let mut pending: Vec<u8> = Vec::new();
             let mut stdin_open = forward_stdin;
-            let mut was_held = false;
             let mut buf = [0u8; 256];
             while !stopped.load(Ordering::Relaxed) {
                 // Keys typed before a question goes up must never answer it: they
-                // are discarded when it goes up, and a read that began before it
-                // goes to the guest.
+                // are discarded when it goes up (the approver's hook), and a read
+                // that began before it goes to the guest.
                 let held = share.as_ref().is_some_and(|s| s.is_held());
-                if held && !was_held {
-                    // SAFETY: tcflush on fd 0 only discards its pending input.
-                    unsafe { libc::tcflush(0, libc::TCIFLUSH) };
-                }
-                was_held = held;
                 // While a question is up keys are read even if the guest does not
                 // take its input: a guest must not be able to block the answer.
                 if stdin_open && (pending.is_empty() || held) {
