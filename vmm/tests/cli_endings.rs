@@ -326,12 +326,17 @@ fn audit_verify_on_a_file_it_cannot_read_exits_125_naming_it() {
     assert!(err.contains("Permission denied"), "{err}");
 }
 
-/// Runs `ironvmm ARGS` in a mount namespace whose /dev is empty, so /dev/kvm is
-/// missing whatever the host has. None when namespaces are not allowed here.
+/// Runs `ironvmm ARGS` in a mount namespace whose /dev holds only null, zero and
+/// urandom, so /dev/kvm is missing whatever the host has. None when namespaces are
+/// not allowed here.
 fn without_dev_kvm(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
     let out = Command::new("unshare")
         .args(["-m", "--", "sh", "-c"])
-        .arg("mount -t tmpfs none /dev || exit 99; exec \"$@\"")
+        .arg(concat!(
+            "t=$(mktemp -d) && mount -t tmpfs none \"$t\" || exit 99; ",
+            "for d in null zero urandom; do touch \"$t/$d\" && mount --bind /dev/$d \"$t/$d\" || exit 99; done; ",
+            "mount --move \"$t\" /dev || exit 99; exec \"$@\""
+        ))
         .arg("sh")
         .arg(env!("CARGO_BIN_EXE_ironvmm"))
         .args(args)
