@@ -375,10 +375,11 @@ exit 0
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn iron_mcp_bridges_an_mcp_session_with_denials_as_tool_results() {
-    let dir = scratch("mcp");
+    let tmp = scratch("mcp");
+    let dir = tmp.path();
     std::fs::write(dir.join("ws/hello.txt"), "hello from the host\n").unwrap();
     let (o, out, err) = run_agent(
-        &dir,
+        dir,
         r#"
 printf '%s\n' \
  '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp","version":"0"}}}' \
@@ -432,7 +433,7 @@ exit 0
         std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(),
         "hello from the host\n"
     );
-    let decisions = audit_records(&dir)
+    let decisions = audit_records(dir)
         .into_iter()
         .filter(|r| r["kind"] == "decision")
         .count();
