@@ -4,6 +4,8 @@
 //! stops at 10,000 entries with `truncated`. The policy is a real p.rules through the
 //! real engine.
 
+mod gate_common;
+
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -107,20 +109,9 @@ fn fixture() -> Fixture {
 }
 
 fn call(conn: &mut Connection, id: u64, tool: &str, args: Value) -> Value {
-    let mut frame = serde_json::to_vec(&json!({
-        "jsonrpc": "2.0", "id": id, "method": "tools/call",
-        "params": {"name": tool, "arguments": args}
-    }))
-    .unwrap();
-    frame.push(b'\n');
-    let mut out = Vec::new();
-    conn.on_data(&frame, &mut out).unwrap();
-    let lines: Vec<&[u8]> = out
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "{}", String::from_utf8_lossy(&out));
-    serde_json::from_slice(lines[0]).unwrap()
+    let r = gate_common::roundtrip(conn, &gate_common::call_frame(id, tool, args));
+    assert_eq!(r.len(), 1, "{r:?}");
+    r[0].clone()
 }
 
 /// A denial's `(decided_by, reason)`, or None when the call was served. Reads the
@@ -155,7 +146,7 @@ fn records(path: &Path) -> Vec<Value> {
 #[test]
 fn a_panic_in_the_engine_denies_by_invariant_and_the_gate_goes_on() {
     let f = fixture();
-    let mut conn = Connection::new(Arc::clone(&f.gate), "test:1".into());
+    let mut conn = Connection::unwoken(Arc::clone(&f.gate), "test:1".into());
     // Allowed by line 2 when the engine works; the panic must not let it through.
     let r = call(
         &mut conn,
@@ -189,7 +180,7 @@ fn a_panic_in_the_engine_denies_by_invariant_and_the_gate_goes_on() {
 #[test]
 fn a_panic_in_a_service_is_a_tool_error_with_outcome_error() {
     let f = fixture();
-    let mut conn = Connection::new(Arc::clone(&f.gate), "test:1".into());
+    let mut conn = Connection::unwoken(Arc::clone(&f.gate), "test:1".into());
     let r = call(&mut conn, 1, "test.crash", json!({}));
     assert_eq!(denial(&r), None, "allowed by line 5: {r}");
     assert_eq!(r["result"]["isError"], true, "{r}");
@@ -213,7 +204,7 @@ fn call_without_blocking(f: &Fixture, tool: &'static str, args: Value) -> Value 
     let gate = Arc::clone(&f.gate);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut conn = Connection::new(gate, "test:fifo".into());
+        let mut conn = Connection::unwoken(gate, "test:fifo".into());
         let _ = tx.send(call(&mut conn, 1, tool, args));
     });
     rx.recv_timeout(NOT_BLOCKED)
@@ -296,7 +287,7 @@ fn list_stops_at_10000_entries_sorted_and_says_truncated() {
     for i in 0..MAX_LIST {
         std::fs::File::create(dir.join(format!("f{i:05}"))).unwrap();
     }
-    let mut conn = Connection::new(Arc::clone(&f.gate), "test:1".into());
+    let mut conn = Connection::unwoken(Arc::clone(&f.gate), "test:1".into());
     let r = call(&mut conn, 1, "fs.list", json!({"path": "many"}));
     let entries = r["result"]["structuredContent"]["entries"]
         .as_array()

@@ -1,5 +1,5 @@
 //! Building a gate from its settings: policy, services, audit log. Shared by
-//! `ironvmm gate` and the VMM (`boot`/`run`), so both get the same checks.
+//! `ironvmm gate` and the VMM (`boot`), so both get the same checks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -99,7 +99,8 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             ));
         }
     }
-    let (mut policy, warnings) = super::policy::load(&cfg.policy)?;
+    let (mut policy, warnings) =
+        super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -198,5 +199,9 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
         "workspace": cfg.workspace.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
+        "max_inflight_per_conn": cfg.limits.max_inflight_per_conn,
+        "max_inflight": cfg.limits.max_inflight,
+        "workers": cfg.limits.workers,
+        "call_timeout_ms": cfg.limits.call_timeout.as_millis() as u64,
     })
 }
