@@ -159,6 +159,8 @@ fn call_exit_codes_against_the_real_gate() {
     let want = [
         ("fs.read", "allow"),
         ("fs.write", "deny"),
+        // An ask is recorded, then its answer: no approver, deny.
+        ("fs.delete", "ask"),
         ("fs.delete", "deny"),
         ("fs.read", "allow"),
         ("fs.read", "deny"),
