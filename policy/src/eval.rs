@@ -651,15 +651,44 @@ fn test_values(t: &CTest, args: &Value) -> String {
     parts.join(", ")
 }
 
+/// For `all ARG in SET` that is false: the first element that is not in the set,
+/// so that explain names the value that failed (which address was not a contact).
+fn first_outside(t: &CTest, args: &Value) -> Option<String> {
+    let TestKind::In {
+        quant: Quant::All,
+        v: CVal::Arg { path, role, funcs },
+        set,
+        norm,
+    } = &t.kind
+    else {
+        return None;
+    };
+    let Some(Value::Array(a)) = lookup(args, path) else {
+        return None;
+    };
+    let e = a
+        .iter()
+        .find(|e| !in_set(&finish(raw(Some(e)), *role, funcs), set, *norm))?;
+    let shown = match e {
+        Value::String(s) => describe(&RV::Str(Cow::Borrowed(s))),
+        other => describe(&raw(Some(other))),
+    };
+    let set_src = t.src.rsplit_once(" in ").map_or("the set", |(_, s)| s);
+    Some(format!("{shown} is not in {set_src}"))
+}
+
 /// Why a condition is false, as one line.
 pub(crate) fn why_false(c: &CCond, args: &Value) -> String {
     match c {
         CCond::Test(t) => {
             let vals = test_values(t, args);
+            let outside = first_outside(t, args)
+                .map(|o| format!(": {o}"))
+                .unwrap_or_default();
             if vals.is_empty() {
-                format!("`{}` is false", t.src)
+                format!("`{}` is false{outside}", t.src)
             } else {
-                format!("`{}` is false ({vals})", t.src)
+                format!("`{}` is false ({vals}){outside}", t.src)
             }
         }
         CCond::And(cs) => cs

@@ -706,7 +706,9 @@ fn explain_names_the_failing_part() {
         .explain(&Call::new("mail.send", json!({"to": ["x@y.com"]})), None)
         .to_string();
     assert!(
-        e.contains("no match: `all to in @c` is false (`to` is [\"x@y.com\"])"),
+        e.contains(
+            "no match: `all to in @c` is false (`to` is [\"x@y.com\"]): \"x@y.com\" is not in @c"
+        ),
         "{e}"
     );
     assert!(e.contains("line 3: ask mail.send\n    MATCHED"), "{e}");

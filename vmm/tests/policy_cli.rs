@@ -384,3 +384,75 @@ fn builtin_catalog_is_the_compiled_in_services() {
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("unknown tool"), "{}", stdout(&o));
 }
+
+#[test]
+fn check_names_what_it_could_not_check_and_suggests_names() {
+    let d = tmp("check-names");
+    let p = d.join("p.rules");
+    std::fs::write(
+        &p,
+        "allow mail.read\ndeny mail.purg\nallow mail.send when all tto in [\"a@b.c\"]\n",
+    )
+    .unwrap();
+    // Without a catalog: loads, and says what was not checked.
+    let o = ironvmm(&["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("no --catalog, so tool names and argument names were not checked")
+            && stderr(&o).contains("--catalog builtin"),
+        "{}",
+        stderr(&o)
+    );
+    // With one: a misspelt tool or argument is an error, with "did you mean".
+    let o = ironvmm(&[
+        "policy",
+        "check",
+        p.to_str().unwrap(),
+        "--catalog",
+        "examples/catalog.json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("p.rules:2:6: error: unknown tool `mail.purg`: did you mean `mail.purge`?"),
+        "{out}"
+    );
+    assert!(
+        out.contains("p.rules:3:26: error: unknown argument `tto`: did you mean `to`?"),
+        "{out}"
+    );
+    assert!(!stderr(&o).contains("no --catalog"), "{}", stderr(&o));
+}
+
+#[test]
+fn fmt_check_prints_a_diff() {
+    let d = tmp("fmt-diff");
+    let p = d.join("p.rules");
+    std::fs::write(&p, "allow   mail.read\ndeny mail.purge\n").unwrap();
+    let o = ironvmm(&["policy", "fmt", "--check", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("-allow   mail.read\n+allow mail.read\n") && out.contains("(canonical)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_names_the_value_that_failed() {
+    let o = ironvmm(&[
+        "policy",
+        "explain",
+        "examples/policies/inbox.rules",
+        "--catalog",
+        "examples/catalog.json",
+        "--call",
+        r#"{"tool":"mail.send","args":{"to":["alice@example.com","mallory@evil.example"],"subject":"s","body":"b"}}"#,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("\"mallory@evil.example\" is not in @contacts"),
+        "{}",
+        stdout(&o)
+    );
+}
