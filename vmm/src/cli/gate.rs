@@ -167,7 +167,10 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
         match pump(&mut conn, &buf[..n], &mut out, &mut stdout) {
             Err(_) => break, // the client went away
             Ok(Ok(())) => {}
-            Ok(Err(ConnectionError::AuditFailed(_))) => return exit::VMM_ERROR,
+            Ok(Err(ConnectionError::AuditFailed(m))) => {
+                eprintln!("ironvmm gate: stopping: {m}");
+                return exit::VMM_ERROR;
+            }
             Ok(Err(e)) => {
                 eprintln!("ironvmm gate: connection reset: {e}");
                 conn.on_close();

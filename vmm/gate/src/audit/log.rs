@@ -20,7 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::redact::redact;
+use super::redact::{bound, redact};
+
+/// Longest guest-chosen name (tool, string rpc_id) written as is; longer ones keep a
+/// prefix, their length and their SHA-256.
+pub const MAX_LOGGED_NAME: usize = 256;
+/// Longest `reason` written as is (an invariant's reason can quote the guest).
+pub const MAX_LOGGED_REASON: usize = 2048;
 use super::{default_key_path, now_rfc3339, record_hash, AuditKey, ZERO_HASH};
 
 /// Room kept in the audit budget for the close record.
@@ -305,9 +311,13 @@ impl AuditLog {
         // Redaction copies the arguments: done before taking the log's lock.
         let args = redact(d.args);
         let fill = |m: &mut Map<String, Value>| {
-            m.insert("conn".into(), d.conn.into());
-            m.insert("rpc_id".into(), d.rpc_id.clone());
-            m.insert("tool".into(), d.tool.into());
+            m.insert("conn".into(), bound(d.conn, MAX_LOGGED_NAME).into());
+            let rpc_id = match d.rpc_id {
+                Value::String(s) => Value::from(bound(s, MAX_LOGGED_NAME)),
+                v => v.clone(),
+            };
+            m.insert("rpc_id".into(), rpc_id);
+            m.insert("tool".into(), bound(d.tool, MAX_LOGGED_NAME).into());
             m.insert("args".into(), args);
             m.insert("decision".into(), d.decision.into());
             if d.asked {
@@ -315,7 +325,7 @@ impl AuditLog {
             }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
             m.insert("decided_by".into(), d.decided_by.into());
-            m.insert("reason".into(), d.reason.into());
+            m.insert("reason".into(), bound(d.reason, MAX_LOGGED_REASON).into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
         let allowed = d.decision == "allow";

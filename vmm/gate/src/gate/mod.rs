@@ -186,11 +186,21 @@ impl Gate {
         }
     }
 
+    /// Why calls are refused, as the guest may read it: never the log's host path
+    /// (the VMM reports the whole of `fatal` on its own stderr).
+    fn guest_fatal(&self) -> String {
+        if self.audit.failure().is_none() && self.audit.exhausted().is_some() {
+            "the VM's audit budget is spent: the VM is stopping".into()
+        } else {
+            "the audit log can no longer be written: the VM is stopping".into()
+        }
+    }
+
     /// Decide, audit (durably), then serve or deny one call.
     fn serve_call(&self, conn: &str, id: &Value, call: Call, out: &mut Vec<u8>) {
         let t0 = Instant::now();
-        if let Some(f) = self.fatal() {
-            return deny(out, id, None, DecidedBy::Invariant, &f);
+        if self.fatal().is_some() {
+            return deny(out, id, None, DecidedBy::Invariant, &self.guest_fatal());
         }
         let invariant = |reason: &'static str| DecisionRef {
             verdict: Verdict::Deny,
@@ -230,10 +240,7 @@ impl Gate {
         };
         let seq = match self.audit.decision(&record) {
             Ok(seq) => seq,
-            Err(e) => {
-                let m = format!("the audit log can no longer be written: {e}");
-                return deny(out, id, None, DecidedBy::Invariant, &m);
-            }
+            Err(_) => return deny(out, id, None, DecidedBy::Invariant, &self.guest_fatal()),
         };
         if !allowed {
             return deny(out, id, ruling.rule, by, reason);
