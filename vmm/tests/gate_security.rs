@@ -372,3 +372,30 @@ fn guest_strings_in_records_are_bounded_and_the_budget_stops_the_gate() {
         (Some("close"), Some(125))
     );
 }
+
+/// Item 9: `image inspect /dev/zero` read without bound. A device is refused at once.
+#[test]
+fn image_inspect_refuses_a_device() {
+    let mut child = bin()
+        .args(["image", "inspect", "/dev/zero"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Generous for a loaded machine; the old code never returned at all.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("image inspect /dev/zero did not return");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(126), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("not a regular file"),
+        "{}",
+        output_text(&o)
+    );
+}

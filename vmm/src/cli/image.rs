@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::exit;
 use crate::image::build::{self, BuildOptions, DEFAULT_BUSYBOX};
 use crate::image::{build_mtime, GuestImage, Manifest};
+use ironvmm_wire::text::{escape, MAX_FIELD};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
@@ -197,14 +198,19 @@ fn inspect(a: InspectArgs) -> u8 {
     }
     println!("members:");
     for m in &members {
-        println!("  {:<16} {:>10}  {}", m.name, m.size, m.sha256);
+        println!(
+            "  {:<16} {:>10}  {}",
+            escape(&m.name, MAX_FIELD),
+            m.size,
+            m.sha256
+        );
     }
     if a.files {
         match files {
             Some(entries) => {
                 println!("initramfs files:");
                 for e in entries {
-                    println!("  {:>7o} {}", e.mode, e.name_str());
+                    println!("  {:>7o} {}", e.mode, escape(&e.name_str(), MAX_FIELD));
                 }
             }
             None => println!("initramfs files: (compressed; not listed)"),

@@ -28,6 +28,11 @@ use crate::services::Services;
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
 use frame::{FrameError, Framer, DEFAULT_MAX_FRAME};
 
+/// Most bytes of one serialised reply line. Past it the call gets a tool error
+/// instead: a reply is built in memory before it is queued, so this and `max_output`
+/// bound what one connection holds (docs/gate.md, "Memory").
+pub const MAX_REPLY: usize = 4 << 20;
+
 /// Configurable limits of the gate.
 #[derive(Debug, Clone, Copy)]
 pub struct GateLimits {
@@ -270,6 +275,19 @@ impl Gate {
         };
         let start = out.len();
         rpc::result(out, id, &result);
+        let (result_len, mut status) = (out.len() - start, status);
+        if result_len > MAX_REPLY {
+            // The bound holds per reply: the serialised reply is dropped, and the
+            // model reads why and how to ask for less.
+            out.truncate(start);
+            let m = format!(
+                "the reply would be {result_len} bytes, over the limit of {MAX_REPLY} per reply: ask for less (fs.list offset and limit, fs.read length)"
+            );
+            let structured = json!({"error": {"kind": "reply_too_large", "message": m}});
+            let text = format!("{}: {m}", call.tool);
+            rpc::result(out, id, &rpc::tool_result(structured, true, Some(text)));
+            status = OutcomeStatus::ToolError;
+        }
         let bytes = (out.len() - start) as u64;
         // A failure here is remembered by the log; the next call is denied for it.
         let _ = self
