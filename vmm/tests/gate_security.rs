@@ -186,9 +186,9 @@ fn the_folder_holding_the_policy_and_log_cannot_be_swapped() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
-    for i in 0..5 {
-        assert!(denied(&r[i]), "call {}: {}", i + 1, r[i]);
-        let reason = r[i].to_string();
+    for (i, rep) in r.iter().take(5).enumerate() {
+        assert!(denied(rep), "call {}: {rep}", i + 1);
+        let reason = rep.to_string();
         assert!(reason.contains("protected"), "{reason}");
     }
     assert_eq!(r[5]["result"]["isError"], false);
