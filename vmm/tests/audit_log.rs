@@ -322,12 +322,9 @@ fn write_failure_fails_closed() {
         "{err:?}"
     );
     let r = replies(&out);
-    assert_eq!(r[0]["error"]["code"], -32001);
-    assert_eq!(r[0]["error"]["data"]["decided_by"], "invariant");
-    assert!(r[0]["error"]["data"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("audit log"));
+    let d = denial(&r[0]);
+    assert_eq!(d["decided_by"], "invariant");
+    assert!(d["reason"].as_str().unwrap().contains("audit log"));
     assert!(!fx.workspace.join("new.txt").exists());
     assert!(fx.gate.fatal().is_some());
 
@@ -337,6 +334,6 @@ fn write_failure_fails_closed() {
     let mut data = call_frame(3, "fs.read", json!({"path": "hello.txt"}));
     data.push(b'\n');
     assert!(c2.on_data(&data, &mut out).is_err());
-    assert_eq!(replies(&out)[0]["error"]["code"], -32001);
+    assert_eq!(denial(&replies(&out)[0])["decided_by"], "invariant");
     assert!(fx.gate.audit().close(Some(0)).is_err());
 }

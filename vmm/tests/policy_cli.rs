@@ -115,7 +115,7 @@ fn eval_prints_one_json_line_per_call() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
-        "{\"decision\":\"ask\",\"rule\":12,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
+        "{\"decision\":\"ask\",\"rule\":15,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
     );
     let d = tmp("eval");
     let calls = d.join("calls.jsonl");
@@ -140,7 +140,7 @@ fn eval_prints_one_json_line_per_call() {
         .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["decision"], "allow");
-    assert_eq!(lines[0]["rule"], 8);
+    assert_eq!(lines[0]["rule"], 11);
     assert_eq!(lines[1]["by"], "invariant");
     assert_eq!(lines[2]["reason"], "unknown tool: malformed tool name");
 }
@@ -235,7 +235,7 @@ fn test_reports_mismatches_and_exits_1() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 13): never delete anything permanently"), "{out}");
+    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 16): never delete anything permanently"), "{out}");
     assert!(out.contains("2 scenarios, 1 passed, 1 failed"), "{out}");
     std::fs::write(
         &s,
@@ -268,7 +268,7 @@ fn explain_shows_the_failing_part() {
         out.contains("`not` of a true test: `exists cc` is true"),
         "{out}"
     );
-    assert!(out.contains("decision: ask (by rule line 12)"), "{out}");
+    assert!(out.contains("decision: ask (by rule line 15)"), "{out}");
 }
 
 #[test]
@@ -455,4 +455,55 @@ fn explain_names_the_value_that_failed() {
         "{}",
         stdout(&o)
     );
+}
+
+#[test]
+fn compile_replays_the_committed_inbox_cache_offline() {
+    let d = tmp("compile-offline");
+    let inbox = root().join("examples/inbox");
+    for f in ["constitution.md", "catalog.json", "contacts.txt"] {
+        std::fs::copy(inbox.join(f), d.join(f)).unwrap();
+    }
+    let cache = inbox.join("p.compile/cache");
+    let args = |out: &str| {
+        vec![
+            "policy".to_string(),
+            "compile".into(),
+            d.join("constitution.md").display().to_string(),
+            "--catalog".into(),
+            d.join("catalog.json").display().to_string(),
+            "--list".into(),
+            format!("contacts={}", d.join("contacts.txt").display()),
+            "--offline".into(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "-o".into(),
+            d.join(out).display().to_string(),
+        ]
+    };
+    // No model configured: the error names the one the cache holds.
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env_remove("IRONVMM_LLM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pass --model recorded-transcript"),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env("IRONVMM_LLM_MODEL", "recorded-transcript")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for f in ["p.rules", "p.scenarios.jsonl", "p.report.md"] {
+        assert_eq!(
+            std::fs::read_to_string(d.join(f)).unwrap(),
+            std::fs::read_to_string(inbox.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }

@@ -135,13 +135,28 @@ pub fn respellings(role: &str, v: &str) -> Vec<(String, &'static str)> {
                         format!("{scheme}://{}{tail}", host.to_uppercase()),
                         "an upper-case host",
                     ));
-                    c.push((format!("{scheme}://user@{host}{tail}"), "userinfo"));
                 }
             }
         }
         _ => {}
     }
     c.retain(|(x, _)| x != v && same_by_role(role, v, x));
+    c
+}
+
+/// Spellings that the normaliser keeps apart but that must never get more than the
+/// plain value: a URL with userinfo (`https://user@host/`) is the same host.
+pub fn disguises(role: &str, v: &str) -> Vec<(String, &'static str)> {
+    let mut c = Vec::new();
+    if role == "url" {
+        if let Some((scheme, rest)) = v.split_once("://") {
+            let (host, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if !host.is_empty() && !host.contains('@') {
+                c.push((format!("{scheme}://user@{host}{tail}"), "userinfo"));
+            }
+        }
+    }
+    c.retain(|(x, _)| norm::url(x).is_some() && norm::url_host(x) == norm::url_host(v));
     c
 }
 
@@ -205,7 +220,15 @@ fn respell(out: &mut Out, tool: &Tool, args: &Map<String, Value>) {
             continue;
         }
         for v in values(args, arg).iter().take(MAX_RESPELLED_VALUES) {
-            for (alt, what) in respellings(role, v) {
+            for (alt, what, bound) in respellings(role, v)
+                .into_iter()
+                .map(|(a, w)| (a, w, Bound::Same))
+                .chain(
+                    disguises(role, v)
+                        .into_iter()
+                        .map(|(a, w)| (a, w, Bound::AtMost)),
+                )
+            {
                 let mut a = args.clone();
                 match a.get_mut(arg) {
                     Some(Value::String(s)) => *s = alt.clone(),
@@ -223,7 +246,7 @@ fn respell(out: &mut Out, tool: &Tool, args: &Map<String, Value>) {
                     &tool.name,
                     a,
                     format!("{v:?} in `{arg}` respelled as {alt:?} ({what})"),
-                    Bound::Same,
+                    bound,
                 );
             }
         }
@@ -491,5 +514,9 @@ mod tests {
                 assert!(same_by_role(role, v, &alt), "{alt}");
             }
         }
+        let d = disguises("url", "https://example.com/x");
+        assert_eq!(d[0].0, "https://user@example.com/x");
+        assert!(disguises("url", "https://a@example.com/").is_empty());
+        {}
     }
 }

@@ -301,6 +301,11 @@ impl Report {
         }
         if !any && status == Status::Verified {
             let _ = writeln!(s, "- nothing in particular: read the rules once");
+        } else if status == Status::Held {
+            let _ = writeln!(
+                s,
+                "- decide each correction under *Held for the owner*: `--accept ID` applies it"
+            );
         } else if !any {
             let _ = writeln!(
                 s,

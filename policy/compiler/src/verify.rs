@@ -409,7 +409,7 @@ pub fn verify(
                             .find(|s| s.id == j.scenario)
                             .expect("ids come from scenarios");
                         let held = Held::of(s, j);
-                        let owner_says = set.accept.iter().any(|a| *a == s.id);
+                        let owner_says = set.accept.contains(&s.id);
                         if let (Some(h), false) = (&held, owner_says) {
                             // Repair toward the scenario: its reading is the safer one.
                             faults.push(format!(

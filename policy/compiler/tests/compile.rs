@@ -500,6 +500,25 @@ fn a_provider_body_that_is_not_an_api_response_fails_clearly() {
         err.contains("not a usable answer: the response body is not JSON"),
         "{err}"
     );
+    // A JSON body without `choices` (a proxy's own answer) is named as such.
+    let server = ScriptedServer::start();
+    server.script(
+        "lists",
+        [Reply::RawBody(
+            r#"{"error":null,"object":"list","data":[]}"#.into(),
+        )],
+    );
+    let (code, err) = compile(&dir, &server, "openai", |c| {
+        c.cache_dir = Some(dir.join("other-cache"))
+    });
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(
+            "the chat-completions response has no `choices` (its keys: error, object, data)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("error: null"), "{err}");
 }
 
 #[test]
@@ -608,6 +627,9 @@ fn a_timeout_is_retried_and_bounded() {
     });
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("gave up after 2 attempt(s)"), "{err}");
+    // Said once, with the setting to raise.
+    assert!(!err.contains("Network Error: Network Error"), "{err}");
+    assert!(err.contains("raise [llm] timeout_secs"), "{err}");
 }
 
 #[test]
@@ -830,4 +852,30 @@ fn an_offline_miss_says_which_input_changed_and_which_model_the_cache_holds() {
         err.contains("holds answers of the model openai:test-model: pass --model test-model"),
         "{err}"
     );
+}
+
+#[test]
+fn the_report_names_rules_no_scenario_exercised() {
+    let dir = TempDir::new("unexercised");
+    inbox_inputs(dir.path());
+    let mut rules = inbox::good_rules();
+    rules.insert(
+        4,
+        serde_json::json!({"sentence": 3, "rule": "ask mail.send when subject == \"wire the money\" \"ask about payments\""}),
+    );
+    let draft =
+        serde_json::json!({"rules": rules, "default": "deny", "assumptions": []}).to_string();
+    let server = ScriptedServer::start();
+    server
+        .answers("lists", &[&inbox::lists()])
+        .answers("draft", &[&draft])
+        .answers("scenarios", &[&inbox::good_scenarios_answer()]);
+    let (code, err) = compile(&dir, &server, "openai", |_| {});
+    assert_eq!(code, 0, "{err}");
+    let report = read(&dir, "p.report.md");
+    assert!(
+        report.contains("- no scenario exercised line 23: `ask mail.send when subject == \"wire the money\" \"ask about payments\"`"),
+        "{report}"
+    );
+    assert!(report.contains("- S3: 5 written, "), "{report}");
 }

@@ -60,13 +60,13 @@ pub mod exit {
 
 /// Exit codes of `iron call` in the guest.
 pub mod iron_exit {
-    pub const OK: i32 = 0;
+    pub const OK: u8 = 0;
     /// A result whose `structuredContent.decision` is `deny`.
-    pub const DENIED: i32 = 3;
-    /// A tool error (`isError`) or a protocol error.
-    pub const TOOL_ERROR: i32 = 4;
+    pub const DENIED: u8 = 3;
+    /// A tool error (`isError`) or a protocol error (and bad usage).
+    pub const TOOL_ERROR: u8 = 4;
     /// The gate could not be reached.
-    pub const UNREACHABLE: i32 = 5;
+    pub const UNREACHABLE: u8 = 5;
 }
 
 #[cfg(test)]
