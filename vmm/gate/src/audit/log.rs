@@ -22,6 +22,10 @@ use serde_json::{Map, Value};
 
 use super::redact::{bound, redact};
 
+/// `detail` of the outcome of an allowed call whose decision record could not be
+/// synced (`always` mode): the call was denied and never served.
+pub const NOT_DURABLE: &str = "not served: the decision record could not be synced";
+
 /// Longest guest-chosen name (tool, string rpc_id) written as is; longer ones keep a
 /// prefix, their length and their SHA-256.
 pub const MAX_LOGGED_NAME: usize = 256;
@@ -339,7 +343,23 @@ impl AuditLog {
                 c.ask += 1;
             }
         })?;
-        self.shared.made_durable(seq)?;
+        if let Err(e) = self.shared.made_durable(seq) {
+            // The record says `allow`, but the call is denied now: the log says so
+            // right after it, as far as the file still takes writes.
+            if allowed {
+                let fill = |m: &mut Map<String, Value>| {
+                    m.insert("decision_seq".into(), seq.into());
+                    m.insert("status".into(), OutcomeStatus::Error.as_str().into());
+                    m.insert("detail".into(), NOT_DURABLE.into());
+                    m.insert("bytes".into(), 0.into());
+                    m.insert("total_us".into(), 0.into());
+                };
+                let _ = self
+                    .shared
+                    .append_with("outcome", true, fill, |c| c.error += 1);
+            }
+            return Err(e);
+        }
         Ok(seq)
     }
 
@@ -429,7 +449,19 @@ impl Shared {
         fill: impl FnOnce(&mut Map<String, Value>),
         tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
-        if let Some(f) = self.failed.get() {
+        self.append_with(kind, false, fill, tally)
+    }
+
+    /// `force`: written even after a failure (best effort), for the one record that
+    /// says what the failure did to a call.
+    fn append_with(
+        &self,
+        kind: &str,
+        force: bool,
+        fill: impl FnOnce(&mut Map<String, Value>),
+        tally: impl FnOnce(&mut Counts),
+    ) -> Result<u64, AuditError> {
+        if let Some(f) = self.failed.get().filter(|_| !force) {
             return Err(AuditError(f.clone()));
         }
         if kind != "close" {
