@@ -17,11 +17,13 @@ use std::sync::Mutex;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+use ironvmm_policy::norm;
+
 use super::sys;
 use super::{Service, ToolError, ToolSpec};
 
-/// Where the root appears to the guest and to the policy.
-pub const GUEST_ROOT: &str = "/workspace";
+/// Where the root appears to the guest and to the policy: the engine's own constant.
+pub const GUEST_ROOT: &str = norm::WORKSPACE;
 /// Most bytes one `fs.read` or `fs.write` moves (interfaces.md), so frames stay < 1 MiB.
 pub const MAX_IO: usize = 512 * 1024;
 /// Most entries one `fs.list` returns (its `limit`, and the default); the reply
@@ -127,8 +129,10 @@ pub struct GuestPath {
 }
 
 impl GuestPath {
-    /// Normalises like the policy's `under`: relative paths are taken against
-    /// /workspace, `.`/`..`/`//` resolved lexically; NUL or climbing above `/` fails.
+    /// Normalises with the policy engine's own normaliser (`ironvmm_policy::norm::path`),
+    /// so the service acts on exactly the path that was decided: relative paths are
+    /// taken against /workspace, `.`/`..`/`//` resolved lexically; NUL or climbing
+    /// above `/` fails, and so does a path outside /workspace.
     pub fn parse(path: &str) -> Result<GuestPath, ToolError> {
         if path.contains('\0') {
             return Err(ToolError::new("invalid_path", "path contains a NUL byte"));
@@ -136,36 +140,21 @@ impl GuestPath {
         if path.is_empty() {
             return Err(ToolError::new("invalid_path", "path is empty"));
         }
-        let joined;
-        let abs = if path.starts_with('/') {
-            path
-        } else {
-            joined = format!("{GUEST_ROOT}/{path}");
-            &joined
+        let Some(abs) = norm::path(path) else {
+            return Err(ToolError::new(
+                "invalid_path",
+                format!("{path:?} climbs above /"),
+            ));
         };
-        let mut parts: Vec<&str> = Vec::new();
-        for c in abs.split('/') {
-            match c {
-                "" | "." => {}
-                ".." => {
-                    if parts.pop().is_none() {
-                        return Err(ToolError::new(
-                            "invalid_path",
-                            format!("{path:?} climbs above /"),
-                        ));
-                    }
-                }
-                c => parts.push(c),
-            }
-        }
-        if parts.first() != Some(&&GUEST_ROOT[1..]) {
+        if !norm::path_under(&abs, GUEST_ROOT) {
             return Err(ToolError::new(
                 "outside_root",
                 format!("{path:?} is not under {GUEST_ROOT}"),
             ));
         }
+        let rel = abs[GUEST_ROOT.len()..].trim_start_matches('/');
         Ok(GuestPath {
-            rel: parts[1..].join("/"),
+            rel: rel.to_string(),
         })
     }
 
@@ -874,5 +863,56 @@ mod tests {
         assert_eq!(rel("/..").unwrap_err().kind, "invalid_path");
         assert_eq!(rel("/workspacex/a").unwrap_err().kind, "outside_root");
         assert_eq!(rel("a\0b").unwrap_err().kind, "invalid_path");
+    }
+
+    use proptest::prelude::*;
+
+    fn spelling() -> impl Strategy<Value = String> {
+        let comp = prop::sample::select(vec![
+            "a", "b", "..", ".", "", "workspace", "c d", "é", ".git",
+        ]);
+        (any::<bool>(), prop::collection::vec(comp, 0..8)).prop_map(|(abs, cs)| {
+            let body = cs.join("/");
+            if abs {
+                format!("/workspace/{body}")
+            } else {
+                body
+            }
+        })
+    }
+
+    proptest! {
+        /// The path the engine decided is the path the service opened: a file
+        /// written under any spelling lands at the host path of the engine's
+        /// normalised form, and the service refuses exactly what lies outside it.
+        #[test]
+        fn the_service_opens_the_decided_path(s in spelling()) {
+            let decided = norm::path(&s).map(|c| c.into_owned());
+            let parsed = GuestPath::parse(&s);
+            match (&decided, &parsed) {
+                (Some(d), Ok(g)) => prop_assert_eq!(d, &g.display()),
+                (Some(d), Err(e)) => prop_assert!(
+                    !norm::path_under(d, GUEST_ROOT) || s.is_empty(),
+                    "{} refused: {:?}", d, e
+                ),
+                (None, Ok(g)) => prop_assert!(false, "{} accepted as {}", s, g.display()),
+                (None, Err(_)) => {}
+            }
+            if let (Some(d), Ok(g)) = (&decided, &parsed) {
+                if g.is_root() {
+                    return Ok(());
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let fs = FsService::open(dir.path()).unwrap();
+                let r = fs.call(
+                    "fs.write",
+                    &json!({"path": s, "content": "x", "create_dirs": true}),
+                );
+                let host = dir.path().join(&d[GUEST_ROOT.len() + 1..]);
+                if r.is_ok() {
+                    prop_assert_eq!(std::fs::read_to_string(&host).unwrap(), "x");
+                }
+            }
+        }
     }
 }
