@@ -293,8 +293,8 @@ impl FsService {
         }
     }
 
-    fn check_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
-        if self.protected.contains(&(st.st_dev, st.st_ino)) {
+    fn check_protected(&self, p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
+        if self.protected.contains(&identity(st)) {
             return Err(ToolError::new(
                 "protected",
                 format!("{} is protected (the audit log or the policy)", p.display()),
@@ -304,9 +304,9 @@ impl FsService {
     }
 
     /// For a move or a delete: the entry itself, or a folder holding a protected file.
-    fn check_tree_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+    fn check_tree_protected(&self, p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
         self.check_protected(p, st)?;
-        if self.holders.contains(&(st.st_dev, st.st_ino)) {
+        if self.holders.contains(&identity(st)) {
             return Err(ToolError::new(
                 "protected",
                 format!(
@@ -513,7 +513,7 @@ impl FsService {
         Ok(json!({
             "kind": kind_of(&st),
             "size": st.st_size.max(0),
-            "modified": crate::audit::rfc3339_ns(st.st_mtime, st.st_mtime_nsec),
+            "modified": crate::audit::rfc3339_ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
         }))
     }
 
@@ -731,7 +731,13 @@ impl Service for FsService {
     }
 }
 
-fn kind_of(st: &libc::stat) -> &'static str {
+/// (device, inode): what a file is, whatever its name.
+fn identity(st: &sys::Stat) -> (u64, u64) {
+    // x86_64 (the only target): both fields are u64.
+    (st.st_dev, st.st_ino)
+}
+
+fn kind_of(st: &sys::Stat) -> &'static str {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => "file",
         libc::S_IFDIR => "dir",
@@ -740,7 +746,7 @@ fn kind_of(st: &libc::stat) -> &'static str {
     }
 }
 
-fn require_regular(p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+fn require_regular(p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
     match kind_of(st) {
         "file" => Ok(()),
         "dir" => Err(ToolError::new(
@@ -869,7 +875,15 @@ mod tests {
 
     fn spelling() -> impl Strategy<Value = String> {
         let comp = prop::sample::select(vec![
-            "a", "b", "..", ".", "", "workspace", "c d", "é", ".git",
+            "a",
+            "b",
+            "..",
+            ".",
+            "",
+            "workspace",
+            "c d",
+            "é",
+            ".git",
         ]);
         (any::<bool>(), prop::collection::vec(comp, 0..8)).prop_map(|(abs, cs)| {
             let body = cs.join("/");
