@@ -459,3 +459,44 @@ fn write_offsets_total_bytes_and_depth_are_bounded() {
     fs.call("fs.move", &json!({"from": "t", "to": "u/t"}))
         .unwrap();
 }
+
+/// Issue 10, item 3: the worst case for the VMM's memory: every connection open, each
+/// sent requests whose replies are as large as allowed, none read. What each holds
+/// stays within max_output + one capped reply + max_buffered (docs/gate.md "Memory").
+#[test]
+fn memory_is_bounded_when_no_connection_reads() {
+    use ironvmm::gate::{ConnectionError, MAX_REPLY};
+    let fx = Fixture::new();
+    let d = fx.workspace.join("many");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..600 {
+        std::fs::write(d.join(format!("{i:04}{}", "\x01".repeat(240))), "").unwrap();
+    }
+    let limits = fx.gate.limits();
+    let bound = limits.max_output + MAX_REPLY + 1;
+    let mut line = call_frame(1, "fs.list", json!({"path": "many"}));
+    line.push(b'\n');
+    let burst: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take(line.len() * 200)
+        .collect();
+    let mut total = 0;
+    for n in 0..8 {
+        let mut c = fx.conn(&format!("c{n}"));
+        let mut out = Vec::new();
+        // The guest keeps sending; the transport never drains `out`.
+        for _ in 0..40 {
+            match c.on_data(&burst, &mut out) {
+                Ok(()) => {}
+                Err(ConnectionError::Backlog { .. }) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(out.len() <= bound, "out {} > {bound}", out.len());
+            assert!(c.pending_bytes() <= limits.max_buffered.max(limits.max_frame));
+        }
+        total += out.len() + c.pending_bytes();
+    }
+    assert!(total <= 8 * (bound + limits.max_buffered), "{total}");
+}
