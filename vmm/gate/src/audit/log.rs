@@ -177,8 +177,9 @@ impl AuditLog {
     }
 
     /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
-    /// with parent folders, mode 0600, and a new key in `key_path` (never reused
-    /// either), and writes and syncs the `open` record.
+    /// with parent folders, mode 0600, keyed by `key_path` (created when missing,
+    /// reused when it exists: a log run again at the same path, or several logs
+    /// sharing one key), and writes and syncs the `open` record.
     pub fn create_keyed(
         path: &Path,
         key_path: &Path,
@@ -207,7 +208,7 @@ impl AuditLog {
                 };
                 AuditError(format!("audit log {}: {e}{hint}", path.display()))
             })?;
-        let key = match AuditKey::create_file(key_path) {
+        let key = match AuditKey::open_or_create(key_path) {
             Ok(k) => k,
             Err(e) => {
                 // The log is still empty: leave no keyless log behind.
