@@ -65,6 +65,13 @@ fn denied(r: &Value) -> bool {
         || r["result"]["structuredContent"]["decision"] == "deny"
 }
 
+/// Replies in the order of their ids (calls run concurrently; replies come as they
+/// finish).
+fn in_order(mut r: Vec<Value>) -> Vec<Value> {
+    r.sort_by_key(|x| x["id"].as_u64().unwrap_or(u64::MAX));
+    r
+}
+
 fn output_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
@@ -119,6 +126,7 @@ fn hooks_cannot_be_planted_by_moving_git_aside() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
+    let r = in_order(r);
     for i in [0, 3, 4] {
         assert!(denied(&r[i]), "call {}: {}", i + 1, r[i]);
     }
@@ -186,6 +194,7 @@ fn the_folder_holding_the_policy_and_log_cannot_be_swapped() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
+    let r = in_order(r);
     for (i, rep) in r.iter().take(5).enumerate() {
         assert!(denied(rep), "call {}: {rep}", i + 1);
         let reason = rep.to_string();
@@ -347,12 +356,19 @@ fn guest_strings_in_records_are_bounded_and_the_budget_stops_the_gate() {
     assert!(err.contains("audit budget"), "{err}");
     let served = r.iter().filter(|x| x["result"]["isError"] == false).count();
     assert!(served > 0 && served < 200, "{served} served");
-    assert!(denied(r.last().unwrap()));
-    let last = r.last().unwrap().to_string();
+    // Calls run concurrently: the ones that meet the spent budget are denied, saying
+    // why but not where the log is; the connection ends once they are answered.
+    let refusals: Vec<String> = r
+        .iter()
+        .filter(|x| denied(x))
+        .map(|x| x.to_string())
+        .collect();
     assert!(
-        last.contains("audit budget") && !last.contains(&audit2.display().to_string()),
-        "{last}"
+        refusals.iter().any(|t| t.contains("audit budget")),
+        "{refusals:?}"
     );
+    let host = audit2.display().to_string();
+    assert!(r.iter().all(|x| !x.to_string().contains(&host)));
     assert!(std::fs::metadata(&audit2).unwrap().len() <= 12000);
     let o = bin()
         .args(["audit", "verify"])
