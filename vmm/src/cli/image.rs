@@ -186,19 +186,19 @@ fn inspect(a: InspectArgs) -> u8 {
                 "path": e.name_str(), "mode": format!("{:o}", e.mode), "size": e.size,
             })).collect::<Vec<_>>()),
         });
-        println!("{out}");
+        outln!("{out}");
         return 0;
     }
-    println!("image:    {}", a.image.display());
-    println!("sha256:   {}", img.sha256());
-    println!("kernel:   {}", img.kernel_kind);
-    println!("manifest:");
+    outln!("image:    {}", a.image.display());
+    outln!("sha256:   {}", img.sha256());
+    outln!("kernel:   {}", img.kernel_kind);
+    outln!("manifest:");
     for line in img.manifest.to_json_pretty().lines() {
-        println!("  {line}");
+        outln!("  {line}");
     }
-    println!("members:");
+    outln!("members:");
     for m in &members {
-        println!(
+        outln!(
             "  {:<16} {:>10}  {}",
             escape(&m.name, MAX_FIELD),
             m.size,
@@ -208,12 +208,12 @@ fn inspect(a: InspectArgs) -> u8 {
     if a.files {
         match files {
             Some(entries) => {
-                println!("initramfs files:");
+                outln!("initramfs files:");
                 for e in entries {
-                    println!("  {:>7o} {}", e.mode, escape(&e.name_str(), MAX_FIELD));
+                    outln!("  {:>7o} {}", e.mode, escape(&e.name_str(), MAX_FIELD));
                 }
             }
-            None => println!("initramfs files: (compressed; not listed)"),
+            None => outln!("initramfs files: (compressed; not listed)"),
         }
     }
     0

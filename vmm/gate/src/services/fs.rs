@@ -24,7 +24,7 @@ use super::{Service, ToolError, ToolSpec};
 
 /// Where the root appears to the guest and to the policy: the engine's own constant.
 pub const GUEST_ROOT: &str = norm::WORKSPACE;
-/// Most bytes one `fs.read` or `fs.write` moves (interfaces.md), so frames stay < 1 MiB.
+/// Most bytes one `fs.read` or `fs.write` moves (docs/protocol.md), so frames stay < 1 MiB.
 pub const MAX_IO: usize = 512 * 1024;
 /// Most entries one `fs.list` returns (its `limit`, and the default); the reply
 /// gives `next_offset` when more follow.
