@@ -212,8 +212,14 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
     for p in conns {
         let (inbound, outbound) = dev.buffered(p, 1).unwrap();
         assert!(inbound <= cfg.buf_alloc as usize, "{inbound}");
-        // A threshold, not a cap: the reply that crossed it is queued whole.
-        assert!(outbound < cfg.max_pending_output + 100 * 1024, "{outbound}");
+        // The device polls the handler while under max_pending_output, and one poll
+        // appends replies until the gate's max_output, the last one whole: so
+        // max_output plus one reply (~130 KiB here) at most.
+        let max_output = fx.gate.limits().max_output;
+        assert!(
+            outbound < max_output.max(cfg.max_pending_output) + 200 * 1024,
+            "{outbound}"
+        );
     }
     drop(dev);
     // Only what the bounds let through was decided: far from 5,000 calls.
@@ -222,6 +228,6 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
         .iter()
         .filter(|r| r["kind"] == "decision")
         .count();
-    assert!(decided <= 256 + conns.len() * 3, "{decided} calls decided");
+    assert!(decided <= 256 + conns.len() * 10, "{decided} calls decided");
     assert_eq!(g.stats().credit_overruns, 0);
 }
