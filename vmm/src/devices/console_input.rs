@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::bus::{lock, SerialDevice};
+use crate::approvals::tty::TerminalShare;
 
 /// The terminal state to restore at exit, when stdin was a terminal.
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
@@ -59,8 +60,13 @@ impl ConsoleThread {
 }
 
 /// Starts the thread that feeds stdin (when `forward_stdin`) into the serial port
-/// and flushes console output every 20 ms.
-pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleThread {
+/// and flushes console output every 20 ms. With a terminal approver (`share`), keys
+/// typed while it asks go to it, never to the guest.
+pub fn spawn(
+    serial: Arc<Mutex<SerialDevice>>,
+    forward_stdin: bool,
+    share: Option<Arc<TerminalShare>>,
+) -> ConsoleThread {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let handle = thread::Builder::new()
@@ -84,7 +90,9 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleTh
                         if r <= 0 {
                             stdin_open = false;
                         } else {
-                            pending.extend_from_slice(&buf[..r as usize]);
+                            let keys = &buf[..r as usize];
+                            let keys = share.as_ref().map_or(keys, |s| s.keys(keys));
+                            pending.extend_from_slice(keys);
                         }
                     }
                 } else {

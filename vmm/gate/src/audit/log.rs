@@ -92,6 +92,26 @@ pub enum AuditError {
     Closed(PathBuf),
 }
 
+/// A `learn` record: which answer became which rule.
+#[derive(Debug, Clone, Copy)]
+pub struct LearnRecord<'a> {
+    /// The `seq` of the asked call's decision record.
+    pub ask_seq: u64,
+    /// `allow` or `deny`.
+    pub decision: &'a str,
+    /// `exact`, `value` or `tool`.
+    pub scope: &'a str,
+    pub rule: &'a str,
+    /// The line of the `ask` rule it refines.
+    pub refines: u32,
+    /// The learned-rules file it was written to.
+    pub file: &'a str,
+    pub channel: &'a str,
+    pub who: Option<&'a str>,
+    /// Scenarios whose decision the owner agreed to change.
+    pub confirmed_conflicts: usize,
+}
+
 /// What a `decision` record holds (docs/audit.md "Records").
 pub struct DecisionRecord<'a> {
     pub conn: &'a str,
@@ -414,6 +434,25 @@ impl AuditLog {
             self.shared.mark_dirty();
         }
         Ok(())
+    }
+
+    /// Writes a `learn` record: an answer kept as a rule (synced like a decision:
+    /// the rule is in force from now on).
+    pub fn learn(&self, l: &LearnRecord) -> Result<u64, AuditError> {
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("ask_seq".into(), l.ask_seq.into());
+            m.insert("decision".into(), l.decision.into());
+            m.insert("scope".into(), l.scope.into());
+            m.insert("rule".into(), l.rule.into());
+            m.insert("refines".into(), l.refines.into());
+            m.insert("file".into(), l.file.into());
+            m.insert("channel".into(), l.channel.into());
+            m.insert("who".into(), l.who.map_or(Value::Null, Value::from));
+            m.insert("confirmed_conflicts".into(), l.confirmed_conflicts.into());
+        };
+        let seq = self.shared.append("learn", fill, |_| {})?;
+        self.shared.made_durable(seq)?;
+        Ok(seq)
     }
 
     /// Writes the `close` record with the counts and the exit status, syncs, and
