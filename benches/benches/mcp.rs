@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ironvmm::audit::{AuditLog, SyncMode};
 use ironvmm::gate::{Connection, Gate, GateLimits};
 use ironvmm::services::mcp_servers::{McpService, ServerSpec};
-use ironvmm::services::{builtin_catalog_json, Services};
+use ironvmm::services::{catalog_with, Services};
 use serde_json::{json, Map, Value};
 
 struct Target {
@@ -126,10 +126,7 @@ fn through_gate(t: &Target, dir: &Path, run: usize, n: usize) -> Vec<Duration> {
     );
     spec.roles = BTreeMap::new();
     let svc = McpService::start(&spec).expect("start the server");
-    let mut tools = builtin_catalog_json()["tools"].as_array().unwrap().clone();
-    tools.extend(svc.catalog_entries());
-    let catalog =
-        ironvmm_policy::Catalog::from_json(&json!({ "tools": tools }).to_string()).unwrap();
+    let catalog = catalog_with(svc.catalog_entries()).unwrap();
     let rules = format!("allow srv.{}\n", t.tool);
     let policy = ironvmm_policy::Policy::from_source(&rules, "bench.rules", None, Some(&catalog))
         .unwrap()

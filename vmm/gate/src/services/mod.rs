@@ -179,6 +179,19 @@ pub fn builtin_catalog_json() -> Value {
     json!({ "tools": builtin_specs().iter().map(ToolSpec::catalog_entry).collect::<Vec<_>>() })
 }
 
+/// The builtin catalog plus tools served by this run only (the `[[mcp]]` servers'
+/// `McpService::catalog_entries`), as the policy engine reads it: what a gate with
+/// such servers must load its policy against.
+pub fn catalog_with(
+    extra: impl IntoIterator<Item = Value>,
+) -> Result<ironvmm_policy::Catalog, ironvmm_policy::CatalogError> {
+    let mut json = builtin_catalog_json();
+    if let Some(tools) = json["tools"].as_array_mut() {
+        tools.extend(extra);
+    }
+    ironvmm_policy::Catalog::from_json(&json.to_string())
+}
+
 /// The builtin catalog, as the policy engine reads it.
 pub fn builtin_catalog() -> Result<ironvmm_policy::Catalog, ironvmm_policy::CatalogError> {
     ironvmm_policy::Catalog::from_json(&builtin_catalog_json().to_string())
