@@ -283,6 +283,10 @@ fn a_server_speaking_an_unknown_protocol_version_is_refused() {
     let e = McpService::start(&fake("oldproto", &[])).err().unwrap();
     assert!(matches!(e, McpSetupError::Start { .. }), "{e}");
     assert!(e.to_string().contains("2024-10-07"), "{e}");
+    let e = McpService::start(&ServerSpec::new("fs", "/nonexistent/server", &[]))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("builtin service"), "{e}");
     let e = McpService::start(&ServerSpec::new("nope", "/nonexistent/server", &[]))
         .err()
         .unwrap();

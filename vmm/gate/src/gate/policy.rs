@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ironvmm_policy::{CatalogError, Diagnostics};
 
 use crate::approvals::LivePolicy;
-use crate::services::builtin_catalog;
+use crate::services::catalog_with;
 
 /// Why the policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,16 @@ impl LoadError {
 
 /// Loads the policy at `path`; returns the policy and the formatted warnings.
 pub fn load(path: &Path) -> Result<(Arc<LivePolicy>, String), LoadError> {
-    let catalog = builtin_catalog().map_err(LoadError::Catalog)?;
+    load_with_tools(path, Vec::new())
+}
+
+/// `load`, against the builtin catalog plus tools this run serves besides the
+/// builtin ones (the `[[mcp]]` servers' `McpService::catalog_entries`).
+pub fn load_with_tools(
+    path: &Path,
+    extra: Vec<serde_json::Value>,
+) -> Result<(Arc<LivePolicy>, String), LoadError> {
+    let catalog = catalog_with(extra).map_err(LoadError::Catalog)?;
     let (live, warnings) = LivePolicy::load(path, Some(catalog)).map_err(LoadError::Invalid)?;
     let warnings = if warnings.is_empty() {
         String::new()

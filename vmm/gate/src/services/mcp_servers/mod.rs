@@ -75,6 +75,8 @@ impl ServerSpec {
 pub enum McpSetupError {
     #[error("mcp server `{name}`: the name must be lowercase [a-z0-9_-]")]
     BadName { name: String },
+    #[error("mcp server `{name}`: the name is a builtin service's; choose another")]
+    Builtin { name: String },
     #[error("mcp server `{name}`: {source}")]
     Start { name: String, source: ServerError },
     #[error("mcp server `{name}`: roles: `{key}`: {message}")]
@@ -129,6 +131,15 @@ impl McpService {
     pub fn start(spec: &ServerSpec) -> Result<McpService, McpSetupError> {
         if spec.name.is_empty() || map_name(&spec.name).ok().as_deref() != Some(&spec.name) {
             return Err(McpSetupError::BadName {
+                name: spec.name.clone(),
+            });
+        }
+        let builtin = super::builtin_specs();
+        if builtin
+            .iter()
+            .any(|t| t.name.split('.').next() == Some(spec.name.as_str()))
+        {
+            return Err(McpSetupError::Builtin {
                 name: spec.name.clone(),
             });
         }
