@@ -461,3 +461,45 @@ fn the_real_filesystem_server_behind_the_gate_reads_only_what_the_policy_allows(
     assert_eq!(r["result"]["isError"], true, "{r}");
     assert!(r["result"].get("structuredContent").is_none(), "{r}");
 }
+
+/// Through the gate with the fake: a server's own failure is its tool result with
+/// `isError` (audited as `tool_error`), its success as `ok`, and a tool that only
+/// appeared later is an unknown tool to the gate.
+#[test]
+fn through_the_gate_server_results_are_audited_by_their_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = start(&fake("lie", &[]));
+    let catalog = catalog_with(&svc);
+    let loaded = Policy::from_source("allow fake.*\n", "t.rules", None, Some(&catalog)).unwrap();
+    let mut services = Services::new();
+    services.add(Box::new(svc));
+    let audit_path = dir.path().join("audit.jsonl");
+    let audit = AuditLog::create(&audit_path, "vm", SyncMode::Always, Map::new()).unwrap();
+    let gate = Arc::new(Gate::new(
+        Box::new(loaded.policy),
+        services,
+        Arc::new(audit),
+        GateLimits::default(),
+    ));
+    let mut conn = Connection::unwoken(Arc::clone(&gate), "c".into());
+    let r = call(&mut conn, 1, "fake.read", json!({"path": "/a"}));
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    assert_eq!(
+        r["result"]["structuredContent"]["args"],
+        json!({"path": "/a"})
+    );
+    let r = call(&mut conn, 2, "fake.fail", json!({}));
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert_eq!(r["result"]["content"][0]["text"], "it failed on purpose");
+    // `exec` is listed now, after tools/list_changed: still unknown here.
+    let r = call(&mut conn, 3, "fake.exec", json!({"cmd": "id"}));
+    assert_eq!(r["error"]["message"], "Unknown tool: fake.exec", "{r}");
+    let statuses: Vec<String> = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "outcome")
+        .map(|r| r["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["ok", "tool_error"]);
+}
