@@ -113,6 +113,7 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
             run_mode: false,
             stdin_taken: args.stdio,
             terminal: Box::new(std::io::stderr()),
+            guest_console: false,
         },
     )?;
     if let Some(share) = &approvals.terminal {
@@ -292,7 +293,10 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
     };
     match serve_client(gate, "stdio".into(), &mut input, &mut output) {
         End::Eof | End::Gone => 0,
-        End::Reset(ConnectionError::AuditFailed(_)) => exit::VMM_ERROR,
+        End::Reset(ConnectionError::AuditFailed(m)) => {
+            eprintln!("ironvmm gate: stopping: {m}");
+            exit::VMM_ERROR
+        }
         End::Reset(e) => {
             eprintln!("ironvmm gate: connection reset: {e}");
             exit::VMM_ERROR
