@@ -353,7 +353,18 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
             "fs.stat",
             "fs.mkdir",
             "fs.move",
-            "fs.delete"
+            "fs.delete",
+            "mail.list",
+            "mail.read",
+            "mail.search",
+            "mail.send",
+            "mail.move",
+            "mail.delete",
+            "mail.purge",
+            "http.fetch",
+            "net.connect",
+            "net.http",
+            "llm.chat"
         ]
     );
     assert_eq!(

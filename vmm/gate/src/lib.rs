@@ -11,6 +11,7 @@
 //! composes it with the devices, and `ironvmm gate` serves it without a VM.
 
 pub mod audit;
+pub mod config;
 pub mod gate;
 pub mod json;
 pub mod services;

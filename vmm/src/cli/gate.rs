@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::audit::{AuditLog, SyncMode};
+use crate::config::Config;
 use crate::exit;
 use crate::gate::frame::DEFAULT_MAX_FRAME;
 use crate::gate::setup::{self, GateConfig};
@@ -27,6 +28,9 @@ pub struct GateArgs {
     /// Host folder served by the fs service as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Audit log [default: $XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl].
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
@@ -63,9 +67,14 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     // Block the stop signals in every thread; one thread waits for them and writes
     // the close record before exiting.
     let sigs = stop_signals();
+    let config = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| (exit::VMM_ERROR, e.to_string()))?,
+        None => Config::default(),
+    };
     let mut cfg = GateConfig {
         policy: args.policy.clone(),
         workspace: args.workspace.clone(),
+        config,
         audit: args.audit.clone(),
         audit_sync: args.audit_sync,
         limits: GateLimits::with_max_frame(args.max_frame),

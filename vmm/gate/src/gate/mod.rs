@@ -10,6 +10,7 @@
 
 pub mod approver;
 pub mod decide;
+pub mod followup;
 pub mod frame;
 pub mod policy;
 pub mod rpc;

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{Gate, GateLimits};
+use super::followup::{GateDecide, SharedDecider};
+use super::{Decider, Gate, GateLimits};
 use crate::audit::{self, AuditLog, SyncMode};
+use crate::config::Config;
 use crate::services::fs::{FsService, GUEST_ROOT};
+use crate::services::http::HttpService;
+use crate::services::mail::MailService;
 use crate::services::Services;
 use ironvmm_wire::exit;
 
@@ -17,7 +21,10 @@ use ironvmm_wire::exit;
 #[derive(Debug, Clone)]
 pub struct GateConfig {
     pub policy: PathBuf,
+    /// `--workspace`; without it, `[workspace] dir` of the configuration.
     pub workspace: Option<PathBuf>,
+    /// `ironvmm.toml` (`--config`), already loaded; the default configures nothing.
+    pub config: Config,
     /// None: `audit::default_path(vm)`.
     pub audit: Option<PathBuf>,
     pub audit_sync: SyncMode,
@@ -60,7 +67,21 @@ fn fail(code: u8, message: impl Into<String>) -> SetupError {
 pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
-    let fs = match &cfg.workspace {
+    let workspace = cfg
+        .workspace
+        .clone()
+        .or_else(|| cfg.config.workspace.as_ref().map(|w| w.dir.clone()));
+    if !cfg.config.mcp.is_empty() {
+        return Err(fail(
+            exit::VMM_ERROR,
+            "[[mcp]] servers are not served by this build yet: remove them from the configuration",
+        ));
+    }
+    let mail = match &cfg.config.mail {
+        Some(m) => Some(MailService::from_config(m).map_err(|e| fail(exit::VMM_ERROR, e))?),
+        None => None,
+    };
+    let fs = match &workspace {
         Some(dir) => Some(FsService::open(dir).map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?),
         None => None,
     };
@@ -74,8 +95,9 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         })?,
     };
     let mut protected = vec![audit_path.clone(), cfg.policy.clone()];
+    protected.extend(cfg.config.source.clone());
     // The same files as the guest would name them, when they lie in the workspace.
-    if let Some(ws) = cfg.workspace.as_ref().and_then(|w| w.canonicalize().ok()) {
+    if let Some(ws) = workspace.as_ref().and_then(|w| w.canonicalize().ok()) {
         for p in protected.clone() {
             let abs = p
                 .parent()
@@ -88,6 +110,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         }
     }
     let (decider, warnings) = super::policy::load(&cfg.policy, &protected)?;
+    let decider: Arc<dyn Decider> = Arc::from(decider);
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -109,9 +132,24 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     if let Some(mut svc) = fs {
         svc.protect(&audit_path);
         svc.protect(&cfg.policy);
+        if let Some(c) = &cfg.config.source {
+            svc.protect(c);
+        }
         services.add(Box::new(svc));
     }
-    let gate = Arc::new(Gate::new(decider, services, Arc::clone(&log), cfg.limits));
+    if let Some(m) = mail {
+        services.add(Box::new(m));
+    }
+    let hops = Arc::new(GateDecide::new(Arc::clone(&decider), Arc::clone(&log)));
+    let http =
+        HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
+    services.add(Box::new(http));
+    let gate = Arc::new(Gate::new(
+        Box::new(SharedDecider(decider)),
+        services,
+        Arc::clone(&log),
+        cfg.limits,
+    ));
     Ok(OpenedGate {
         gate,
         audit: log,
@@ -125,6 +163,7 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
     json!({
         "mode": format!("gate {transport}"),
         "workspace": cfg.workspace.as_ref().map(|p| p.display().to_string()),
+        "config": cfg.config.source.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
     })

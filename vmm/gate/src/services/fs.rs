@@ -18,7 +18,7 @@ use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
 use super::sys;
-use super::{Service, ToolError, ToolSpec};
+use super::{Service, ToolError, ToolSpec, DEFAULT_REPLY_CAP};
 
 /// Where the root appears to the guest and to the policy.
 pub const GUEST_ROOT: &str = "/workspace";
@@ -49,6 +49,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             ),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.write",
@@ -61,6 +62,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             ),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.list",
@@ -68,6 +70,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.stat",
@@ -75,6 +78,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.mkdir",
@@ -82,6 +86,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.move",
@@ -91,6 +96,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             // `path` in a condition means both ends, so a move is decided like a
             // read of one path and a write of the other.
             aliases: &[("path", &["from", "to"])],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.delete",
@@ -98,6 +104,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
     ]
 }
