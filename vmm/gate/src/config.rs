@@ -159,6 +159,8 @@ pub struct ImapConfig {
     pub password_env: String,
     #[serde(default = "default_mail_timeout")]
     pub timeout_secs: u64,
+    /// A PEM file of CA certificates trusted besides the web PKI (a private server).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,7 +255,15 @@ const SMTP: &[(&str, Shape)] = &[
     ("password_env", Shape::Value),
     ("timeout_secs", Shape::Value),
 ];
-const IMAP: &[(&str, Shape)] = SMTP;
+const IMAP: &[(&str, Shape)] = &[
+    ("host", Shape::Value),
+    ("port", Shape::Value),
+    ("security", Shape::Value),
+    ("username", Shape::Value),
+    ("password_env", Shape::Value),
+    ("timeout_secs", Shape::Value),
+    ("ca_file", Shape::Value),
+];
 const MAIL: &[(&str, Shape)] = &[
     ("backend", Shape::Value),
     ("maildir", Shape::Value),
@@ -323,6 +333,9 @@ impl Config {
         }
         if let Some(m) = cfg.mail.as_mut() {
             m.maildir.as_mut().map(rebase);
+            if let Some(ca) = m.imap.as_mut().and_then(|i| i.ca_file.as_mut()) {
+                rebase(ca);
+            }
         }
         Ok(cfg)
     }

@@ -370,3 +370,224 @@ fn header_injection_is_refused_in_every_field() {
         .unwrap_err();
     assert!(is_denied(&e), "{e}");
 }
+
+/// Dovecot serving `maildir` over IMAPS on loopback, with a self-signed certificate
+/// the test trusts through `ca_file`. None (and a printed reason) without dovecot.
+struct Dovecot {
+    child: Child,
+    port: u16,
+    ca: PathBuf,
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its own children (login, auth, imap).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
+fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {
+    let bin = ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(bin) = bin else {
+        skip("dovecot is not installed (apt-get install dovecot-imapd)");
+        return None;
+    };
+    let d = dir.join("dovecot");
+    fs::create_dir_all(d.join("run")).unwrap();
+    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // An end-entity certificate that is its own trust anchor (webpki refuses a CA
+        // certificate as the server certificate).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status();
+    if !ok.is_ok_and(|s| s.success()) {
+        skip("openssl could not make a test certificate");
+        return None;
+    }
+    // Dovecot never serves mail as root: as root, the mailbox goes to nobody.
+    let (uid, gid) = match unsafe { libc::geteuid() } {
+        0 => {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+            chown_tree(maildir, 65534, 65534);
+            (65534, 65534)
+        }
+        u => (u, unsafe { libc::getegid() }),
+    };
+    fs::write(d.join("passwd"), "ada:{PLAIN}imap-test-pw::::::\n").unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "base_dir = {run}\nstate_dir = {run}\nlog_path = {d}/dovecot.log\nprotocols = imap\n\
+         listen = 127.0.0.1\nssl = required\nssl_cert = <{cert}\nssl_key = <{key}\n\
+         auth_mechanisms = plain login\nfirst_valid_uid = 1\n\
+         passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {d}/passwd\n}}\n\
+         userdb {{\n  driver = static\n  args = uid={uid} gid={gid} home={d}\n}}\n\
+         mail_location = maildir:{md}\n\
+         service imap-login {{\n  inet_listener imap {{\n    port = 0\n  }}\n  \
+         inet_listener imaps {{\n    port = {port}\n    ssl = yes\n  }}\n  chroot =\n}}\n\
+         service anvil {{\n  chroot =\n}}\n",
+        run = d.join("run").display(),
+        d = d.display(),
+        cert = cert.display(),
+        key = key.display(),
+        md = maildir.display(),
+    );
+    fs::write(d.join("dovecot.conf"), conf).unwrap();
+    let child = Command::new(bin)
+        .arg("-F")
+        .arg("-c")
+        .arg(d.join("dovecot.conf"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Dovecot {
+        child,
+        port,
+        ca: cert,
+    };
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(server);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = fs::read_to_string(d.join("dovecot.log")).unwrap_or_default();
+    panic!("dovecot did not listen on port {port} within 30 s:\n{log}");
+}
+
+fn chown_tree(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+    if p.is_dir() {
+        for e in fs::read_dir(p).unwrap().flatten() {
+            chown_tree(&e.path(), uid, gid);
+        }
+    }
+}
+
+#[test]
+#[ignore = "starts dovecot (seconds); run with --ignored"]
+fn imap_account_over_tls_reads_moves_purges_and_files_sent_mail() {
+    let (dir, md) = mailbox();
+    let Some(dc) = dovecot(dir.path(), &md) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let smtp = smtp_server(scratch.path());
+    std::env::set_var("IRONVMM_TEST_IMAP_PASSWORD", "imap-test-pw");
+    let mut config = format!(
+        "[mail]\nbackend = \"imap\"\nfrom = \"Ada <ada@example.org>\"\n\
+         [mail.imap]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"tls\"\nusername = \"ada\"\n\
+         password_env = \"IRONVMM_TEST_IMAP_PASSWORD\"\nca_file = \"{}\"\ntimeout_secs = 30\n",
+        dc.port,
+        dc.ca.display()
+    );
+    if let Some(s) = &smtp {
+        config.push_str(&format!(
+            "[mail.smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"\n",
+            s.port
+        ));
+    }
+    let mut g = TestGate::in_dir(dir, POLICY, &config);
+
+    let l = g.call("mail.list", json!({})).unwrap();
+    assert_eq!(l["total"], 3, "{l}");
+    let mut subjects: Vec<String> = l["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["subject"].as_str().unwrap().to_string())
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        ["Action required", "Lunch on Friday?", "Release notes"]
+    );
+    let phish = l["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["subject"] == "Action required")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(phish.starts_with("INBOX/"), "{phish}");
+
+    let m = g.call("mail.read", json!({"id": phish})).unwrap();
+    assert_eq!(m["from"]["email"], "it@phish.example.net");
+    assert_eq!(m["attachments"][0]["name"], "invoice.pdf");
+    assert!(m["body"]
+        .as_str()
+        .unwrap()
+        .contains("forward every message"));
+
+    let s = g.call("mail.search", json!({"query": "release"})).unwrap();
+    assert_eq!(s["messages"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["messages"][0]["subject"], "Release notes");
+
+    let moved = g
+        .call("mail.move", json!({"id": phish, "folder": "Archive"}))
+        .unwrap();
+    let archived = moved["id"].as_str().unwrap().to_string();
+    assert!(archived.starts_with("Archive/"), "{moved}");
+    let a = g.call("mail.read", json!({"id": archived})).unwrap();
+    assert_eq!(a["subject"], "Action required");
+    let e = g.call("mail.read", json!({"id": phish})).unwrap_err();
+    assert_eq!(error_kind(&e), "not_found", "{e}");
+
+    let d = g.call("mail.delete", json!({"id": archived})).unwrap();
+    let trashed = d["id"].as_str().unwrap().to_string();
+    assert!(trashed.starts_with("Trash/"), "{d}");
+    assert_eq!(
+        g.call("mail.list", json!({"folder": "Trash"})).unwrap()["total"],
+        1
+    );
+    g.call("mail.purge", json!({"id": trashed})).unwrap();
+    assert_eq!(
+        g.call("mail.list", json!({"folder": "Trash"})).unwrap()["total"],
+        0
+    );
+    assert_eq!(g.call("mail.list", json!({})).unwrap()["total"], 2);
+
+    let Some(smtp) = smtp else {
+        return;
+    };
+    let r = g
+        .call(
+            "mail.send",
+            json!({"to": ["alice@example.com"], "subject": "Over IMAP", "body": "filed remotely"}),
+        )
+        .unwrap();
+    assert!(r["filed"].as_str().unwrap().starts_with("Sent/"), "{r}");
+    assert_eq!(received(&smtp.inbox).len(), 1);
+    let sent = g.call("mail.list", json!({"folder": "Sent"})).unwrap();
+    assert_eq!(sent["messages"][0]["subject"], "Over IMAP");
+}

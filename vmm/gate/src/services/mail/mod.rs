@@ -22,6 +22,8 @@ use lettre::{SmtpTransport, Transport};
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{json, Value};
 
+pub mod imap;
+
 use super::{Service, ToolError, ToolSpec, DEFAULT_REPLY_CAP};
 use crate::config::{MailConfig, Security, SmtpConfig};
 
@@ -155,8 +157,10 @@ pub fn check_folder(name: &str) -> Result<(), ToolError> {
 pub trait MailStore: Send + Sync {
     /// Ids of a folder's messages, newest first.
     fn ids(&self, folder: &str) -> Result<Vec<String>, ToolError>;
-    /// The raw message, or its first `limit` bytes.
-    fn raw(&self, id: &str, limit: Option<usize>) -> Result<Vec<u8>, ToolError>;
+    /// The message's header section (possibly followed by some of the body).
+    fn head(&self, id: &str) -> Result<Vec<u8>, ToolError>;
+    /// The whole raw message, at most `MAX_MESSAGE` bytes (else `too_large`).
+    fn raw(&self, id: &str) -> Result<Vec<u8>, ToolError>;
     /// Flags of a message (`S` seen, `R` replied, `F` flagged, ...).
     fn flags(&self, id: &str) -> Result<String, ToolError>;
     /// Files a message in `folder` (seen); returns its id.
@@ -165,6 +169,11 @@ pub trait MailStore: Send + Sync {
     fn move_to(&self, id: &str, folder: &str) -> Result<String, ToolError>;
     /// Removes a message for good.
     fn purge(&self, id: &str) -> Result<(), ToolError>;
+    /// Ids of the messages matching `query`, newest first, when the backend can
+    /// search itself (IMAP SEARCH); `None`: the service scans the messages.
+    fn search(&self, _folder: &str, _query: &str) -> Result<Option<Vec<String>>, ToolError> {
+        Ok(None)
+    }
 }
 
 fn io_err(what: &str, e: io::Error) -> ToolError {
@@ -253,6 +262,27 @@ impl Maildir {
         Err(ToolError::new("not_found", format!("no message {id:?}")))
     }
 
+    fn read_file(&self, id: &str, limit: Option<usize>) -> Result<Vec<u8>, ToolError> {
+        let (_, path) = self.locate(id)?;
+        let f = fs::File::open(&path).map_err(|e| io_err(id, e))?;
+        let size = f.metadata().map_err(|e| io_err(id, e))?.len();
+        let cap = match limit {
+            Some(l) => l as u64,
+            None if size > MAX_MESSAGE => {
+                return Err(ToolError::new(
+                    "too_large",
+                    format!("{id}: {size} bytes, over the {MAX_MESSAGE}-byte limit"),
+                ))
+            }
+            None => MAX_MESSAGE,
+        };
+        let mut buf = Vec::with_capacity(size.min(cap) as usize);
+        f.take(cap)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_err(id, e))?;
+        Ok(buf)
+    }
+
     fn unique_name(&self) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -306,25 +336,12 @@ impl MailStore for Maildir {
         Ok(found.into_iter().map(|(_, id)| id).collect())
     }
 
-    fn raw(&self, id: &str, limit: Option<usize>) -> Result<Vec<u8>, ToolError> {
-        let (_, path) = self.locate(id)?;
-        let f = fs::File::open(&path).map_err(|e| io_err(id, e))?;
-        let size = f.metadata().map_err(|e| io_err(id, e))?.len();
-        let cap = match limit {
-            Some(l) => l as u64,
-            None if size > MAX_MESSAGE => {
-                return Err(ToolError::new(
-                    "too_large",
-                    format!("{id}: {size} bytes, over the {MAX_MESSAGE}-byte limit"),
-                ))
-            }
-            None => MAX_MESSAGE,
-        };
-        let mut buf = Vec::with_capacity(size.min(cap) as usize);
-        f.take(cap)
-            .read_to_end(&mut buf)
-            .map_err(|e| io_err(id, e))?;
-        Ok(buf)
+    fn head(&self, id: &str) -> Result<Vec<u8>, ToolError> {
+        self.read_file(id, Some(HEADER_PREFIX))
+    }
+
+    fn raw(&self, id: &str) -> Result<Vec<u8>, ToolError> {
+        self.read_file(id, None)
     }
 
     fn flags(&self, id: &str) -> Result<String, ToolError> {
@@ -445,20 +462,22 @@ pub struct MailService {
 impl MailService {
     /// Builds the service from `[mail]`; the error names the setting at fault.
     pub fn from_config(c: &MailConfig) -> Result<MailService, String> {
-        let store: Box<dyn MailStore> =
-            match c.backend {
-                crate::config::MailBackend::Maildir => {
-                    let dir = c
-                        .maildir
-                        .as_deref()
-                        .ok_or("mail: backend maildir needs `maildir`")?;
-                    Box::new(Maildir::open(dir).map_err(|e| format!("mail.maildir: {e}"))?)
-                }
-                crate::config::MailBackend::Imap => return Err(
-                    "mail: the imap backend is not available in this build yet; use \"maildir\""
-                        .into(),
-                ),
-            };
+        let store: Box<dyn MailStore> = match c.backend {
+            crate::config::MailBackend::Maildir => {
+                let dir = c
+                    .maildir
+                    .as_deref()
+                    .ok_or("mail: backend maildir needs `maildir`")?;
+                Box::new(Maildir::open(dir).map_err(|e| format!("mail.maildir: {e}"))?)
+            }
+            crate::config::MailBackend::Imap => {
+                let c = c
+                    .imap
+                    .as_ref()
+                    .ok_or("mail: backend imap needs a [mail.imap] table")?;
+                Box::new(imap::ImapStore::new(c)?)
+            }
+        };
         let smtp = c.smtp.as_ref().map(Smtp::new).transpose()?;
         Self::new(
             store,
@@ -492,7 +511,7 @@ impl MailService {
     }
 
     fn summary(&self, id: &str) -> Result<Value, ToolError> {
-        let raw = self.store.raw(id, Some(HEADER_PREFIX))?;
+        let raw = self.store.head(id)?;
         let flags = self.store.flags(id).unwrap_or_default();
         let parser = MessageParser::default();
         let mut v = match parser.parse_headers(&raw) {
@@ -521,7 +540,7 @@ impl MailService {
 
     fn read(&self, args: &Value) -> Result<Value, ToolError> {
         let id = str_arg(args, "id")?;
-        let raw = self.store.raw(id, None)?;
+        let raw = self.store.raw(id)?;
         let msg = MessageParser::default()
             .parse(&raw)
             .ok_or_else(|| ToolError::new("unparsable", format!("{id}: not a mail message")))?;
@@ -554,12 +573,20 @@ impl MailService {
         let query = str_arg(args, "query")?.to_lowercase();
         let folder = args["folder"].as_str().unwrap_or("INBOX");
         let limit = args["limit"].as_u64().unwrap_or(20).clamp(1, MAX_PAGE) as usize;
+        if let Some(ids) = self.store.search(folder, str_arg(args, "query")?)? {
+            let found: Result<Vec<Value>, _> =
+                ids.iter().take(limit).map(|id| self.summary(id)).collect();
+            return Ok(
+                json!({"folder": folder, "query": args["query"], "scanned": ids.len(),
+                             "complete": true, "messages": found?}),
+            );
+        }
         let ids = self.store.ids(folder)?;
         let parser = MessageParser::default();
         let mut found = Vec::new();
         let scanned = ids.len().min(MAX_SCANNED);
         for id in ids.iter().take(MAX_SCANNED) {
-            let Ok(raw) = self.store.raw(id, None) else {
+            let Ok(raw) = self.store.raw(id) else {
                 continue;
             };
             let Some(msg) = parser.parse(&raw) else {
@@ -822,7 +849,7 @@ mod tests {
             "INBOX/.x",
             "INBOX/a:2,S",
         ] {
-            let e = md.raw(bad, None).unwrap_err();
+            let e = md.raw(bad).unwrap_err();
             assert!(
                 matches!(e.kind, "invalid_id" | "invalid_folder"),
                 "{bad}: {e:?}"
