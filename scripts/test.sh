@@ -12,8 +12,10 @@ say() { echo "[test] $*" >&2; }
 kernel=$(scripts/setup.sh | tail -n1)
 export IRONVMM_KERNEL=$kernel
 
-say "fast suite: cargo test --workspace (the benches crate is built by cargo bench)"
+say "fast suite: cargo test --workspace (the benches crate apart: its cedar peer is built by cargo bench)"
 cargo test --workspace --exclude ironvmm-benches 2>&1
+say "fast suite: the benches crate's own unit tests"
+cargo test -p ironvmm-benches --lib --no-default-features 2>&1
 
 [ "${1:-}" = "--fast" ] && exit 0
 
@@ -21,3 +23,6 @@ say "booting suite: the kvm-host selftest, then every booting test in one KVM ho
 scripts/kvm-host/selftest.sh
 KVM_HOST_ARGS="--share $(dirname "$kernel") --cpus 2 --timeout 2400" \
     scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test gate_vm --test kvm_smoke -- --include-ignored --test-threads=1
+
+say "booting suite: images under QEMU TCG (no KVM; natively, where QEMU and cargo are)"
+cargo test -p ironvmm --test image_boot_qemu -- --include-ignored --test-threads=1 2>&1

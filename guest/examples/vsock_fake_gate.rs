@@ -1,7 +1,8 @@
 //! A stand-in gate for testing `iron` inside a guest over AF_VSOCK (the guest
 //! kernel's vsock loopback, CID 1): `vsock_fake_gate PORT` accepts connections
 //! and answers JSON lines: `initialize`, `ping`, and `tools/call` of `echo`
-//! (returns its arguments) and `deny` (a -32001 denial). Test use only.
+//! (returns its arguments); every other tool is denied (a tool result with
+//! `isError` and `structuredContent.decision` = `deny`). Test use only.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -20,11 +21,11 @@ fn answer(req: &Value) -> Option<Value> {
             json!({"content": [{"type": "text", "text": args.to_string()}],
                 "structuredContent": args, "isError": false})
         }
-        "tools/call" => {
-            return Some(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32001,
-                "message": "denied", "data": {"decision": "deny", "rule": 1,
-                "decided_by": "rule", "reason": "fake gate denies everything else"}}}))
-        }
+        "tools/call" => json!({"content": [{"type": "text",
+            "text": "denied by rule 1 (decided by rule): fake gate denies everything else"}],
+            "structuredContent": {"decision": "deny", "rule": 1,
+            "decided_by": "rule", "reason": "fake gate denies everything else"},
+            "isError": true}),
         _ => {
             return Some(json!({"jsonrpc": "2.0", "id": id,
                 "error": {"code": -32601, "message": "method not found"}}))

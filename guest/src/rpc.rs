@@ -1,5 +1,5 @@
 //! The JSON-lines MCP client `iron` uses on port 1, and how each outcome of a
-//! `tools/call` becomes `iron call`'s exit code (interfaces.md).
+//! `tools/call` becomes `iron call`'s exit code (docs/image.md).
 
 use std::io::{self, BufRead, BufReader, Write};
 
@@ -9,24 +9,17 @@ use crate::conn::{GateAddr, Stream};
 use crate::PROTOCOL_VERSION;
 
 /// Exit codes of `iron call`.
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_DENIED: u8 = 3;
-pub const EXIT_ERROR: u8 = 4;
-pub const EXIT_UNREACHABLE: u8 = 5;
-
-/// JSON-RPC error codes the gate uses for denials.
-pub const DENIED: i64 = -32001;
-pub const ASK_TIMEOUT: i64 = -32002;
+pub use ironvmm_wire::iron_exit::{
+    DENIED as EXIT_DENIED, OK as EXIT_OK, TOOL_ERROR as EXIT_ERROR, UNREACHABLE as EXIT_UNREACHABLE,
+};
 
 /// A reply line longer than this is a protocol error (the gate's frames are
 /// at most 1 MiB; this leaves room without trusting the peer unboundedly).
 pub const MAX_LINE: usize = 16 << 20;
 
-/// A denial as the gate reports it in the error's `data`.
+/// A denial, as the gate reports it in a tool result's `structuredContent`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Denial {
-    pub code: i64,
-    pub message: String,
     /// The p.rules line, or null when no rule decided (default, invariant…).
     pub rule: Option<Value>,
     pub decided_by: Option<String>,
@@ -38,11 +31,11 @@ pub struct Denial {
 pub enum CallError {
     /// The gate could not be reached.
     Unreachable(String),
-    /// A -32001 or -32002 error.
+    /// A tool result whose `structuredContent.decision` is `deny`.
     Denied(Box<Denial>),
     /// The tool ran and failed (`isError: true`); the text it returned.
     Tool(String),
-    /// Any other JSON-RPC error.
+    /// A JSON-RPC error.
     Rpc { code: i64, message: String },
     /// A reply that is not what MCP says, or a connection lost mid-call.
     Protocol(String),
@@ -63,25 +56,15 @@ impl std::fmt::Display for CallError {
         match self {
             CallError::Unreachable(m) => write!(f, "cannot reach the gate: {m}"),
             CallError::Denied(d) => {
-                let Denial {
-                    code,
-                    message,
-                    rule,
-                    decided_by,
-                    reason,
-                } = &**d;
-                let what = if *code == ASK_TIMEOUT {
-                    "denied (nobody answered in time)"
-                } else {
-                    "denied"
-                };
-                let rule = match rule {
-                    Some(Value::Null) | None => "no rule".to_string(),
-                    Some(r) => format!("rule {}", r.as_str().map_or(r.to_string(), str::to_string)),
-                };
-                let by = decided_by.as_deref().unwrap_or("unknown");
-                let reason = reason.as_deref().unwrap_or(message);
-                write!(f, "{what} by {rule} (decided by {by}): {reason}")
+                let by = d.decided_by.as_deref().unwrap_or("unknown");
+                let reason = d.reason.as_deref().unwrap_or("no reason given");
+                match &d.rule {
+                    Some(Value::Null) | None => write!(f, "denied (decided by {by}): {reason}"),
+                    Some(r) => {
+                        let r = r.as_str().map_or(r.to_string(), str::to_string);
+                        write!(f, "denied by rule {r} (decided by {by}): {reason}")
+                    }
+                }
             }
             CallError::Tool(t) => write!(f, "tool error: {t}"),
             CallError::Rpc { code, message } => write!(f, "error {code}: {message}"),
@@ -98,33 +81,39 @@ pub fn error_from_rpc(err: &Value) -> CallError {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    if code == DENIED || code == ASK_TIMEOUT {
-        let data = err.get("data");
-        let s = |k: &str| {
-            data.and_then(|d| d.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        CallError::Denied(Box::new(Denial {
-            code,
-            message,
-            rule: data.and_then(|d| d.get("rule")).cloned(),
-            decided_by: s("decided_by"),
-            reason: s("reason"),
-        }))
-    } else {
-        CallError::Rpc { code, message }
+    CallError::Rpc { code, message }
+}
+
+/// The denial a `tools/call` result carries, if it is one: `isError` with
+/// `structuredContent.decision` = `deny` (a tool's own successful result may hold
+/// any members it likes).
+pub fn denial(result: &Value) -> Option<Denial> {
+    let s = result.get("structuredContent")?;
+    if result.get("isError") != Some(&Value::Bool(true))
+        || s.get("decision").and_then(Value::as_str) != Some("deny")
+    {
+        return None;
     }
+    let text = |k: &str| s.get(k).and_then(Value::as_str).map(str::to_string);
+    Some(Denial {
+        rule: s.get("rule").cloned(),
+        decided_by: text("decided_by"),
+        reason: text("reason"),
+    })
 }
 
 /// What `iron call` prints for a `tools/call` result: its text content, else its
-/// structured content as JSON. `isError: true` is a [`CallError::Tool`].
+/// structured content as JSON. A denial is a [`CallError::Denied`]; any other
+/// `isError: true` is a [`CallError::Tool`].
 pub fn tool_output(result: &Value) -> Result<String, CallError> {
     let Some(obj) = result.as_object() else {
         return Err(CallError::Protocol(format!(
             "tools/call result is not an object: {result}"
         )));
     };
+    if let Some(d) = denial(result) {
+        return Err(CallError::Denied(Box::new(d)));
+    }
     let texts: Vec<&str> = obj
         .get("content")
         .and_then(Value::as_array)
@@ -288,18 +277,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exit_codes_per_interfaces() {
-        let denied = error_from_rpc(&json!({"code": -32001, "message": "denied",
-            "data": {"decision": "deny", "rule": 3, "decided_by": "rule", "reason": "no mail"}}));
+    fn exit_codes() {
+        let denied = tool_output(&json!({"content": [{"type": "text",
+            "text": "denied by rule 3 (decided by rule): no mail"}],
+            "structuredContent": {"decision": "deny", "rule": 3, "decided_by": "rule", "reason": "no mail"},
+            "isError": true}))
+        .unwrap_err();
         assert_eq!(denied.exit_code(), 3);
         assert_eq!(
             denied.to_string(),
             "denied by rule 3 (decided by rule): no mail"
         );
-        let timeout = error_from_rpc(&json!({"code": -32002, "message": "ask timed out",
-            "data": {"decision": "deny", "rule": null, "decided_by": "timeout", "reason": "r"}}));
+        let timeout = tool_output(&json!({"content": [],
+            "structuredContent": {"decision": "deny", "rule": null, "decided_by": "timeout", "reason": "r"},
+            "isError": true}))
+        .unwrap_err();
         assert_eq!(timeout.exit_code(), 3);
-        assert!(timeout.to_string().contains("no rule"));
+        assert_eq!(timeout.to_string(), "denied (decided by timeout): r");
+        // The old error codes are plain protocol errors now.
+        assert_eq!(
+            error_from_rpc(&json!({"code": -32001, "message": "m"})).exit_code(),
+            4
+        );
         assert_eq!(
             error_from_rpc(&json!({"code": -32601, "message": "m"})).exit_code(),
             4
@@ -307,6 +306,10 @@ mod tests {
         assert_eq!(CallError::Unreachable("x".into()).exit_code(), 5);
         assert_eq!(CallError::Protocol("x".into()).exit_code(), 4);
         assert_eq!(CallError::Tool("x".into()).exit_code(), 4);
+        // A structuredContent that merely has a `decision` member of another value
+        // is an ordinary result.
+        let r = json!({"content": [], "structuredContent": {"decision": "deny"}, "isError": false});
+        assert!(tool_output(&r).is_ok());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `iron` against a fake gate: a Unix socket speaking JSON lines with canned
-//! replies chosen by tool name. Checks the exit codes and outputs of interfaces.md.
+//! replies chosen by tool name. Checks the exit codes and outputs of docs/image.md.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -37,17 +37,21 @@ fn reply(req: &Value) -> Option<String> {
                 "structured" => {
                     ok(json!({"content": [], "structuredContent": {"n": 1}, "isError": false}))
                 }
-                "denied" => err(
+                "denied" => ok(json!({"content": [{"type": "text",
+                    "text": "denied by rule 7 (decided by rule): mail to strangers"}],
+                    "structuredContent": {"decision": "deny", "rule": 7,
+                    "decided_by": "rule", "reason": "mail to strangers"}, "isError": true})),
+                "slow_human" => ok(json!({"content": [{"type": "text",
+                    "text": "denied (decided by timeout): nobody answered"}],
+                    "structuredContent": {"decision": "deny", "rule": null,
+                    "decided_by": "timeout", "reason": "nobody answered"}, "isError": true})),
+                // The codes gates used for denials before MCP's tool results: a
+                // protocol error now, never a denial.
+                "old_denial" => err(
                     -32001,
                     "denied",
                     json!({"decision": "deny", "rule": 7,
-                    "decided_by": "rule", "reason": "mail to strangers"}),
-                ),
-                "slow_human" => err(
-                    -32002,
-                    "ask timed out",
-                    json!({"decision": "deny",
-                    "rule": null, "decided_by": "timeout", "reason": "nobody answered"}),
+                    "decided_by": "rule", "reason": "old"}),
                 ),
                 "broken" => ok(
                     json!({"content": [{"type": "text", "text": "no such file"}], "isError": true}),
@@ -140,10 +144,15 @@ fn call_exit_codes() {
     assert_eq!(out.status.code(), Some(3));
     assert!(out.stdout.is_empty());
     let e = s(&out.stderr);
-    assert!(
-        e.contains("rule 7") && e.contains("mail to strangers"),
-        "{e}"
+    assert_eq!(
+        e,
+        "iron: denied by rule 7 (decided by rule): mail to strangers\n"
     );
+    // --json prints the result, and still exits 3 for a denial.
+    let out = iron(&g.path, &["call", "--json", "denied"], "");
+    assert_eq!(out.status.code(), Some(3));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["structuredContent"]["decision"], "deny");
 
     let out = iron(&g.path, &["call", "slow_human"], "");
     assert_eq!(out.status.code(), Some(3));
@@ -153,7 +162,7 @@ fn call_exit_codes() {
     assert_eq!(out.status.code(), Some(4));
     assert!(s(&out.stderr).contains("no such file"));
 
-    for tool in ["unknown_method", "garbage", "hangup", "other"] {
+    for tool in ["unknown_method", "garbage", "hangup", "other", "old_denial"] {
         let out = iron(&g.path, &["call", tool], "");
         assert_eq!(out.status.code(), Some(4), "{tool}: {}", s(&out.stderr));
     }
@@ -219,6 +228,8 @@ fn mcp_relays_both_ways() {
         "\n",
         r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"x":1}}}"#,
         "\n",
+        r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"denied","arguments":{}}}"#,
+        "\n",
     );
     let mut child = Command::new(env!("CARGO_BIN_EXE_iron"))
         .arg("mcp")
@@ -236,6 +247,11 @@ fn mcp_relays_both_ways() {
     let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(second["id"], 2);
     assert_eq!(second["result"]["structuredContent"]["x"], 1);
+    // A denial passes through untouched: the MCP client reads it as a tool result.
+    let third: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(third["id"], 3);
+    assert_eq!(third["result"]["isError"], true);
+    assert_eq!(third["result"]["structuredContent"]["decision"], "deny");
     drop(stdin);
     let _ = child.kill();
     let _ = child.wait();

@@ -11,7 +11,10 @@
 //!    "roles": {"path": "path"}}
 //! ]}
 //! ```
-//! `roles` maps a top-level argument name to one of `path`, `url`, `host`, `email`.
+//! `roles` maps a top-level argument name to one of `path`, `tree`, `url`, `host`,
+//! `email`. `tree` is a path the tool acts on as a whole tree (a move, a delete):
+//! `under` in a deny or ask rule, and the protected-path invariant, hold for it when
+//! the two paths overlap (either lies under the other).
 //! An argument that is an array of such values has the role applied to each element.
 //! A dotted key (`"a.b"`) gives a role to a nested argument.
 //!
@@ -20,6 +23,12 @@
 //! and then `to`. The call is decided once per listed argument and the most
 //! restrictive decision wins (deny, then ask, then allow), so both ends of a move
 //! are decided by the same rules.
+//!
+//! `groups` (optional) names arguments that hold the same kind of thing in different
+//! places: `{"recipients": ["to", "cc", "bcc"]}` on `mail.send`, `{"ends": ["from",
+//! "to"]}` on `fs.move`. The engine does not read them; the policy compiler derives
+//! test calls from them (a value moved from one member to another must decide the
+//! same unless the English singles one out).
 //!
 //! The schema subset is the one [`crate::schema`] implements; unknown keys in the
 //! file, unknown schema keywords, and unknown roles are errors.
@@ -33,6 +42,10 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Path,
+    /// A path whose tool acts on the whole tree below it (`fs.move`, `fs.delete`):
+    /// normalised like `path`; `under` in deny/ask rules and the protected-path
+    /// invariant hold when the paths overlap (see `eval`).
+    Tree,
     Url,
     Host,
     Email,
@@ -42,6 +55,7 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Path => "path",
+            Role::Tree => "tree",
             Role::Url => "url",
             Role::Host => "host",
             Role::Email => "email",
@@ -50,11 +64,17 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         Some(match s {
             "path" => Role::Path,
+            "tree" => Role::Tree,
             "url" => Role::Url,
             "host" => Role::Host,
             "email" => Role::Email,
             _ => return None,
         })
+    }
+
+    /// `path` and `tree`: values normalised as paths.
+    pub fn is_path(self) -> bool {
+        matches!(self, Role::Path | Role::Tree)
     }
 }
 
@@ -69,6 +89,8 @@ pub struct Tool {
     pub roles: BTreeMap<String, Role>,
     /// Argument name usable in conditions to the arguments it stands for.
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// Argument groups (see the module doc): group name to its member arguments.
+    pub groups: BTreeMap<String, Vec<String>>,
     pub(crate) schema: Schema,
 }
 
@@ -93,6 +115,7 @@ impl Tool {
             input_schema,
             roles,
             aliases: BTreeMap::new(),
+            groups: BTreeMap::new(),
             schema,
         })
     }
@@ -118,6 +141,25 @@ impl Tool {
         self.aliases.insert(
             alias.to_string(),
             targets.iter().map(|t| t.to_string()).collect(),
+        );
+        Ok(self)
+    }
+
+    /// Marks `members` as one argument group named `group` (see the module doc).
+    pub fn with_group(mut self, group: &str, members: &[&str]) -> Result<Tool, CatalogError> {
+        if members.len() < 2
+            || members
+                .iter()
+                .any(|m| !self.schema.properties.contains_key(*m))
+        {
+            return Err(CatalogError(format!(
+                "tool `{}`: group `{group}` must name two or more arguments of the schema",
+                self.name
+            )));
+        }
+        self.groups.insert(
+            group.to_string(),
+            members.iter().map(|m| m.to_string()).collect(),
         );
         Ok(self)
     }
@@ -253,6 +295,9 @@ impl Catalog {
                 if !t.aliases.is_empty() {
                     v["aliases"] = json!(t.aliases);
                 }
+                if !t.groups.is_empty() {
+                    v["groups"] = json!(t.groups);
+                }
                 v
             })
             .collect();
@@ -264,10 +309,17 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
     let o = v
         .as_object()
         .ok_or(CatalogError("expected an object".into()))?;
-    if let Some(k) = o
-        .keys()
-        .find(|k| !["name", "description", "inputSchema", "roles", "aliases"].contains(&k.as_str()))
-    {
+    if let Some(k) = o.keys().find(|k| {
+        ![
+            "name",
+            "description",
+            "inputSchema",
+            "roles",
+            "aliases",
+            "groups",
+        ]
+        .contains(&k.as_str())
+    }) {
         return Err(CatalogError(format!("unknown key `{k}`")));
     }
     let name = o
@@ -314,6 +366,20 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
             tool = tool.with_alias(alias, &targets)?;
         }
     }
+    if let Some(g) = o.get("groups") {
+        let g = g.as_object().ok_or(CatalogError(format!(
+            "`{name}`: `groups` must be an object"
+        )))?;
+        for (group, members) in g {
+            let members: Option<Vec<&str>> = members
+                .as_array()
+                .and_then(|t| t.iter().map(Value::as_str).collect());
+            let members = members.ok_or(CatalogError(format!(
+                "`{name}`: group `{group}` must be an array of argument names"
+            )))?;
+            tool = tool.with_group(group, &members)?;
+        }
+    }
     Ok(tool)
 }
 
@@ -331,6 +397,13 @@ mod tests {
         assert_eq!(t.role_of(&["path".into()]), Some(Role::Path));
         let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
         assert_eq!(again.len(), 1);
+        let text = r#"{"tools":[{"name":"fs.move",
+            "inputSchema":{"type":"object","properties":{"from":{"type":"string"},"to":{"type":"string"}}},
+            "groups":{"ends":["from","to"]}}]}"#;
+        let c = Catalog::from_json(text).unwrap();
+        assert_eq!(c.tool("fs.move").unwrap().groups["ends"], ["from", "to"]);
+        let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
+        assert_eq!(again.tool("fs.move").unwrap().groups.len(), 1);
     }
 
     #[test]
@@ -354,6 +427,10 @@ mod tests {
                 "anyOf",
             ),
             (r#"{"tool":[]}"#, "unknown key `tool`"),
+            (
+                r#"{"tools":[{"name":"a.b","inputSchema":{"type":"object","properties":{"x":{"type":"string"}}},"groups":{"g":["x","y"]}}]}"#,
+                "group `g` must name two or more",
+            ),
         ] {
             let e = Catalog::from_json(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{e} lacks {needle}");

@@ -562,6 +562,10 @@ pub fn check(input: Input<'_>, diags: &mut Diagnostics) -> Checked {
         }
     }
 
+    if let Some(c) = catalog {
+        bypass_warnings(&f, &ast, c, diags);
+    }
+
     for (name, l) in &lists {
         if !used[name] {
             let decl = ast.items.iter().find_map(|i| match i {
@@ -586,6 +590,82 @@ pub fn check(input: Input<'_>, diags: &mut Diagnostics) -> Checked {
         default: default.map_or(VerdictKw::Deny, |d| d.0),
         regexes,
         files,
+    }
+}
+
+/// The directories of the positive `under` tests on path arguments of `tool` in a
+/// condition (those under `not` are skipped: they do not name where a rule applies).
+fn under_dirs(c: &Cond, tool: &crate::catalog::Tool, positive: bool, out: &mut Vec<String>) {
+    match c {
+        Cond::And(cs) | Cond::Or(cs) => cs.iter().for_each(|c| under_dirs(c, tool, positive, out)),
+        Cond::Not(c) => under_dirs(c, tool, !positive, out),
+        Cond::Test(Test::Under {
+            value: Value::Arg(path, _),
+            dir,
+            ..
+        }) if positive && tool.role_of(path).is_some_and(|r| r.is_path()) => {
+            if let Some(d) = norm::path(dir) {
+                out.push(d.into_owned());
+            }
+        }
+        Cond::Test(_) => {}
+    }
+}
+
+fn overlap(a: &str, b: &str) -> bool {
+    norm::path_under(a, b) || norm::path_under(b, a)
+}
+
+/// `policy check`: a deny under X on one tool is bypassed when another tool that acts
+/// on whole trees (`fs.move`, `fs.delete`) is allowed on X, on an ancestor of X or
+/// below X, and no deny or ask on that tool comes first: moving the folder moves
+/// what the deny protects.
+fn bypass_warnings(f: &SourceFile, ast: &PolicyAst, catalog: &Catalog, diags: &mut Diagnostics) {
+    use crate::catalog::Role;
+    let rules: Vec<&Rule> = ast.rules().collect();
+    let tree_tools: Vec<&crate::catalog::Tool> = catalog
+        .tools()
+        .filter(|t| t.roles.values().any(|r| *r == Role::Tree))
+        .collect();
+    for d in rules.iter().filter(|r| r.verdict == VerdictKw::Deny) {
+        let Some(cond) = &d.cond else { continue };
+        let denied: Vec<&crate::catalog::Tool> = catalog
+            .tools()
+            .filter(|t| d.pattern.matches(&t.name))
+            .collect();
+        let mut xs = Vec::new();
+        for t in &denied {
+            under_dirs(cond, t, true, &mut xs);
+        }
+        xs.sort();
+        xs.dedup();
+        for x in &xs {
+            for u in tree_tools.iter().filter(|u| !d.pattern.matches(&u.name)) {
+                // The first rule on `u` that surely applies around x: a deny or ask
+                // only when it names a folder overlapping x (or has no condition), an
+                // allow also when it names no folder at all (it may apply anywhere).
+                let first = rules.iter().find(|r| {
+                    if !r.pattern.matches(&u.name) {
+                        return false;
+                    }
+                    let Some(c) = &r.cond else { return true };
+                    let mut zs = Vec::new();
+                    under_dirs(c, u, true, &mut zs);
+                    zs.iter().any(|z| overlap(z, x))
+                        || (zs.is_empty() && r.verdict == VerdictKw::Allow)
+                });
+                if let Some(a) = first.filter(|a| a.verdict == VerdictKw::Allow) {
+                    diags.push(f.diag(
+                        Severity::Warning,
+                        d.span,
+                        format!(
+                            "`{}` is denied under `{x}`, but line {} allows `{}` on it or on a folder around it: moving or deleting the folder bypasses this deny; deny `{}` under `{x}` too (or deny `fs.*`)",
+                            d.pattern, a.line.0, u.name, u.name
+                        ),
+                    ));
+                }
+            }
+        }
     }
 }
 

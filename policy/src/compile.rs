@@ -64,6 +64,10 @@ pub(crate) enum TestKind {
     Under {
         v: CVal,
         dir: Box<str>,
+        /// The value is a `tree` argument in a deny or ask rule, not under `not`:
+        /// the test holds when the paths overlap, so that moving or deleting an
+        /// ancestor of `dir` is caught as well (fails closed).
+        overlap: bool,
     },
     Re {
         v: CVal,
@@ -128,8 +132,9 @@ pub(crate) type ArgPaths = Box<[Box<str>]>;
 #[derive(Debug, Default)]
 pub(crate) struct ToolEntry {
     pub steps: Vec<Step>,
-    /// Arguments whose role is `path` (invariant 3 checks them).
-    pub path_args: Vec<Box<[Box<str>]>>,
+    /// Arguments whose role is `path` or `tree` (invariant 3 checks them); `true`
+    /// for a tree, which is refused when it overlaps a protected path.
+    pub path_args: Vec<(Box<[Box<str>]>, bool)>,
     pub tool: Option<Tool>,
     /// `path` standing for `from` and then `to` (catalog `aliases`): the call is
     /// decided once per target.
@@ -225,8 +230,8 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
                 e.path_args = t
                     .roles
                     .iter()
-                    .filter(|(_, r)| **r == Role::Path)
-                    .map(|(k, _)| k.split('.').map(Box::from).collect())
+                    .filter(|(_, r)| r.is_path())
+                    .map(|(k, r)| (k.split('.').map(Box::from).collect(), *r == Role::Tree))
                     .collect();
                 e.tool = Some(t.clone());
                 // One alias per tool is enough for the catalogs we have (fs.move).
@@ -244,7 +249,7 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
                 match &p.rule.pattern {
                     ToolPattern::Exact(t) if !exact.contains_key(t.as_str()) => {
                         let mut e = c.entry(&order, |q| q.matches(t), None);
-                        e.path_args = vec![Box::new([Box::from("path")])];
+                        e.path_args = vec![(Box::new([Box::from("path")]), false)];
                         exact.insert(t.as_str().into(), e);
                     }
                     ToolPattern::Service(s) if !service.contains_key(s.as_str()) => {
@@ -256,7 +261,7 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
                             },
                             None,
                         );
-                        e.path_args = vec![Box::new([Box::from("path")])];
+                        e.path_args = vec![(Box::new([Box::from("path")]), false)];
                         service.insert(s.as_str().into(), e);
                     }
                     _ => {}
@@ -266,7 +271,7 @@ pub(crate) fn compile(checked: &Checked, catalog: Option<&Catalog>) -> Program {
     }
     let mut star = c.entry(&order, |q| matches!(q, ToolPattern::Any), None);
     if catalog.is_none() {
-        star.path_args = vec![Box::new([Box::from("path")])];
+        star.path_args = vec![(Box::new([Box::from("path")]), false)];
     }
     Program {
         rules,
@@ -298,9 +303,13 @@ impl Compiler<'_> {
         let steps = order
             .iter()
             .filter(|p| pat(&p.rule.pattern))
-            .map(|p| Step {
-                rule: p.meta,
-                cond: p.rule.cond.as_ref().map(|c| self.cond(c, tool)),
+            .map(|p| {
+                // Overlap widens `under` only where a wider match is the safe side.
+                let widen = p.rule.verdict != ast::VerdictKw::Allow;
+                Step {
+                    rule: p.meta,
+                    cond: p.rule.cond.as_ref().map(|c| self.cond(c, tool, widen)),
+                }
             })
             .collect();
         ToolEntry {
@@ -311,19 +320,21 @@ impl Compiler<'_> {
         }
     }
 
-    fn cond(&mut self, c: &Cond, tool: Option<&Tool>) -> CCond {
+    /// `widen`: a test made true more often makes this rule safer (a deny or ask
+    /// rule, flipped by each `not`).
+    fn cond(&mut self, c: &Cond, tool: Option<&Tool>, widen: bool) -> CCond {
         match c {
-            Cond::And(cs) => CCond::And(cs.iter().map(|c| self.cond(c, tool)).collect()),
-            Cond::Or(cs) => CCond::Or(cs.iter().map(|c| self.cond(c, tool)).collect()),
-            Cond::Not(c) => CCond::Not(Box::new(self.cond(c, tool))),
+            Cond::And(cs) => CCond::And(cs.iter().map(|c| self.cond(c, tool, widen)).collect()),
+            Cond::Or(cs) => CCond::Or(cs.iter().map(|c| self.cond(c, tool, widen)).collect()),
+            Cond::Not(c) => CCond::Not(Box::new(self.cond(c, tool, !widen))),
             Cond::Test(t) => CCond::Test(Box::new(CTest {
-                kind: self.test(t, tool),
+                kind: self.test(t, tool, widen),
                 src: t.to_string().into(),
             })),
         }
     }
 
-    fn test(&mut self, t: &Test, tool: Option<&Tool>) -> TestKind {
+    fn test(&mut self, t: &Test, tool: Option<&Tool>, widen: bool) -> TestKind {
         match t {
             Test::Cmp {
                 left, op, right, ..
@@ -370,14 +381,20 @@ impl Compiler<'_> {
                     norm,
                 }
             }
-            Test::Under { value, dir, .. } => TestKind::Under {
-                v: self.value(value, tool),
-                // The checker refused a directory that does not normalise.
-                dir: norm::path(dir)
-                    .map(|d| d.into_owned())
-                    .unwrap_or_default()
-                    .into(),
-            },
+            Test::Under { value, dir, .. } => {
+                let v = self.value(value, tool);
+                let overlap = widen
+                    && matches!(&v, CVal::Arg { role: Some(Role::Tree), funcs, .. } if funcs.is_empty());
+                TestKind::Under {
+                    v,
+                    // The checker refused a directory that does not normalise.
+                    dir: norm::path(dir)
+                        .map(|d| d.into_owned())
+                        .unwrap_or_default()
+                        .into(),
+                    overlap,
+                }
+            }
             Test::Matches { value, glob, .. } => {
                 let text = glob_text(glob).unwrap_or_default();
                 TestKind::Re {
@@ -430,7 +447,7 @@ fn normalise_const(v: CVal, other: Kind) -> CVal {
     match (v, other) {
         (CVal::Const(Konst::Str(s), k), Kind::Role(r)) => {
             let n = match r {
-                Role::Path => norm::path(&s).map(|c| c.into_owned()),
+                Role::Path | Role::Tree => norm::path(&s).map(|c| c.into_owned()),
                 Role::Url => norm::url(&s).map(|c| c.into_owned()),
                 Role::Host => norm::host(&s).map(|c| c.into_owned()),
                 Role::Email => norm::email(&s).map(|c| c.into_owned()),

@@ -158,8 +158,8 @@ impl Program {
                 "invalid arguments: the arguments must be an object",
             ));
         }
-        for p in &entry.path_args {
-            if let Some(reason) = check_protected(lookup(args, p), protected) {
+        for (p, tree) in &entry.path_args {
+            if let Some(reason) = check_protected(lookup(args, p), protected, *tree) {
                 return inv(reason);
             }
         }
@@ -298,17 +298,30 @@ impl Program {
     }
 }
 
-fn check_protected<'p>(v: Option<&Value>, protected: &[Box<str>]) -> Option<Cow<'p, str>> {
+/// Invariant 3. A `tree` argument (a move, a delete) is also refused when a protected
+/// path lies under it: moving the folder that holds the policy swaps the policy.
+fn check_protected<'p>(
+    v: Option<&Value>,
+    protected: &[Box<str>],
+    tree: bool,
+) -> Option<Cow<'p, str>> {
     let one = |s: &str| -> Option<Cow<'p, str>> {
         let Some(p) = norm::path(s) else {
             return Some(Cow::Borrowed(
                 "invalid path: it contains NUL or climbs above `/`",
             ));
         };
-        protected
-            .iter()
-            .find(|d| norm::path_under(&p, d))
-            .map(|d| Cow::Owned(format!("protected path: `{p}` is `{d}` or lies under it")))
+        if let Some(d) = protected.iter().find(|d| norm::path_under(&p, d)) {
+            return Some(Cow::Owned(format!(
+                "protected path: `{p}` is `{d}` or lies under it"
+            )));
+        }
+        if tree {
+            if let Some(d) = protected.iter().find(|d| norm::path_under(d, &p)) {
+                return Some(Cow::Owned(format!("protected path: `{p}` contains `{d}`")));
+            }
+        }
+        None
     };
     match v? {
         Value::String(s) => one(s),
@@ -365,7 +378,7 @@ fn by_role<'a>(v: RV<'a>, role: Option<Role>) -> RV<'a> {
 
 fn normalise(s: &str, role: Role) -> Option<Cow<'_, str>> {
     match role {
-        Role::Path => norm::path(s),
+        Role::Path | Role::Tree => norm::path(s),
         Role::Url => norm::url(s),
         Role::Host => norm::host(s),
         Role::Email => norm::email(s),
@@ -410,7 +423,7 @@ fn apply<'a>(f: Func, v: RV<'a>, kind: Option<Role>) -> RV<'a> {
             },
             Some(Role::Url) => opt_str(norm::url_host(&s)),
             None => opt_str(norm::domain(&s)),
-            Some(Role::Path) => RV::Missing,
+            Some(Role::Path | Role::Tree) => RV::Missing,
         },
         _ => RV::Missing,
     }
@@ -548,10 +561,10 @@ fn eval_test(t: &CTest, args: &Value) -> bool {
                 }
             }
         },
-        TestKind::Under { v, dir } => {
-            let is_path =
-                matches!(v, CVal::Arg { role: Some(Role::Path), funcs, .. } if funcs.is_empty());
+        TestKind::Under { v, dir, overlap } => {
+            let is_path = matches!(v, CVal::Arg { role: Some(r), funcs, .. } if r.is_path() && funcs.is_empty());
             match eval_val(v, args) {
+                RV::Str(s) if *overlap => norm::path_under(&s, dir) || norm::path_under(dir, &s),
                 RV::Str(s) if is_path => norm::path_under(&s, dir),
                 RV::Str(s) if v.kind() == crate::compile::Kind::Plain => {
                     norm::path(&s).is_some_and(|p| norm::path_under(&p, dir))
@@ -638,15 +651,44 @@ fn test_values(t: &CTest, args: &Value) -> String {
     parts.join(", ")
 }
 
+/// For `all ARG in SET` that is false: the first element that is not in the set,
+/// so that explain names the value that failed (which address was not a contact).
+fn first_outside(t: &CTest, args: &Value) -> Option<String> {
+    let TestKind::In {
+        quant: Quant::All,
+        v: CVal::Arg { path, role, funcs },
+        set,
+        norm,
+    } = &t.kind
+    else {
+        return None;
+    };
+    let Some(Value::Array(a)) = lookup(args, path) else {
+        return None;
+    };
+    let e = a
+        .iter()
+        .find(|e| !in_set(&finish(raw(Some(e)), *role, funcs), set, *norm))?;
+    let shown = match e {
+        Value::String(s) => describe(&RV::Str(Cow::Borrowed(s))),
+        other => describe(&raw(Some(other))),
+    };
+    let set_src = t.src.rsplit_once(" in ").map_or("the set", |(_, s)| s);
+    Some(format!("{shown} is not in {set_src}"))
+}
+
 /// Why a condition is false, as one line.
 pub(crate) fn why_false(c: &CCond, args: &Value) -> String {
     match c {
         CCond::Test(t) => {
             let vals = test_values(t, args);
+            let outside = first_outside(t, args)
+                .map(|o| format!(": {o}"))
+                .unwrap_or_default();
             if vals.is_empty() {
-                format!("`{}` is false", t.src)
+                format!("`{}` is false{outside}", t.src)
             } else {
-                format!("`{}` is false ({vals})", t.src)
+                format!("`{}` is false ({vals}){outside}", t.src)
             }
         }
         CCond::And(cs) => cs

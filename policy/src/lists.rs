@@ -63,7 +63,7 @@ pub enum MatchKind {
 impl MatchKind {
     pub fn from_role(r: Role) -> MatchKind {
         match r {
-            Role::Path => MatchKind::Path,
+            Role::Path | Role::Tree => MatchKind::Path,
             Role::Url => MatchKind::Url,
             Role::Host => MatchKind::Host,
             Role::Email => MatchKind::Email,

@@ -706,7 +706,9 @@ fn explain_names_the_failing_part() {
         .explain(&Call::new("mail.send", json!({"to": ["x@y.com"]})), None)
         .to_string();
     assert!(
-        e.contains("no match: `all to in @c` is false (`to` is [\"x@y.com\"])"),
+        e.contains(
+            "no match: `all to in @c` is false (`to` is [\"x@y.com\"]): \"x@y.com\" is not in @c"
+        ),
         "{e}"
     );
     assert!(e.contains("line 3: ask mail.send\n    MATCHED"), "{e}");
@@ -769,4 +771,181 @@ fn move_decides_both_ends_through_the_path_alias() {
         "fs.move",
         json!({"from": "/workspace/a", "to": "/workspace/out/a"})
     ));
+}
+
+// ---- issue 10, item 1: tree arguments (moves and deletes act on whole trees) ----
+
+/// The attack: `.git` moved aside, a hook written, the folder moved back. Each call
+/// used to be allowed, since no single path named `.git/hooks`.
+#[test]
+fn moving_an_ancestor_of_a_denied_folder_is_denied() {
+    let p = load_cat(
+        "deny fs.* when path under \"/workspace/.git\"\n\
+         allow fs.* when path under \"/workspace\"\n",
+    );
+    for (from, to) in [
+        ("/workspace/.git", "/workspace/g"),
+        ("/workspace/g", "/workspace/.git"),
+        ("/workspace/proj/..", "/workspace/x"),
+    ] {
+        let d = p.decide(&Call::new("fs.move", json!({"from": from, "to": to})));
+        assert_eq!(d.verdict, Verdict::Deny, "{from} -> {to}");
+    }
+    // Moving an ancestor: the deny covers /workspace/.git, which lies under it.
+    let p = load_cat(
+        "deny fs.* when path under \"/workspace/proj/.git\"\n\
+         allow fs.* when path under \"/workspace\"\n",
+    );
+    assert_eq!(
+        v(
+            &p,
+            "fs.move",
+            json!({"from": "/workspace/proj", "to": "/workspace/p2"})
+        ),
+        Verdict::Deny
+    );
+    assert_eq!(
+        v(&p, "fs.delete", json!({"path": "/workspace/proj"})),
+        Verdict::Deny
+    );
+    // Not an ancestor, not a descendant: allowed as before.
+    assert!(allowed(
+        &p,
+        "fs.move",
+        json!({"from": "/workspace/proj/src", "to": "/workspace/proj/src2"})
+    ));
+    assert!(allowed(
+        &p,
+        "fs.delete",
+        json!({"path": "/workspace/proj/.gitignore"})
+    ));
+    // A path argument that is not a tree keeps the literal meaning.
+    assert!(allowed(&p, "fs.list", json!({"path": "/workspace/proj"})));
+    assert!(allowed(
+        &p,
+        "fs.write",
+        json!({"path": "/workspace/proj/a", "content": ""})
+    ));
+}
+
+#[test]
+fn ask_rules_overlap_allow_rules_stay_literal() {
+    let p = load_cat(
+        "ask fs.delete when path under \"/workspace/src\"\n\
+         allow fs.delete when path under \"/workspace/src\"\n\
+         allow fs.move when path under \"/workspace/out\"\n",
+    );
+    assert_eq!(
+        v(&p, "fs.delete", json!({"path": "/workspace"})),
+        Verdict::Ask
+    );
+    assert_eq!(
+        v(&p, "fs.delete", json!({"path": "/workspace/src/a"})),
+        Verdict::Ask
+    );
+    // Allow: literal, so moving /workspace (which contains out/) is not allowed by it.
+    assert_eq!(
+        v(
+            &p,
+            "fs.move",
+            json!({"from": "/workspace", "to": "/workspace/out/w"})
+        ),
+        Verdict::Deny
+    );
+    assert!(allowed(
+        &p,
+        "fs.move",
+        json!({"from": "/workspace/out/a", "to": "/workspace/out/b"})
+    ));
+}
+
+/// Under `not`, overlap would make a deny match less: the literal meaning is kept
+/// there, so `deny fs.delete when not path under X` still refuses an ancestor of X.
+#[test]
+fn negated_under_in_a_deny_fails_closed() {
+    let p = load_cat(
+        "deny fs.delete when not path under \"/workspace/out\"\n\
+         allow fs.delete\n",
+    );
+    assert_eq!(
+        v(&p, "fs.delete", json!({"path": "/workspace/a"})),
+        Verdict::Deny
+    );
+    // /workspace contains /workspace/out: overlap would have said "under" and let it through.
+    assert_eq!(
+        v(&p, "fs.delete", json!({"path": "/workspace/"})),
+        Verdict::Deny
+    );
+    assert!(allowed(
+        &p,
+        "fs.delete",
+        json!({"path": "/workspace/out/x"})
+    ));
+}
+
+#[test]
+fn protected_paths_refuse_moving_or_deleting_a_folder_that_holds_them() {
+    let mut p = load_cat("allow fs.* when path under \"/workspace\"\n");
+    p.add_protected_path("/workspace/.ironvmm/p.rules");
+    for (tool, args) in [
+        (
+            "fs.move",
+            json!({"from": "/workspace/.ironvmm", "to": "/workspace/old"}),
+        ),
+        (
+            "fs.move",
+            json!({"from": "/workspace/x", "to": "/workspace/.ironvmm"}),
+        ),
+        ("fs.delete", json!({"path": "/workspace/.ironvmm"})),
+    ] {
+        let d = p.decide(&Call::new(tool, args.clone()));
+        assert_eq!(
+            (d.verdict, d.by),
+            (Verdict::Deny, DecidedBy::Invariant),
+            "{args}"
+        );
+        assert!(d.reason.contains("protected path"), "{}", d.reason);
+    }
+    // Listing the folder is not a tree operation: it stays allowed.
+    assert!(allowed(
+        &p,
+        "fs.list",
+        json!({"path": "/workspace/.ironvmm"})
+    ));
+    assert!(allowed(
+        &p,
+        "fs.delete",
+        json!({"path": "/workspace/.ironvmm2"})
+    ));
+}
+
+#[test]
+fn check_warns_when_a_deny_is_bypassed_through_a_move() {
+    let c = catalog();
+    let w = warnings(
+        "deny fs.write when path under \"/workspace/.git/hooks\"\n\
+         allow fs.move when path under \"/workspace\"\n\
+         allow fs.write when path under \"/workspace\"\n",
+        Some(&c),
+    );
+    assert!(w.contains("bypasses this deny"), "{w}");
+    assert!(w.contains("fs.move"), "{w}");
+    // Denying the move too (before the allow) closes it: no warning.
+    let w = warnings(
+        "deny fs.write when path under \"/workspace/.git/hooks\"\n\
+         deny fs.move when path under \"/workspace/.git\"\n\
+         deny fs.delete when path under \"/workspace/.git\"\n\
+         allow fs.move when path under \"/workspace\"\n\
+         allow fs.delete when path under \"/workspace\"\n\
+         allow fs.write when path under \"/workspace\"\n",
+        Some(&c),
+    );
+    assert!(!w.contains("bypasses"), "{w}");
+    // So does a deny on every fs tool.
+    let w = warnings(
+        "deny fs.* when path under \"/workspace/.git\"\n\
+         allow fs.* when path under \"/workspace\"\n",
+        Some(&c),
+    );
+    assert!(!w.contains("bypasses"), "{w}");
 }

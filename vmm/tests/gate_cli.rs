@@ -125,7 +125,7 @@ fn stdio_session_with_real_policy() {
         &e,
         &[],
         &[
-            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18"}}"#.into(),
+            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#.into(),
             r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.into(),
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.into(),
             call(2, "fs.read", json!({"path": "/workspace/hello.txt"})),
@@ -148,18 +148,23 @@ fn stdio_session_with_real_policy() {
     names.sort();
     assert_eq!(names, ["fs.delete", "fs.read", "fs.stat"]);
     assert_eq!(r[2]["result"]["structuredContent"]["content"], "hello\n");
-    let d = &r[3]["error"];
-    assert_eq!(d["code"], -32001);
-    assert_eq!(d["data"]["decided_by"], "default");
-    assert_eq!(d["data"]["rule"], Value::Null);
-    assert_eq!(r[4]["error"]["data"]["rule"], 5);
-    assert_eq!(r[4]["error"]["data"]["reason"], "read-only here");
-    assert_eq!(r[5]["error"]["data"]["rule"], 4);
-    assert_eq!(r[5]["error"]["data"]["reason"], "no approver");
-    assert_eq!(r[5]["error"]["data"]["decided_by"], "non-interactive");
+    let d = denial(&r[3]);
+    assert_eq!(d["decided_by"], "default");
+    assert_eq!(d["rule"], Value::Null);
+    assert_eq!(denial(&r[4])["rule"], 5);
+    assert_eq!(denial(&r[4])["reason"], "read-only here");
+    assert_eq!(
+        r[4]["result"]["content"][0]["text"],
+        "denied by rule 5 (decided by rule): read-only here"
+    );
+    assert_eq!(denial(&r[5])["rule"], 4);
+    assert_eq!(denial(&r[5])["reason"], "no approver");
+    assert_eq!(denial(&r[5])["decided_by"], "non-interactive");
     assert!(e.workspace.join("hello.txt").exists());
-    assert_eq!(r[6]["error"]["data"]["decided_by"], "invariant");
-    assert_eq!(r[7]["error"]["data"]["decided_by"], "invariant");
+    // An unknown tool is a protocol error; invalid arguments are a denial (invariant).
+    assert_eq!(r[6]["error"]["code"], -32602);
+    assert_eq!(r[6]["error"]["message"], "Unknown tool: mail.send");
+    assert_eq!(denial(&r[7])["decided_by"], "invariant");
     assert!(!e.workspace.join("x").exists());
 
     let recs = records(&e.audit);
@@ -235,16 +240,20 @@ fn audit_write_failure_fails_closed_and_exits_125() {
     assert_eq!(code, Some(125), "{err}");
     assert!(err.contains("audit log"), "{err}");
     let served = r.iter().filter(|x| x["result"]["isError"] == false).count();
-    let denied: Vec<&Value> = r.iter().filter(|x| x["error"]["code"] == -32001).collect();
+    let denied: Vec<&Value> = r
+        .iter()
+        .filter(|x| x["result"]["structuredContent"]["decision"] == "deny")
+        .collect();
     assert!(
         served > 0 && !denied.is_empty(),
         "{served} served, {} denied",
         denied.len()
     );
-    assert_eq!(denied[0]["error"]["data"]["decided_by"], "invariant");
+    assert_eq!(denial(denied[0])["decided_by"], "invariant");
     // Nothing was served after the first denial.
-    let first_denied = r.iter().position(|x| x.get("error").is_some()).unwrap();
-    assert!(r[first_denied..].iter().all(|x| x.get("error").is_some()));
+    let is_denial = |x: &Value| x["result"]["structuredContent"]["decision"] == "deny";
+    let first_denied = r.iter().position(is_denial).unwrap();
+    assert!(r[first_denied..].iter().all(is_denial));
     assert!(std::fs::metadata(&e.audit).unwrap().len() <= 4096);
 }
 
@@ -296,7 +305,7 @@ fn listen_serves_100_concurrent_connections() {
                     if i % 2 == 0 {
                         assert_eq!(v["result"]["structuredContent"]["content"], "hello\n");
                     } else {
-                        assert_eq!(v["error"]["code"], -32001);
+                        assert_eq!(denial(&v)["decision"], "deny");
                     }
                 }
             })
@@ -369,7 +378,7 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
     );
     assert_eq!(
         cat["tools"][5]["roles"],
-        json!({"from": "path", "to": "path"})
+        json!({"from": "tree", "to": "tree"})
     );
     let file = e.dir.path().join("catalog.json");
     std::fs::write(&file, &out.stdout).unwrap();
@@ -399,9 +408,17 @@ fn the_log_and_policy_inside_the_workspace_are_protected() {
     let policy = e.workspace.join("p.rules");
     std::fs::write(&policy, "allow fs.*\ndefault deny\n").unwrap();
     e.policy = policy;
+    // The log's key never goes in the workspace: refused unless it is put elsewhere.
+    let (code, _, err) = stdio(&e, &[], &[]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains("would lie inside the workspace") && err.contains("--audit-key"),
+        "{err}"
+    );
+    let key = e.dir.path().join("audit.key");
     let (code, r, err) = stdio(
         &e,
-        &[],
+        &["--audit-key", key.to_str().unwrap()],
         &[
             call(1, "fs.read", json!({"path": "/workspace/audit.jsonl"})),
             call(
@@ -415,14 +432,24 @@ fn the_log_and_policy_inside_the_workspace_are_protected() {
     );
     assert_eq!(code, Some(0), "{err}");
     for rep in &r[..3] {
-        assert_eq!(rep["error"]["data"]["decided_by"], "invariant", "{rep}");
+        assert_eq!(denial(rep)["decided_by"], "invariant", "{rep}");
     }
     assert_eq!(r[3]["result"]["isError"], false);
     assert_eq!(
         std::fs::read_to_string(e.workspace.join("p.rules")).unwrap(),
         "allow fs.*\ndefault deny\n"
     );
-    assert_eq!(verify(&e.audit, &[]).0, Some(0));
+    assert_eq!(
+        verify(&e.audit, &["--key", key.to_str().unwrap()]).0,
+        Some(0)
+    );
+    // Without its key the log cannot be checked, and says so.
+    let (code, out) = verify(&e.audit, &[]);
+    assert_eq!(code, Some(125), "{out}");
+    assert!(
+        out.contains("without the log's key") && out.contains("--key"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -457,8 +484,21 @@ fn move_is_decided_on_both_ends() {
         ],
     );
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(r[0]["error"]["code"], -32001, "{}", r[0]);
-    assert_eq!(r[1]["error"]["code"], -32001, "{}", r[1]);
+    assert_eq!(denial(&r[0])["decision"], "deny");
+    assert_eq!(denial(&r[1])["decision"], "deny");
     assert_eq!(r[2]["result"]["isError"], false, "{}", r[2]);
     assert!(e.workspace.join("hello.txt").exists() && e.workspace.join("out/b").exists());
+}
+
+/// The `structuredContent` of a denial, after checking that the reply is one (a tool
+/// result with `isError`, not a JSON-RPC error).
+fn denial(reply: &Value) -> &Value {
+    assert!(
+        reply.get("error").is_none(),
+        "a denial is not an error: {reply}"
+    );
+    assert_eq!(reply["result"]["isError"], true, "{reply}");
+    let d = &reply["result"]["structuredContent"];
+    assert_eq!(d["decision"], "deny", "{reply}");
+    d
 }

@@ -58,11 +58,13 @@ fn denied_read_outside_workspace_names_rule_and_reason() {
         &mut c,
         &call_frame(1, "fs.read", json!({"path": "/workspace/../secret.txt"})),
     );
-    let e = &r[0]["error"];
-    assert_eq!(e["code"], -32001);
     assert_eq!(
-        e["data"],
+        *denial(&r[0]),
         json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": "default deny"})
+    );
+    assert_eq!(
+        r[0]["result"]["content"][0]["text"],
+        "denied (decided by default): default deny"
     );
     let recs = fx.records();
     assert_eq!(
@@ -84,10 +86,14 @@ fn ask_resolves_as_deny_without_an_approver() {
         &mut c,
         &call_frame(1, "fs.delete", json!({"path": "/workspace/askme"})),
     );
-    assert_eq!(r[0]["error"]["code"], -32001);
-    assert_eq!(r[0]["error"]["data"]["rule"], 3);
-    assert_eq!(r[0]["error"]["data"]["decided_by"], "non-interactive");
-    assert_eq!(r[0]["error"]["data"]["reason"], "no approver");
+    let d = denial(&r[0]);
+    assert_eq!(d["rule"], 3);
+    assert_eq!(d["decided_by"], "non-interactive");
+    assert_eq!(d["reason"], "no approver");
+    assert_eq!(
+        r[0]["result"]["content"][0]["text"],
+        "denied by rule 3 (decided by non-interactive): no approver"
+    );
     assert!(
         fx.workspace.join("askme").exists(),
         "the denied delete did not run"
@@ -338,7 +344,10 @@ fn ten_thousand_calls_in_a_row_lose_nothing() {
     }
     let head = fx.gate.audit().close(Some(0)).unwrap();
     let f = std::fs::File::open(&fx.audit_path).unwrap();
-    let v = ironvmm::audit::verify::verify(std::io::BufReader::new(f), Some(&head), false).unwrap();
+    let key =
+        ironvmm::audit::AuditKey::load(&ironvmm::audit::default_key_path(&fx.audit_path)).unwrap();
+    let v = ironvmm::audit::verify::verify(std::io::BufReader::new(f), &key, Some(&head), false)
+        .unwrap();
     assert_eq!(v.records, 1 + 2 * n + 1);
 }
 
@@ -561,9 +570,118 @@ fn a_tool_no_service_here_offers_is_denied_as_unknown() {
         &mut c,
         &call_frame(1, "mail.send", json!({"to": "x@example.com"})),
     );
+    // MCP: an unknown tool is a protocol error, not a tool result; audited all the same.
+    assert_eq!(r[0]["id"], 1);
+    assert_eq!(r[0]["error"]["code"], -32602);
+    assert_eq!(r[0]["error"]["message"], "Unknown tool: mail.send");
+    let d = &fx.records()[1];
+    assert_eq!(d["tool"], "mail.send");
     assert_eq!(
-        r[0]["error"]["data"],
-        json!({"decision": "deny", "rule": null, "decided_by": "invariant", "reason": "unknown tool"})
+        (&d["decision"], &d["decided_by"], &d["reason"]),
+        (&json!("deny"), &json!("invariant"), &json!("unknown tool"))
     );
-    assert_eq!(fx.records()[1]["tool"], "mail.send");
+}
+
+#[test]
+fn ids_are_strings_or_integers() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    for ok in [
+        &br#"{"jsonrpc":"2.0","id":"abc","method":"ping"}"#[..],
+        br#"{"jsonrpc":"2.0","id":-5,"method":"ping"}"#,
+        br#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"ping"}"#,
+    ] {
+        let r = roundtrip(&mut c, ok);
+        assert_eq!(r[0]["result"], json!({}), "{}", String::from_utf8_lossy(ok));
+    }
+    let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":-5,"method":"ping"}"#);
+    assert_eq!(r[0]["id"], -5);
+    for bad in [
+        &br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#[..],
+        br#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#,
+        br#"{"jsonrpc":"2.0","id":true,"method":"ping"}"#,
+        br#"{"jsonrpc":"2.0","id":[1],"method":"ping"}"#,
+        br#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"fs.read","arguments":{"path":"/workspace/hello.txt"}}}"#,
+    ] {
+        let r = roundtrip(&mut c, bad);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0]["error"]["code"], -32600, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(r[0]["id"], Value::Null);
+    }
+    assert_eq!(fx.records().len(), 1, "no call with a bad id was decided");
+}
+
+#[test]
+fn responses_from_the_client_are_ignored() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    for resp in [
+        &br#"{"jsonrpc":"2.0","id":1,"result":{}}"#[..],
+        br#"{"jsonrpc":"2.0","id":"x","error":{"code":-32601,"message":"no"}}"#,
+        br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}"#,
+        br#"{"jsonrpc":"2.0","id":{"bad":1},"result":7}"#,
+    ] {
+        let r = roundtrip(&mut c, resp);
+        assert!(r.is_empty(), "{}: {r:?}", String::from_utf8_lossy(resp));
+    }
+    // Not a response (neither result nor error) and no method: still an invalid request.
+    let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":3}"#);
+    assert_eq!(r[0]["error"]["code"], -32600);
+    let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#);
+    assert_eq!(r[0]["result"], json!({}));
+}
+
+#[test]
+fn initialize_needs_its_params_and_negotiates_the_version() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    let init = |c: &mut ironvmm::gate::Connection, params: Value| {
+        let f = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params});
+        roundtrip(c, &serde_json::to_vec(&f).unwrap()).remove(0)
+    };
+    let full = |v: &str| json!({"protocolVersion": v, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}});
+    for (asked, answered) in [
+        ("2025-06-18", "2025-06-18"),
+        ("2025-11-25", "2025-11-25"),
+        ("2024-11-05", "2025-11-25"),
+        ("1999-01-01", "2025-11-25"),
+    ] {
+        let r = init(&mut c, full(asked));
+        assert_eq!(r["result"]["protocolVersion"], answered, "asked {asked}");
+    }
+    for missing in ["protocolVersion", "capabilities", "clientInfo"] {
+        let mut p = full("2025-06-18");
+        p.as_object_mut().unwrap().remove(missing);
+        let r = init(&mut c, p);
+        assert_eq!(r["error"]["code"], -32602, "without {missing}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(missing),
+            "{r}"
+        );
+    }
+    let mut p = full("2025-06-18");
+    p["protocolVersion"] = json!(20250618);
+    assert_eq!(init(&mut c, p)["error"]["code"], -32602);
+    let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":1,"method":"initialize"}"#);
+    assert_eq!(r[0]["error"]["code"], -32602);
+}
+
+#[test]
+fn tools_list_refuses_a_cursor_it_never_gave() {
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    let r = roundtrip(
+        &mut c,
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"cursor":"page2"}}"#,
+    );
+    assert_eq!(r[0]["error"]["code"], -32602);
+    assert!(r[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cursor"));
+    let r = roundtrip(
+        &mut c,
+        br#"{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{}}"#,
+    );
+    assert!(r[0]["result"]["tools"].is_array());
 }

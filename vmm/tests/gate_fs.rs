@@ -282,7 +282,7 @@ fn delete_moves_into_the_trash_beside_the_workspace() {
         &mut c,
         &call_frame(1, "fs.list", json!({"path": "../ws.ironvmm-trash"})),
     );
-    assert_eq!(r[0]["error"]["code"], -32001);
+    assert_eq!(denial(&r[0])["decided_by"], "default");
     let fs = ironvmm::services::fs::FsService::open(&fx.workspace).unwrap();
     use ironvmm::services::Service;
     let e = fs

@@ -258,3 +258,78 @@ exit 0
     assert!(out.contains("still fine"), "{out}");
     assert_eq!(marker(&out, "after_rc"), "0");
 }
+
+/// `iron mcp` in the guest as an MCP client's stdio server: the session the official
+/// Python SDK opens (tests/mcp_sdk/client.py against the host-only gate, in
+/// gate_mcp_sdk.rs) goes through the bridge and the vsock unchanged, and a denial
+/// comes back as a tool result. The guest has no Python, so the SDK's messages are
+/// replayed as lines.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn iron_mcp_bridges_an_mcp_session_with_denials_as_tool_results() {
+    let dir = scratch("mcp");
+    std::fs::write(dir.join("ws/hello.txt"), "hello from the host\n").unwrap();
+    let (o, out, err) = run_agent(
+        &dir,
+        r#"
+printf '%s\n' \
+ '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp","version":"0"}}}' \
+ '{"jsonrpc":"2.0","method":"notifications/initialized"}' \
+ '{"jsonrpc":"2.0","id":1,"method":"tools/list"}' \
+ '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"fs.read","arguments":{"path":"/workspace/hello.txt"}}}' \
+ '{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"fs.write","arguments":{"path":"/workspace/hello.txt","content":"x"}}}' \
+ '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"fs.read","arguments":{"path":7}}}' \
+ '{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"no.such_tool","arguments":{}}}' \
+ | iron mcp | sed 's/^/mcp=/'
+echo "mcp_rc=$?"
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(marker(&out, "mcp_rc"), "0", "{out}");
+    let replies: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mcp="))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let by_id = |id: u64| {
+        replies
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no reply {id} in:\n{out}"))
+    };
+    assert_eq!(replies.len(), 6, "{out}");
+    assert_eq!(by_id(0)["result"]["protocolVersion"], "2025-11-25");
+    assert_eq!(by_id(0)["result"]["serverInfo"]["name"], "ironvmm");
+    assert!(by_id(1)["result"]["tools"].as_array().unwrap().len() >= 4);
+    let ok = &by_id(2)["result"];
+    assert_eq!(ok["isError"], false);
+    assert_eq!(ok["structuredContent"]["content"], "hello from the host\n");
+    let denied = &by_id(3)["result"];
+    assert_eq!(denied["isError"], true);
+    assert_eq!(
+        denied["structuredContent"],
+        serde_json::json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": "no rule matched: default deny"})
+    );
+    assert_eq!(
+        denied["content"][0]["text"],
+        "denied (decided by default): no rule matched: default deny"
+    );
+    let invalid = &by_id(4)["result"];
+    assert_eq!(invalid["isError"], true);
+    assert_eq!(invalid["structuredContent"]["decided_by"], "invariant");
+    assert_eq!(by_id(5)["error"]["code"], -32602);
+    assert_eq!(by_id(5)["error"]["message"], "Unknown tool: no.such_tool");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(),
+        "hello from the host\n"
+    );
+    let decisions = audit_records(&dir)
+        .into_iter()
+        .filter(|r| r["kind"] == "decision")
+        .count();
+    assert_eq!(
+        decisions, 4,
+        "every tools/call is audited, the unknown tool too"
+    );
+}

@@ -6,21 +6,24 @@
 //! the checks read the console (`ironinit.debug` prints the status there).
 //!
 //! Needs `qemu-system-x86_64`, the guest binaries (scripts/build-guest.sh) and a
-//! guest kernel in `IRONVMM_TEST_KERNEL` (the path scripts/build-kernel.sh prints).
+//! guest kernel in `IRONVMM_KERNEL` (the path scripts/build-kernel.sh prints), as
+//! the booting tests. `scripts/test.sh` runs them natively, next to the booting
+//! suite (they need QEMU and, for the fake gate, cargo, but no KVM).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn kernel() -> Option<PathBuf> {
-    let k = PathBuf::from(std::env::var_os("IRONVMM_TEST_KERNEL")?);
+    let k = PathBuf::from(std::env::var_os("IRONVMM_KERNEL")?);
     k.is_file().then_some(k)
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("image_boot_{}_{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory that goes away with the test.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("image_boot_")
+        .tempdir()
+        .unwrap()
 }
 
 /// Builds an image, unpacks kernel and initramfs, boots them; returns the console.
@@ -75,16 +78,17 @@ fn boot(dir: &Path, kernel: &Path, build_args: &[&str]) -> String {
 }
 
 #[test]
-#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_KERNEL)"]
 fn ironinit_runs_the_agent_and_reports_its_status() {
     let Some(k) = kernel() else {
-        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+        panic!("set IRONVMM_KERNEL to a guest vmlinux");
     };
-    let d = scratch("hello");
+    let tmp = scratch();
+    let d = tmp.path();
     let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/hello.sh");
     let add = format!("{}:/app/hello.sh", hello.display());
     let console = boot(
-        &d,
+        d,
         &k,
         &[
             "--add",
@@ -105,25 +109,25 @@ fn ironinit_runs_the_agent_and_reports_its_status() {
         "{console}"
     );
     assert!(!console.contains("Kernel panic"), "{console}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
-#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_KERNEL)"]
 fn signals_orphans_and_init_failures() {
     let Some(k) = kernel() else {
-        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+        panic!("set IRONVMM_KERNEL to a guest vmlinux");
     };
-    let d = scratch("signal");
+    let tmp = scratch();
+    let d = tmp.path();
     // An orphan is left behind and the agent dies of SIGTERM: 128 + 15.
-    let console = boot(&d, &k, &["--cmd", "(sleep 100 &); kill -TERM $$"]);
+    let console = boot(d, &k, &["--cmd", "(sleep 100 &); kill -TERM $$"]);
     assert!(
         console.contains("ironinit: agent exited with status 143"),
         "{console}"
     );
 
     // A working directory that does not exist: ironinit fails, status 1.
-    let console = boot(&d, &k, &["--cwd", "/nonexistent", "--cmd", "true"]);
+    let console = boot(d, &k, &["--cwd", "/nonexistent", "--cmd", "true"]);
     assert!(
         console.contains("ironinit: fatal: cannot start the agent"),
         "{console}"
@@ -133,17 +137,17 @@ fn signals_orphans_and_init_failures() {
         "{console}"
     );
     assert!(!console.contains("Kernel panic"), "{console}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
-#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_KERNEL)"]
 fn ctrl_c_on_the_console_reaches_the_agent() {
     use std::io::{BufRead, BufReader, Write};
     let Some(k) = kernel() else {
-        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+        panic!("set IRONVMM_KERNEL to a guest vmlinux");
     };
-    let d = scratch("ctrlc");
+    let tmp = scratch();
+    let d = tmp.path();
     let img = d.join("guest.img");
     let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
         .args(["image", "build", "--kernel"])
@@ -207,7 +211,6 @@ fn ctrl_c_on_the_console_reaches_the_agent() {
         !console.lines().any(|l| l.trim_end() == "NOT-INTERRUPTED"),
         "{console}"
     );
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 /// Builds guest/examples/vsock_fake_gate as a static binary, as build-guest.sh
@@ -232,13 +235,14 @@ fn build_fake_gate() -> PathBuf {
 }
 
 #[test]
-#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_KERNEL)"]
 fn iron_speaks_af_vsock_in_the_guest() {
     let Some(k) = kernel() else {
-        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+        panic!("set IRONVMM_KERNEL to a guest vmlinux");
     };
     let gate = build_fake_gate();
-    let d = scratch("vsock");
+    let tmp = scratch();
+    let d = tmp.path();
     let add = format!("{}:/bin/vsock_fake_gate", gate.display());
     // The guest kernel's vsock loopback (CID 1) stands in for the host.
     let script = concat!(
@@ -248,7 +252,7 @@ fn iron_speaks_af_vsock_in_the_guest() {
         "iron bench -n 100 -c 2 | tail -n 1; ",
         "unset IRON_GATE; iron call echo; echo rc=$?"
     );
-    let console = boot(&d, &k, &["--add", &add, "--cmd", script]);
+    let console = boot(d, &k, &["--add", &add, "--cmd", script]);
     let lines: Vec<&str> = console.lines().map(str::trim_end).collect();
     let line_before = |marker: &str| {
         let i = lines.iter().position(|l| *l == marker);
@@ -265,23 +269,23 @@ fn iron_speaks_af_vsock_in_the_guest() {
     assert_eq!(v["ok"], 100, "{bench}");
     // No vsock device in this VM: the host's CID 2 is unreachable, exit 5.
     assert!(lines.contains(&"rc=5"), "{console}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
-#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_TEST_KERNEL)"]
+#[ignore = "slow: boots a guest under QEMU TCG (IRONVMM_KERNEL)"]
 fn ironinit_installs_busybox_links_when_the_image_has_none() {
     let Some(k) = kernel() else {
-        panic!("set IRONVMM_TEST_KERNEL to a guest vmlinux");
+        panic!("set IRONVMM_KERNEL to a guest vmlinux");
     };
-    let d = scratch("applets");
+    let tmp = scratch();
+    let d = tmp.path();
     // Not executable on the build host, so the builder cannot list the applets.
     let bb = d.join("busybox");
     std::fs::copy("/bin/busybox", &bb).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bb, std::fs::Permissions::from_mode(0o644)).unwrap();
     let console = boot(
-        &d,
+        d,
         &k,
         &[
             "--busybox",
@@ -298,5 +302,4 @@ fn ironinit_installs_busybox_links_when_the_image_has_none() {
         console.contains("ironinit: agent exited with status 3"),
         "{console}"
     );
-    let _ = std::fs::remove_dir_all(&d);
 }

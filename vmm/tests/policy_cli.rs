@@ -110,7 +110,7 @@ fn eval_prints_one_json_line_per_call() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
         stdout(&o),
-        "{\"decision\":\"ask\",\"rule\":12,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
+        "{\"decision\":\"ask\",\"rule\":15,\"by\":\"rule\",\"reason\":\"not a contact: ask me first\"}\n"
     );
     let d = tmp("eval");
     let calls = d.join("calls.jsonl");
@@ -135,7 +135,7 @@ fn eval_prints_one_json_line_per_call() {
         .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["decision"], "allow");
-    assert_eq!(lines[0]["rule"], 8);
+    assert_eq!(lines[0]["rule"], 11);
     assert_eq!(lines[1]["by"], "invariant");
     assert_eq!(lines[2]["reason"], "unknown tool: malformed tool name");
 }
@@ -230,7 +230,7 @@ fn test_reports_mismatches_and_exits_1() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 13): never delete anything permanently"), "{out}");
+    assert!(out.contains("s.jsonl:1: expected allow, got deny (by rule, line 16): never delete anything permanently"), "{out}");
     assert!(out.contains("2 scenarios, 1 passed, 1 failed"), "{out}");
     std::fs::write(
         &s,
@@ -263,7 +263,7 @@ fn explain_shows_the_failing_part() {
         out.contains("`not` of a true test: `exists cc` is true"),
         "{out}"
     );
-    assert!(out.contains("decision: ask (by rule line 12)"), "{out}");
+    assert!(out.contains("decision: ask (by rule line 15)"), "{out}");
 }
 
 #[test]
@@ -374,8 +374,131 @@ fn builtin_catalog_is_the_compiled_in_services() {
         "--catalog",
         "builtin",
         "--call",
-        r#"{"tool":"mail.send","args":{}}"#,
+        r#"{"tool":"files.read_file","args":{}}"#,
     ]);
     assert_eq!(o.status.code(), Some(0));
     assert!(stdout(&o).contains("unknown tool"), "{}", stdout(&o));
+}
+
+#[test]
+fn check_names_what_it_could_not_check_and_suggests_names() {
+    let d = tmp("check-names");
+    let p = d.join("p.rules");
+    std::fs::write(
+        &p,
+        "allow mail.read\ndeny mail.purg\nallow mail.send when all tto in [\"a@b.c\"]\n",
+    )
+    .unwrap();
+    // Without a catalog: loads, and says what was not checked.
+    let o = ironvmm(&["policy", "check", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("no --catalog, so tool names and argument names were not checked")
+            && stderr(&o).contains("--catalog builtin"),
+        "{}",
+        stderr(&o)
+    );
+    // With one: a misspelt tool or argument is an error, with "did you mean".
+    let o = ironvmm(&[
+        "policy",
+        "check",
+        p.to_str().unwrap(),
+        "--catalog",
+        "examples/catalog.json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("p.rules:2:6: error: unknown tool `mail.purg`: did you mean `mail.purge`?"),
+        "{out}"
+    );
+    assert!(
+        out.contains("p.rules:3:26: error: unknown argument `tto`: did you mean `to`?"),
+        "{out}"
+    );
+    assert!(!stderr(&o).contains("no --catalog"), "{}", stderr(&o));
+}
+
+#[test]
+fn fmt_check_prints_a_diff() {
+    let d = tmp("fmt-diff");
+    let p = d.join("p.rules");
+    std::fs::write(&p, "allow   mail.read\ndeny mail.purge\n").unwrap();
+    let o = ironvmm(&["policy", "fmt", "--check", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(
+        out.contains("-allow   mail.read\n+allow mail.read\n") && out.contains("(canonical)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_names_the_value_that_failed() {
+    let o = ironvmm(&[
+        "policy",
+        "explain",
+        "examples/policies/inbox.rules",
+        "--catalog",
+        "examples/catalog.json",
+        "--call",
+        r#"{"tool":"mail.send","args":{"to":["alice@example.com","mallory@evil.example"],"subject":"s","body":"b"}}"#,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("\"mallory@evil.example\" is not in @contacts"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn compile_replays_the_committed_inbox_cache_offline() {
+    let d = tmp("compile-offline");
+    let inbox = root().join("examples/inbox");
+    for f in ["constitution.md", "catalog.json", "contacts.txt"] {
+        std::fs::copy(inbox.join(f), d.join(f)).unwrap();
+    }
+    let cache = inbox.join("p.compile/cache");
+    let args = |out: &str| {
+        vec![
+            "policy".to_string(),
+            "compile".into(),
+            d.join("constitution.md").display().to_string(),
+            "--catalog".into(),
+            d.join("catalog.json").display().to_string(),
+            "--list".into(),
+            format!("contacts={}", d.join("contacts.txt").display()),
+            "--offline".into(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "-o".into(),
+            d.join(out).display().to_string(),
+        ]
+    };
+    // No model configured: the error names the one the cache holds.
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env_remove("IRONVMM_LLM_MODEL")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pass --model recorded-transcript"),
+        "{}",
+        stderr(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(args("p.rules"))
+        .env("IRONVMM_LLM_MODEL", "recorded-transcript")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for f in ["p.rules", "p.scenarios.jsonl", "p.report.md"] {
+        assert_eq!(
+            std::fs::read_to_string(d.join(f)).unwrap(),
+            std::fs::read_to_string(inbox.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }

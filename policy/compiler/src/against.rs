@@ -68,6 +68,7 @@ mod tests {
             }],
             default: Verdict::Deny,
             assumptions: vec![],
+            default_sentence: None,
         };
         let text = assemble(&h, &split(english), &[], &d).text;
         assert!(check(&text, english, Some("cat")).is_empty());

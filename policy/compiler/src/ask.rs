@@ -37,7 +37,11 @@ pub fn ask_json<T: DeserializeOwned>(
     max_repairs: u32,
     mut check: impl FnMut(&T) -> Result<(), String>,
 ) -> Result<Asked<T>, StepError> {
-    let mut req = ChatRequest { system, messages };
+    let mut req = ChatRequest {
+        system,
+        messages,
+        schema: crate::schemas::for_step(step),
+    };
     let mut rejected = Vec::new();
     for n in 0..=max_repairs {
         let text = llm.complete(step, &req)?;

@@ -116,6 +116,7 @@ mod tests {
         let r = ChatRequest {
             system: "s".into(),
             messages: vec![Message::user("u")],
+            schema: None,
         };
         let k = Cache::key(&cfg("a"), "v1", &r);
         assert_eq!(k, Cache::key(&cfg("a"), "v1", &r));

@@ -14,6 +14,44 @@ pub struct Tool {
     pub description: String,
     pub input_schema: Value,
     pub roles: BTreeMap<String, String>,
+    /// Argument groups: the catalog's `groups`, and its `aliases` (an alias stands
+    /// for arguments that hold the same kind of thing).
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+impl Tool {
+    /// The schema of a top-level argument.
+    pub fn arg(&self, name: &str) -> Option<&Value> {
+        self.input_schema.get("properties")?.get(name)
+    }
+
+    pub fn arg_is_array(&self, name: &str) -> bool {
+        self.arg(name)
+            .and_then(|s| s.get("type"))
+            .and_then(Value::as_str)
+            == Some("array")
+    }
+
+    /// `minItems` and `maxItems` of an array argument.
+    pub fn arg_items(&self, name: &str) -> (usize, usize) {
+        let get = |k: &str| {
+            self.arg(name)
+                .and_then(|s| s.get(k))
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+        };
+        (
+            get("minItems").unwrap_or(0),
+            get("maxItems").unwrap_or(usize::MAX),
+        )
+    }
+
+    pub fn arg_required(&self, name: &str) -> bool {
+        self.input_schema
+            .get("required")
+            .and_then(Value::as_array)
+            .is_some_and(|r| r.iter().any(|x| x.as_str() == Some(name)))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +82,20 @@ impl CatalogView {
                 Some(r) => serde_json::from_value(r.clone())
                     .map_err(|e| format!("catalog tool {name}: \"roles\": {e}"))?,
             };
+            let mut groups: BTreeMap<String, Vec<String>> = match t.get("groups") {
+                None => BTreeMap::new(),
+                Some(g) => serde_json::from_value(g.clone())
+                    .map_err(|e| format!("catalog tool {name}: \"groups\": {e}"))?,
+            };
+            if let Some(a) = t.get("aliases") {
+                let aliases: BTreeMap<String, Vec<String>> = serde_json::from_value(a.clone())
+                    .map_err(|e| format!("catalog tool {name}: \"aliases\": {e}"))?;
+                for (alias, members) in aliases {
+                    if members.len() > 1 && !groups.values().any(|g| *g == members) {
+                        groups.insert(alias, members);
+                    }
+                }
+            }
             tools.push(Tool {
                 name: name.to_string(),
                 description: t
@@ -53,6 +105,7 @@ impl CatalogView {
                     .to_string(),
                 input_schema: t.get("inputSchema").cloned().unwrap_or(Value::Null),
                 roles,
+                groups,
             });
         }
         if tools.is_empty() {
@@ -79,6 +132,17 @@ impl CatalogView {
                 let roles: Vec<String> = t.roles.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 s.push_str(&format!("  roles: {}\n", roles.join(", ")));
             }
+            if !t.groups.is_empty() {
+                let groups: Vec<String> = t
+                    .groups
+                    .iter()
+                    .map(|(k, v)| format!("{k}=[{}]", v.join(", ")))
+                    .collect();
+                s.push_str(&format!(
+                    "  argument groups (the same kind of value in different places): {}\n",
+                    groups.join(", ")
+                ));
+            }
         }
         s
     }
@@ -96,6 +160,17 @@ mod tests {
         .unwrap();
         assert_eq!(c.tool("mail.send").unwrap().roles["to"], "email");
         assert!(c.prompt_text().contains("roles: to=email"));
+        let c = CatalogView::parse(
+            r#"{"tools":[{"name":"fs.move","inputSchema":{"type":"object","properties":{"from":{"type":"string"},"to":{"type":"string"}},"required":["from"]},"aliases":{"path":["from","to"]}},
+                {"name":"mail.send","inputSchema":{"type":"object","properties":{"to":{"type":"array","minItems":1},"cc":{"type":"array"}}},"groups":{"recipients":["to","cc"]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.tool("fs.move").unwrap().groups["path"], ["from", "to"]);
+        let send = c.tool("mail.send").unwrap();
+        assert_eq!(send.groups["recipients"], ["to", "cc"]);
+        assert!(send.arg_is_array("to") && send.arg_items("to").0 == 1);
+        assert!(c.tool("fs.move").unwrap().arg_required("from"));
+        assert!(c.prompt_text().contains("recipients=[to, cc]"));
         assert!(CatalogView::parse("{}").unwrap_err().contains("tools"));
         assert!(CatalogView::parse(r#"{"tools":[]}"#)
             .unwrap_err()

@@ -102,6 +102,42 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// How the answer's JSON Schema is sent to an OpenAI-compatible server
+/// (`structured_output` in [llm]). Anthropic always gets it as a tool's input schema
+/// unless this is `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StructuredOutput {
+    /// `response_format: {"type": "json_schema", ...}`: OpenAI, vLLM, llama.cpp's
+    /// llama-server, Ollama >= 0.5, LiteLLM.
+    JsonSchema,
+    /// `response_format: {"type": "json_object", "schema": ...}`: llama-cpp-python's
+    /// server, which turns the schema into a grammar.
+    JsonObject,
+    /// A top-level `format` holding the schema, as Ollama's own API names it.
+    Format,
+    /// Nothing: the prompt alone asks for JSON.
+    None,
+}
+
+impl StructuredOutput {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        Ok(match s.trim() {
+            "json_schema" => Self::JsonSchema,
+            "json_object" => Self::JsonObject,
+            "format" => Self::Format,
+            "none" => Self::None,
+            other => {
+                return Err(ConfigError::Invalid {
+                    what: "llm structured_output".into(),
+                    message: format!(
+                    "{other:?}: expected \"json_schema\", \"json_object\", \"format\" or \"none\""
+                ),
+                })
+            }
+        })
+    }
+}
+
 /// Everything needed to talk to one model.
 #[derive(Debug, Clone)]
 pub struct LlmConfig {
@@ -119,6 +155,7 @@ pub struct LlmConfig {
     pub max_tokens: u32,
     /// `None` sends no temperature (for models that reject one).
     pub temperature: Option<f64>,
+    pub structured: StructuredOutput,
 }
 
 impl LlmConfig {
@@ -159,6 +196,8 @@ pub struct LlmSettings {
     pub temperature: Option<f64>,
     /// `false` for models that reject a temperature.
     pub send_temperature: Option<bool>,
+    /// `json_schema` (default), `json_object`, `format` or `none`.
+    pub structured_output: Option<String>,
     #[serde(skip)]
     pub api_key: Option<Secret>,
 }
@@ -186,6 +225,7 @@ impl LlmSettings {
             max_tokens,
             temperature,
             send_temperature,
+            structured_output,
             api_key
         );
         self
@@ -251,6 +291,10 @@ impl LlmSettings {
         };
         let connect_timeout =
             Duration::from_secs(self.connect_timeout_secs.unwrap_or(10).clamp(1, 600));
+        let structured = match &self.structured_output {
+            Some(s) => StructuredOutput::parse(s)?,
+            None => StructuredOutput::JsonSchema,
+        };
         Ok(LlmConfig {
             provider,
             base_url,
@@ -263,6 +307,7 @@ impl LlmSettings {
             retry_max: Duration::from_millis(self.retry_max_ms.unwrap_or(30_000)),
             max_tokens: self.max_tokens.unwrap_or(4096).clamp(64, 200_000),
             temperature,
+            structured,
         })
     }
 }
@@ -314,12 +359,14 @@ impl FileConfig {
                         .into(),
                 ));
             }
+            check_keys(v, "llm", LLM_KEYS, &perr)?;
             cfg.llm = v
                 .clone()
                 .try_into()
                 .map_err(|e: toml::de::Error| perr(format!("[llm]: {e}")))?;
         }
         if let Some(v) = table.get("compile") {
+            check_keys(v, "compile", COMPILE_KEYS, &perr)?;
             cfg.compile = v
                 .clone()
                 .try_into()
@@ -342,6 +389,71 @@ impl FileConfig {
     }
 }
 
+/// The keys of `[llm]` and `[compile]`: anything else there is a typo.
+const LLM_KEYS: &[&str] = &[
+    "provider",
+    "base_url",
+    "model",
+    "api_key_env",
+    "timeout_secs",
+    "timeout_ms",
+    "connect_timeout_secs",
+    "max_retries",
+    "retry_base_ms",
+    "retry_max_ms",
+    "max_tokens",
+    "temperature",
+    "send_temperature",
+    "structured_output",
+];
+const COMPILE_KEYS: &[&str] = &["catalog", "max_repairs", "max_rounds", "cache_dir"];
+
+/// Levenshtein distance, for "did you mean".
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The known word nearest to `word`, if it is near enough to be a typo of it.
+pub fn nearest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(word, k), *k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2) || k.starts_with(word) || word.starts_with(k))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn check_keys(
+    table: &toml::Value,
+    name: &str,
+    known: &[&str],
+    perr: &dyn Fn(String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let Some(t) = table.as_table() else {
+        return Err(perr(format!("[{name}] must be a table")));
+    };
+    for k in t.keys() {
+        if !known.contains(&k.as_str()) {
+            let hint = match nearest(k, known) {
+                Some(n) => format!("did you mean `{n}`?"),
+                None => format!("the keys of [{name}] are {}", known.join(", ")),
+            };
+            return Err(perr(format!("[{name}]: unknown key `{k}`: {hint}")));
+        }
+    }
+    Ok(())
+}
+
 /// Reads the process environment; tests pass their own function instead.
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -362,7 +474,7 @@ mod tests {
     #[test]
     fn file_then_env_then_flags() {
         let f = FileConfig::parse(
-            "[llm]\nprovider = \"anthropic\"\nmodel = \"m-file\"\nmax_retries = 2\nbudget_tokens = 5\n\
+            "[llm]\nprovider = \"anthropic\"\nmodel = \"m-file\"\nmax_retries = 2\n\
              [lists]\ncontacts = \"contacts.txt\"\n[services.mail]\nx = 1\n",
             Path::new("ironvmm.toml"),
             Path::new("/etc/iv"),
@@ -383,6 +495,37 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.overlay(flags).resolve(&env).unwrap().model, "m-flag");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_suggests_the_nearest() {
+        let e = FileConfig::parse(
+            "[llm]\nmodel = \"m\"\nmax_token = 5\n",
+            Path::new("ironvmm.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ironvmm.toml: not valid TOML for ironvmm: [llm]: unknown key `max_token`: did you mean `max_tokens`?"),
+            "{e}"
+        );
+        let e = FileConfig::parse(
+            "[compile]\ncache = \"x\"\n",
+            Path::new("i.toml"),
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("did you mean `cache_dir`?"), "{e}");
+        let e = FileConfig::parse("[llm]\nzzzzzzzz = 1\n", Path::new("i.toml"), Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the keys of [llm] are provider, base_url"),
+            "{e}"
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::ask::{ask_json, Asked, StepError};
 use crate::catalog_view::CatalogView;
 use crate::emit::{assemble, Assembled, Draft, Header};
-use crate::engine::RuleEngine;
+use crate::engine::{RuleEngine, Verdict};
 use crate::lists::{self, ResolvedList};
 use crate::llm::{Completer, Message};
 use crate::prompts;
@@ -84,9 +84,105 @@ pub fn check_shape(d: &Draft, n_sentences: usize) -> Result<(), String> {
     }
 }
 
+/// Phrases with which English grants everything, not one thing.
+const BROAD_PHRASES: &[&str] = &[
+    "anything",
+    "everything",
+    "any tool",
+    "all tools",
+    "any action",
+    "all actions",
+    "whatever",
+    "unrestricted",
+    "without restriction",
+    "no restriction",
+    "no limits",
+    "free rein",
+];
+
+/// The phrase of `text` that grants everything, if it has one.
+pub fn broad_phrase(text: &str) -> Option<&'static str> {
+    let t = text.to_lowercase();
+    BROAD_PHRASES.iter().copied().find(|p| t.contains(p))
+}
+
+/// A broad permission and the sentence that grants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broad {
+    /// `default allow` or the rule's text.
+    pub what: String,
+    pub sentence: usize,
+    pub phrase: &'static str,
+}
+
+/// Is `rule` an unconditional allow of a whole service (`allow mail.*`, `allow *`)?
+fn whole_service_allow(rule: &str) -> bool {
+    let mut w = rule.split_whitespace();
+    w.next() == Some("allow")
+        && w.next().is_some_and(|p| p.ends_with('*'))
+        && !rule.split_whitespace().any(|x| x == "when")
+}
+
+/// `default allow` and whole-service allows need a sentence that grants that much;
+/// the model's own claim is not enough. Returns what each was granted by, or what
+/// the model must repair.
+pub fn check_broad(d: &Draft, sentences: &[Sentence]) -> Result<Vec<Broad>, String> {
+    let mut p = Vec::new();
+    let mut ok = Vec::new();
+    let text = |n: usize| sentences.get(n.wrapping_sub(1)).map(|s| s.text.as_str());
+    if d.default == Verdict::Allow {
+        match d.default_sentence.and_then(|n| text(n).map(|t| (n, t))) {
+            Some((n, t)) => match broad_phrase(t) {
+                Some(phrase) => ok.push(Broad {
+                    what: "default allow".into(),
+                    sentence: n,
+                    phrase,
+                }),
+                None => p.push(format!(
+                    "\"default\": \"allow\" lets through every call no rule names, but S{n} (\"{t}\") does not grant \
+                     everything: use \"deny\" (or \"ask\" where the English says to ask)"
+                )),
+            },
+            None => p.push(
+                "\"default\": \"allow\" lets through every call no rule names; no sentence grants that: use \"deny\" \
+                 (or \"ask\" where the English says to ask), or name the sentence that grants everything in \
+                 \"default_sentence\""
+                    .to_string(),
+            ),
+        }
+    }
+    for (i, r) in d.rules.iter().enumerate() {
+        let rule = r.rule.trim();
+        if !whole_service_allow(rule) {
+            continue;
+        }
+        match text(r.sentence).and_then(|t| broad_phrase(t).map(|ph| (t, ph))) {
+            Some((_, phrase)) => ok.push(Broad {
+                what: rule.to_string(),
+                sentence: r.sentence,
+                phrase,
+            }),
+            None => p.push(format!(
+                "rules[{i}] `{rule}` allows every tool it matches without a condition, but {} does not grant \
+                 that much: allow the tools the English names, one by one",
+                match text(r.sentence) {
+                    Some(t) => format!("S{} (\"{t}\")", r.sentence),
+                    None => "no sentence".to_string(),
+                }
+            )),
+        }
+    }
+    if p.is_empty() {
+        Ok(ok)
+    } else {
+        Err(p.join("\n"))
+    }
+}
+
 /// Shape, then the engine. The error is the feedback the model gets.
 pub fn check(ctx: &Context, d: &Draft) -> Result<(Assembled, Vec<String>), String> {
     check_shape(d, ctx.sentences.len())?;
+    check_broad(d, ctx.sentences)?;
     let a = assemble(ctx.header, ctx.sentences, ctx.lists, d);
     match ctx.engine.check(&a.text, ctx.rules_path) {
         Ok(w) => Ok((a, w)),
@@ -171,7 +267,43 @@ pub fn repair(
 mod tests {
     use super::*;
     use crate::emit::DraftRule;
-    use crate::engine::Verdict;
+    use crate::sentences::split;
+
+    #[test]
+    fn broad_permissions_need_a_sentence_that_grants_them() {
+        let s = split("The agent may read my email. It may do anything with files.");
+        let mut d = Draft {
+            rules: vec![DraftRule {
+                sentence: 1,
+                rule: "allow mail.*".into(),
+            }],
+            default: Verdict::Allow,
+            assumptions: vec![],
+            default_sentence: None,
+        };
+        let e = check_broad(&d, &s).unwrap_err();
+        assert!(e.contains("no sentence grants that"), "{e}");
+        assert!(e.contains("rules[0] `allow mail.*`"), "{e}");
+        d.default_sentence = Some(1);
+        assert!(check_broad(&d, &s)
+            .unwrap_err()
+            .contains("S1 (\"The agent may read my email.\") does not grant"));
+        d.default_sentence = Some(2);
+        d.rules[0] = DraftRule {
+            sentence: 2,
+            rule: "allow fs.*".into(),
+        };
+        let ok = check_broad(&d, &s).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].phrase, "anything");
+        // A condition makes it no longer a whole-service allow.
+        d.default = Verdict::Deny;
+        d.rules[0] = DraftRule {
+            sentence: 1,
+            rule: "allow mail.* when folder == \"INBOX\"".into(),
+        };
+        assert!(check_broad(&d, &s).unwrap().is_empty());
+    }
 
     #[test]
     fn shape_problems_are_all_named() {
@@ -192,6 +324,7 @@ mod tests {
             ],
             default: Verdict::Deny,
             assumptions: vec![],
+            default_sentence: None,
         };
         let e = check_shape(&d, 2).unwrap_err();
         assert!(e.contains("rules[0] spans"), "{e}");
@@ -202,6 +335,7 @@ mod tests {
             rules: vec![],
             default: Verdict::Deny,
             assumptions: vec![],
+            default_sentence: None,
         };
         assert!(check_shape(&empty, 1).unwrap_err().contains("empty"));
     }

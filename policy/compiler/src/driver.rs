@@ -7,9 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::cache::Cache;
-use crate::config::{FileConfig, LlmSettings};
+use crate::config::{ConfigError, FileConfig, LlmSettings};
 use crate::engine_impl::PolicyEngine;
 use crate::exchange_log::ExchangeLog;
+use crate::inputs::Inputs;
 use crate::llm::Llm;
 use crate::pipeline::{self, CompileOptions, Paths};
 use crate::prompts::PROMPT_VERSION;
@@ -38,6 +39,8 @@ pub struct Common {
     pub llm: LlmSettings,
     pub max_repairs: Option<u32>,
     pub max_rounds: Option<u32>,
+    /// `--accept SCENARIO`: apply the judge's held correction of that scenario.
+    pub accept: Vec<String>,
 }
 
 /// How `refine` learns whether the owner accepts the proposed edits.
@@ -67,6 +70,8 @@ struct Prepared {
     llm: Llm,
     engine: PolicyEngine,
     paths: Paths,
+    cache_dir: PathBuf,
+    offline: bool,
 }
 
 fn read(path: &Path, what: &str) -> Result<String, String> {
@@ -83,12 +88,34 @@ fn prepare(
         Some(p) => FileConfig::load(p).map_err(|e| e.to_string())?,
         None => FileConfig::default(),
     };
+    let paths = Paths::new(&c.out);
+    let cache_dir = c
+        .cache_dir
+        .clone()
+        .or_else(|| file.compile.cache_dir.clone())
+        .unwrap_or_else(|| paths.cache.clone());
+    let cached_inputs = Inputs::load(&cache_dir);
     let settings = file
         .llm
         .clone()
         .overlay(LlmSettings::from_env(env).map_err(|e| e.to_string())?)
         .overlay(c.llm.clone());
-    let cfg = settings.resolve(env).map_err(|e| e.to_string())?;
+    let cfg = settings
+        .resolve(env)
+        .map_err(|e| match (&e, &cached_inputs) {
+            // Offline, the model only names which cached answers to use: say which.
+            (ConfigError::NoModel, Some(i)) => format!(
+                "{e}. The cache in {} holds answers of the model {}: pass --model {}{}",
+                cache_dir.display(),
+                i.model,
+                i.model.split_once(':').map(|(_, m)| m).unwrap_or(&i.model),
+                match i.model.split_once(':') {
+                    Some(("anthropic", _)) => " --provider anthropic",
+                    _ => "",
+                }
+            ),
+            _ => e.to_string(),
+        })?;
     let (catalog_name, catalog_text) = match (&c.catalog, &c.catalog_text, &file.compile.catalog) {
         (Some(p), _, _) => (p.display().to_string(), read(p, "the catalog")?),
         (None, Some(t), _) => ("builtin".to_string(), t.clone()),
@@ -110,17 +137,17 @@ fn prepare(
     for (name, path) in &c.lists {
         list_sources.insert(name.clone(), path.clone());
     }
-    let paths = Paths::new(&c.out);
     std::fs::create_dir_all(&paths.work)
         .map_err(|e| format!("creating {}: {e}", paths.work.display()))?;
-    let cache_dir = c
-        .cache_dir
-        .clone()
-        .or_else(|| file.compile.cache_dir.clone())
-        .unwrap_or_else(|| paths.cache.clone());
     let log = ExchangeLog::create(&paths.work.join(log_name), cfg.api_key.clone())
         .map_err(|e| format!("creating the exchange log in {}: {e}", paths.work.display()))?;
-    let llm = Llm::new(cfg, PROMPT_VERSION, Cache::new(cache_dir), log, c.offline);
+    let llm = Llm::new(
+        cfg,
+        PROMPT_VERSION,
+        Cache::new(cache_dir.clone()),
+        log,
+        c.offline,
+    );
     let source_name = c
         .constitution
         .file_name()
@@ -143,10 +170,14 @@ fn prepare(
                 .or(file.compile.max_rounds)
                 .unwrap_or(DEFAULT_MAX_ROUNDS)
                 .min(10),
+            accept: c.accept.clone(),
+            cached_inputs,
         },
         llm,
         engine,
         paths,
+        cache_dir,
+        offline: c.offline,
     })
 }
 
@@ -163,7 +194,8 @@ fn stats_line(llm: &Llm) -> String {
 
 /// `ironvmm policy compile`. Exit codes: 0 verified, 1 not verified (artifacts
 /// written), 2 bad input or configuration, 3 the model could not be reached (or
-/// `--offline` found no cached answer).
+/// `--offline` found no cached answer), 4 held for the owner (a judge's correction
+/// that would widen what the agent may do; `--accept SCENARIO` applies it).
 pub fn run_compile(c: &Common, env: &dyn Fn(&str) -> Option<String>, err: &mut dyn Write) -> u8 {
     let mut p = match prepare(c, env, "llm-exchanges.jsonl") {
         Ok(p) => p,
@@ -180,6 +212,16 @@ fn compile_prepared(p: &mut Prepared, err: &mut dyn Write) -> u8 {
         Ok(r) => {
             let _ = writeln!(err, "ironvmm policy compile: {}", r.summary);
             let _ = writeln!(err, "{}", stats_line(&p.llm));
+            // Recorded so that a later --offline miss can say which input changed.
+            if !p.offline && r.status != Status::BadInput {
+                if let Err(e) = r.inputs.save(&p.cache_dir) {
+                    let _ = writeln!(
+                        err,
+                        "ironvmm policy compile: recording the inputs in {}: {e}",
+                        p.cache_dir.display()
+                    );
+                }
+            }
             r.status.exit_code()
         }
         Err(e) => {

@@ -29,6 +29,9 @@ pub struct Draft {
     pub default: Verdict,
     #[serde(default)]
     pub assumptions: Vec<String>,
+    /// The sentence that grants `default allow` (required for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_sentence: Option<usize>,
 }
 
 /// What the p.rules header records. `--against` reads it back.
@@ -231,6 +234,7 @@ mod tests {
             ],
             default: Verdict::Deny,
             assumptions: vec![],
+            default_sentence: None,
         };
         let a = assemble(&header(), &s, &[], &d);
         let lines: Vec<&str> = a.text.lines().collect();

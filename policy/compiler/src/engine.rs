@@ -36,4 +36,22 @@ pub trait RuleEngine {
         path: &Path,
         calls: &[Value],
     ) -> Result<Vec<Outcome>, String>;
+
+    /// Decides each call on its own, as the first call of a fresh load (no `limit`
+    /// counter carried from another call): how derived scenarios are decided.
+    fn decide_each(
+        &self,
+        source: &str,
+        path: &Path,
+        calls: &[Value],
+    ) -> Result<Vec<Outcome>, String> {
+        let mut out = Vec::with_capacity(calls.len());
+        for (i, c) in calls.iter().enumerate() {
+            let mut one = self
+                .decide_all(source, path, std::slice::from_ref(c))
+                .map_err(|e| format!("call {i}: {e}"))?;
+            out.push(one.pop().ok_or_else(|| format!("call {i}: no decision"))?);
+        }
+        Ok(out)
+    }
 }

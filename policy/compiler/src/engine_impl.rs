@@ -68,4 +68,32 @@ impl RuleEngine for PolicyEngine {
             })
             .collect()
     }
+
+    fn decide_each(
+        &self,
+        source: &str,
+        path: &Path,
+        calls: &[Value],
+    ) -> Result<Vec<Outcome>, String> {
+        // Only `limit` counters carry from one call to the next: without any, one
+        // load decides every call as a fresh one would (and the lists are read once).
+        let limited = self
+            .load(source, path)?
+            .policy
+            .ast()
+            .rules()
+            .any(|r| r.limit.is_some());
+        if limited {
+            let mut out = Vec::with_capacity(calls.len());
+            for (i, c) in calls.iter().enumerate() {
+                let mut one = self
+                    .decide_all(source, path, std::slice::from_ref(c))
+                    .map_err(|e| format!("call {i}: {e}"))?;
+                out.push(one.pop().ok_or_else(|| format!("call {i}: no decision"))?);
+            }
+            Ok(out)
+        } else {
+            self.decide_all(source, path, calls)
+        }
+    }
 }

@@ -95,6 +95,11 @@ service, but no source is configured for it: pass --list {name}=FILE or add `{na
         file: PathBuf,
         message: String,
     },
+    #[error(
+        "list '{name}': the model proposed its own entries for it, but the owner gives it as {file}; \
+the owner's list always wins, and a clash is an error"
+    )]
+    Clash { name: String, file: PathBuf },
     #[error("writing the list file {file}: {source}")]
     Write {
         file: PathBuf,
@@ -134,6 +139,15 @@ pub fn validate(
                 l.sentence,
                 sentences.len()
             ));
+        }
+        if let (Some(file), Binding::Owner) = (sources.get(&l.name), l.binding) {
+            problems.push(format!(
+                "list '{}' is the owner's own list (given as {}): the owner's list always wins, so bind it \
+                 to the service (binding \"service\") and propose no entries for it, or give your list another name",
+                l.name,
+                file.display()
+            ));
+            continue;
         }
         match l.binding {
             Binding::Owner => {
@@ -205,6 +219,13 @@ pub fn resolve(
 ) -> Result<Vec<ResolvedList>, ListError> {
     let mut out = Vec::new();
     for spec in specs {
+        // The owner's list (`--list`, `[lists]`) always wins over a proposed one.
+        if let (Some(file), Binding::Owner) = (sources.get(&spec.name), spec.binding) {
+            return Err(ListError::Clash {
+                name: spec.name.clone(),
+                file: file.clone(),
+            });
+        }
         let (file, bytes) = match spec.binding {
             Binding::Service => {
                 let Some(file) = sources.get(&spec.name) else {
@@ -289,30 +310,15 @@ fn owner_file_text(spec: &ListSpec, sentences: &[Sentence]) -> String {
     s
 }
 
-/// The values of a list file as the engine reads them: a `.vcf` gives its EMAIL
-/// values, any other file one entry per line with blank lines and `#` comments skipped.
+/// The values of a list file, read by the engine's own reader, so that the compiler
+/// and the engine can never disagree on what a list holds (a folded vCard line, a
+/// comment, a group prefix).
 pub fn read_values(file: &Path, text: &str) -> Vec<String> {
-    let vcf = file
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("vcf"));
-    text.lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            if vcf {
-                let (k, v) = l.split_once(':')?;
-                let key = k.split(';').next()?.trim();
-                // A vCard property may carry a group prefix: `item1.EMAIL`.
-                let key = key.rsplit('.').next()?;
-                key.eq_ignore_ascii_case("EMAIL")
-                    .then(|| v.trim().to_string())
-            } else if l.is_empty() || l.starts_with('#') {
-                None
-            } else {
-                Some(l.to_string())
-            }
-        })
-        .filter(|v| !v.is_empty())
-        .collect()
+    let name = file
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    ironvmm_policy::lists::parse_list_file(&name, text)
 }
 
 /// `file` relative to `dir` when both resolve, so that p.rules stays movable with
@@ -404,6 +410,28 @@ mod tests {
         assert!(e.contains("comment"), "{e}");
         assert!(e.contains("twice"), "{e}");
         assert!(e.contains("provide only these lists: contacts"), "{e}");
+        // A proposed list may not take the name of the owner's own.
+        let clash = ListsAnswer {
+            lists: vec![spec("contacts", Binding::Owner, &["eve@evil.example"])],
+        };
+        let e = validate(&clash, &s, &sources).unwrap_err();
+        assert!(e.contains("the owner's list always wins"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve(&clash.lists, &s, &sources, dir.path(), "p").unwrap_err();
+        assert!(matches!(e, ListError::Clash { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_folded_vcard_line_reads_as_the_engine_reads_it() {
+        // RFC 6350 3.2: a line that starts with a space continues the one before.
+        let text =
+            "BEGIN:VCARD\r\nFN:Alice\r\nEMAIL;TYPE=work:alice@exa\r\n mple.com\r\nEND:VCARD\r\n";
+        let ours = read_values(Path::new("/x/contacts.vcf"), text);
+        assert_eq!(ours, ["alice@example.com"]);
+        assert_eq!(
+            ours,
+            ironvmm_policy::lists::parse_list_file("contacts.vcf", text)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::catalog_view::CatalogView;
 use crate::draft::{self, Context};
 use crate::emit::Header;
 use crate::engine::RuleEngine;
+use crate::inputs::{self, Inputs};
 use crate::lists::{self, ListError, ListsAnswer};
 use crate::llm::{Completer, LlmError, Message};
 use crate::prompts::{self, PROMPT_VERSION};
@@ -40,6 +41,10 @@ pub struct Paths {
     pub report: PathBuf,
     /// Where rules that did not verify are written instead of `out`.
     pub unverified: PathBuf,
+    /// The report and scenarios of a run that did not verify: they never overwrite
+    /// those of the good p.rules beside them.
+    pub report_unverified: PathBuf,
+    pub scenarios_unverified: PathBuf,
     pub llm_log: PathBuf,
     /// The default cache folder.
     pub cache: PathBuf,
@@ -65,6 +70,8 @@ impl Paths {
             scenarios: dir.join(format!("{stem}.scenarios.jsonl")),
             report: dir.join(format!("{stem}.report.md")),
             unverified: dir.join(format!("{file}.unverified")),
+            report_unverified: dir.join(format!("{stem}.report.unverified.md")),
+            scenarios_unverified: dir.join(format!("{stem}.scenarios.unverified.jsonl")),
             llm_log: work.join("llm-exchanges.jsonl"),
             cache: work.join("cache"),
             work,
@@ -89,6 +96,11 @@ pub struct CompileOptions {
     pub max_repairs: u32,
     /// Judge-and-repair rounds of verification.
     pub max_rounds: u32,
+    /// Scenario ids whose held judge corrections the owner accepts (`--accept`).
+    pub accept: Vec<String>,
+    /// The inputs of the compile that filled the cache, for explaining an
+    /// `--offline` miss.
+    pub cached_inputs: Option<Inputs>,
 }
 
 #[derive(Debug)]
@@ -97,6 +109,8 @@ pub struct CompileResult {
     /// One line for the terminal.
     pub summary: String,
     pub paths: Paths,
+    /// What this compile was made from (the driver records it beside the cache).
+    pub inputs: Inputs,
 }
 
 struct Failure {
@@ -106,16 +120,23 @@ struct Failure {
 }
 
 impl Failure {
-    fn step(step: &'static str, e: StepError) -> Failure {
+    fn step(step: &'static str, e: StepError, opts: &CompileOptions, now: &Inputs) -> Failure {
         let status = match &e {
             StepError::Llm(LlmError::Io(_)) => Status::BadInput,
             StepError::Llm(_) => Status::LlmUnavailable,
             StepError::GaveUp { .. } => Status::Unverified,
         };
+        let mut message = e.to_string();
+        if let StepError::Llm(LlmError::Offline { .. }) = &e {
+            message = format!(
+                "{message}: {}",
+                inputs::explain_miss(now, opts.cached_inputs.as_ref())
+            );
+        }
         Failure {
             status,
             step,
-            message: e.to_string(),
+            message,
         }
     }
     fn input(step: &'static str, message: impl Into<String>) -> Failure {
@@ -147,6 +168,13 @@ pub fn compile(
 ) -> std::io::Result<CompileResult> {
     let paths = Paths::new(&opts.out);
     fs::create_dir_all(&paths.work)?;
+    let now = Inputs::new(
+        &opts.constitution,
+        &opts.catalog_text,
+        &opts.list_sources,
+        llm.model_id(),
+        PROMPT_VERSION,
+    );
     let mut rep = Report {
         source_name: opts.source_name.clone(),
         rules_name: paths
@@ -160,22 +188,32 @@ pub fn compile(
         prompt_version: PROMPT_VERSION.into(),
         ..Default::default()
     };
-    let (status, summary) = match steps(opts, &paths, llm, engine, &mut rep) {
+    let (status, summary) = match steps(opts, &paths, llm, engine, &mut rep, &now) {
         Ok(status) => {
             let summary = match status {
                 Status::Verified => format!(
-                    "{} verified: {} scenarios pass; wrote {} and {}",
+                    "{} verified: {} scenarios pass ({} written by the model, {} derived); wrote {} and {}",
                     paths.out.display(),
+                    rep.scenario_count + rep.derived_count,
                     rep.scenario_count,
+                    rep.derived_count,
                     paths.out.display(),
                     paths.scenarios.display()
                 ),
-                _ => format!(
-                    "NOT verified: {} of {} scenarios still disagree with the rules; unverified rules in {}; see {}",
-                    rep.disputed.len(),
-                    rep.scenario_count,
+                Status::Held => format!(
+                    "HELD for the owner: the judge would give the agent more than the scenario{} {} say{}; \
+                     unverified rules in {}; see {} (`--accept ID` applies a correction)",
+                    if rep.held_open().len() == 1 { "" } else { "s" },
+                    rep.held_open().join(", "),
+                    if rep.held_open().len() == 1 { "s" } else { "" },
                     paths.unverified.display(),
-                    paths.report.display()
+                    paths.report_unverified.display()
+                ),
+                _ => format!(
+                    "NOT verified: {}; unverified rules in {}; see {}",
+                    rep.unverified_reason(),
+                    paths.unverified.display(),
+                    paths.report_unverified.display()
                 ),
             };
             (status, summary)
@@ -185,17 +223,25 @@ pub fn compile(
                 "compile failed at step '{}': {} (report: {})",
                 f.step,
                 f.message,
-                paths.report.display()
+                paths.report_unverified.display()
             );
             rep.failure = Some((f.step.to_string(), f.message));
             (f.status, summary)
         }
     };
-    fs::write(&paths.report, rep.render(status))?;
+    let report = if status == Status::Verified {
+        // A stale failure report from an earlier run would only confuse.
+        let _ = fs::remove_file(&paths.report_unverified);
+        &paths.report
+    } else {
+        &paths.report_unverified
+    };
+    fs::write(report, rep.render(status))?;
     Ok(CompileResult {
         status,
         summary,
         paths,
+        inputs: now,
     })
 }
 
@@ -205,7 +251,9 @@ fn steps(
     llm: &mut dyn Completer,
     engine: &dyn RuleEngine,
     rep: &mut Report,
+    now: &Inputs,
 ) -> Result<Status, Failure> {
+    let step_err = |step: &'static str, e: StepError| Failure::step(step, e, opts, now);
     // 1. Catalog (and the sentences every later step refers to).
     let catalog =
         CatalogView::parse(&opts.catalog_text).map_err(|e| Failure::input("catalog", e))?;
@@ -257,7 +305,7 @@ fn steps(
         opts.max_repairs,
         |a: &ListsAnswer| lists::validate(a, &sentences, &opts.list_sources),
     )
-    .map_err(|e| Failure::step("lists", e))?;
+    .map_err(|e| step_err("lists", e))?;
     rep.steps.push(format!(
         "lists: {} tr{}",
         asked.tries,
@@ -282,6 +330,7 @@ fn steps(
     )?;
     let resolved = resolved.map_err(|e: ListError| Failure::input("lists", e.to_string()))?;
     rep.lists = resolved.clone();
+    rep.list_sources = opts.list_sources.clone();
 
     // 3. Draft, checked by the engine.
     let lists_material: String = resolved
@@ -304,8 +353,7 @@ fn steps(
         rules_path: &paths.out,
         engine,
     };
-    let checked =
-        draft::draft(llm, &ctx, opts.max_repairs).map_err(|e| Failure::step("draft", e))?;
+    let checked = draft::draft(llm, &ctx, opts.max_repairs).map_err(|e| step_err("draft", e))?;
     rep.steps.push(format!(
         "draft: {} tr{}, {} rules{}",
         checked.tries,
@@ -322,7 +370,7 @@ fn steps(
 
     // 4. Scenarios, from the English alone.
     let written = scenarios::write(llm, &sentences, &catalog, &resolved, opts.max_repairs)
-        .map_err(|e| Failure::step("scenarios", e))?;
+        .map_err(|e| step_err("scenarios", e))?;
     rep.steps.push(format!(
         "scenarios: {} tr{}, {} scenarios",
         written.tries,
@@ -336,20 +384,59 @@ fn steps(
         .collect();
     write(&paths.work.join("scenarios.jsonl"), lines)?;
     rep.uncovered = written.uncovered.clone();
+    let mut scenario_list = written.scenarios;
+
+    // 4b. A sentence declared to state no policy is read again, framed differently.
+    if !written.uncovered.is_empty() {
+        let again = scenarios::recheck(
+            llm,
+            &sentences,
+            &catalog,
+            &resolved,
+            &written.uncovered,
+            scenario_list.len() + 1,
+            opts.max_repairs,
+        )
+        .map_err(|e| step_err("recheck", e))?;
+        rep.steps.push(format!(
+            "recheck: {} tr{}, {} of {} sentence(s) declared to state no policy do state policy on a second reading",
+            again.tries,
+            if again.tries == 1 { "y" } else { "ies" },
+            again.disputes.len(),
+            written.uncovered.len()
+        ));
+        write(
+            &paths.work.join("recheck.json"),
+            pretty(&json!({"disputes": again.disputes, "scenarios": again.scenarios})),
+        )?;
+        rep.uncovered
+            .retain(|u| !again.disputes.iter().any(|d| d.sentence == u.sentence));
+        rep.coverage_disputes = again.disputes;
+        scenario_list.extend(again.scenarios);
+    }
 
     // 5. Verify.
     let v = verify::verify(
         llm,
         &ctx,
         checked,
-        written.scenarios,
-        opts.max_rounds,
-        opts.max_repairs,
+        scenario_list,
+        &verify::Settings {
+            max_rounds: opts.max_rounds,
+            max_repairs: opts.max_repairs,
+            accept: &opts.accept,
+        },
     );
     write(
         &paths.work.join("verify.json"),
-        pretty(&json!({"rounds": v.rounds, "remaining": v.remaining})),
+        pretty(&json!({"rounds": v.rounds, "remaining": v.remaining, "held": v.held})),
     )?;
+    let lines: String = v
+        .derived
+        .iter()
+        .map(|s| serde_json::to_string(s).unwrap_or_default() + "\n")
+        .collect();
+    write(&paths.work.join("derived.jsonl"), lines)?;
     rep.steps.push(format!(
         "verify: {} judge-and-repair round(s) of at most {}{}",
         v.rounds.len(),
@@ -361,11 +448,24 @@ fn steps(
         }
     ));
     rep.scenario_count = v.scenarios.len();
+    rep.derived_count = v.derived.len();
+    rep.per_sentence = sentences
+        .iter()
+        .map(|s| {
+            (
+                s.n,
+                v.scenarios.iter().filter(|x| x.sentence == s.n).count(),
+                v.derived.iter().filter(|x| x.sentence == s.n).count(),
+            )
+        })
+        .collect();
     rep.fixes = v
         .rounds
         .iter()
         .flat_map(|r| r.scenario_fixes.clone())
         .collect();
+    rep.held = v.held.clone();
+    rep.unused_accepts = v.unused_accepts.clone();
     rep.repaired_rounds = v
         .rounds
         .iter()
@@ -382,21 +482,39 @@ fn steps(
         .filter(|r| r.sentence == 0)
         .map(|r| r.rule.trim().to_string())
         .collect();
+    rep.unexercised = v
+        .checked
+        .draft
+        .rules
+        .iter()
+        .zip(&v.checked.assembled.rule_lines)
+        .filter(|(_, l)| !v.exercised.contains(l))
+        .map(|(r, l)| (*l, r.rule.trim().to_string()))
+        .collect();
+    rep.broad = draft::check_broad(&v.checked.draft, &sentences).unwrap_or_default();
     rep.warnings = v.checked.warnings.clone();
 
-    // 6. Emit. Scenarios always; p.rules only when verified.
+    // 6. Emit. p.rules, and the scenarios and report beside it, only when verified;
+    // otherwise `.unverified` files, so a good p.rules keeps its own.
     let lines: String = v.scenarios.iter().map(|s| s.test_line() + "\n").collect();
-    write(&paths.scenarios, lines)?;
-    let verified = v.remaining.is_empty() && v.failure.is_none();
+    let verified =
+        v.remaining.is_empty() && v.failure.is_none() && rep.coverage_disputes.is_empty();
     if verified {
+        write(&paths.scenarios, lines)?;
         write(&paths.out, &v.checked.assembled.text)?;
-        // A stale unverified file from an earlier run would only confuse.
+        // Stale unverified files from an earlier run would only confuse.
         let _ = fs::remove_file(&paths.unverified);
+        let _ = fs::remove_file(&paths.scenarios_unverified);
     } else {
+        write(&paths.scenarios_unverified, lines)?;
         write(&paths.unverified, &v.checked.assembled.text)?;
     }
+    let only_held = v.only_held();
     if let Some(e) = v.failure {
-        return Err(Failure::step("verify", e));
+        return Err(step_err("verify", e));
+    }
+    if !verified && only_held && rep.coverage_disputes.is_empty() {
+        return Ok(Status::Held);
     }
     Ok(if verified {
         Status::Verified

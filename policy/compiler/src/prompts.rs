@@ -7,7 +7,7 @@
 
 use crate::catalog_view::CatalogView;
 
-pub const PROMPT_VERSION: &str = "ironvmm-compile/1";
+pub const PROMPT_VERSION: &str = "ironvmm-compile/2";
 
 /// The language reference every drafting prompt carries.
 pub const LANGUAGE: &str = include_str!("../prompts/language.md");
@@ -64,7 +64,9 @@ Put \"never\" rules and exceptions above the broader rules they would be shadowe
 - Think about how an agent could get around each rule: other arguments of the same tool \
 (cc and bcc of an email, not only to), other tools that reach the same effect, arrays with one \
 outsider, missing arguments.\n\
-- default: what happens to a call no rule matches. Use \"deny\" unless the English says otherwise.\n\
+- default: what happens to a call no rule matches. Use \"deny\" unless the English says otherwise. \
+\"default\": \"allow\", and an unconditional allow of a whole service (`allow mail.*`), need a sentence \
+that grants that much: name it in \"default_sentence\" (for the default) or in the rule's \"sentence\".\n\
 - assumptions: every reading you chose where the English left a choice.\n\n{JSON_ONLY}",
         head(step),
         catalog.prompt_text()
@@ -78,7 +80,7 @@ only the English, never any rules: your tests are the independent check of the r
 someone else.\n\n\
 ## The tools of this sandbox (the catalog)\n\n{}\n\
 ## What to write\n\n\
-For every sentence, several calls with the decision the owner wants (\"allow\", \"ask\" or \
+For every sentence, at least three calls with the decision the owner wants (\"allow\", \"ask\" or \
 \"deny\"): the plain case, its edges, and the attempts of a hostile agent to get around it (for \
 email: an outsider in cc or bcc next to a contact, an address in another case or with a display \
 name, an empty recipient list; for files: `..` in a path; other tools with the same effect).\n\
@@ -90,6 +92,24 @@ If a sentence states no policy at all, list it under \"uncovered\" with the reas
 Shape: {{\"scenarios\": [{{\"sentence\": 1, \"why\": \"...\", \"call\": {{\"tool\": \"mail.read\", \
 \"args\": {{}}}}, \"expect\": \"allow\"}}], \"uncovered\": [{{\"sentence\": 5, \"why\": \"...\"}}]}}\n\n{JSON_ONLY}",
         head("scenarios"),
+        catalog.prompt_text()
+    )
+}
+
+pub fn recheck_system(catalog: &CatalogView) -> String {
+    format!(
+        "{}Your task in this step: a first reading found that the sentences below state no policy. \
+Read each one again, in the context of the whole English, and ask: could any tool call of the agent \
+be decided differently (allowed, asked about or denied) because the owner wrote this sentence? A \
+sentence that limits, permits, conditions or forbids anything, even in passing, states policy.\n\n\
+## The tools of this sandbox (the catalog)\n\n{}\n\
+For each sentence answer \"states_policy\" (true or false) and \"why\". When it states policy, \
+give at least three scenarios for it (a plain case, an edge, an attempt to get around it), each \
+naming that sentence.\n\n\
+Shape: {{\"sentences\": [{{\"sentence\": 2, \"states_policy\": true, \"why\": \"...\", \
+\"scenarios\": [{{\"sentence\": 2, \"why\": \"...\", \"call\": {{\"tool\": \"mail.read\", \"args\": {{}}}}, \
+\"expect\": \"allow\"}}]}}]}}\n\n{JSON_ONLY}",
+        head("recheck"),
         catalog.prompt_text()
     )
 }

@@ -4,10 +4,14 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::draft::Broad;
 use crate::lists::{Binding, ResolvedList};
-use crate::scenarios::Uncovered;
+use crate::scenarios::{CoverageDispute, Uncovered};
 use crate::sentences::Sentence;
-use crate::verify::{Disagreement, Fix};
+use crate::verify::{Disagreement, Fix, Held};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -19,6 +23,9 @@ pub enum Status {
     BadInput,
     /// The model could not be reached, or --offline found no cached answer.
     LlmUnavailable,
+    /// Only judge corrections that would widen what the agent may do stand between
+    /// the rules and verification: the owner decides (`--accept SCENARIO`).
+    Held,
 }
 
 impl Status {
@@ -29,6 +36,7 @@ impl Status {
             Status::Unverified => 1,
             Status::BadInput => 2,
             Status::LlmUnavailable => 3,
+            Status::Held => 4,
         }
     }
 }
@@ -53,11 +61,66 @@ pub struct Report {
     pub fixes: Vec<Fix>,
     pub repaired_rounds: Vec<u32>,
     pub disputed: Vec<Disagreement>,
+    /// The owner's list files, by list name.
+    pub list_sources: BTreeMap<String, PathBuf>,
+    pub derived_count: usize,
+    /// Per sentence: (number, written scenarios, derived scenarios).
+    pub per_sentence: Vec<(usize, usize, usize)>,
+    pub held: Vec<Held>,
+    pub unused_accepts: Vec<String>,
+    pub coverage_disputes: Vec<CoverageDispute>,
+    /// Rules no scenario exercised: (line, rule).
+    pub unexercised: Vec<(u32, String)>,
+    pub broad: Vec<Broad>,
     /// The one-line reason for a failure, and the step it happened in.
     pub failure: Option<(String, String)>,
 }
 
 impl Report {
+    /// Ids of held corrections still disputed.
+    pub fn held_open(&self) -> Vec<String> {
+        self.held
+            .iter()
+            .filter(|h| self.disputed.iter().any(|d| d.id == h.id))
+            .map(|h| h.id.clone())
+            .collect()
+    }
+
+    /// Why a compile that ran to the end is not verified, in one line.
+    pub fn unverified_reason(&self) -> String {
+        let mut r = Vec::new();
+        if !self.disputed.is_empty() {
+            r.push(format!(
+                "{} of {} scenarios still disagree with the rules",
+                self.disputed.len(),
+                self.scenario_count + self.derived_count
+            ));
+        }
+        if !self.coverage_disputes.is_empty() {
+            r.push(format!(
+                "{} sentence(s) declared to state no policy state policy on a second reading ({})",
+                self.coverage_disputes.len(),
+                self.coverage_disputes
+                    .iter()
+                    .map(|c| format!("S{}", c.sentence))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if r.is_empty() {
+            "verification did not finish".into()
+        } else {
+            r.join("; ")
+        }
+    }
+
+    fn sentence_text(&self, n: usize) -> &str {
+        self.sentences
+            .get(n.wrapping_sub(1))
+            .map(|s| s.text.as_str())
+            .unwrap_or("")
+    }
+
     pub fn render(&self, status: Status) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -67,17 +130,29 @@ impl Report {
         );
         let headline = match (status, &self.failure) {
             (Status::Verified, _) => format!(
-                "**VERIFIED.** All {} scenarios pass on the compiled rules; {} was written.",
-                self.scenario_count, self.rules_name
+                "**VERIFIED.** All {} scenarios pass on the compiled rules ({} written from the English, \
+                 {} derived by the compiler); {} was written.",
+                self.scenario_count + self.derived_count,
+                self.scenario_count,
+                self.derived_count,
+                self.rules_name
             ),
             (_, Some((step, why))) => format!(
                 "**FAILED** at step `{step}`: {why}\n\n{} was not written.",
                 self.rules_name
             ),
+            (Status::Held, None) => format!(
+                "**HELD FOR THE OWNER.** The judge would give the agent more than the English-only \
+                 scenario(s) {} say (see *Held for the owner*). {} was not written; the unverified rules \
+                 are in {}.unverified. Rerun with `--accept ID` to apply a correction you agree with.",
+                self.held_open().join(", "),
+                self.rules_name,
+                self.rules_name
+            ),
             (_, None) => format!(
-                "**NOT VERIFIED.** {} scenario(s) still disagree with the rules (see *Still disputed*). \
-                 {} was not written; the unverified rules are in {}.unverified.",
-                self.disputed.len(),
+                "**NOT VERIFIED.** {} (see *Still disputed* and *Coverage*). {} was not written; the \
+                 unverified rules are in {}.unverified.",
+                self.unverified_reason(),
                 self.rules_name,
                 self.rules_name
             ),
@@ -106,6 +181,10 @@ impl Report {
             let _ = writeln!(s, "## Lists\n");
             for l in &self.lists {
                 let from = match l.spec.binding {
+                    Binding::Service if self.list_sources.contains_key(&l.spec.name) => format!(
+                        "the owner's file for the {} service (`--list` or `[lists]`)",
+                        l.spec.service.as_deref().unwrap_or("?")
+                    ),
                     Binding::Service => format!(
                         "from the {} service",
                         l.spec.service.as_deref().unwrap_or("?")
@@ -114,11 +193,26 @@ impl Report {
                 };
                 let _ = writeln!(
                     s,
-                    "- `@{}` (S{}): `{}`, {} entries, {from}",
+                    "- `@{}` ({} list, S{}): `{}`, {} entries, {from}",
                     l.spec.name,
+                    l.spec.kind.as_str(),
                     l.spec.sentence,
                     l.decl_path,
                     l.values.len()
+                );
+            }
+            s.push('\n');
+        }
+        if !self.broad.is_empty() {
+            let _ = writeln!(s, "## Broad permissions\n");
+            for b in &self.broad {
+                let _ = writeln!(
+                    s,
+                    "- `{}`, granted by S{}: \"{}\" (\"{}\")",
+                    b.what,
+                    b.sentence,
+                    self.sentence_text(b.sentence),
+                    b.phrase
                 );
             }
             s.push('\n');
@@ -163,8 +257,37 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "- scenario {} (S{}) was judged wrong and corrected: expect {} → {}{call}. Judge: {}",
-                f.id, f.sentence, f.expect_before, f.expect_after, f.why
+                "- scenario {} (S{}) was judged wrong and corrected{}: expect {} → {}{call}. Judge: {}",
+                f.id,
+                f.sentence,
+                if f.accepted {
+                    " (it gives the agent more: applied because you passed `--accept`)"
+                } else {
+                    ""
+                },
+                f.expect_before,
+                f.expect_after,
+                f.why
+            );
+            any = true;
+        }
+        for h in self
+            .held
+            .iter()
+            .filter(|h| !self.disputed.iter().any(|d| d.id == h.id))
+        {
+            let _ = writeln!(
+                s,
+                "- the judge would have read scenario {} (S{}) as {} rather than {}; that gives the agent more, so \
+                 it was not applied and the rules were repaired to follow the scenario. Judge: {}",
+                h.id, h.sentence, h.proposed_expect, h.expect, h.why
+            );
+            any = true;
+        }
+        for a in &self.unused_accepts {
+            let _ = writeln!(
+                s,
+                "- `--accept {a}` matched no held correction and changed nothing"
             );
             any = true;
         }
@@ -176,8 +299,81 @@ impl Report {
             let _ = writeln!(s, "- engine warning: {}", w.replace('\n', " "));
             any = true;
         }
-        if !any {
+        if !any && status == Status::Verified {
             let _ = writeln!(s, "- nothing in particular: read the rules once");
+        } else if status == Status::Held {
+            let _ = writeln!(
+                s,
+                "- decide each correction under *Held for the owner*: `--accept ID` applies it"
+            );
+        } else if !any {
+            let _ = writeln!(
+                s,
+                "- the compile did not verify: see the headline, *Still disputed* and *Coverage*"
+            );
+        }
+        s.push('\n');
+        if !self.held.is_empty() && !self.held_open().is_empty() {
+            let _ = writeln!(s, "## Held for the owner\n");
+            for h in self
+                .held
+                .iter()
+                .filter(|h| self.disputed.iter().any(|d| d.id == h.id))
+            {
+                let d = self.disputed.iter().find(|d| d.id == h.id);
+                let _ = writeln!(
+                    s,
+                    "- **{}** (S{}: \"{}\")\n  - call: `{}`\n  - the scenario, written from the English: **{}**\n  \
+                     - the judge: **{}**{}. Judge: {}\n  - the rules now decide: **{}**{}\n  - `--accept {}` applies the judge's reading",
+                    h.id,
+                    h.sentence,
+                    self.sentence_text(h.sentence),
+                    h.call,
+                    h.expect,
+                    h.proposed_expect,
+                    h.proposed_call
+                        .as_ref()
+                        .map(|c| format!(", with the call rewritten to `{c}`"))
+                        .unwrap_or_default(),
+                    h.why,
+                    d.map(|d| d.got.as_str()).unwrap_or("?"),
+                    d.and_then(|d| d.rule_text.as_deref())
+                        .map(|t| format!(" (`{t}`)"))
+                        .unwrap_or_default(),
+                    h.id
+                );
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "## Coverage\n");
+        for (n, w, d) in &self.per_sentence {
+            let declared = self.uncovered.iter().find(|u| u.sentence == *n);
+            match declared {
+                Some(_) if *w == 0 => {
+                    let _ = writeln!(
+                        s,
+                        "- S{n}: no scenarios (states no policy, on two readings)"
+                    );
+                }
+                _ => {
+                    let _ = writeln!(s, "- S{n}: {w} written, {d} derived");
+                }
+            }
+        }
+        for c in &self.coverage_disputes {
+            let _ = writeln!(
+                s,
+                "- **S{} was declared to state no policy** (\"{}\"), **but a second reading says it does** \
+                 (\"{}\"): the two readings disagree, so the compile does not count as verified; make the sentence \
+                 plainer",
+                c.sentence, c.first, c.second
+            );
+        }
+        if self.unexercised.is_empty() {
+            let _ = writeln!(s, "- every rule decided at least one scenario");
+        }
+        for (l, r) in &self.unexercised {
+            let _ = writeln!(s, "- no scenario exercised line {l}: `{r}`");
         }
         s.push('\n');
         let _ = writeln!(s, "## Still disputed\n");
@@ -187,10 +383,18 @@ impl Report {
         for d in &self.disputed {
             let _ = writeln!(
                 s,
-                "- {} (S{}): {} — the scenario expects **{}**, the rules decide **{}** ({}{})",
+                "- {} (S{}{}): {} — the scenario expects {}**{}**, the rules decide **{}** ({}{})",
                 d.id,
                 d.sentence,
+                d.derived
+                    .as_ref()
+                    .map(|x| format!(", derived from {}: {}", x.from, x.how))
+                    .unwrap_or_default(),
                 d.call,
+                match d.derived.as_ref().map(|x| x.bound) {
+                    Some(crate::derive::Bound::AtMost) => "at most ",
+                    _ => "",
+                },
                 d.expect,
                 d.got,
                 d.rule

@@ -1,21 +1,40 @@
-//! Step 5, verification: the engine decides every scenario under the draft. For each
-//! disagreement a judging step, reading the English alone, blames the rule or the
-//! scenario. Blamed scenarios are corrected, blamed rules are redrafted (and checked
-//! by the engine again), for at most `max_rounds` rounds. What still disagrees then
-//! is reported as disputed, and the compile fails.
+//! Step 5, verification: the engine decides every scenario under the draft, those
+//! the model wrote and those the compiler derived from them. For each disagreement
+//! on a written scenario a judging step, reading the English alone, blames the rule
+//! or the scenario; a derived scenario's disagreement is a fault of the rules by
+//! construction. Blamed rules are redrafted (and checked by the engine again), for
+//! at most `max_rounds` rounds. What still disagrees then is reported as disputed,
+//! and the compile fails.
+//!
+//! **Monotone safety.** No single answer of the model may widen what the agent may
+//! do. A judge's correction that makes a scenario more permissive (deny or ask →
+//! allow, deny → ask), or that rewrites its call, is never applied: the rules are
+//! repaired toward the scenario instead, and if that does not settle it the
+//! correction is held for the owner (`--accept SCENARIO` applies it). Corrections
+//! toward less permission are applied and reported.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ask::{ask_json, StepError};
+use crate::derive::{self, Bound, Derivation};
 use crate::draft::{self, Checked, Context};
-use crate::engine::{RuleEngine, Verdict};
+use crate::engine::{Outcome, RuleEngine, Verdict};
 use crate::llm::{Completer, Message};
 use crate::scenarios::{check_call, Scenario};
 use crate::{lists, prompts, sentences};
+
+/// How much a verdict lets the agent do: deny < ask < allow.
+pub fn permission(v: Verdict) -> u8 {
+    match v {
+        Verdict::Deny => 0,
+        Verdict::Ask => 1,
+        Verdict::Allow => 2,
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Disagreement {
@@ -28,6 +47,8 @@ pub struct Disagreement {
     pub rule_text: Option<String>,
     pub by: String,
     pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derived: Option<Derivation>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +85,41 @@ pub struct Fix {
     pub call_after: Value,
     pub expect_after: Verdict,
     pub why: String,
+    /// Applied because the owner passed `--accept` for it (it widens).
+    pub accepted: bool,
+}
+
+/// A judge's correction that would widen what the agent may do, or rewrite the
+/// call: not applied. The rules were asked to follow the scenario instead.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    pub id: String,
+    pub sentence: usize,
+    pub call: Value,
+    /// The scenario's reading (kept).
+    pub expect: Verdict,
+    /// The judge's reading.
+    pub proposed_expect: Verdict,
+    /// The judge's rewritten call, if it rewrote it.
+    pub proposed_call: Option<Value>,
+    pub why: String,
+}
+
+impl Held {
+    fn of(s: &Scenario, j: &Judgement) -> Option<Held> {
+        let proposed_expect = j.expect.unwrap_or(s.expect);
+        let call_changed = j.call.as_ref().is_some_and(|c| *c != s.call);
+        let widens = permission(proposed_expect) > permission(s.expect);
+        (widens || call_changed).then(|| Held {
+            id: s.id.clone(),
+            sentence: s.sentence,
+            call: s.call.clone(),
+            expect: s.expect,
+            proposed_expect,
+            proposed_call: j.call.clone().filter(|_| call_changed),
+            why: j.why.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,44 +128,97 @@ pub struct Round {
     pub disagreements: Vec<Disagreement>,
     pub judgements: Vec<Judgement>,
     pub scenario_fixes: Vec<Fix>,
+    /// Corrections refused this round (they widen or rewrite the call).
+    pub held: Vec<Held>,
     pub rules_repaired: bool,
     pub error: Option<String>,
 }
 
 pub struct Verified {
     pub checked: Checked,
+    /// The scenarios the model wrote, as corrected.
     pub scenarios: Vec<Scenario>,
+    /// The scenarios derived from them in the last evaluation.
+    pub derived: Vec<Scenario>,
     pub rounds: Vec<Round>,
     /// Disagreements left after the last round: empty means verified.
     pub remaining: Vec<Disagreement>,
+    /// Every correction that was held, whether or not the rules then followed the
+    /// scenario (the first time each scenario's was held).
+    pub held: Vec<Held>,
+    /// `--accept` ids that matched no held correction.
+    pub unused_accepts: Vec<String>,
+    /// Lines of the rules that decided at least one scenario in the last evaluation.
+    pub exercised: BTreeSet<u32>,
     /// Why verification stopped early, if it did.
     pub failure: Option<StepError>,
     /// The last redraft changed nothing, so the rounds stopped early.
     pub stalled: bool,
 }
 
-/// Decides every scenario under `text` and lists where the engine and the scenario differ.
+impl Verified {
+    /// Every remaining disagreement is a held correction: the owner's word settles it.
+    pub fn only_held(&self) -> bool {
+        !self.remaining.is_empty()
+            && self
+                .remaining
+                .iter()
+                .all(|d| d.derived.is_none() && self.held.iter().any(|h| h.id == d.id))
+    }
+}
+
+/// What the engine made of a set of scenarios.
+pub struct Evaluation {
+    pub disagreements: Vec<Disagreement>,
+    /// Rule lines that decided at least one scenario.
+    pub exercised: BTreeSet<u32>,
+}
+
+fn disagrees(s: &Scenario, got: Verdict) -> bool {
+    match s.derived.as_ref().map(|d| d.bound) {
+        Some(Bound::AtMost) => permission(got) > permission(s.expect),
+        _ => got != s.expect,
+    }
+}
+
+/// Decides the written scenarios in order (as `policy test` does) and each derived
+/// one on its own, and lists where the engine and the scenario differ. A derived
+/// scenario whose parent already disagrees is left out: it says nothing more.
 pub fn evaluate(
     engine: &dyn RuleEngine,
     text: &str,
     path: &Path,
     scenarios: &[Scenario],
-) -> Result<Vec<Disagreement>, String> {
-    let calls: Vec<Value> = scenarios.iter().map(|s| s.call.clone()).collect();
-    let outcomes = engine.decide_all(text, path, &calls)?;
-    if outcomes.len() != scenarios.len() {
+) -> Result<Evaluation, String> {
+    let (written, derived): (Vec<&Scenario>, Vec<&Scenario>) =
+        scenarios.iter().partition(|s| s.derived.is_none());
+    let calls = |v: &[&Scenario]| v.iter().map(|s| s.call.clone()).collect::<Vec<Value>>();
+    let mut outcomes: Vec<Outcome> = engine.decide_all(text, path, &calls(&written))?;
+    outcomes.extend(engine.decide_each(text, path, &calls(&derived))?);
+    let ordered: Vec<&Scenario> = written.into_iter().chain(derived).collect();
+    if outcomes.len() != ordered.len() {
         return Err(format!(
             "the engine decided {} of {} scenarios",
             outcomes.len(),
-            scenarios.len()
+            ordered.len()
         ));
     }
     let lines: Vec<&str> = text.lines().collect();
-    Ok(scenarios
-        .iter()
-        .zip(outcomes)
-        .filter(|(s, o)| s.expect != o.verdict)
-        .map(|(s, o)| Disagreement {
+    let mut exercised = BTreeSet::new();
+    let mut out: Vec<Disagreement> = Vec::new();
+    for (s, o) in ordered.into_iter().zip(outcomes) {
+        if let Some(l) = o.rule {
+            exercised.insert(l);
+        }
+        if !disagrees(s, o.verdict) {
+            continue;
+        }
+        if let Some(d) = &s.derived {
+            if out.iter().any(|x| x.id == d.from) {
+                continue;
+            }
+        }
+        out.push(Disagreement {
             id: s.id.clone(),
             sentence: s.sentence,
             call: s.call.clone(),
@@ -122,19 +231,41 @@ pub fn evaluate(
                 .map(|l| l.to_string()),
             by: o.by,
             reason: o.reason,
-        })
-        .collect())
+            derived: s.derived.clone(),
+        });
+    }
+    Ok(Evaluation {
+        disagreements: out,
+        exercised,
+    })
 }
 
-fn describe(d: &Disagreement) -> String {
+pub fn describe(d: &Disagreement) -> String {
     let by = match (&d.rule, &d.rule_text) {
         (Some(l), Some(t)) => format!("line {l} (`{t}`)"),
         _ => format!("the {}", d.by),
     };
-    format!(
-        "- {} (for S{}): call {}; the scenario expects {}; the rules decide {} by {}, reason {:?}",
-        d.id, d.sentence, d.call, d.expect, d.got, by, d.reason
-    )
+    match &d.derived {
+        None => format!(
+            "- {} (for S{}): call {}; the scenario expects {}; the rules decide {} by {}, reason {:?}",
+            d.id, d.sentence, d.call, d.expect, d.got, by, d.reason
+        ),
+        Some(x) => format!(
+            "- {} (for S{}, derived by the compiler from {}: {}; {}): call {}; the rules decide {} by {}, reason {:?}",
+            d.id,
+            d.sentence,
+            x.from,
+            x.how,
+            match x.bound {
+                Bound::Same => format!("the English cannot tell the two calls apart, so it must decide as {} expects: {}", x.from, d.expect),
+                Bound::AtMost => format!("one more outsider may never get more than {} expects: {}", x.from, d.expect),
+            },
+            d.call,
+            d.got,
+            by,
+            d.reason
+        ),
+    }
 }
 
 fn check_judgements(js: &[Judgement], dis: &[Disagreement]) -> Result<(), String> {
@@ -182,26 +313,37 @@ fn check_judgements(js: &[Judgement], dis: &[Disagreement]) -> Result<(), String
     }
 }
 
+/// What the verification loop needs besides the draft and the scenarios.
+pub struct Settings<'a> {
+    pub max_rounds: u32,
+    pub max_repairs: u32,
+    /// Scenario ids whose held corrections the owner accepts (`--accept`).
+    pub accept: &'a [String],
+}
+
 pub fn verify(
     llm: &mut dyn Completer,
     ctx: &Context,
     mut checked: Checked,
     mut scenarios: Vec<Scenario>,
-    max_rounds: u32,
-    max_repairs: u32,
+    set: &Settings,
 ) -> Verified {
     let mut rounds = Vec::new();
     let mut failure = None;
     let mut round_no = 0;
     let mut stalled = false;
+    let mut held_all: Vec<Held> = Vec::new();
+    let mut accepted: BTreeSet<String> = BTreeSet::new();
+    let mut exercised = BTreeSet::new();
+    let mut derived;
     let remaining = loop {
-        let dis = match evaluate(
-            ctx.engine,
-            &checked.assembled.text,
-            ctx.rules_path,
-            &scenarios,
-        ) {
-            Ok(d) => d,
+        derived = derive::derive(&scenarios, ctx.catalog, ctx.sentences);
+        let all: Vec<Scenario> = scenarios.iter().chain(&derived).cloned().collect();
+        let dis = match evaluate(ctx.engine, &checked.assembled.text, ctx.rules_path, &all) {
+            Ok(e) => {
+                exercised = e.exercised;
+                e.disagreements
+            }
             Err(e) => {
                 failure = Some(StepError::GaveUp {
                     step: "verify".into(),
@@ -212,7 +354,7 @@ pub fn verify(
                 break Vec::new();
             }
         };
-        if dis.is_empty() || round_no == max_rounds || failure.is_some() || stalled {
+        if dis.is_empty() || round_no == set.max_rounds || failure.is_some() || stalled {
             break dis;
         }
         round_no += 1;
@@ -221,65 +363,98 @@ pub fn verify(
             disagreements: dis.clone(),
             judgements: vec![],
             scenario_fixes: vec![],
+            held: vec![],
             rules_repaired: false,
             error: None,
         };
-        let user = format!(
-            "The owner's English, sentence by sentence:\n\n{}\nThe lists:\n\n{}\nThe rules (p.rules):\n\n{}\n\
-             The disagreements:\n\n{}\n",
-            sentences::numbered(ctx.sentences),
-            lists::prompt_text(ctx.lists),
-            checked.assembled.numbered(),
-            dis.iter().map(describe).collect::<Vec<_>>().join("\n")
-        );
-        let judged = ask_json(
-            llm,
-            "judge",
-            prompts::judge_system(),
-            vec![Message::user(user)],
-            max_repairs,
-            |a: &JudgeAnswer| check_judgements(&a.judgements, &dis),
-        );
-        let judgements = match judged {
-            Ok(a) => a.value.judgements,
-            Err(e) => {
-                round.error = Some(e.to_string());
-                rounds.push(round);
-                failure = Some(e);
-                continue;
-            }
-        };
-        let mut faults = Vec::new();
-        for j in &judgements {
-            let d = dis
-                .iter()
-                .find(|d| d.id == j.scenario)
-                .expect("checked above");
-            match j.fault {
-                Fault::Scenario => {
-                    let s = scenarios
-                        .iter_mut()
-                        .find(|s| s.id == j.scenario)
-                        .expect("ids come from scenarios");
-                    let fix = Fix {
-                        id: s.id.clone(),
-                        sentence: s.sentence,
-                        call_before: s.call.clone(),
-                        expect_before: s.expect,
-                        call_after: j.call.clone().unwrap_or_else(|| s.call.clone()),
-                        expect_after: j.expect.unwrap_or(s.expect),
-                        why: j.why.clone(),
-                    };
-                    s.call = fix.call_after.clone();
-                    s.expect = fix.expect_after;
-                    round.scenario_fixes.push(fix);
+        let (written, by_construction): (Vec<&Disagreement>, Vec<&Disagreement>) =
+            dis.iter().partition(|d| d.derived.is_none());
+        let mut faults: Vec<String> = by_construction.iter().map(|d| describe(d)).collect();
+        if !written.is_empty() {
+            let written: Vec<Disagreement> = written.into_iter().cloned().collect();
+            let user = format!(
+                "The owner's English, sentence by sentence:\n\n{}\nThe lists:\n\n{}\nThe rules (p.rules):\n\n{}\n\
+                 The disagreements:\n\n{}\n",
+                sentences::numbered(ctx.sentences),
+                lists::prompt_text(ctx.lists),
+                checked.assembled.numbered(),
+                written.iter().map(describe).collect::<Vec<_>>().join("\n")
+            );
+            let judged = ask_json(
+                llm,
+                "judge",
+                prompts::judge_system(),
+                vec![Message::user(user)],
+                set.max_repairs,
+                |a: &JudgeAnswer| check_judgements(&a.judgements, &written),
+            );
+            let judgements = match judged {
+                Ok(a) => a.value.judgements,
+                Err(e) => {
+                    round.error = Some(e.to_string());
+                    rounds.push(round);
+                    failure = Some(e);
+                    continue;
                 }
-                Fault::Rule => faults.push(format!("{}\n  judge: {}", describe(d), j.why)),
+            };
+            for j in &judgements {
+                let d = written
+                    .iter()
+                    .find(|d| d.id == j.scenario)
+                    .expect("checked above");
+                match j.fault {
+                    Fault::Scenario => {
+                        let s = scenarios
+                            .iter_mut()
+                            .find(|s| s.id == j.scenario)
+                            .expect("ids come from scenarios");
+                        let held = Held::of(s, j);
+                        let owner_says = set.accept.contains(&s.id);
+                        if let (Some(h), false) = (&held, owner_says) {
+                            // Repair toward the scenario: its reading is the safer one.
+                            faults.push(format!(
+                                "{}\n  judge: {}\n  The judge would read it as {}{}, which gives the agent more (or \
+                                 changes the call); the compiler keeps the scenario's reading: the rules must decide \
+                                 this call {}.",
+                                describe(d),
+                                j.why,
+                                h.proposed_expect,
+                                h.proposed_call
+                                    .as_ref()
+                                    .map(|c| format!(" with the call {c}"))
+                                    .unwrap_or_default(),
+                                d.expect
+                            ));
+                            if !held_all.iter().any(|x| x.id == h.id) {
+                                held_all.push(h.clone());
+                            }
+                            round.held.push(h.clone());
+                            continue;
+                        }
+                        if held.is_some() {
+                            accepted.insert(s.id.clone());
+                        }
+                        let fix = Fix {
+                            id: s.id.clone(),
+                            sentence: s.sentence,
+                            call_before: s.call.clone(),
+                            expect_before: s.expect,
+                            call_after: j.call.clone().unwrap_or_else(|| s.call.clone()),
+                            expect_after: j.expect.unwrap_or(s.expect),
+                            why: j.why.clone(),
+                            accepted: held.is_some(),
+                        };
+                        s.call = fix.call_after.clone();
+                        s.expect = fix.expect_after;
+                        round.scenario_fixes.push(fix);
+                    }
+                    Fault::Rule => faults.push(format!("{}\n  judge: {}", describe(d), j.why)),
+                }
             }
+            round.judgements = judgements;
         }
-        round.judgements = judgements;
         if !faults.is_empty() {
-            match draft::repair(llm, ctx, &checked, &faults.join("\n"), max_repairs) {
+            match draft::repair(llm, ctx, &checked, &faults.join("\n"), set.max_repairs) {
                 // Answers are cached, so asking again about the same rules would replay
                 // the same answer: a redraft that changes nothing ends the loop.
                 Ok(c)
@@ -302,11 +477,21 @@ pub fn verify(
         }
         rounds.push(round);
     };
+    let unused_accepts = set
+        .accept
+        .iter()
+        .filter(|a| !accepted.contains(*a))
+        .cloned()
+        .collect();
     Verified {
         checked,
         scenarios,
+        derived,
         rounds,
         remaining,
+        held: held_all,
+        unused_accepts,
+        exercised,
         failure,
         stalled,
     }
@@ -327,6 +512,7 @@ mod tests {
             rule_text: Some("allow a.b".into()),
             by: "rule".into(),
             reason: String::new(),
+            derived: None,
         }
     }
 
@@ -357,5 +543,39 @@ mod tests {
         .unwrap();
         check_judgements(&ok, &d).unwrap();
         assert!(describe(&d[0]).contains("line 3 (`allow a.b`)"));
+    }
+
+    #[test]
+    fn a_correction_is_held_when_it_widens_or_rewrites_the_call() {
+        let s = Scenario {
+            id: "s9".into(),
+            sentence: 3,
+            why: String::new(),
+            call: serde_json::json!({"tool": "mail.send", "args": {"to": ["a@b.c"], "cc": ["m@e.x"]}}),
+            expect: Verdict::Ask,
+            derived: None,
+        };
+        let j = |expect: Option<Verdict>, call: Option<Value>| Judgement {
+            scenario: "s9".into(),
+            fault: Fault::Scenario,
+            why: "w".into(),
+            expect,
+            call,
+        };
+        assert!(Held::of(&s, &j(Some(Verdict::Allow), None)).is_some());
+        assert!(Held::of(&s, &j(Some(Verdict::Deny), None)).is_none());
+        let other = serde_json::json!({"tool": "mail.send", "args": {"to": ["a@b.c"]}});
+        let h = Held::of(&s, &j(None, Some(other.clone()))).unwrap();
+        assert_eq!(
+            (h.proposed_expect, h.proposed_call),
+            (Verdict::Ask, Some(other))
+        );
+        assert!(Held::of(&s, &j(Some(Verdict::Deny), Some(s.call.clone()))).is_none());
+        let deny = Scenario {
+            expect: Verdict::Deny,
+            ..s.clone()
+        };
+        assert!(Held::of(&deny, &j(Some(Verdict::Ask), None)).is_some());
+        assert!(permission(Verdict::Allow) > permission(Verdict::Ask));
     }
 }

@@ -106,6 +106,12 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
         assert_eq!(r.headers["authorization"], format!("Bearer {KEY}"));
         assert_eq!(r.body["temperature"], 0.0);
         assert_eq!(r.body["model"], "test-model");
+        // Schema-constrained JSON where the server supports it.
+        assert_eq!(r.body["response_format"]["type"], "json_schema");
+        assert_eq!(
+            r.body["response_format"]["json_schema"]["schema"]["type"],
+            "object"
+        );
     }
     // Scenarios are written from the English alone: the draft is never shown.
     let scen = &server.requests()[2];
@@ -149,7 +155,7 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
     );
     let report = read(&dir, "p.report.md");
     assert!(
-        report.contains("**VERIFIED.** All 14 scenarios pass"),
+        report.contains("**VERIFIED.** All 82 scenarios pass on the compiled rules (14 written from the English, 68 derived"),
         "{report}"
     );
     assert!(report.contains("covers listing and searching"), "{report}");
@@ -210,10 +216,13 @@ fn offline_with_an_empty_cache_fails_clearly() {
         err.contains("--offline: no cached answer for step 'lists'"),
         "{err}"
     );
-    assert!(err.contains("run once without --offline"), "{err}");
+    assert!(
+        err.contains("the cache holds no earlier compile: run once without --offline"),
+        "{err}"
+    );
     assert_eq!(server.connections(), 0);
     assert!(!dir.join("p.rules").exists());
-    assert!(read(&dir, "p.report.md").contains("**FAILED** at step `lists`"));
+    assert!(read(&dir, "p.report.unverified.md").contains("**FAILED** at step `lists`"));
 }
 
 #[test]
@@ -282,6 +291,9 @@ fn a_rule_that_contradicts_a_scenario_is_repaired_over_the_anthropic_api() {
             .unwrap()
             .starts_with("ironvmm policy compiler, step: "));
         assert_eq!(r.body["temperature"], 0.0);
+        // The answer comes as a tool's input, constrained by the step's schema.
+        assert_eq!(r.body["tool_choice"]["name"], "answer");
+        assert_eq!(r.body["tools"][0]["input_schema"]["type"], "object");
     }
     let judge = &server.requests()[3];
     let u = judge.last_user();
@@ -359,7 +371,7 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
     let (code, err) = compile(&dir, &server, "openai", |c| c.max_rounds = Some(2));
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("NOT verified: 1 of 14 scenarios still disagree"),
+        err.contains("NOT verified: 1 of 82 scenarios still disagree"),
         "{err}"
     );
     assert!(server.unused().is_empty());
@@ -368,7 +380,8 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
         "an unverified policy must not be written as p.rules"
     );
     assert!(read(&dir, "p.rules.unverified").contains("all cc in @contacts"));
-    let report = read(&dir, "p.report.md");
+    assert!(!dir.join("p.report.md").exists());
+    let report = read(&dir, "p.report.unverified.md");
     assert!(report.contains("**NOT VERIFIED.**"), "{report}");
     assert!(
         report.contains("## Still disputed\n\n- s10 (S3)"),
@@ -383,7 +396,10 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
         "{report}"
     );
     // The scenarios are still written, and they show the bug.
-    assert_eq!(read(&dir, "p.scenarios.jsonl").lines().count(), 14);
+    assert_eq!(
+        read(&dir, "p.scenarios.unverified.jsonl").lines().count(),
+        14
+    );
 }
 
 #[test]
@@ -408,7 +424,7 @@ fn a_redraft_that_changes_nothing_stops_the_rounds() {
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 1, "{err}");
     assert!(server.unused().is_empty());
-    let report = read(&dir, "p.report.md");
+    let report = read(&dir, "p.report.unverified.md");
     assert!(
         report.contains("stopped early: a redraft changed nothing"),
         "{report}"
@@ -431,8 +447,9 @@ fn a_draft_that_never_loads_gives_up_with_the_last_diagnostics() {
         err.contains("compile failed at step 'draft': no acceptable answer after 2 tries"),
         "{err}"
     );
-    let report = read(&dir, "p.report.md");
+    let report = read(&dir, "p.report.unverified.md");
     assert!(report.contains("**FAILED** at step `draft`"), "{report}");
+    assert!(!report.contains("nothing in particular"), "{report}");
     assert!(report.contains("The policy engine rejected"), "{report}");
     assert!(!dir.join("p.rules").exists());
 }
@@ -483,6 +500,25 @@ fn a_provider_body_that_is_not_an_api_response_fails_clearly() {
         err.contains("not a usable answer: the response body is not JSON"),
         "{err}"
     );
+    // A JSON body without `choices` (a proxy's own answer) is named as such.
+    let server = ScriptedServer::start();
+    server.script(
+        "lists",
+        [Reply::RawBody(
+            r#"{"error":null,"object":"list","data":[]}"#.into(),
+        )],
+    );
+    let (code, err) = compile(&dir, &server, "openai", |c| {
+        c.cache_dir = Some(dir.join("other-cache"))
+    });
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(
+            "the chat-completions response has no `choices` (its keys: error, object, data)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("error: null"), "{err}");
 }
 
 #[test]
@@ -591,6 +627,9 @@ fn a_timeout_is_retried_and_bounded() {
     });
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("gave up after 2 attempt(s)"), "{err}");
+    // Said once, with the setting to raise.
+    assert!(!err.contains("Network Error: Network Error"), "{err}");
+    assert!(err.contains("raise [llm] timeout_secs"), "{err}");
 }
 
 #[test]
@@ -770,4 +809,73 @@ fn everything_can_come_from_ironvmm_toml() {
     assert!(String::from_utf8(err)
         .unwrap()
         .contains("keys are not read from files"));
+}
+
+#[test]
+fn an_offline_miss_says_which_input_changed_and_which_model_the_cache_holds() {
+    let dir = TempDir::new("offline-why");
+    inbox_inputs(dir.path());
+    let server = ScriptedServer::start();
+    clean_script(&server);
+    assert_eq!(compile(&dir, &server, "openai", |_| {}).0, 0);
+    let good_report = read(&dir, "p.report.md");
+    // The English changes: the cache cannot answer, and says why.
+    std::fs::write(
+        dir.join("constitution.md"),
+        read(&dir, "constitution.md").replace("ask me first", "deny it"),
+    )
+    .unwrap();
+    let silent = ScriptedServer::start();
+    let (code, err) = compile(&dir, &silent, "openai", |c| c.offline = true);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("since the compile that filled the cache, the constitution changed: run once without --offline"),
+        "{err}"
+    );
+    assert!(!err.contains("catalog changed"), "{err}");
+    // A failed run leaves the good report beside the good p.rules alone.
+    assert_eq!(read(&dir, "p.report.md"), good_report);
+    assert!(read(&dir, "p.report.unverified.md").contains("**FAILED** at step `lists`"));
+    // No model configured: the error names the one the cache holds.
+    let c = Common {
+        constitution: dir.join("constitution.md"),
+        out: dir.join("p.rules"),
+        catalog: Some(dir.join("catalog.json")),
+        offline: true,
+        ..Default::default()
+    };
+    let mut err = Vec::new();
+    let code = driver::run_compile(&c, &support::env(&[]), &mut err);
+    let err = String::from_utf8(err).unwrap();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("holds answers of the model openai:test-model: pass --model test-model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_report_names_rules_no_scenario_exercised() {
+    let dir = TempDir::new("unexercised");
+    inbox_inputs(dir.path());
+    let mut rules = inbox::good_rules();
+    rules.insert(
+        4,
+        serde_json::json!({"sentence": 3, "rule": "ask mail.send when subject == \"wire the money\" \"ask about payments\""}),
+    );
+    let draft =
+        serde_json::json!({"rules": rules, "default": "deny", "assumptions": []}).to_string();
+    let server = ScriptedServer::start();
+    server
+        .answers("lists", &[&inbox::lists()])
+        .answers("draft", &[&draft])
+        .answers("scenarios", &[&inbox::good_scenarios_answer()]);
+    let (code, err) = compile(&dir, &server, "openai", |_| {});
+    assert_eq!(code, 0, "{err}");
+    let report = read(&dir, "p.report.md");
+    assert!(
+        report.contains("- no scenario exercised line 23: `ask mail.send when subject == \"wire the money\" \"ask about payments\"`"),
+        "{report}"
+    );
+    assert!(report.contains("- S3: 5 written, "), "{report}");
 }

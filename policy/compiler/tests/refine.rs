@@ -134,6 +134,8 @@ fn an_accepted_proposal_is_written_and_recompiled() {
         "call": {"tool": "mail.send", "args": {"to": ["dave@partner.example"], "subject": "s", "body": "b"}}}));
     sc.push(json!({"sentence": 5, "why": "Dave with a stranger in cc", "expect": "ask",
         "call": {"tool": "mail.send", "args": {"to": ["dave@partner.example"], "cc": ["x@evil.example"], "subject": "s", "body": "b"}}}));
+    sc.push(json!({"sentence": 5, "why": "Dave with a stranger in bcc", "expect": "ask",
+        "call": {"tool": "mail.send", "args": {"to": ["dave@partner.example"], "bcc": ["x@evil.example"], "subject": "s", "body": "b"}}}));
     server
         .answers("refine", &[&refine_answer(&dir)])
         .answers("lists", &[&inbox::lists()])

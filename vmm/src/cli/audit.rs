@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::audit::{read, verify};
+use crate::audit::{read, verify, AuditKey};
+use ironvmm_wire::text::{escape, MAX_FIELD};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum AuditCommand {
@@ -15,6 +16,9 @@ pub enum AuditCommand {
     /// reordered or truncated.
     Verify {
         file: PathBuf,
+        /// The log's HMAC key [default: FILE.key, beside the log].
+        #[arg(long, value_name = "KEYFILE")]
+        key: Option<PathBuf>,
         /// The expected hash of the last record (e.g. from the run report).
         #[arg(long, value_name = "HASH")]
         head: Option<String>,
@@ -40,9 +44,10 @@ pub fn run(cmd: AuditCommand) -> u8 {
     let result = match cmd {
         AuditCommand::Verify {
             file,
+            key,
             head,
             open_ok,
-        } => return run_verify(&file, head.as_deref(), open_ok),
+        } => return run_verify(&file, key.as_deref(), head.as_deref(), open_ok),
         AuditCommand::Show { file, denied, tool } => {
             load(&file).map(|recs| show(&recs, denied, tool.as_deref()))
         }
@@ -61,7 +66,7 @@ pub fn run(cmd: AuditCommand) -> u8 {
     }
 }
 
-fn run_verify(file: &Path, head: Option<&str>, open_ok: bool) -> u8 {
+fn run_verify(file: &Path, key: Option<&Path>, head: Option<&str>, open_ok: bool) -> u8 {
     let f = match File::open(file) {
         Ok(f) => f,
         Err(e) => {
@@ -69,7 +74,18 @@ fn run_verify(file: &Path, head: Option<&str>, open_ok: bool) -> u8 {
             return crate::exit::VMM_ERROR;
         }
     };
-    match verify::verify(BufReader::new(f), head, open_ok) {
+    let key_path = key.map_or_else(|| crate::audit::default_key_path(file), Path::to_path_buf);
+    let key = match AuditKey::load(&key_path) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!(
+                "ironvmm audit verify: {}: cannot check the chain without the log's key: {e} (give --key FILE)",
+                file.display()
+            );
+            return crate::exit::VMM_ERROR;
+        }
+    };
+    match verify::verify(BufReader::new(f), &key, head, open_ok) {
         Ok(v) => {
             let state = if v.closed { "closed" } else { "open" };
             println!("ok: {} records, {state}, head {}", v.records, v.head);
@@ -87,6 +103,11 @@ fn load(file: &Path) -> Result<Vec<Value>, String> {
     read::records(BufReader::new(f)).map_err(|e| format!("{}: {e}", file.display()))
 }
 
+/// A field of a record as the terminal may show it.
+fn cell(s: &str) -> String {
+    escape(s, MAX_FIELD).into_owned()
+}
+
 fn tool_matches(pattern: &str, tool: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => tool.starts_with(prefix),
@@ -96,6 +117,17 @@ fn tool_matches(pattern: &str, tool: &str) -> bool {
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// An outcome as `audit show` prints it: a call whose outcome is `error` was not
+/// served (its service failed, or the log could not make it durable).
+fn outcome_text(o: &Value) -> String {
+    let status = s(o, "status");
+    let us = o.get("total_us").and_then(Value::as_u64).unwrap_or(0);
+    match s(o, "detail") {
+        "" => format!("{} {us}us", cell(status)),
+        d => format!("{} ({}) {us}us", cell(status), cell(d)),
+    }
 }
 
 /// One line per decision, with its outcome when it was served.
@@ -120,32 +152,28 @@ fn show(recs: &[Value], denied_only: bool, tool: Option<&str>) -> String {
             }
         }
         let seq = r.get("seq").and_then(Value::as_u64).unwrap_or(0);
-        let outcome = outcomes.get(&seq).map_or("-".to_string(), |o| {
-            format!(
-                "{} {}us",
-                s(o, "status"),
-                o.get("total_us").and_then(Value::as_u64).unwrap_or(0)
-            )
-        });
+        let outcome = outcomes
+            .get(&seq)
+            .map_or("-".to_string(), |o| outcome_text(o));
         let decision = if r.get("asked") == Some(&Value::Bool(true)) {
-            format!("{decision} (ask)")
+            format!("{} (ask)", cell(decision))
         } else {
-            decision.to_string()
+            cell(decision)
         };
         let time = s(r, "time");
         let time = time.get(11..23).unwrap_or(time); // HH:MM:SS.mmm
         rows.push([
             seq.to_string(),
-            time.to_string(),
-            s(r, "conn").to_string(),
-            s(r, "tool").to_string(),
+            cell(time),
+            cell(s(r, "conn")),
+            cell(s(r, "tool")),
             decision,
             r.get("rule")
                 .and_then(Value::as_u64)
                 .map_or("-".into(), |l| l.to_string()),
-            s(r, "decided_by").to_string(),
+            cell(s(r, "decided_by")),
             outcome,
-            s(r, "reason").to_string(),
+            cell(s(r, "reason")),
         ]);
     }
     table(&rows)
@@ -162,10 +190,11 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
     for row in rows {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = width[i]));
+            line.push_str(cell);
+            if i + 1 < N {
+                // Padded by hand: a format width is limited to u16 and panics past it.
+                let pad = width[i] - cell.chars().count() + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.push_str(line.trim_end());
@@ -216,7 +245,7 @@ fn stats(recs: &[Value]) -> String {
     total_us.sort_unstable();
     let line = |m: &BTreeMap<String, u64>| {
         m.iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| format!("{} {v}", cell(k)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -240,7 +269,7 @@ fn stats(recs: &[Value]) -> String {
     ));
     let mut rows = vec![["TOOL", "ALLOWED", "DENIED"].map(String::from)];
     for (t, [a, d]) in &tools {
-        rows.push([t.clone(), a.to_string(), d.to_string()]);
+        rows.push([cell(t), a.to_string(), d.to_string()]);
     }
     out.push_str(&table(&rows));
     out

@@ -44,6 +44,15 @@ pub struct BootArgs {
     /// The audit log (default: $XDG_STATE_HOME/ironvmm/audit/VM.jsonl).
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
+    /// The audit log's HMAC key (default: the log's path + `.key`; never inside the workspace).
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// Most bytes this VM's audit log may grow to; past it the VM stops with its close record.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_AUDIT_BUDGET)]
+    pub audit_budget: u64,
+    /// Most bytes fs.write may write in this VM, all calls together.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::services::fs::DEFAULT_MAX_WRITE_BYTES)]
+    pub max_write_bytes: u64,
     /// always: fsync before every service call; batch: at most every 10 ms.
     #[arg(long, value_name = "MODE", default_value = "always")]
     pub audit_sync: SyncMode,
@@ -259,6 +268,9 @@ pub fn run(a: BootArgs) -> u8 {
         workspace: a.workspace.clone(),
         config,
         audit: a.audit.clone(),
+        audit_key: a.audit_key.clone(),
+        audit_budget: a.audit_budget,
+        max_write_bytes: a.max_write_bytes,
         audit_sync: a.audit_sync,
         limits: GateLimits::default(),
         vm: vm.clone(),

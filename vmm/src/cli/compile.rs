@@ -55,6 +55,10 @@ pub struct CompileFlags {
 pub struct CompileArgs {
     /// The owner's policy in plain English (Markdown).
     pub constitution: PathBuf,
+    /// Apply the judge's held correction of this scenario (as the report names it,
+    /// e.g. s9): one that gives the agent more than the scenario said. Repeatable.
+    #[arg(long = "accept", value_name = "SCENARIO")]
+    pub accept: Vec<String>,
     #[command(flatten)]
     pub flags: CompileFlags,
 }
@@ -112,11 +116,13 @@ fn common(constitution: &Path, f: &CompileFlags) -> Common {
         },
         max_repairs: f.max_repairs,
         max_rounds: f.max_rounds,
+        accept: Vec::new(),
     }
 }
 
 pub fn run_compile(a: CompileArgs) -> u8 {
-    let c = common(&a.constitution, &a.flags);
+    let mut c = common(&a.constitution, &a.flags);
+    c.accept = a.accept;
     driver::run_compile(&c, &process_env, &mut std::io::stderr())
 }
 

@@ -34,6 +34,15 @@ pub struct GateArgs {
     /// Audit log [default: $XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl].
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
+    /// The audit log's HMAC key (default: the log's path + `.key`; never inside the workspace).
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
+    /// Most bytes this VM's audit log may grow to; past it the VM stops with its close record.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_AUDIT_BUDGET)]
+    pub audit_budget: u64,
+    /// Most bytes fs.write may write in this VM, all calls together.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::services::fs::DEFAULT_MAX_WRITE_BYTES)]
+    pub max_write_bytes: u64,
     /// always: fsync before every service call; batch: at most every 10 ms.
     #[arg(long, value_name = "MODE", default_value = "always")]
     pub audit_sync: SyncMode,
@@ -76,6 +85,9 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         workspace: args.workspace.clone(),
         config,
         audit: args.audit.clone(),
+        audit_key: args.audit_key.clone(),
+        audit_budget: args.audit_budget,
+        max_write_bytes: args.max_write_bytes,
         audit_sync: args.audit_sync,
         limits: GateLimits::with_max_frame(args.max_frame),
         vm: vm_id(),

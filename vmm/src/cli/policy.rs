@@ -96,7 +96,8 @@ pub struct FmtArgs {
     /// Rewrite the file in place instead of printing.
     #[arg(long, short = 'w', conflicts_with = "check")]
     pub write: bool,
-    /// Print nothing; exit 1 if the file is not in canonical form.
+    /// Exit 1 if the file is not in canonical form, printing what would change as a
+    /// unified diff.
     #[arg(long)]
     pub check: bool,
 }
@@ -205,6 +206,28 @@ fn check(a: CheckArgs) -> u8 {
             if !l.warnings.is_empty() {
                 println!("{}\n", l.warnings);
             }
+            // With a catalog, a tool or argument it does not know is a misspelling
+            // until shown otherwise: a misspelt `deny` silently denies nothing.
+            let unknown: Vec<String> = match &catalog {
+                Some(c) => l
+                    .warnings
+                    .warnings()
+                    .filter_map(|w| unknown_name(w, c))
+                    .collect(),
+                None => Vec::new(),
+            };
+            for u in &unknown {
+                println!("{u}");
+            }
+            if !unknown.is_empty() {
+                println!(
+                    "{}: does not check: {} tool or argument name{} the catalog does not know",
+                    a.input.policy.display(),
+                    unknown.len(),
+                    plural(unknown.len())
+                );
+                return code::FAIL;
+            }
             let rules = l.policy.ast().rules().count();
             let n = l.warnings.len();
             println!(
@@ -213,6 +236,12 @@ fn check(a: CheckArgs) -> u8 {
                 plural(rules),
                 plural(n)
             );
+            if catalog.is_none() {
+                eprintln!(
+                    "ironvmm: note: no --catalog, so tool names and argument names were not checked; \
+                     pass --catalog builtin (the services compiled into ironvmm) or --catalog FILE"
+                );
+            }
             match &a.against {
                 Some(c) => {
                     super::compile::check_against(&a.input.policy, c, a.input.catalog.as_deref())
@@ -232,6 +261,45 @@ fn check(a: CheckArgs) -> u8 {
             code::FAIL
         }
     }
+}
+
+/// The first `name` in backticks of a message.
+fn backticked(msg: &str) -> Option<&str> {
+    let start = msg.find('`')? + 1;
+    let len = msg[start..].find('`')?;
+    Some(&msg[start..start + len])
+}
+
+/// A warning that names a tool or an argument the catalog does not know, as an
+/// error line with a "did you mean" where a known name is near.
+fn unknown_name(w: &ironvmm_policy::Diagnostic, c: &Catalog) -> Option<String> {
+    let (kind, name, known): (&str, &str, Vec<String>) =
+        if w.message.contains("matches no tool of the catalog") {
+            let name = backticked(&w.message)?;
+            ("tool", name, c.tools().map(|t| t.name.clone()).collect())
+        } else if w.message.contains("argument `") && w.message.contains("in the catalog") {
+            let at = w.message.find("argument `")? + "argument ".len();
+            let name = backticked(&w.message[at..])?;
+            let mut args: Vec<String> = c
+                .tools()
+                .filter_map(|t| t.input_schema.get("properties").and_then(Value::as_object))
+                .flat_map(|p| p.keys().cloned())
+                .collect();
+            args.sort();
+            args.dedup();
+            ("argument", name, args)
+        } else {
+            return None;
+        };
+    let refs: Vec<&str> = known.iter().map(String::as_str).collect();
+    let hint = match ironvmm_policy_compiler::config::nearest(name, &refs) {
+        Some(n) => format!(": did you mean `{n}`?"),
+        None => String::new(),
+    };
+    Some(format!(
+        "{}:{}:{}: error: unknown {kind} `{name}`{hint}",
+        w.file, w.line, w.col
+    ))
 }
 
 /// A call line: the call, and the time it is decided at (ms since 1970).
@@ -461,7 +529,18 @@ fn fmt(a: FmtArgs) -> u8 {
         return code::BAD_INPUT;
     }
     if a.check {
-        return if out == text { code::OK } else { code::FAIL };
+        if out == text {
+            return code::OK;
+        }
+        // What would change, as a unified diff.
+        print!(
+            "{}",
+            similar::TextDiff::from_lines(&text, &out)
+                .unified_diff()
+                .context_radius(2)
+                .header(&name, &format!("{name} (canonical)"))
+        );
+        return code::FAIL;
     }
     if a.write {
         if out != text {

@@ -272,12 +272,111 @@ mod tests {
         assert!(load(&mem, 64 << 20, &fake_bz, &[], "").is_err());
     }
 
+    /// The smallest ELF64 vmlinux the loader accepts: one header, one PT_LOAD of
+    /// `code` at `paddr`, entry at `paddr`, and a PVH note when `pvh_entry` is set.
+    fn minimal_elf(paddr: u64, code: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
+        const EHDR: usize = 64;
+        const PHDR: usize = 56;
+        let note = pvh_entry.map(|e| {
+            let mut n = Vec::new();
+            n.extend_from_slice(&4u32.to_le_bytes()); // namesz: "Xen\0"
+            n.extend_from_slice(&4u32.to_le_bytes()); // descsz
+            n.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+            n.extend_from_slice(b"Xen\0");
+            n.extend_from_slice(&e.to_le_bytes());
+            n
+        });
+        let phnum = 1 + usize::from(note.is_some());
+        let code_off = EHDR + phnum * PHDR;
+        let note_off = code_off + code.len();
+        let mut f = vec![0u8; EHDR];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // ELFCLASS64
+        f[5] = 1; // ELFDATA2LSB
+        f[6] = 1; // EV_CURRENT
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&(EHDR as u16).to_le_bytes());
+        f[54..56].copy_from_slice(&(PHDR as u16).to_le_bytes());
+        f[56..58].copy_from_slice(&(phnum as u16).to_le_bytes());
+        let phdr = |kind: u32, off: usize, addr: u64, len: usize| {
+            let mut p = vec![0u8; PHDR];
+            p[..4].copy_from_slice(&kind.to_le_bytes());
+            p[8..16].copy_from_slice(&(off as u64).to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&(len as u64).to_le_bytes());
+            p[40..48].copy_from_slice(&(len as u64).to_le_bytes());
+            p
+        };
+        f.extend(phdr(1, code_off, paddr, code.len())); // PT_LOAD
+        if let Some(n) = &note {
+            f.extend(phdr(4, note_off, 0, n.len())); // PT_NOTE
+        }
+        f.extend_from_slice(code);
+        if let Some(n) = note {
+            f.extend(n);
+        }
+        f
+    }
+
+    #[test]
+    fn a_minimal_elf_loads_with_its_cmdline_and_zero_page() {
+        let mem = create_guest_memory(64).unwrap();
+        let code = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp back
+        let elf = minimal_elf(0x100_0000, &code, None);
+        let entry = load(&mem, 64 << 20, &elf, b"initrd", "console=ttyS0").unwrap();
+        assert_eq!(
+            entry,
+            Entry {
+                mode: EntryMode::Linux64,
+                addr: 0x100_0000
+            }
+        );
+        let mut loaded = [0u8; 3];
+        mem.read_slice(&mut loaded, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(loaded, code);
+        let mut cl = [0u8; 14];
+        mem.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&cl, b"console=ttyS0\0");
+        let zp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.hdr.ramdisk_size }, 6);
+        assert_eq!({ zp.hdr.cmdline_size }, 14);
+    }
+
+    #[test]
+    fn a_pvh_note_selects_the_pvh_entry() {
+        let mem = create_guest_memory(64).unwrap();
+        let elf = minimal_elf(0x100_0000, &[0xf4], Some(0x100_0000));
+        let entry = load(&mem, 64 << 20, &elf, &[], "").unwrap();
+        assert_eq!(entry.mode, EntryMode::Pvh);
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
+        assert_eq!({ info.magic }, PVH_MAGIC);
+    }
+
     #[test]
     fn long_cmdline_is_refused() {
         let mem = create_guest_memory(64).unwrap();
-        let mut tiny_elf = vec![0u8; 64];
-        tiny_elf[..4].copy_from_slice(b"\x7fELF");
-        let long = "x".repeat(CMDLINE_MAX + 1);
-        assert!(load(&mem, 64 << 20, &tiny_elf, &[], &long).is_err());
+        let elf = minimal_elf(0x100_0000, &[0xf4], None);
+        // The longest that fits with its NUL loads; one byte more is refused, by length.
+        let longest = "x".repeat(CMDLINE_MAX - 1);
+        load(&mem, 64 << 20, &elf, &[], &longest).unwrap();
+        let long = "x".repeat(CMDLINE_MAX);
+        let err = load(&mem, 64 << 20, &elf, &[], &long).unwrap_err();
+        assert!(
+            matches!(err, LoadError::CmdlineTooLong(n) if n == CMDLINE_MAX),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the kernel command line is {CMDLINE_MAX} bytes; the limit is {}",
+                CMDLINE_MAX - 1
+            )
+        );
     }
 }

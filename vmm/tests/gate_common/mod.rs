@@ -150,3 +150,25 @@ pub fn call_frame(id: u64, tool: &str, args: Value) -> Vec<u8> {
     }))
     .unwrap()
 }
+
+/// The `structuredContent` of a denial, after checking that the reply is one: a
+/// tool result with `isError`, whose text names the rule, who decided and why.
+pub fn denial(reply: &Value) -> &Value {
+    let res = &reply["result"];
+    assert!(
+        reply.get("error").is_none(),
+        "a denial is not an error: {reply}"
+    );
+    assert_eq!(res["isError"], true, "{reply}");
+    let d = &res["structuredContent"];
+    assert_eq!(d["decision"], "deny", "{reply}");
+    let text = res["content"][0]["text"].as_str().expect("a text content");
+    let by = d["decided_by"].as_str().unwrap();
+    let reason = d["reason"].as_str().unwrap();
+    let head = match d["rule"].as_u64() {
+        Some(r) => format!("denied by rule {r} (decided by {by}): "),
+        None => format!("denied (decided by {by}): "),
+    };
+    assert_eq!(text, format!("{head}{reason}"));
+    d
+}

@@ -60,13 +60,13 @@ pub mod exit {
 
 /// Exit codes of `iron call` in the guest.
 pub mod iron_exit {
-    pub const OK: i32 = 0;
+    pub const OK: u8 = 0;
     /// A result whose `structuredContent.decision` is `deny`.
-    pub const DENIED: i32 = 3;
-    /// A tool error (`isError`) or a protocol error.
-    pub const TOOL_ERROR: i32 = 4;
+    pub const DENIED: u8 = 3;
+    /// A tool error (`isError`) or a protocol error (and bad usage).
+    pub const TOOL_ERROR: u8 = 4;
     /// The gate could not be reached.
-    pub const UNREACHABLE: i32 = 5;
+    pub const UNREACHABLE: u8 = 5;
 }
 
 #[cfg(test)]
@@ -86,5 +86,71 @@ mod tests {
     fn newest_protocol_is_last() {
         assert_eq!(PROTOCOL_VERSION, "2025-11-25");
         assert!(PROTOCOL_VERSIONS.windows(2).all(|w| w[0] < w[1]));
+    }
+}
+
+/// Guest-supplied text made safe for a terminal, written once for every human-facing
+/// output on both sides (audit show and stats, image inspect, console summaries).
+pub mod text {
+    use std::borrow::Cow;
+    use std::fmt::Write;
+
+    /// Longest field the tables print before cutting it (visibly).
+    pub const MAX_FIELD: usize = 200;
+
+    fn needs_escape(c: char) -> bool {
+        c.is_control()
+            || c == '\\'
+            // Bidirectional overrides and isolates reorder what follows them on screen.
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
+    }
+
+    /// `s` with every control character (C0, DEL, C1), bidi control and backslash
+    /// escaped (`\n`, `\r`, `\t`, `\\`, `\x1b`, `\u{202e}`), and cut after
+    /// `max_chars` characters with `…[+N chars]`, so a guest string can neither
+    /// forge a row, move the cursor, retitle the terminal, nor flood the screen.
+    pub fn escape(s: &str, max_chars: usize) -> Cow<'_, str> {
+        let long = s.chars().nth(max_chars).is_some();
+        if !long && !s.chars().any(needs_escape) {
+            return Cow::Borrowed(s);
+        }
+        let mut out = String::with_capacity(s.len().min(max_chars * 4) + 16);
+        for c in s.chars().take(max_chars) {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\\' => out.push_str("\\\\"),
+                c if needs_escape(c) && (c as u32) < 0x100 => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if needs_escape(c) => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        if long {
+            let rest = s.chars().count() - max_chars;
+            let _ = write!(out, "…[+{rest} chars]");
+        }
+        Cow::Owned(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn controls_are_escaped_and_long_text_cut() {
+            assert_eq!(escape("fs.read", 10), "fs.read");
+            assert_eq!(
+                escape("a\nallow\r\x1b]0;x\x07\x1b[2J\\\u{202e}\u{9b}", 100),
+                "a\\nallow\\r\\x1b]0;x\\x07\\x1b[2J\\\\\\u{202e}\\x9b"
+            );
+            let long = "é".repeat(70_000);
+            let e = escape(&long, 5);
+            assert_eq!(e, "ééééé…[+69995 chars]");
+        }
     }
 }

@@ -41,6 +41,10 @@ impl Message {
 pub struct ChatRequest {
     pub system: String,
     pub messages: Vec<Message>,
+    /// The JSON Schema the answer must follow, where the provider can enforce it.
+    /// Not part of the cache key: it is fixed by the step, and every prompt change
+    /// bumps the prompt version.
+    pub schema: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -53,7 +53,13 @@ pub fn post(
                 match body {
                     Ok(b) => return Ok(b),
                     // A body cut off by the deadline is a timeout like any other.
-                    Err(e) => (true, None, e),
+                    Err(e) => {
+                        let mut e = tidy(&e);
+                        if e.contains("timed out") {
+                            e.push_str(&timeout_hint(cfg));
+                        }
+                        (true, None, e)
+                    }
                 }
             }
             Err(ureq::Error::Status(code, resp)) => {
@@ -78,7 +84,14 @@ pub fn post(
                 }
             }
             Err(ureq::Error::Transport(t)) => {
-                let msg = t.to_string();
+                let full = tidy(&t.to_string());
+                let mut msg = full
+                    .strip_prefix(&format!("{}: ", w.url))
+                    .unwrap_or(&full)
+                    .to_string();
+                if msg.contains("timed out") {
+                    msg.push_str(&timeout_hint(cfg));
+                }
                 attempts.push(Attempt {
                     status: None,
                     error: Some(msg.clone()),
@@ -97,6 +110,26 @@ pub fn post(
         sleep(backoff(cfg, n, wait_hint));
     }
     unreachable!("the loop returns on its last try")
+}
+
+fn timeout_hint(cfg: &LlmConfig) -> String {
+    format!(
+        " (after {:.1}s: raise [llm] timeout_secs for a slow local model)",
+        cfg.timeout.as_secs_f64()
+    )
+}
+
+/// A transport error in one line: ureq nests its error kind inside the I/O error it
+/// wraps, which reads "Network Error: Network Error: ..."; each repeated part is
+/// said once.
+pub fn tidy(msg: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in msg.split(": ") {
+        if !parts.contains(&p) {
+            parts.push(p);
+        }
+    }
+    parts.join(": ")
 }
 
 /// `retry_base * 2^n`, or the server's Retry-After, never above `retry_max`.
@@ -130,6 +163,18 @@ fn excerpt(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::LlmSettings;
+
+    #[test]
+    fn repeated_error_parts_are_said_once() {
+        assert_eq!(
+            tidy("http://x/v1: Network Error: Network Error: timed out reading response"),
+            "http://x/v1: Network Error: timed out reading response"
+        );
+        assert_eq!(
+            tidy("reading the response body: Network Error: Network Error: timed out"),
+            "reading the response body: Network Error: timed out"
+        );
+    }
 
     #[test]
     fn backoff_doubles_honours_retry_after_and_is_capped() {

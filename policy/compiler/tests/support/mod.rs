@@ -247,7 +247,17 @@ fn respond(mut conn: TcpStream, reply: Reply, anthropic: bool, req: &Value) {
         Reply::RawBody(b) => (200, b, None),
         Reply::Answer(text) => {
             let model = req["model"].clone();
-            let v = if anthropic {
+            // Asked to answer through a tool (structured output), a JSON answer comes
+            // back as the tool's input, as Anthropic's API returns it.
+            let tool = req["tool_choice"]["name"].as_str();
+            let as_json = serde_json::from_str::<Value>(&text)
+                .ok()
+                .filter(Value::is_object);
+            let v = if let (true, Some(name), Some(input)) = (anthropic, tool, as_json) {
+                json!({"id": "msg_test", "type": "message", "role": "assistant", "model": model,
+                       "content": [{"type": "tool_use", "id": "toolu_1", "name": name, "input": input}],
+                       "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 1}})
+            } else if anthropic {
                 json!({"id": "msg_test", "type": "message", "role": "assistant", "model": model,
                        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                        "usage": {"input_tokens": 1, "output_tokens": 1}})

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use super::redact::redact;
-use super::{now_rfc3339, record_hash, ZERO_HASH};
+use super::{default_key_path, now_rfc3339, record_hash, AuditKey, ZERO_HASH};
+
+/// Room kept in the audit budget for the close record.
+pub const CLOSE_RESERVE: u64 = 4096;
 
 /// Longest a record may wait for its fsync in `batch` mode.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(10);
@@ -113,6 +116,8 @@ struct Counts {
 
 struct State {
     file: File,
+    /// Bytes written so far (the audit budget counts them).
+    bytes: u64,
     next_seq: u64,
     prev: String,
     counts: Counts,
@@ -123,6 +128,8 @@ struct State {
 struct Shared {
     path: PathBuf,
     vm: String,
+    /// Keys the chain (see `record_hash`).
+    key: AuditKey,
     mode: SyncMode,
     state: Mutex<State>,
     /// A second handle on the same file, so fsync needs no `state` lock.
@@ -132,6 +139,11 @@ struct Shared {
     /// Records known durable.
     synced: Mutex<u64>,
     failed: OnceLock<String>,
+    /// Most bytes the log may hold (`--audit-budget`); the close record may always
+    /// be written.
+    budget: AtomicU64,
+    /// Why records are refused once the budget is spent: the VM stops, cleanly.
+    exhausted: OnceLock<String>,
     dirty: Mutex<bool>,
     dirty_cv: Condvar,
     stop: AtomicBool,
@@ -144,10 +156,22 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
-    /// with parent folders, mode 0600, and writes and syncs the `open` record.
+    /// Creates `path` with a new key beside it (`<path>.key`): see `create_keyed`.
     pub fn create(
         path: &Path,
+        vm: &str,
+        mode: SyncMode,
+        open: Map<String, Value>,
+    ) -> Result<AuditLog, AuditError> {
+        Self::create_keyed(path, &default_key_path(path), vm, mode, open)
+    }
+
+    /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
+    /// with parent folders, mode 0600, and a new key in `key_path` (never reused
+    /// either), and writes and syncs the `open` record.
+    pub fn create_keyed(
+        path: &Path,
+        key_path: &Path,
         vm: &str,
         mode: SyncMode,
         open: Map<String, Value>,
@@ -173,13 +197,22 @@ impl AuditLog {
                 };
                 AuditError(format!("audit log {}: {e}{hint}", path.display()))
             })?;
-        Self::from_file(file, path, vm, mode, open)
+        let key = match AuditKey::create_file(key_path) {
+            Ok(k) => k,
+            Err(e) => {
+                // The log is still empty: leave no keyless log behind.
+                let _ = std::fs::remove_file(path);
+                return Err(AuditError(e.to_string()));
+            }
+        };
+        Self::from_file(file, path, key, vm, mode, open)
     }
 
     /// Starts a log on an already opened, empty, append-mode file.
     pub fn from_file(
         file: File,
         path: &Path,
+        key: AuditKey,
         vm: &str,
         mode: SyncMode,
         open: Map<String, Value>,
@@ -190,9 +223,11 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             vm: vm.to_owned(),
+            key,
             mode,
             state: Mutex::new(State {
                 file,
+                bytes: 0,
                 next_seq: 0,
                 prev: ZERO_HASH.to_string(),
                 counts: Counts::default(),
@@ -203,6 +238,8 @@ impl AuditLog {
             written: AtomicU64::new(0),
             synced: Mutex::new(0),
             failed: OnceLock::new(),
+            budget: AtomicU64::new(u64::MAX),
+            exhausted: OnceLock::new(),
             dirty: Mutex::new(false),
             dirty_cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -238,6 +275,23 @@ impl AuditLog {
     /// Why the log stopped accepting records, once it has.
     pub fn failure(&self) -> Option<&str> {
         self.shared.failed.get().map(String::as_str)
+    }
+
+    /// Caps the log's size: a decision or outcome record that would take it past
+    /// `bytes - CLOSE_RESERVE` is refused, and `exhausted` says why. The close record
+    /// is always written, so a VM stopped for it still ends its log properly.
+    pub fn set_budget(&self, bytes: u64) {
+        self.shared.budget.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Why records are refused because the audit budget is spent, once it is.
+    pub fn exhausted(&self) -> Option<&str> {
+        self.shared.exhausted.get().map(String::as_str)
+    }
+
+    /// Bytes written to the log so far.
+    pub fn bytes(&self) -> u64 {
+        self.shared.lock().bytes
     }
 
     /// The hash of the last record written.
@@ -368,6 +422,11 @@ impl Shared {
         if let Some(f) = self.failed.get() {
             return Err(AuditError(f.clone()));
         }
+        if kind != "close" {
+            if let Some(f) = self.exhausted.get() {
+                return Err(AuditError(f.clone()));
+            }
+        }
         let mut st = self.lock();
         if st.closed {
             return Err(AuditError(format!(
@@ -400,12 +459,25 @@ impl Shared {
                 self.path.display()
             )));
         }
-        let hash = record_hash(&line);
+        let hash = record_hash(&self.key, &line);
         line.pop(); // the closing brace; the hash member goes before it
         line.extend_from_slice(super::HASH_MEMBER.as_bytes());
         line.extend_from_slice(hash.as_bytes());
         line.extend_from_slice(b"\"}\n");
+        let budget = self.budget.load(Ordering::Relaxed);
+        let over = st.bytes + line.len() as u64 > budget.saturating_sub(CLOSE_RESERVE);
+        if kind != "close" && over {
+            st.line = line;
+            let _ = self.exhausted.set(format!(
+                "audit log {}: the audit budget of {budget} bytes is spent (--audit-budget)",
+                self.path.display()
+            ));
+            return Err(AuditError(
+                self.exhausted.get().cloned().unwrap_or_default(),
+            ));
+        }
         let res = st.file.write_all(&line);
+        let len = line.len() as u64;
         st.line = line;
         if let Err(e) = res {
             return Err(self.fail(format!(
@@ -414,6 +486,7 @@ impl Shared {
             )));
         }
         st.prev = hash;
+        st.bytes += len;
         st.next_seq = seq + 1;
         tally(&mut st.counts);
         if kind == "close" {

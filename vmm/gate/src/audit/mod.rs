@@ -1,19 +1,26 @@
-//! The audit log: one JSON object per line, hash-chained, written before a call is
-//! served. See docs/audit.md for the record format and the guarantees.
+//! The audit log: one JSON object per line, chained by HMAC-SHA256 under a per-VM
+//! key, written before a call is served. See docs/audit.md for the record format
+//! and the guarantees.
 //!
 //! - `log`    the writer (sequence numbers, chain, fsync policy, fail-closed state)
 //! - `redact` what of a call's arguments is written
 //! - `verify` chain and sequence checks (`ironvmm audit verify`)
 //! - `read`   loading a log for `audit show` and `audit stats`
 
+mod key;
 pub mod log;
 pub mod read;
 pub mod redact;
 pub mod verify;
 
+pub use key::{default_key_path, AuditKey, KeyError};
 pub use log::{AuditError, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// `--audit-budget` unless given: 1 GiB of log per VM.
+pub const DEFAULT_AUDIT_BUDGET: u64 = 1 << 30;
 
 /// `prev` of the first record.
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -23,10 +30,16 @@ pub(crate) const HASH_MEMBER: &str = ",\"hash\":\"";
 /// Length of the `,"hash":"<64 hex>"}` tail of a line.
 pub(crate) const HASH_TAIL_LEN: usize = HASH_MEMBER.len() + 64 + 2;
 
-/// The hash of a record: SHA-256 over the line's bytes with the trailing `hash`
-/// member removed, i.e. over `{"seq":…,…,"prev":"…"}`.
-pub(crate) fn record_hash(body_without_hash: &[u8]) -> String {
-    hex::encode(Sha256::digest(body_without_hash))
+/// The hash of a record: HMAC-SHA256 under the VM's audit key over the line's bytes
+/// with the trailing `hash` member removed, i.e. over `{"seq":…,…,"prev":"…"}`.
+/// Keyed, so that whoever can write the file but not read the key (the guest, when
+/// the log lies in its workspace) cannot rebuild a chain that verifies.
+pub(crate) fn record_hash(key: &AuditKey, body_without_hash: &[u8]) -> String {
+    // HMAC takes a key of any length: new_from_slice cannot fail here.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(body_without_hash);
+    hex::encode(mac.finalize().into_bytes())
 }
 
 /// RFC 3339 in UTC with nanoseconds, e.g. `2026-11-25T07:10:36.123456789Z`.

@@ -1,16 +1,19 @@
 //! `ironvmm audit verify`: recompute the chain and check the sequence.
 //!
-//! What it proves: no record was edited, removed, inserted or reordered after it was
-//! written, and (without `--open-ok`) that the log ends with its `close` record. The
-//! chain has no key, so someone who can rewrite the whole file can rebuild it; `--head`
-//! anchors the check to a final hash recorded elsewhere (the run report).
+//! What it proves, given the log's key: no record was edited, removed, inserted or
+//! reordered after it was written, and (without `--open-ok`) that the log ends with
+//! its `close` record. The chain is an HMAC under the per-VM key, so someone who can
+//! rewrite the file but not read the key cannot rebuild it. Someone who can read the
+//! key (the host account that ran the VM) can; and cutting records off the end of a
+//! log leaves a shorter log that still verifies with `--open-ok`. `--head` anchors the
+//! check to a final hash recorded elsewhere (the run report).
 
 use std::fmt;
 use std::io::BufRead;
 
 use serde_json::Value;
 
-use super::{record_hash, HASH_MEMBER, HASH_TAIL_LEN, ZERO_HASH};
+use super::{record_hash, AuditKey, HASH_MEMBER, HASH_TAIL_LEN, ZERO_HASH};
 
 /// A verified log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +53,7 @@ fn at(line: u64, seq: Option<u64>, message: impl Into<String>) -> VerifyError {
 /// Checks a whole log read from `input`.
 pub fn verify(
     mut input: impl BufRead,
+    key: &AuditKey,
     head: Option<&str>,
     open_ok: bool,
 ) -> Result<Verified, VerifyError> {
@@ -80,7 +84,7 @@ pub fn verify(
         if closed {
             return Err(at(lineno, None, "a record follows the close record"));
         }
-        let rec = check_line(&buf, lineno)?;
+        let rec = check_line(key, &buf, lineno)?;
         let seq = rec.get("seq").and_then(Value::as_u64);
         if seq != Some(count) {
             let got = seq.map_or("no seq".to_string(), |s| format!("seq {s}"));
@@ -160,7 +164,7 @@ pub fn verify(
 }
 
 /// Parses one line and checks that its hash covers it.
-fn check_line(line: &[u8], lineno: u64) -> Result<Value, VerifyError> {
+fn check_line(key: &AuditKey, line: &[u8], lineno: u64) -> Result<Value, VerifyError> {
     let rec = crate::json::parse_strict(line)
         .map_err(|e| at(lineno, None, format!("not a valid JSON record: {e}")))?;
     let seq = rec.get("seq").and_then(Value::as_u64);
@@ -179,13 +183,13 @@ fn check_line(line: &[u8], lineno: u64) -> Result<Value, VerifyError> {
     }
     let mut body = line[..line.len() - HASH_TAIL_LEN].to_vec();
     body.push(b'}');
-    let want = record_hash(&body);
+    let want = record_hash(key, &body);
     let got = rec.get("hash").and_then(Value::as_str).unwrap_or("");
     if got != want {
         return Err(at(
             lineno,
             seq,
-            "the hash does not match the record: it was edited after it was written",
+            "the hash does not match the record: it was edited after it was written, or the key is not this log's",
         ));
     }
     Ok(rec)

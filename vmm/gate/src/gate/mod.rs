@@ -107,9 +107,10 @@ impl Gate {
     /// A condition the VMM must act on by stopping the VM (exit 125): the audit log
     /// can no longer be written, so every call is being denied.
     pub fn fatal(&self) -> Option<String> {
-        self.audit
-            .failure()
-            .map(|f| format!("the audit log can no longer be written: {f}"))
+        if let Some(f) = self.audit.failure() {
+            return Some(format!("the audit log can no longer be written: {f}"));
+        }
+        self.audit.exhausted().map(str::to_string)
     }
 
     /// Handles one complete frame, appending at most one reply line to `out`.
@@ -136,11 +137,18 @@ impl Gate {
                 return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, m, None);
             }
         };
+        if !req.contains_key("method") && (req.contains_key("result") || req.contains_key("error"))
+        {
+            // A response from the client (the gate sends no requests, so it answers
+            // nothing); answering it could start an endless exchange of errors.
+            return;
+        }
         let id = match req.remove("id") {
             None => None,
-            Some(id @ (Value::String(_) | Value::Number(_) | Value::Null)) => Some(id),
+            Some(id @ Value::String(_)) => Some(id),
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n)),
             Some(_) => {
-                let m = "Invalid Request: id must be a string, a number or null";
+                let m = "Invalid Request: id must be a string or an integer";
                 return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, m, None);
             }
         };
@@ -165,14 +173,28 @@ impl Gate {
         let params = req.remove("params");
         match method.as_str() {
             "initialize" | "ping" | "tools/list" => {
-                if !matches!(params, None | Some(Value::Object(_))) {
-                    let m = "Invalid params: params must be an object";
-                    return rpc::error(out, &id, rpc::INVALID_PARAMS, m, None);
-                }
+                let params = match params {
+                    None => Map::new(),
+                    Some(Value::Object(p)) => p,
+                    Some(_) => {
+                        let m = "Invalid params: params must be an object";
+                        return rpc::error(out, &id, rpc::INVALID_PARAMS, m, None);
+                    }
+                };
                 match method.as_str() {
-                    "initialize" => rpc::result(out, &id, &initialize_result()),
+                    "initialize" => match initialize_result(&params) {
+                        Ok(r) => rpc::result(out, &id, &r),
+                        Err(m) => rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None),
+                    },
                     "ping" => rpc::result(out, &id, &json!({})),
-                    _ => rpc::raw_result(out, &id, &self.tools_list),
+                    // The one page has no cursor: any cursor is one the gate never gave.
+                    _ => match params.get("cursor") {
+                        None | Some(Value::Null) => rpc::raw_result(out, &id, &self.tools_list),
+                        Some(c) => {
+                            let m = format!("Invalid params: unknown cursor {c}");
+                            rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None)
+                        }
+                    },
                 }
             }
             "tools/call" => match tool_call(params) {
@@ -200,7 +222,8 @@ impl Gate {
         };
         // The catalog the policy knows lists every builtin tool; a tool this gate does
         // not serve (fs without --workspace) is an unknown tool here.
-        let ruling = if !self.services.offers(&call.tool) {
+        let unknown = !self.services.offers(&call.tool);
+        let ruling = if unknown {
             invariant("unknown tool")
         } else {
             // A bug in the engine must not take the VMM down, nor let the call through.
@@ -235,6 +258,12 @@ impl Gate {
                 return deny(out, id, None, DecidedBy::Invariant, &m);
             }
         };
+        if unknown {
+            // MCP makes an unknown tool a protocol error, not a tool result; it is
+            // audited above all the same.
+            let m = format!("Unknown tool: {}", call.tool);
+            return rpc::error(out, id, rpc::INVALID_PARAMS, &m, None);
+        }
         if !allowed {
             return deny(out, id, ruling.rule, by, reason);
         }
@@ -271,22 +300,28 @@ impl Gate {
     }
 }
 
+/// A denial (by a rule, the default, an invariant such as invalid arguments, a
+/// timeout…) is a tool result with `isError`, not a JSON-RPC error.
 fn deny(out: &mut Vec<u8>, id: &Value, rule: Option<u32>, by: DecidedBy, reason: &str) {
-    let data = rpc::denial_data(rule, by.as_str(), reason);
-    let code = if by == DecidedBy::Timeout {
-        rpc::APPROVAL_TIMEOUT
-    } else {
-        rpc::DENIED
-    };
-    rpc::error(out, id, code, &format!("denied: {reason}"), Some(&data));
+    rpc::result(out, id, &rpc::denial_result(rule, by.as_str(), reason));
 }
 
-fn initialize_result() -> Value {
-    json!({
-        "protocolVersion": rpc::PROTOCOL_VERSION,
+/// The `initialize` result, or the -32602 message for an incomplete request.
+fn initialize_result(params: &Map<String, Value>) -> Result<Value, String> {
+    let Some(Value::String(asked)) = params.get("protocolVersion") else {
+        return Err("Invalid params: initialize needs params.protocolVersion (a string)".into());
+    };
+    if !matches!(params.get("capabilities"), Some(Value::Object(_))) {
+        return Err("Invalid params: initialize needs params.capabilities (an object)".into());
+    }
+    if !matches!(params.get("clientInfo"), Some(Value::Object(_))) {
+        return Err("Invalid params: initialize needs params.clientInfo (an object)".into());
+    }
+    Ok(json!({
+        "protocolVersion": rpc::negotiate_version(asked),
         "capabilities": {"tools": {}},
         "serverInfo": {"name": "ironvmm", "version": env!("CARGO_PKG_VERSION")},
-    })
+    }))
 }
 
 /// `tools/call` params → the policy call; the error is the -32602 message.

@@ -2,17 +2,16 @@
 //! arguments that fail a schema are denied by the invariants), with the gate's own
 //! files added to the paths the policy protects.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ironvmm_policy::Policy;
 
 use super::setup::SetupError;
-use super::Decider;
 use crate::services::builtin_catalog;
 
-/// Loads the policy at `path`; returns the decider and the formatted warnings.
-/// An invalid policy is exit 127 with the engine's diagnostics.
-pub fn load(path: &Path, protected: &[PathBuf]) -> Result<(Box<dyn Decider>, String), SetupError> {
+/// Loads the policy at `path`; returns the policy and the formatted warnings. An invalid policy is exit 127 with
+/// the engine's diagnostics.
+pub fn load(path: &Path) -> Result<(Policy, String), SetupError> {
     let catalog = builtin_catalog().map_err(|e| SetupError {
         code: ironvmm_wire::exit::VMM_ERROR,
         message: format!("the builtin catalog is invalid: {e}"),
@@ -21,14 +20,10 @@ pub fn load(path: &Path, protected: &[PathBuf]) -> Result<(Box<dyn Decider>, Str
         code: ironvmm_wire::exit::BAD_POLICY,
         message: format!("invalid policy:\n{d}"),
     })?;
-    let mut policy = loaded.policy;
-    for p in protected {
-        policy.add_protected_path(p);
-    }
     let warnings = if loaded.warnings.is_empty() {
         String::new()
     } else {
         format!("{}", loaded.warnings)
     };
-    Ok((Box::new(policy), warnings))
+    Ok((loaded.policy, warnings))
 }

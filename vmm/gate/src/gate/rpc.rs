@@ -3,12 +3,7 @@
 use serde_json::{json, Value};
 
 pub use ironvmm_wire::rpc_code::{INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR};
-/// Denied by a rule, the default, an invariant, a limit, a user...
-pub const DENIED: i64 = -32001;
-/// Denied because nobody answered an ask in time.
-pub const APPROVAL_TIMEOUT: i64 = -32002;
-
-pub use ironvmm_wire::PROTOCOL_VERSION;
+pub use ironvmm_wire::{PROTOCOL_VERSION, PROTOCOL_VERSIONS};
 
 fn head(out: &mut Vec<u8>, id: &Value) {
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
@@ -44,9 +39,27 @@ pub fn error(out: &mut Vec<u8>, id: &Value, code: i64, message: &str, data: Opti
     out.extend_from_slice(b"}\n");
 }
 
-/// The `data` of a denial (-32001 / -32002).
-pub fn denial_data(rule: Option<u32>, decided_by: &str, reason: &str) -> Value {
-    json!({"decision": "deny", "rule": rule, "decided_by": decided_by, "reason": reason})
+/// A denial, as a `tools/call` result rather than a JSON-RPC error: the model reads
+/// it and can adapt, and no SDK mistakes it for its own error codes (-32001 is both
+/// official SDKs' request timeout).
+pub fn denial_result(rule: Option<u32>, decided_by: &str, reason: &str) -> Value {
+    let text = match rule {
+        Some(r) => format!("denied by rule {r} (decided by {decided_by}): {reason}"),
+        None => format!("denied (decided by {decided_by}): {reason}"),
+    };
+    let structured =
+        json!({"decision": "deny", "rule": rule, "decided_by": decided_by, "reason": reason});
+    tool_result(structured, true, Some(text))
+}
+
+/// The `protocolVersion` the gate answers to a client asking for `asked`: the
+/// client's own when the gate speaks it, else the newest the gate speaks.
+pub fn negotiate_version(asked: &str) -> &'static str {
+    PROTOCOL_VERSIONS
+        .iter()
+        .find(|v| **v == asked)
+        .copied()
+        .unwrap_or(PROTOCOL_VERSION)
 }
 
 /// A `tools/call` result: structured content, also as text (MCP asks for both).

@@ -1,7 +1,7 @@
 //! Building a gate from its settings: policy, services, audit log. Shared by
 //! `ironvmm gate` and the VMM (`boot`/`run`), so both get the same checks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -27,6 +27,12 @@ pub struct GateConfig {
     pub config: Config,
     /// None: `audit::default_path(vm)`.
     pub audit: Option<PathBuf>,
+    /// The audit key file; None: `<audit log>.key`. Never inside the workspace.
+    pub audit_key: Option<PathBuf>,
+    /// Most bytes the audit log may hold (`--audit-budget`).
+    pub audit_budget: u64,
+    /// Most bytes `fs.write` may write in this VM (`--max-write-bytes`).
+    pub max_write_bytes: u64,
     pub audit_sync: SyncMode,
     pub limits: GateLimits,
     /// The VM id written in every audit record.
@@ -61,9 +67,10 @@ fn fail(code: u8, message: impl Into<String>) -> SetupError {
 }
 
 /// Loads the policy (exit 127 if invalid), opens the workspace, creates the audit log
-/// with its `open` record (exit 125 on failure), and protects the log and the policy
-/// from the guest in the policy (by path, also as /workspace/...) and in the fs
-/// service (by file identity).
+/// and its key with the `open` record (exit 125 on failure), and protects the gate's
+/// own files from the guest: in the policy (invariant 3, by path, also as
+/// /workspace/... when they lie in the workspace) and in the fs service (by file
+/// identity, with every folder that holds one of them).
 pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
@@ -94,23 +101,26 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             )
         })?,
     };
-    let mut protected = vec![audit_path.clone(), cfg.policy.clone()];
-    protected.extend(cfg.config.source.clone());
-    // The same files as the guest would name them, when they lie in the workspace.
-    if let Some(ws) = workspace.as_ref().and_then(|w| w.canonicalize().ok()) {
-        for p in protected.clone() {
-            let abs = p
-                .parent()
-                .and_then(|d| d.canonicalize().ok())
-                .zip(p.file_name())
-                .map(|(d, n)| d.join(n));
-            if let Some(rel) = abs.as_ref().and_then(|a| a.strip_prefix(&ws).ok()) {
-                protected.push(PathBuf::from(GUEST_ROOT).join(rel));
-            }
+    let key_path = cfg
+        .audit_key
+        .clone()
+        .unwrap_or_else(|| audit::default_key_path(&audit_path));
+    let ws = workspace.as_ref().and_then(|w| w.canonicalize().ok());
+    if let Some(ws) = &ws {
+        // Protection by identity keeps the guest off a key in its workspace, but the
+        // key is the one secret of the log: it lives where the guest has no name for it.
+        if resolve(&key_path).starts_with(ws) {
+            return Err(fail(
+                exit::VMM_ERROR,
+                format!(
+                    "the audit key {} would lie inside the workspace {}: give --audit-key FILE outside it",
+                    key_path.display(),
+                    ws.display()
+                ),
+            ));
         }
     }
-    let (decider, warnings) = super::policy::load(&cfg.policy, &protected)?;
-    let decider: Arc<dyn Decider> = Arc::from(decider);
+    let (mut policy, warnings) = super::policy::load(&cfg.policy)?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -124,22 +134,45 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         cfg.image_sha256.clone().map_or(Value::Null, Value::from),
     );
     open.insert("flags".into(), cfg.flags.clone());
-    let log = AuditLog::create(&audit_path, &cfg.vm, cfg.audit_sync, open)
+    let log = AuditLog::create_keyed(&audit_path, &key_path, &cfg.vm, cfg.audit_sync, open)
         .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
+    log.set_budget(cfg.audit_budget);
     let log = Arc::new(log);
+
+    // Every file the guest must never read, write, move or delete: the policy, its
+    // lists, its learned rules (even before they exist, so the guest cannot plant
+    // them), the audit log and its key.
+    let mut files = vec![
+        audit_path.clone(),
+        key_path,
+        cfg.policy.clone(),
+        learned_path(&cfg.policy),
+    ];
+    files.extend(policy.files().iter().cloned());
+    files.extend(cfg.config.source.clone());
+    for f in &files {
+        policy.add_protected_path(f);
+        // The same file as the guest would name it, when it lies in the workspace.
+        if let Some(rel) = ws
+            .as_ref()
+            .and_then(|ws| resolve(f).strip_prefix(ws).ok().map(PathBuf::from))
+        {
+            policy.add_protected_path(PathBuf::from(GUEST_ROOT).join(rel));
+        }
+    }
 
     let mut services = Services::new();
     if let Some(mut svc) = fs {
-        svc.protect(&audit_path);
-        svc.protect(&cfg.policy);
-        if let Some(c) = &cfg.config.source {
-            svc.protect(c);
+        for f in &files {
+            svc.protect(f);
         }
         services.add(Box::new(svc));
     }
     if let Some(m) = mail {
         services.add(Box::new(m));
     }
+    // The policy is shared with the http service, which has each redirect hop decided.
+    let decider: Arc<dyn Decider> = Arc::new(policy);
     let hops = Arc::new(GateDecide::new(Arc::clone(&decider), Arc::clone(&log)));
     let http =
         HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
@@ -156,6 +189,37 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         audit_path,
         warnings,
     })
+}
+
+/// `p.rules.learned` beside `p.rules`: where learned rules live.
+pub fn learned_path(policy: &Path) -> PathBuf {
+    let mut name = policy.as_os_str().to_os_string();
+    name.push(".learned");
+    PathBuf::from(name)
+}
+
+/// `path` made absolute with its longest existing prefix resolved (symlinks
+/// included), so that a file not created yet still compares with the workspace.
+fn resolve(path: &Path) -> PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return rest.iter().rev().fold(c, |p, n| p.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
 }
 
 /// The `flags` of the open record for `ironvmm gate`.

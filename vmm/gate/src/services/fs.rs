@@ -26,6 +26,8 @@ pub const GUEST_ROOT: &str = "/workspace";
 pub const MAX_IO: usize = 512 * 1024;
 /// Most entries one `fs.list` returns; the reply says `truncated` past that.
 pub const MAX_LIST: usize = 10_000;
+/// `--max-write-bytes` unless given: what `fs.write` may write per VM, all calls together.
+pub const DEFAULT_MAX_WRITE_BYTES: u64 = 16 << 30;
 
 /// The catalog entries of the fs tools.
 pub fn tool_specs() -> Vec<ToolSpec> {
@@ -92,7 +94,9 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             name: "fs.move",
             description: "Move or rename a workspace path; never replaces an existing target",
             input_schema: obj(json!({"from": path, "to": path}), &["from", "to"]),
-            roles: &[("from", "path"), ("to", "path")],
+            // `tree`: a move acts on everything below the path, so a deny under a
+            // folder also refuses moving any ancestor of it (policy/src/catalog.rs).
+            roles: &[("from", "tree"), ("to", "tree")],
             // `path` in a condition means both ends, so a move is decided like a
             // read of one path and a write of the other.
             aliases: &[("path", &["from", "to"])],
@@ -102,7 +106,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             name: "fs.delete",
             description: "Move a workspace path to the trash folder beside the workspace (nothing is removed for good)",
             input_schema: obj(json!({"path": path}), &["path"]),
-            roles: &[("path", "path")],
+            roles: &[("path", "tree")],
             aliases: &[],
             reply_cap: DEFAULT_REPLY_CAP,
         },
@@ -194,8 +198,11 @@ pub struct FsService {
     trash: Mutex<Option<OwnedFd>>,
     trash_seq: AtomicU64,
     /// (dev, inode) of files the guest may never read, write, move or delete
-    /// through this service: the audit log, the policy.
+    /// through this service: the audit log and its key, the policy and its lists.
     protected: Vec<(u64, u64)>,
+    /// (dev, inode) of every folder that holds a protected file: moving or deleting
+    /// one would swap the file out from under its path.
+    holders: Vec<(u64, u64)>,
 }
 
 impl FsService {
@@ -230,15 +237,28 @@ impl FsService {
             trash: Mutex::new(None),
             trash_seq: AtomicU64::new(0),
             protected: Vec::new(),
+            holders: Vec::new(),
         })
     }
 
     /// Refuses access to this host file (by identity, so a hard link or another
-    /// spelling of the path is refused too). A missing file is ignored.
+    /// spelling of the path is refused too), and moving or deleting any folder that
+    /// holds it. A missing file is skipped; the folders that exist are still held.
     pub fn protect(&mut self, path: &Path) {
         use std::os::unix::fs::MetadataExt;
         if let Ok(m) = std::fs::metadata(path) {
             self.protected.push((m.dev(), m.ino()));
+        }
+        let abs = path.canonicalize().ok().or_else(|| {
+            let parent = path.parent()?.canonicalize().ok()?;
+            Some(parent.join(path.file_name()?))
+        });
+        for dir in abs.iter().flat_map(|a| a.ancestors().skip(1)) {
+            if let Ok(m) = std::fs::metadata(dir) {
+                if !self.holders.contains(&(m.dev(), m.ino())) {
+                    self.holders.push((m.dev(), m.ino()));
+                }
+            }
         }
     }
 
@@ -247,6 +267,21 @@ impl FsService {
             return Err(ToolError::new(
                 "protected",
                 format!("{} is protected (the audit log or the policy)", p.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// For a move or a delete: the entry itself, or a folder holding a protected file.
+    fn check_tree_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+        self.check_protected(p, st)?;
+        if self.holders.contains(&(st.st_dev, st.st_ino)) {
+            return Err(ToolError::new(
+                "protected",
+                format!(
+                    "{} holds a protected file (the audit log or the policy)",
+                    p.display()
+                ),
             ));
         }
         Ok(())
@@ -472,7 +507,7 @@ impl FsService {
         let (to_dir, to_name) = self.parent_of(&to)?;
         let st =
             sys::fstatat_nofollow(from_dir.as_fd(), &from_name).map_err(|e| io_error(&from, e))?;
-        self.check_protected(&from, &st)?;
+        self.check_tree_protected(&from, &st)?;
         sys::rename_noreplace(from_dir.as_fd(), &from_name, to_dir.as_fd(), &to_name).map_err(
             |e| match e.raw_os_error() {
                 Some(libc::EEXIST) => {
@@ -490,7 +525,7 @@ impl FsService {
         let (dir, name) = self.parent_of(&p)?;
         // Make sure it exists before the trash folder is created for it.
         let st = sys::fstatat_nofollow(dir.as_fd(), &name).map_err(|e| io_error(&p, e))?;
-        self.check_protected(&p, &st)?;
+        self.check_tree_protected(&p, &st)?;
         let mut trash = self.trash.lock().unwrap_or_else(|e| e.into_inner());
         if trash.is_none() {
             *trash = Some(self.open_trash()?);

@@ -38,6 +38,9 @@ impl TestGate {
             workspace: None,
             config,
             audit: Some(audit_path.clone()),
+            audit_key: None,
+            audit_budget: ironvmm_gate::audit::DEFAULT_AUDIT_BUDGET,
+            max_write_bytes: ironvmm_gate::services::fs::DEFAULT_MAX_WRITE_BYTES,
             audit_sync: SyncMode::Always,
             limits: GateLimits::default(),
             vm: "test-vm".into(),
@@ -113,7 +116,7 @@ pub fn error_kind(reply: &Value) -> String {
         .to_string()
 }
 
-/// Whether a reply is a policy denial.
+/// Whether a reply is a policy denial (a tool result with `decision: deny`).
 pub fn is_denied(reply: &Value) -> bool {
-    reply["error"]["data"]["decision"] == "deny"
+    reply["result"]["isError"] == true && reply["result"]["structuredContent"]["decision"] == "deny"
 }
