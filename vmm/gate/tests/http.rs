@@ -232,6 +232,10 @@ fn every_redirect_hop_is_decided_and_audited() {
         .call("http.fetch", json!({"url": srv.url("/loop")}))
         .unwrap_err();
     assert_eq!(error_kind(&e), "too_many_redirects", "{e}");
+    // Follow-up records are links of the same keyed chain.
+    use ironvmm_gate::audit::{default_key_path, verify::verify, AuditKey};
+    let key = AuditKey::load(&default_key_path(&g.audit_path)).unwrap();
+    verify(g.audit_text().as_bytes(), &key, None, true).unwrap();
 }
 
 #[test]
