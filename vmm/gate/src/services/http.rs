@@ -459,8 +459,14 @@ pub fn html_to_text(html: &str) -> String {
     text.trim().to_string()
 }
 
+/// The first ASCII-case-insensitive occurrence of `needle` (lowercase ASCII), without
+/// copying `hay`: a page of many `<script>` tags stays linear.
 fn find_ci(hay: &str, needle: &str) -> Option<usize> {
-    hay.to_ascii_lowercase().find(needle)
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() || h.len() < n.len() {
+        return None;
+    }
+    (0..=h.len() - n.len()).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
 }
 
 fn decode_entities(s: &str) -> String {
@@ -472,7 +478,10 @@ fn decode_entities(s: &str) -> String {
     while let Some(i) = rest.find('&') {
         out.push_str(&rest[..i]);
         rest = &rest[i..];
-        let end = rest[..rest.len().min(12)].find(';');
+        // Bytes, not a str slice: byte 12 may fall inside a character.
+        let end = rest.as_bytes()[..rest.len().min(12)]
+            .iter()
+            .position(|&b| b == b';');
         let decoded = end.and_then(|e| {
             let ent = &rest[1..e];
             let c = match ent {
@@ -518,6 +527,19 @@ mod tests {
              <body><h1>Hello &amp; welcome</h1><p>One<br>two &#x41;&#66;</p><!-- c --></body></html>",
         );
         assert_eq!(t, "T\n\nHello & welcome\n\nOne\ntwo AB");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn html_to_text_never_panics(s in "(<[a-z/!-]{0,8}>?|&[#xa-z0-9]{0,6};?|[a-zé€ ;<>&-]{0,6}){0,40}") {
+            let _ = html_to_text(&s);
+        }
+    }
+
+    #[test]
+    fn entities_next_to_multibyte_text_do_not_panic() {
+        assert_eq!(decode_entities("&éééééééé"), "&éééééééé");
+        assert_eq!(html_to_text("<SCRIPT>x</ScRiPt>ok"), "ok");
     }
 
     #[test]
