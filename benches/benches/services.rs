@@ -88,7 +88,7 @@ fn through_gate(url: &str, mode: SyncMode) -> Vec<f64> {
         flags: Value::Null,
     };
     let opened = open_gate(&cfg).unwrap_or_else(|e| panic!("{}", e.message));
-    let mut conn = Connection::new(Arc::clone(&opened.gate), "bench".into());
+    let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "bench".into());
     let mut frame = serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
         "params": {"name": "http.fetch", "arguments": {"url": url}}}))
     .unwrap();
@@ -99,6 +99,13 @@ fn through_gate(url: &str, mode: SyncMode) -> Vec<f64> {
         out.clear();
         let t = Instant::now();
         conn.on_data(&frame, &mut out).unwrap();
+        // The call runs on the gate's workers: wait for its reply line.
+        while !out.ends_with(b"\n") {
+            conn.poll(&mut out).unwrap();
+            if !out.ends_with(b"\n") {
+                conn.wait_ready(std::time::Duration::from_secs(5));
+            }
+        }
         let us = t.elapsed().as_secs_f64() * 1e6;
         if i == 0 {
             let v: Value = serde_json::from_slice(&out).unwrap();

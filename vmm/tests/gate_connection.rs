@@ -1,6 +1,6 @@
 //! The gate through `Connection`, host-only: protocol, decisions, audit records and
-//! hostile input. The decider is a small rule set (tests/gate_common) so these tests
-//! exercise the gate, not p.rules.
+//! hostile input. The decider is the real policy engine on the p.rules of
+//! tests/gate_common, so the gate and the engine are tested together.
 
 mod gate_common;
 
@@ -60,11 +60,11 @@ fn denied_read_outside_workspace_names_rule_and_reason() {
     );
     assert_eq!(
         *denial(&r[0]),
-        json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": "default deny"})
+        json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": DEFAULT_DENY})
     );
     assert_eq!(
         r[0]["result"]["content"][0]["text"],
-        "denied (decided by default): default deny"
+        format!("denied (decided by default): {DEFAULT_DENY}")
     );
     let recs = fx.records();
     assert_eq!(
@@ -80,34 +80,47 @@ fn denied_read_outside_workspace_names_rule_and_reason() {
 #[test]
 fn ask_resolves_as_deny_without_an_approver() {
     let fx = Fixture::new();
-    std::fs::write(fx.workspace.join("askme"), "x").unwrap();
+    std::fs::create_dir(fx.workspace.join("ask")).unwrap();
+    std::fs::write(fx.workspace.join("ask/me"), "x").unwrap();
     let mut c = fx.conn("c1");
     let r = roundtrip(
         &mut c,
-        &call_frame(1, "fs.delete", json!({"path": "/workspace/askme"})),
+        &call_frame(1, "fs.delete", json!({"path": "/workspace/ask/me"})),
     );
     let d = denial(&r[0]);
     assert_eq!(d["rule"], 3);
     assert_eq!(d["decided_by"], "non-interactive");
-    assert_eq!(d["reason"], "no approver");
-    assert_eq!(
-        r[0]["result"]["content"][0]["text"],
-        "denied by rule 3 (decided by non-interactive): no approver"
-    );
+    assert!(d["reason"].as_str().unwrap().starts_with("no approver"));
+    assert!(r[0]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("denied by rule 3 (decided by non-interactive): no approver"));
     assert!(
-        fx.workspace.join("askme").exists(),
+        fx.workspace.join("ask/me").exists(),
         "the denied delete did not run"
     );
-    let d = &fx.records()[1];
-    assert_eq!(
-        (d["decision"].as_str(), d["asked"].as_bool()),
-        (Some("deny"), Some(true))
-    );
+    // The ask, parked, then the answer pointing back to it.
+    let recs = fx.records();
+    let (ask, answer) = (&recs[1], &recs[2]);
+    assert_eq!(ask["decision"], "ask");
+    assert_eq!(ask["rule"], 3);
+    assert_eq!(ask.get("asked"), None);
+    assert_eq!(answer["decision"], "deny");
+    assert_eq!(answer["asked"], true);
+    assert_eq!(answer["ask_seq"], ask["seq"]);
+    assert_eq!(answer["decided_by"], "non-interactive");
+    assert_eq!(answer["channel"], "none");
 }
 
 #[test]
 fn protocol_methods() {
-    let fx = Fixture::new();
+    // A policy under which fs.mkdir can never be allowed nor asked.
+    let fx = Fixture::with_policy(
+        "version 1\nallow fs.read when path under \"/workspace\"\nask fs.delete\n",
+        ironvmm::audit::SyncMode::Always,
+        GateLimits::default(),
+        |_| {},
+    );
     let mut c = fx.conn("c1");
     let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#);
     assert_eq!(r[0]["result"]["protocolVersion"], "2025-06-18");
@@ -283,10 +296,13 @@ fn frames_split_anywhere_are_reassembled() {
     for b in all.chunks(3) {
         c.on_data(b, &mut out).unwrap();
     }
+    settle(&mut c, &mut out).unwrap();
     let r = replies(&out);
     assert_eq!(r.len(), 5);
-    for (i, rep) in r.iter().enumerate() {
-        assert_eq!(rep["id"], i as u64);
+    let mut ids: Vec<u64> = r.iter().map(|rep| rep["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [0, 1, 2, 3, 4]);
+    for rep in &r {
         assert_eq!(rep["result"]["structuredContent"]["kind"], "file");
     }
 }
@@ -324,13 +340,13 @@ fn ten_thousand_calls_in_a_row_lose_nothing() {
         ));
         pending.push(b'\n');
         if pending.len() > 16 * 1024 || i + 1 == n {
-            // As a transport does: take the replies, then let the backlog go on.
+            // As a transport does: take the replies, then let the waiting frames go on.
             let mut chunk = Vec::new();
             c.on_data(&pending, &mut chunk).unwrap();
             out.extend_from_slice(&chunk);
-            while c.has_backlog() {
+            while c.has_pending_output() {
                 chunk.clear();
-                c.resume(&mut chunk).unwrap();
+                settle(&mut c, &mut chunk).unwrap();
                 out.extend_from_slice(&chunk);
             }
             pending.clear();
@@ -338,10 +354,11 @@ fn ten_thousand_calls_in_a_row_lose_nothing() {
     }
     let r = replies(&out);
     assert_eq!(r.len() as u64, n);
-    for (i, rep) in r.iter().enumerate() {
-        assert_eq!(rep["id"], i as u64, "replies in order, none lost");
-        assert_eq!(rep["result"]["isError"], false);
-    }
+    // Replies may come in any order: each id exactly once, none lost.
+    let mut ids: Vec<u64> = r.iter().map(|rep| rep["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..n).collect::<Vec<_>>());
+    assert!(r.iter().all(|rep| rep["result"]["isError"] == false));
     let head = fx.gate.audit().close(Some(0)).unwrap();
     let f = std::fs::File::open(&fx.audit_path).unwrap();
     let key =
@@ -413,7 +430,7 @@ fn decision_is_durable_before_the_service_runs() {
             vec![ToolSpec {
                 name: "test.probe",
                 description: "reads the audit log while it is being served",
-                input_schema: json!({"type": "object"}),
+                input_schema: json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
                 roles: &[],
                 aliases: &[],
                 reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
@@ -438,16 +455,21 @@ fn decision_is_durable_before_the_service_runs() {
     );
     let mut services = ironvmm::services::Services::new();
     services.add(Box::new(Probe(log_path.clone())));
+    let policy = load_policy(
+        dir.path(),
+        &format!("version 1\n{TEST_TOOLS_RULE}"),
+        &services,
+    );
     let gate = std::sync::Arc::new(ironvmm::gate::Gate::new(
-        Box::new(TestRules),
+        Box::new(policy),
         services,
         log,
         GateLimits::default(),
     ));
-    let mut c = ironvmm::gate::Connection::new(gate, "c".into());
+    let mut c = ironvmm::gate::Connection::unwoken(gate, "c".into());
     let r = roundtrip(&mut c, &call_frame(1, "test.probe", json!({"n": 42})));
     let s = &r[0]["result"]["structuredContent"];
-    assert_eq!(s["last_kind"], "decision");
+    assert_eq!(s["last_kind"], "decision", "{}", r[0]);
     assert_eq!(s["last_args"], json!({"n": 42}));
     assert_eq!(
         s["echo"],
@@ -460,7 +482,8 @@ fn decision_is_durable_before_the_service_runs() {
 fn secrets_are_redacted_in_the_log_but_reach_the_service() {
     let fx = Fixture::new();
     let mut c = fx.conn("c1");
-    // fs.write has no secret arguments; an unknown key reaches the service check.
+    // fs.write has no secret arguments: the engine's schema invariant refuses the
+    // unknown key before any service runs, and the log still keeps its value out.
     let r = roundtrip(
         &mut c,
         &call_frame(
@@ -469,11 +492,10 @@ fn secrets_are_redacted_in_the_log_but_reach_the_service() {
             json!({"path": "t.txt", "content": "v", "api_key": "sk-123"}),
         ),
     );
-    assert_eq!(r[0]["result"]["isError"], true);
-    assert_eq!(
-        r[0]["result"]["structuredContent"]["error"]["kind"],
-        "invalid_arguments"
-    );
+    let d = denial(&r[0]);
+    assert_eq!(d["decided_by"], "invariant", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("api_key"), "{d}");
+    assert!(!fx.workspace.join("t.txt").exists(), "the service ran");
     let d = &fx.records()[1];
     assert_eq!(d["args"]["api_key"], "[redacted]");
     assert!(!std::fs::read_to_string(&fx.audit_path)
@@ -497,17 +519,19 @@ fn replies_are_bounded_per_call_and_the_rest_waits() {
     }
     let mut out = Vec::new();
     c.on_data(&data, &mut out).unwrap();
+    settle(&mut c, &mut out).unwrap();
     let mut got = replies(&out).len();
     assert!(
         got < 20 && out.len() < 10_000 + 9_000,
         "{got} replies, {} bytes",
         out.len()
     );
-    assert!(c.has_backlog());
+    assert!(c.has_pending_output());
     let mut rounds = 0;
-    while c.has_backlog() {
+    while c.has_pending_output() {
         out.clear();
-        c.resume(&mut out).unwrap();
+        settle(&mut c, &mut out).unwrap();
+        assert!(out.len() < 10_000 + 9_000, "one round, {} bytes", out.len());
         got += replies(&out).len();
         rounds += 1;
         assert!(rounds < 20);

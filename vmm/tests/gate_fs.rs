@@ -1,5 +1,7 @@
 //! The fs service end to end through the gate: every tool, ranges, encodings, limits,
-//! the trash, and protected files.
+//! the trash, and protected files. The policy (gate_common::FS_POLICY, through the
+//! real engine) allows every fs tool inside /workspace, so what is refused here is
+//! refused by the service, or by the engine's schema where the catalog says so.
 
 mod gate_common;
 
@@ -24,13 +26,13 @@ fn tool_err(fx: &Fixture, tool: &str, args: Value) -> String {
     assert_eq!(r["isError"], true, "{tool} {args}: {r}");
     r["structuredContent"]["error"]["kind"]
         .as_str()
-        .unwrap()
+        .unwrap_or_else(|| panic!("{tool} {args}: not a tool error: {r}"))
         .to_string()
 }
 
 #[test]
 fn write_read_ranges_and_encodings() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     assert_eq!(
         ok(
             &fx,
@@ -97,7 +99,7 @@ fn write_read_ranges_and_encodings() {
 
 #[test]
 fn binary_content_round_trips_as_base64() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     let bytes: Vec<u8> = (0..=255u8).collect();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
     ok(
@@ -122,7 +124,7 @@ fn binary_content_round_trips_as_base64() {
 
 #[test]
 fn sizes_are_limited_to_512_kib() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     let big = "a".repeat(512 * 1024);
     ok(&fx, "fs.write", json!({"path": "big", "content": big}));
     ok(
@@ -149,19 +151,22 @@ fn sizes_are_limited_to_512_kib() {
         (r["content"].as_str(), r["eof"].as_bool()),
         (Some("b"), Some(true))
     );
-    assert_eq!(
-        tool_err(
-            &fx,
-            "fs.read",
-            json!({"path": "big", "length": 512 * 1024 + 1})
-        ),
-        "too_large"
-    );
+    // A length over the limit is refused by the catalog's schema, before the
+    // service; the service refuses it on its own too.
+    let mut c = fx.conn("t");
+    let over = json!({"path": "big", "length": 512 * 1024 + 1});
+    let r = roundtrip(&mut c, &call_frame(1, "fs.read", over.clone()));
+    let d = denial(&r[0]);
+    assert_eq!(d["decided_by"], "invariant", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("`length`"), "{d}");
+    let fs = ironvmm::services::fs::FsService::open(&fx.workspace).unwrap();
+    use ironvmm::services::Service;
+    assert_eq!(fs.call("fs.read", &over).unwrap_err().kind, "too_large");
 }
 
 #[test]
 fn list_stat_mkdir_move() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     ok(&fx, "fs.mkdir", json!({"path": "d/e/f"}));
     ok(&fx, "fs.mkdir", json!({"path": "d/e/f"})); // already there: fine
     ok(
@@ -236,7 +241,7 @@ fn list_stat_mkdir_move() {
 
 #[test]
 fn delete_moves_into_the_trash_beside_the_workspace() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     ok(
         &fx,
         "fs.write",
@@ -293,7 +298,7 @@ fn delete_moves_into_the_trash_beside_the_workspace() {
 
 #[test]
 fn symlinked_directories_cannot_lead_writes_out() {
-    let fx = Fixture::new();
+    let fx = Fixture::fs();
     let outside = fx.dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, fx.workspace.join("out")).unwrap();

@@ -383,6 +383,7 @@ struct Dovecot {
 impl Drop for Dovecot {
     fn drop(&mut self) {
         // SIGTERM: the master stops its own children (login, auth, imap).
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped; no memory is shared.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
@@ -430,6 +431,7 @@ fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {
         return None;
     }
     // Dovecot never serves mail as root: as root, the mailbox goes to nobody.
+    // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
     let (uid, gid) = match unsafe { libc::geteuid() } {
         0 => {
             use std::os::unix::fs::PermissionsExt;
@@ -437,6 +439,7 @@ fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {
             chown_tree(maildir, 65534, 65534);
             (65534, 65534)
         }
+        // SAFETY: as above.
         u => (u, unsafe { libc::getegid() }),
     };
     fs::write(d.join("passwd"), "ada:{PLAIN}imap-test-pw::::::\n").unwrap();

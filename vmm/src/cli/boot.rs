@@ -5,18 +5,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
+use crate::builder::Machine;
 use crate::config::Config;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
 use crate::devices::vsock::VsockConfig;
 use crate::exit;
 use crate::gate::setup::{self, GateConfig};
-use crate::gate::GateLimits;
+use crate::gate::{
+    GateLimits, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CONN, DEFAULT_WORKERS,
+};
 use crate::gate_ports::GatePorts;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
-use crate::kvm::vm::{Outcome, Vm, VmConfig};
+use crate::kvm::vm::{Outcome, VmConfig};
 use crate::timing::Timings;
+use crate::vm_event::VmEvent;
 
 /// What every guest's command line starts with. `reboot=k` resets through the
 /// i8042 (a clean stop); `panic=-1` turns a panic into an immediate reset.
@@ -83,6 +88,52 @@ pub struct BootArgs {
     /// Extra kernel command line for --kernel.
     #[arg(long, hide = true, default_value = "")]
     pub cmdline: String,
+    /// Do not offer VIRTIO_RING_F_EVENT_IDX on the vsock (benchmarks: what it saves).
+    #[arg(long, hide = true)]
+    pub no_event_idx: bool,
+    #[command(flatten)]
+    pub inflight: InflightArgs,
+    #[command(flatten)]
+    pub approver: super::approvals::ApproverArgs,
+}
+
+/// How many calls run at once, on how many threads, for how long (`boot` and `gate`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct InflightArgs {
+    /// Calls in flight on one connection (running, waiting for an answer, or
+    /// answered and not yet read); at the bound the connection stops reading.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT_PER_CONN, value_parser = count)]
+    pub max_inflight_per_conn: usize,
+    /// Calls in flight in the whole VM, all connections together.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT, value_parser = count)]
+    pub max_inflight: usize,
+    /// Worker threads that run calls (audit fsync, services).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_WORKERS, value_parser = count)]
+    pub workers: usize,
+    /// Longest a service may run; past it the call gets a tool error, e.g. 30s.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub call_timeout: Duration,
+}
+
+impl InflightArgs {
+    /// The gate's limits with these settings and frame limit `max_frame`.
+    pub fn limits(&self, max_frame: usize) -> GateLimits {
+        GateLimits {
+            max_inflight_per_conn: self.max_inflight_per_conn,
+            max_inflight: self.max_inflight,
+            workers: self.workers,
+            call_timeout: self.call_timeout,
+            ..GateLimits::with_max_frame(max_frame)
+        }
+    }
+}
+
+/// 1 to 65,536.
+fn count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a count from 1 to 65536")),
+    }
 }
 
 /// Parses `128M`, `1G`, `512MiB`, `256` (MiB) into MiB.
@@ -272,7 +323,7 @@ pub fn run(a: BootArgs) -> u8 {
         audit_budget: a.audit_budget,
         max_write_bytes: a.max_write_bytes,
         audit_sync: a.audit_sync,
-        limits: GateLimits::default(),
+        limits: a.inflight.limits(GateLimits::default().max_frame),
         vm: vm.clone(),
         image_sha256: p.image_sha256.clone(),
         flags: serde_json::Value::Null,
@@ -285,9 +336,36 @@ pub fn run(a: BootArgs) -> u8 {
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
     }
+    // The terminal, when the guest console is on it, is shared with the approver.
+    let on_terminal = a.console == "stdout";
+    let terminal: Box<dyn std::io::Write + Send> = if on_terminal {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::stderr())
+    };
+    let approvals = match super::approvals::start(
+        &a.approver,
+        super::approvals::Setting {
+            vm: &vm,
+            live: Some(&opened.live),
+            audit: Some(&opened.audit),
+            run_mode: false,
+            stdin_taken: false,
+            terminal,
+        },
+    ) {
+        Ok(ap) => ap,
+        Err((code, m)) => return fail(code, m),
+    };
     let gate = opened.gate;
+    gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
     let finish = |code: u8| -> u8 {
+        // Calls still running finish and are audited before the close record.
+        let stuck = gate.shutdown();
+        if stuck > 0 {
+            eprintln!("ironvmm: {stuck} gate worker thread(s) stuck in a service at exit");
+        }
         if let Some(f) = audit.failure() {
             return fail(
                 exit::VMM_ERROR,
@@ -310,16 +388,32 @@ pub fn run(a: BootArgs) -> u8 {
     if let Some(refusal) = crate::kvm::capability::check().refusal() {
         return finish(fail(exit::VMM_ERROR, refusal));
     }
-    let console = match console_sink(&a.console) {
+    let console = match &approvals.terminal {
+        // SAFETY: isatty only inspects the fd.
+        Some(share) if on_terminal => Ok(ConsoleOut::new(
+            Some(Box::new(GuestConsole(Arc::clone(share)))),
+            unsafe { libc::isatty(1) } == 1,
+        )),
+        _ => console_sink(&a.console),
+    };
+    let console = match console {
         Ok(c) => c,
         Err(e) => return finish(fail(exit::VMM_ERROR, e)),
     };
-    let mut vm = match Vm::create(mem_mib, cpus, console, timings.clone()) {
+    let mut vm = match Machine::new(mem_mib, cpus, console, timings.clone()) {
         Ok(vm) => vm,
         Err(e) => return finish(fail(e.exit_code(), e)),
     };
+    // An audit failure (or its budget spent) stops the VM at once: an event from
+    // the thread that hit it.
+    let events = std::sync::Mutex::new(vm.events());
+    audit.on_failure(Box::new(move |why| {
+        let ev = VmEvent::Fatal(format!("the audit log stops the VM: {why}"));
+        let _ = events.lock().unwrap_or_else(|e| e.into_inner()).send(ev);
+    }));
     let vsock = VsockConfig {
         guest_cid: a.cid,
+        event_idx: !a.no_event_idx,
         ..VsockConfig::default()
     };
     let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
@@ -348,10 +442,17 @@ pub fn run(a: BootArgs) -> u8 {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    console_input::spawn(vm.bus.serial.clone(), forward_stdin);
-    let gate_for_check = gate.clone();
-    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
+    match &approvals.terminal {
+        Some(share) if !forward_stdin => super::approvals::keys_from_stdin(Arc::clone(share)),
+        _ => {}
+    }
+    let console_thread =
+        console_input::spawn(vm.serial(), forward_stdin, approvals.terminal.clone());
+    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
+    console_thread.stop();
     console_input::restore_terminal();
+    // The guest is gone: nobody is waiting for the answers any more.
+    approvals.hub.close("the VM stopped before anyone answered");
     timings.exit.set_once();
     if a.timings {
         eprintln!("{}", timings.to_json());

@@ -3,13 +3,34 @@
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for a command's output. A closed stdout (`ironvmm audit show log | head`)
+/// ends the process quietly with 0, as ripgrep does, where `println!` would panic.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output; see `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!($($arg)*))
+    };
+}
+
+pub mod approvals;
 pub mod audit;
 pub mod boot;
 pub mod compile;
 pub mod doctor;
 pub mod gate;
 pub mod image;
+pub mod output;
 pub mod policy;
+pub mod ps;
 pub mod tools;
 
 #[derive(Parser, Debug)]
@@ -42,6 +63,11 @@ pub enum Command {
     Tools(tools::ToolsArgs),
     /// Can this host run guests? If not, why not and what to do.
     Doctor(doctor::DoctorArgs),
+    /// Answer a running VM's asks: list, allow, deny, watch, or serve a web page.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// The running VMs, their ids and their control sockets.
+    Ps(ps::PsArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -61,10 +87,12 @@ pub fn main() -> u8 {
         Command::Image(c) => image::run(c),
         Command::Tools(a) => tools::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Approvals(c) => approvals::run(c),
+        Command::Ps(a) => ps::run(a),
     }
 }
 
-/// Help and version exit 0. A usage error exits 125 for `boot` (interfaces.md:
+/// Help and version exit 0. A usage error exits 125 for `boot` (docs/exit-codes.md:
 /// bad flags are ironvmm's own failure) and 2, clap's usual code, elsewhere.
 fn usage_exit_code(e: &clap::Error) -> u8 {
     use clap::error::ErrorKind;
@@ -77,7 +105,7 @@ fn usage_exit_code(e: &clap::Error) -> u8 {
         return 0;
     }
     match std::env::args().nth(1).as_deref() {
-        Some("boot") | Some("run") => crate::exit::VMM_ERROR,
+        Some("boot") => crate::exit::VMM_ERROR,
         _ => 2,
     }
 }

@@ -109,8 +109,15 @@ pub struct LearnedArgs {
     #[arg(long, value_name = "FILE")]
     pub learned: Option<PathBuf>,
     /// Revoke the learned rule of this audit seq.
-    #[arg(long, value_name = "SEQ")]
+    #[arg(long, value_name = "SEQ", conflicts_with = "merge")]
     pub remove: Option<u64>,
+    /// Print the policy with the learned rules folded in, each just before the
+    /// ask rule it refines, for review.
+    #[arg(long)]
+    pub merge: bool,
+    /// With --merge: write the merged policy over POLICY and empty the learned file.
+    #[arg(long, requires = "merge")]
+    pub in_place: bool,
 }
 
 pub fn run(cmd: PolicyCommand) -> u8 {
@@ -204,7 +211,7 @@ fn check(a: CheckArgs) -> u8 {
     ) {
         Ok(l) => {
             if !l.warnings.is_empty() {
-                println!("{}\n", l.warnings);
+                outln!("{}\n", l.warnings);
             }
             // With a catalog, a tool or argument it does not know is a misspelling
             // until shown otherwise: a misspelt `deny` silently denies nothing.
@@ -217,10 +224,10 @@ fn check(a: CheckArgs) -> u8 {
                 None => Vec::new(),
             };
             for u in &unknown {
-                println!("{u}");
+                outln!("{u}");
             }
             if !unknown.is_empty() {
-                println!(
+                outln!(
                     "{}: does not check: {} tool or argument name{} the catalog does not know",
                     a.input.policy.display(),
                     unknown.len(),
@@ -230,7 +237,7 @@ fn check(a: CheckArgs) -> u8 {
             }
             let rules = l.policy.ast().rules().count();
             let n = l.warnings.len();
-            println!(
+            outln!(
                 "{}: ok, {rules} rule{}, {n} warning{}",
                 a.input.policy.display(),
                 plural(rules),
@@ -250,9 +257,9 @@ fn check(a: CheckArgs) -> u8 {
             }
         }
         Err(d) => {
-            println!("{d}\n");
+            outln!("{d}\n");
             let (e, w) = (d.errors().count(), d.warnings().count());
-            println!(
+            outln!(
                 "{}: does not load: {e} error{}, {w} warning{}",
                 a.input.policy.display(),
                 plural(e),
@@ -408,7 +415,7 @@ fn eval(a: EvalArgs) -> u8 {
         out.push_str(&decision_line(&decide(&loaded.policy, c)));
         out.push('\n');
     }
-    print!("{out}");
+    out!("{out}");
     code::OK
 }
 
@@ -464,21 +471,23 @@ fn test(a: TestArgs) -> u8 {
         if d.verdict != *expect {
             failed += 1;
             let rule = d.rule.map_or(String::new(), |l| format!(", line {l}"));
-            println!(
+            outln!(
                 "{name}:{n}: expected {expect}, got {} (by {}{rule}): {}",
-                d.verdict, d.by, d.reason
+                d.verdict,
+                d.by,
+                d.reason
             );
-            println!(
+            outln!(
                 "  call: {}",
                 serde_json::json!({"tool": c.call.tool, "args": c.call.args})
             );
             for line in explanation.to_string().lines() {
-                println!("  {line}");
+                outln!("  {line}");
             }
         }
     }
     let total = scenarios.len();
-    println!(
+    outln!(
         "{name}: {total} scenario{}, {} passed, {failed} failed",
         plural(total),
         total - failed
@@ -502,7 +511,7 @@ fn explain(a: ExplainArgs) -> u8 {
         Ok(l) => l,
         Err(code) => return code,
     };
-    println!("{}", loaded.policy.explain(&c.call, c.at));
+    outln!("{}", loaded.policy.explain(&c.call, c.at));
     code::OK
 }
 
@@ -533,7 +542,7 @@ fn fmt(a: FmtArgs) -> u8 {
             return code::OK;
         }
         // What would change, as a unified diff.
-        print!(
+        out!(
             "{}",
             similar::TextDiff::from_lines(&text, &out)
                 .unified_diff()
@@ -551,7 +560,7 @@ fn fmt(a: FmtArgs) -> u8 {
         }
         return code::OK;
     }
-    print!("{out}");
+    out!("{out}");
     code::OK
 }
 
@@ -578,6 +587,80 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The policy text with each learned rule inserted just before the line it refines.
+fn merged_policy(policy: &str, learned_text: &str) -> Result<String, String> {
+    let entries = learned::entries(learned_text);
+    let lines: Vec<&str> = policy.lines().collect();
+    for e in &entries {
+        if e.header.refines == 0 || e.header.refines as usize > lines.len() {
+            return Err(format!(
+                "the learned rule of seq {} refines line {}, which the policy does not have",
+                e.header.seq, e.header.refines
+            ));
+        }
+    }
+    let mut out = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        for e in entries
+            .iter()
+            .filter(|e| e.header.refines as usize == i + 1)
+        {
+            out.push_str(&format!(
+                "# learned (audit seq {})\n{}\n",
+                e.header.seq, e.rule
+            ));
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn merge_learned(policy: &Path, learned_path: &Path, learned_text: &str, in_place: bool) -> u8 {
+    let text = match std::fs::read_to_string(policy) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ironvmm: cannot read `{}`: {e}", policy.display());
+            return code::FAIL;
+        }
+    };
+    let merged = match merged_policy(&text, learned_text) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ironvmm: {}: {e}", learned_path.display());
+            return code::FAIL;
+        }
+    };
+    // The merged text must load as the policy did (same folder, same lists).
+    let name = policy.display().to_string();
+    let base = policy.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Err(d) = Policy::from_source(&merged, &name, Some(base.unwrap_or(Path::new("."))), None)
+    {
+        eprintln!("ironvmm: the merged policy does not load:\n{d}");
+        return code::FAIL;
+    }
+    if !in_place {
+        print!("{merged}");
+        return code::OK;
+    }
+    if let Err(e) = write_atomic(policy, &merged) {
+        eprintln!("ironvmm: cannot write `{}`: {e}", policy.display());
+        return code::FAIL;
+    }
+    // Their line numbers now point into the old policy: the rules live in p.rules.
+    if let Err(e) = write_atomic(learned_path, "") {
+        eprintln!("ironvmm: cannot empty `{}`: {e}", learned_path.display());
+        return code::FAIL;
+    }
+    eprintln!(
+        "merged {} learned rule(s) into {}; {} is now empty",
+        learned::entries(learned_text).len(),
+        policy.display(),
+        learned_path.display()
+    );
+    code::OK
+}
+
 fn learned_cmd(a: LearnedArgs) -> u8 {
     let path = a.learned.clone().unwrap_or_else(|| {
         let mut p = a.policy.as_os_str().to_owned();
@@ -587,7 +670,7 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.remove.is_none() => {
-            println!("{}: no learned rules", path.display());
+            outln!("{}: no learned rules", path.display());
             return code::OK;
         }
         Err(e) => {
@@ -595,11 +678,14 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
             return code::FAIL;
         }
     };
+    if a.merge {
+        return merge_learned(&a.policy, &path, &text, a.in_place);
+    }
     match a.remove {
         None => {
             let entries = learned::entries(&text);
             for e in &entries {
-                println!(
+                outln!(
                     "seq {} (refines line {}, {}:{}):",
                     e.header.seq,
                     e.header.refines,
@@ -607,10 +693,10 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
                     e.line + 1
                 );
                 for l in e.rule.lines() {
-                    println!("  {l}");
+                    outln!("  {l}");
                 }
             }
-            println!(
+            outln!(
                 "{}: {} learned rule{}",
                 path.display(),
                 entries.len(),
@@ -628,7 +714,7 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
             }
             Some(rest) => match write_atomic(&path, &rest) {
                 Ok(()) => {
-                    println!(
+                    outln!(
                         "removed the learned rule of seq {seq} from {}",
                         path.display()
                     );

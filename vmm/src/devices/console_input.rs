@@ -1,11 +1,13 @@
 //! The console's other direction: the user's keystrokes into the guest's serial
 //! port, and a periodic flush so prompts without a newline still show.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use super::bus::{lock, SerialDevice};
+use crate::approvals::tty::TerminalShare;
 
 /// The terminal state to restore at exit, when stdin was a terminal.
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
@@ -42,16 +44,38 @@ pub fn restore_terminal() {
     }
 }
 
+/// The console thread, stopped and joined with `stop` (within one 20 ms round).
+pub struct ConsoleThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl ConsoleThread {
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Starts the thread that feeds stdin (when `forward_stdin`) into the serial port
-/// and flushes console output every 20 ms.
-pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
-    let _ = thread::Builder::new()
+/// and flushes console output every 20 ms. With a terminal approver (`share`), keys
+/// typed while it asks go to it, never to the guest.
+pub fn spawn(
+    serial: Arc<Mutex<SerialDevice>>,
+    forward_stdin: bool,
+    share: Option<Arc<TerminalShare>>,
+) -> ConsoleThread {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let handle = thread::Builder::new()
         .name("console".into())
         .spawn(move || {
             let mut pending: Vec<u8> = Vec::new();
             let mut stdin_open = forward_stdin;
             let mut buf = [0u8; 256];
-            loop {
+            while !stopped.load(Ordering::Relaxed) {
                 if stdin_open && pending.is_empty() {
                     let mut pfd = libc::pollfd {
                         fd: 0,
@@ -66,7 +90,9 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
                         if r <= 0 {
                             stdin_open = false;
                         } else {
-                            pending.extend_from_slice(&buf[..r as usize]);
+                            let keys = &buf[..r as usize];
+                            let keys = share.as_ref().map_or(keys, |s| s.keys(keys));
+                            pending.extend_from_slice(keys);
                         }
                     }
                 } else {
@@ -83,5 +109,7 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
                     let _ = s.writer_mut().flush_console();
                 }
             }
-        });
+        })
+        .ok();
+    ConsoleThread { stop, handle }
 }

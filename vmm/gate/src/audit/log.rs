@@ -8,7 +8,6 @@
 //! Fail closed: the first write or fsync error is remembered for good; every later
 //! append is refused, and the gate denies every call and reports the condition.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,10 +17,11 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ironvmm_policy::{DecidedBy, Verdict};
 use serde_json::{Map, Value};
 
 use super::redact::redact;
-use super::{default_key_path, now_rfc3339, record_hash, AuditKey, ZERO_HASH};
+use super::{default_key_path, now_rfc3339, record_hash, AuditKey, KeyError, ZERO_HASH};
 
 /// Room kept in the audit budget for the close record.
 pub const CLOSE_RESERVE: u64 = 4096;
@@ -58,33 +58,86 @@ impl SyncMode {
     }
 }
 
-/// The log can no longer be written; the message names the file and the cause.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditError(pub String);
-
-impl fmt::Display for AuditError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the log could not be created, or can no longer be written. Each message
+/// names the file and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {}: cannot create its folder: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file could not be created; an existing file is never reused (one log is
+    /// one hash chain from seq 0).
+    #[error("audit log {}: {source}{}", path.display(), if source.kind() == std::io::ErrorKind::AlreadyExists { " (a log is one hash chain: give a new file)" } else { "" })]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("audit log {}: cannot start its flusher: {source}", path.display())]
+    Flusher {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A write, fsync or encoding failed. The log remembers the first failure for
+    /// good and answers every later append with it (the gate then denies every call).
+    #[error("{0}")]
+    Failed(String),
+    /// The `--audit-budget` is spent; only `close` may still be written.
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("audit log {}: already closed", .0.display())]
+    Closed(PathBuf),
 }
 
-impl std::error::Error for AuditError {}
+/// A `learn` record: which answer became which rule.
+#[derive(Debug, Clone, Copy)]
+pub struct LearnRecord<'a> {
+    /// The `seq` of the asked call's decision record.
+    pub ask_seq: u64,
+    /// `allow` or `deny`.
+    pub decision: &'a str,
+    /// `exact`, `value` or `tool`.
+    pub scope: &'a str,
+    pub rule: &'a str,
+    /// The line of the `ask` rule it refines.
+    pub refines: u32,
+    /// The learned-rules file it was written to.
+    pub file: &'a str,
+    pub channel: &'a str,
+    pub who: Option<&'a str>,
+    /// Scenarios whose decision the owner agreed to change.
+    pub confirmed_conflicts: usize,
+}
 
-/// What a `decision` record holds (interfaces.md "The audit log").
+/// What a `decision` record holds (docs/audit.md "Records").
 pub struct DecisionRecord<'a> {
     pub conn: &'a str,
     pub rpc_id: &'a Value,
     pub tool: &'a str,
     /// The arguments as decided; the log redacts them.
     pub args: &'a Value,
-    /// The final decision: `allow` or `deny`.
-    pub decision: &'a str,
-    /// The policy said `ask` (and an approver, or its absence, settled it).
+    /// `allow` or `deny`; `ask` for the record written when an asked call is parked.
+    pub decision: Verdict,
+    /// This record is the answer to an ask (and names it in `ask`).
     pub asked: bool,
+    /// The answer to an ask: the `seq` of its `ask` record, the channel it came
+    /// through and who gave it.
+    pub answer: Option<AnswerRef<'a>>,
     pub rule: Option<u32>,
-    pub decided_by: &'a str,
+    pub decided_by: DecidedBy,
     pub reason: &'a str,
     pub policy_ns: u64,
+}
+
+/// Where the answer to an ask came from (a `decision` record's `ask_seq`, `channel`, `who`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerRef<'a> {
+    pub ask_seq: u64,
+    pub channel: &'a str,
+    pub who: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +192,10 @@ struct Shared {
     /// Records known durable.
     synced: Mutex<u64>,
     failed: OnceLock<String>,
+    /// Told once, from the thread that hit it, when the log fails (the VMM stops the VM).
+    on_failure: OnceLock<FailureHook>,
+    /// fsyncs done, for tests and the bench (group commit shares them).
+    syncs: AtomicU64,
     /// Most bytes the log may hold (`--audit-budget`); the close record may always
     /// be written.
     budget: AtomicU64,
@@ -148,6 +205,9 @@ struct Shared {
     dirty_cv: Condvar,
     stop: AtomicBool,
 }
+
+/// Called with the reason when the log fails or its budget is spent.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// One VM's audit log. `Send + Sync`; share it through `Arc`.
 pub struct AuditLog {
@@ -177,11 +237,9 @@ impl AuditLog {
         open: Map<String, Value>,
     ) -> Result<AuditLog, AuditError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                AuditError(format!(
-                    "audit log {}: cannot create its folder: {e}",
-                    path.display()
-                ))
+            std::fs::create_dir_all(dir).map_err(|source| AuditError::CreateDir {
+                path: path.to_owned(),
+                source,
             })?;
         }
         let file = OpenOptions::new()
@@ -189,20 +247,16 @@ impl AuditLog {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| {
-                let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    " (a log is one hash chain: give a new file)"
-                } else {
-                    ""
-                };
-                AuditError(format!("audit log {}: {e}{hint}", path.display()))
+            .map_err(|source| AuditError::Create {
+                path: path.to_owned(),
+                source,
             })?;
         let key = match AuditKey::create_file(key_path) {
             Ok(k) => k,
             Err(e) => {
                 // The log is still empty: leave no keyless log behind.
                 let _ = std::fs::remove_file(path);
-                return Err(AuditError(e.to_string()));
+                return Err(AuditError::Key(e));
             }
         };
         Self::from_file(file, path, key, vm, mode, open)
@@ -217,9 +271,10 @@ impl AuditLog {
         mode: SyncMode,
         open: Map<String, Value>,
     ) -> Result<AuditLog, AuditError> {
-        let sync_file = file
-            .try_clone()
-            .map_err(|e| AuditError(format!("audit log {}: {e}", path.display())))?;
+        let sync_file = file.try_clone().map_err(|source| AuditError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             vm: vm.to_owned(),
@@ -238,6 +293,8 @@ impl AuditLog {
             written: AtomicU64::new(0),
             synced: Mutex::new(0),
             failed: OnceLock::new(),
+            on_failure: OnceLock::new(),
+            syncs: AtomicU64::new(0),
             budget: AtomicU64::new(u64::MAX),
             exhausted: OnceLock::new(),
             dirty: Mutex::new(false),
@@ -251,7 +308,10 @@ impl AuditLog {
             std::thread::Builder::new()
                 .name("audit-flush".into())
                 .spawn(move || s.flush_loop())
-                .map_err(|e| AuditError(format!("audit log: cannot start its flusher: {e}")))
+                .map_err(|source| AuditError::Flusher {
+                    path: path.to_owned(),
+                    source,
+                })
         });
         let flusher = flusher.transpose()?;
         Ok(AuditLog {
@@ -275,6 +335,24 @@ impl AuditLog {
     /// Why the log stopped accepting records, once it has.
     pub fn failure(&self) -> Option<&str> {
         self.shared.failed.get().map(String::as_str)
+    }
+
+    /// Sets what happens when the log fails or its budget is spent (the VM must
+    /// stop): an event, not a condition anyone polls. Called at once if that has
+    /// already happened. Only the first hook set counts.
+    pub fn on_failure(&self, hook: FailureHook) {
+        if self.shared.on_failure.set(hook).is_err() {
+            return;
+        }
+        let why = self.shared.failed.get().or(self.shared.exhausted.get());
+        if let (Some(f), Some(h)) = (why, self.shared.on_failure.get()) {
+            h(f);
+        }
+    }
+
+    /// fsyncs done so far. Under concurrency one fsync covers many records.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
     }
 
     /// Caps the log's size: a decision or outcome record that would take it past
@@ -309,25 +387,24 @@ impl AuditLog {
             m.insert("rpc_id".into(), d.rpc_id.clone());
             m.insert("tool".into(), d.tool.into());
             m.insert("args".into(), args);
-            m.insert("decision".into(), d.decision.into());
+            m.insert("decision".into(), d.decision.as_str().into());
             if d.asked {
                 m.insert("asked".into(), true.into());
             }
+            if let Some(a) = &d.answer {
+                m.insert("ask_seq".into(), a.ask_seq.into());
+                m.insert("channel".into(), a.channel.into());
+                m.insert("who".into(), a.who.map_or(Value::Null, Value::from));
+            }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
-            m.insert("decided_by".into(), d.decided_by.into());
+            m.insert("decided_by".into(), d.decided_by.as_str().into());
             m.insert("reason".into(), d.reason.into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
-        let allowed = d.decision == "allow";
-        let seq = self.shared.append("decision", fill, |c| {
-            if allowed {
-                c.allow += 1;
-            } else {
-                c.deny += 1;
-            }
-            if d.asked {
-                c.ask += 1;
-            }
+        let seq = self.shared.append("decision", fill, |c| match d.decision {
+            Verdict::Allow => c.allow += 1,
+            Verdict::Ask => c.ask += 1,
+            Verdict::Deny => c.deny += 1,
         })?;
         self.shared.made_durable(seq)?;
         Ok(seq)
@@ -357,6 +434,25 @@ impl AuditLog {
             self.shared.mark_dirty();
         }
         Ok(())
+    }
+
+    /// Writes a `learn` record: an answer kept as a rule (synced like a decision:
+    /// the rule is in force from now on).
+    pub fn learn(&self, l: &LearnRecord) -> Result<u64, AuditError> {
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("ask_seq".into(), l.ask_seq.into());
+            m.insert("decision".into(), l.decision.into());
+            m.insert("scope".into(), l.scope.into());
+            m.insert("rule".into(), l.rule.into());
+            m.insert("refines".into(), l.refines.into());
+            m.insert("file".into(), l.file.into());
+            m.insert("channel".into(), l.channel.into());
+            m.insert("who".into(), l.who.map_or(Value::Null, Value::from));
+            m.insert("confirmed_conflicts".into(), l.confirmed_conflicts.into());
+        };
+        let seq = self.shared.append("learn", fill, |_| {})?;
+        self.shared.made_durable(seq)?;
+        Ok(seq)
     }
 
     /// Writes the `close` record with the counts and the exit status, syncs, and
@@ -408,8 +504,14 @@ impl Shared {
     }
 
     fn fail(&self, what: String) -> AuditError {
-        let _ = self.failed.set(what);
-        AuditError(self.failed.get().cloned().unwrap_or_default())
+        let first = self.failed.set(what).is_ok();
+        let why = self.failed.get().cloned().unwrap_or_default();
+        if first {
+            if let Some(h) = self.on_failure.get() {
+                h(&why);
+            }
+        }
+        AuditError::Failed(why)
     }
 
     /// Appends one record of `kind`; `fill` adds the kind's own fields.
@@ -420,19 +522,16 @@ impl Shared {
         tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
         if let Some(f) = self.failed.get() {
-            return Err(AuditError(f.clone()));
+            return Err(AuditError::Failed(f.clone()));
         }
         if kind != "close" {
             if let Some(f) = self.exhausted.get() {
-                return Err(AuditError(f.clone()));
+                return Err(AuditError::Exhausted(f.clone()));
             }
         }
         let mut st = self.lock();
         if st.closed {
-            return Err(AuditError(format!(
-                "audit log {}: already closed",
-                self.path.display()
-            )));
+            return Err(AuditError::Closed(self.path.clone()));
         }
         let seq = st.next_seq;
         let mut m = Map::new();
@@ -468,11 +567,18 @@ impl Shared {
         let over = st.bytes + line.len() as u64 > budget.saturating_sub(CLOSE_RESERVE);
         if kind != "close" && over {
             st.line = line;
-            let _ = self.exhausted.set(format!(
-                "audit log {}: the audit budget of {budget} bytes is spent (--audit-budget)",
-                self.path.display()
-            ));
-            return Err(AuditError(
+            let first = self
+                .exhausted
+                .set(format!(
+                    "audit log {}: the audit budget of {budget} bytes is spent (--audit-budget)",
+                    self.path.display()
+                ))
+                .is_ok();
+            if let (true, Some(h), Some(why)) = (first, self.on_failure.get(), self.exhausted.get())
+            {
+                h(why);
+            }
+            return Err(AuditError::Exhausted(
                 self.exhausted.get().cloned().unwrap_or_default(),
             ));
         }
@@ -515,9 +621,10 @@ impl Shared {
             return Ok(());
         }
         if let Some(f) = self.failed.get() {
-            return Err(AuditError(f.clone()));
+            return Err(AuditError::Failed(f.clone()));
         }
         let target = self.written.load(Ordering::Acquire);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.sync_file.sync_data() {
             return Err(self.fail(format!(
                 "audit log {}: fsync failed: {e}",

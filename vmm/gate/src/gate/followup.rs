@@ -42,11 +42,12 @@ impl Decide for GateDecide {
             reason: "internal error in the policy engine".into(),
         });
         let policy_ns = t0.elapsed().as_nanos() as u64;
-        // Nobody can answer an ask in the middle of a service call: it is a deny.
+        // An ask is not parked in the middle of a service call (the call holds a
+        // worker and its own time limit): it is a deny.
         let allowed = ruling.verdict == Verdict::Allow;
         let asked = ruling.verdict == Verdict::Ask;
         let reason = if asked {
-            "no approver"
+            "a follow-up call cannot wait for an approver"
         } else {
             &*ruling.reason
         };
@@ -61,10 +62,15 @@ impl Decide for GateDecide {
                 rpc_id: &Value::Null,
                 tool,
                 args,
-                decision: if allowed { "allow" } else { "deny" },
-                asked,
+                decision: if allowed {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                },
+                asked: false,
+                answer: None,
                 rule: ruling.rule,
-                decided_by: by.as_str(),
+                decided_by: by,
                 reason,
                 policy_ns,
             })
@@ -77,18 +83,5 @@ impl Decide for GateDecide {
                 None => reason.to_string(),
             })
         }
-    }
-}
-
-/// A shared decider boxed for `Gate::new`, so services can hold the same one.
-pub struct SharedDecider(pub Arc<dyn Decider>);
-
-impl Decider for SharedDecider {
-    fn decide<'a>(&'a self, tool: &str, args: &Value) -> DecisionRef<'a> {
-        self.0.decide(tool, args)
-    }
-
-    fn could_allow_or_ask(&self, tool: &str) -> bool {
-        self.0.could_allow_or_ask(tool)
     }
 }

@@ -1,5 +1,5 @@
 //! Building a gate from its settings: policy, services, audit log. Shared by
-//! `ironvmm gate` and the VMM (`boot`/`run`), so both get the same checks.
+//! `ironvmm gate` and the VMM (`boot`), so both get the same checks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,8 +7,10 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::followup::{GateDecide, SharedDecider};
+use super::followup::GateDecide;
 use super::{Decider, Gate, GateLimits};
+use crate::approvals::live::LiveDecider;
+use crate::approvals::LivePolicy;
 use crate::audit::{self, AuditLog, SyncMode};
 use crate::config::Config;
 use crate::services::fs::{FsService, GUEST_ROOT};
@@ -48,6 +50,8 @@ pub struct OpenedGate {
     pub gate: Arc<Gate>,
     pub audit: Arc<AuditLog>,
     pub audit_path: PathBuf,
+    /// The running policy: answers learned as rules are put in force through it.
+    pub live: Arc<LivePolicy>,
     /// Policy warnings, already formatted (empty when none).
     pub warnings: String,
 }
@@ -120,7 +124,8 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             ));
         }
     }
-    let (mut policy, warnings) = super::policy::load(&cfg.policy)?;
+    let (live, warnings) =
+        super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -148,18 +153,21 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         cfg.policy.clone(),
         learned_path(&cfg.policy),
     ];
-    files.extend(policy.files().iter().cloned());
+    files.extend(live.current().files().iter().cloned());
     files.extend(cfg.config.source.clone());
+    let mut protected = Vec::new();
     for f in &files {
-        policy.add_protected_path(f);
+        protected.push(f.clone());
         // The same file as the guest would name it, when it lies in the workspace.
         if let Some(rel) = ws
             .as_ref()
             .and_then(|ws| resolve(f).strip_prefix(ws).ok().map(PathBuf::from))
         {
-            policy.add_protected_path(PathBuf::from(GUEST_ROOT).join(rel));
+            protected.push(PathBuf::from(GUEST_ROOT).join(rel));
         }
     }
+    live.protect(&protected)
+        .map_err(|d| fail(exit::BAD_POLICY, format!("invalid policy:\n{d}")))?;
 
     let mut services = Services::new();
     if let Some(mut svc) = fs {
@@ -171,14 +179,14 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     if let Some(m) = mail {
         services.add(Box::new(m));
     }
-    // The policy is shared with the http service, which has each redirect hop decided.
-    let decider: Arc<dyn Decider> = Arc::new(policy);
-    let hops = Arc::new(GateDecide::new(Arc::clone(&decider), Arc::clone(&log)));
+    // The http service has each redirect hop decided by the same live policy.
+    let decider: Arc<dyn Decider> = Arc::new(LiveDecider(Arc::clone(&live)));
+    let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
     let http =
         HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
     services.add(Box::new(http));
     let gate = Arc::new(Gate::new(
-        Box::new(SharedDecider(decider)),
+        Box::new(LiveDecider(Arc::clone(&live))),
         services,
         Arc::clone(&log),
         cfg.limits,
@@ -187,6 +195,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         gate,
         audit: log,
         audit_path,
+        live,
         warnings,
     })
 }
@@ -230,5 +239,9 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
         "config": cfg.config.source.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
+        "max_inflight_per_conn": cfg.limits.max_inflight_per_conn,
+        "max_inflight": cfg.limits.max_inflight,
+        "workers": cfg.limits.workers,
+        "call_timeout_ms": cfg.limits.call_timeout.as_millis() as u64,
     })
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ironvmm_gate::audit::SyncMode;
 use ironvmm_gate::config::Config;
@@ -48,7 +49,7 @@ impl TestGate {
             flags: Value::Null,
         };
         let opened = open_gate(&cfg).unwrap_or_else(|e| panic!("{}", e.message));
-        let conn = Connection::new(Arc::clone(&opened.gate), "c1".into());
+        let conn = Connection::unwoken(Arc::clone(&opened.gate), "c1".into());
         TestGate {
             dir,
             gate: opened.gate,
@@ -71,6 +72,7 @@ impl TestGate {
         frame.push(b'\n');
         let mut out = Vec::new();
         self.conn.on_data(&frame, &mut out).unwrap();
+        self.settle(&mut out);
         let reply: Value = serde_json::from_slice(out.strip_suffix(b"\n").unwrap()).unwrap();
         match reply.get("result") {
             Some(r) if r["isError"] == false => Ok(r["structuredContent"].clone()),
@@ -82,6 +84,7 @@ impl TestGate {
         let mut out = Vec::new();
         let frame = b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"tools/list\"}\n";
         self.conn.on_data(frame, &mut out).unwrap();
+        self.settle(&mut out);
         let reply: Value = serde_json::from_slice(out.strip_suffix(b"\n").unwrap()).unwrap();
         reply["result"]["tools"]
             .as_array()
@@ -89,6 +92,20 @@ impl TestGate {
             .iter()
             .map(|t| t["name"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// Waits for the one reply line of the last frame: calls run on the gate's
+    /// workers (bounded: a call that never finishes fails the test).
+    fn settle(&mut self, out: &mut Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !out.ends_with(b"\n") {
+            self.conn.poll(out).unwrap();
+            if out.ends_with(b"\n") {
+                break;
+            }
+            self.conn.wait_ready(Duration::from_secs(1));
+            assert!(Instant::now() < deadline, "the call never finished");
+        }
     }
 
     pub fn records(&self) -> Vec<Value> {
