@@ -289,6 +289,9 @@ pub struct Setting<'a> {
     pub stdin_taken: bool,
     /// The terminal the prompts (and, in a VM, the guest console) are written to.
     pub terminal: Box<dyn Write + Send>,
+    /// A guest console reads the terminal all along, in character mode (`boot`);
+    /// otherwise the terminal is put in character mode only while asking (`gate`).
+    pub guest_console: bool,
 }
 
 /// Builds the hub of a VM and starts its channels: the control socket always (so
@@ -302,6 +305,7 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
         run_mode,
         stdin_taken,
         terminal,
+        guest_console,
     } = s;
     let bad = |m: String| (exit::VMM_ERROR, m);
     // A terminal in the foreground only: reading it from the background would stop
@@ -367,7 +371,20 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
         socket::spawn_audit_feed(hub.clone(), log.path().to_path_buf());
     }
     let share = (mode == Mode::Tty && !a.non_interactive).then(|| {
-        let share = TerminalShare::new(terminal, tty::random_mark());
+        use crate::devices::console_input::{enter_char_mode, restore_terminal};
+        let hook = move |up: bool| {
+            if up {
+                if !guest_console {
+                    enter_char_mode();
+                }
+                // Keys typed before the question must never answer it.
+                // SAFETY: tcflush on fd 0 only discards its pending input.
+                unsafe { libc::tcflush(0, libc::TCIFLUSH) };
+            } else if !guest_console {
+                restore_terminal();
+            }
+        };
+        let share = TerminalShare::with_hook(terminal, tty::random_mark(), Some(Box::new(hook)));
         eprintln!(
             "ironvmm: asks will be shown here, marked [{}]. A prompt without this mark is not ironvmm's.",
             share.mark()
@@ -389,25 +406,34 @@ pub fn start(a: &ApproverArgs, s: Setting<'_>) -> Result<Approvals, (u8, String)
 }
 
 /// Without a guest console (`ironvmm gate`), the terminal's keys go only to the
-/// terminal approver: read from stdin in character mode, dropped when no question
-/// is up.
+/// terminal approver, and stdin is read only while a question is up (the hook of
+/// `start` puts the terminal in character mode then): an idle gate leaves the
+/// terminal as it found it.
 pub fn keys_from_stdin(share: Arc<TerminalShare>) {
-    crate::devices::console_input::enter_char_mode();
     let _ = std::thread::Builder::new()
         .name("approvals-keys".into())
         .spawn(move || {
-            use std::io::Read;
             let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin().lock();
             loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        let _ = share.keys(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
+                if !share.is_held() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
                 }
+                let mut pfd = libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                    continue;
+                }
+                // SAFETY: reading into a live buffer of the given length.
+                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    return;
+                }
+                let _ = share.keys(&buf[..n as usize]);
             }
         });
 }

@@ -352,6 +352,7 @@ pub fn run(a: BootArgs) -> u8 {
             run_mode: false,
             stdin_taken: false,
             terminal,
+            guest_console: on_terminal,
         },
     ) {
         Ok(ap) => ap,
@@ -482,7 +483,14 @@ pub fn run(a: BootArgs) -> u8 {
         ),
         Outcome::Interrupted => fail(exit::INTERRUPTED, "interrupted; the VM was stopped"),
         Outcome::Crash(why) => match panic_line {
-            Some(line) => fail(exit::GUEST_CRASH, format!("the guest crashed: {line}")),
+            // The guest wrote this line: escaped before it reaches the terminal.
+            Some(line) => fail(
+                exit::GUEST_CRASH,
+                format!(
+                    "the guest crashed: {}",
+                    ironvmm_wire::text::escape(&line, 4 * ironvmm_wire::text::MAX_FIELD)
+                ),
+            ),
             None => fail(
                 exit::GUEST_CRASH,
                 format!("the guest stopped before reporting an exit status: {why}"),

@@ -122,6 +122,7 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
             run_mode: false,
             stdin_taken: args.stdio,
             terminal: Box::new(std::io::stderr()),
+            guest_console: false,
         },
     )?;
     if let Some(share) = &approvals.terminal {
@@ -301,7 +302,10 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
     };
     match serve_client(gate, "stdio".into(), &mut input, &mut output) {
         End::Eof | End::Gone => 0,
-        End::Reset(ConnectionError::AuditFailed(_)) => exit::VMM_ERROR,
+        End::Reset(ConnectionError::AuditFailed(m)) => {
+            eprintln!("ironvmm gate: stopping: {m}");
+            exit::VMM_ERROR
+        }
         End::Reset(e) => {
             eprintln!("ironvmm gate: connection reset: {e}");
             exit::VMM_ERROR

@@ -76,7 +76,13 @@ pub fn spawn(
             let mut stdin_open = forward_stdin;
             let mut buf = [0u8; 256];
             while !stopped.load(Ordering::Relaxed) {
-                if stdin_open && pending.is_empty() {
+                // Keys typed before a question goes up must never answer it: they
+                // are discarded when it goes up (the approver's hook), and a read
+                // that began before it goes to the guest.
+                let held = share.as_ref().is_some_and(|s| s.is_held());
+                // While a question is up keys are read even if the guest does not
+                // take its input: a guest must not be able to block the answer.
+                if stdin_open && (pending.is_empty() || held) {
                     let mut pfd = libc::pollfd {
                         fd: 0,
                         events: libc::POLLIN,
@@ -91,7 +97,10 @@ pub fn spawn(
                             stdin_open = false;
                         } else {
                             let keys = &buf[..r as usize];
-                            let keys = share.as_ref().map_or(keys, |s| s.keys(keys));
+                            let keys = match &share {
+                                Some(s) if held => s.keys(keys),
+                                _ => keys,
+                            };
                             pending.extend_from_slice(keys);
                         }
                     }

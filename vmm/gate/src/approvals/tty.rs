@@ -30,6 +30,10 @@ const MAX_HELD: usize = 256 * 1024;
 pub struct TerminalShare {
     state: Mutex<Share>,
     mark: String,
+    /// Called with true when a question goes up (before the prompt is shown) and
+    /// false when it is answered: the terminal's mode, and discarding keys typed
+    /// before the question (they must never answer it).
+    on_hold: Option<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 struct Share {
@@ -43,6 +47,15 @@ struct Share {
 impl TerminalShare {
     /// `out` is the terminal; `mark` this run's mark (see `random_mark`).
     pub fn new(out: Box<dyn Write + Send>, mark: String) -> Arc<TerminalShare> {
+        Self::with_hook(out, mark, None)
+    }
+
+    /// As `new`, with a hook run when a question goes up (true) and down (false).
+    pub fn with_hook(
+        out: Box<dyn Write + Send>,
+        mark: String,
+        on_hold: Option<Box<dyn Fn(bool) + Send + Sync>>,
+    ) -> Arc<TerminalShare> {
         Arc::new(TerminalShare {
             state: Mutex::new(Share {
                 out,
@@ -52,6 +65,7 @@ impl TerminalShare {
                 keys: None,
             }),
             mark,
+            on_hold,
         })
     }
 
@@ -93,7 +107,15 @@ impl TerminalShare {
         }
     }
 
+    /// Is a question up (the console held)?
+    pub fn is_held(&self) -> bool {
+        self.lock().held
+    }
+
     fn hold(&self, keys: Sender<u8>) {
+        if let Some(h) = &self.on_hold {
+            h(true);
+        }
         let mut s = self.lock();
         s.held = true;
         s.keys = Some(keys);
@@ -106,6 +128,9 @@ impl TerminalShare {
     }
 
     fn release(&self) {
+        if let Some(h) = &self.on_hold {
+            h(false);
+        }
         let mut s = self.lock();
         s.held = false;
         s.keys = None;

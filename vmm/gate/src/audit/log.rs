@@ -20,8 +20,18 @@ use std::time::{Duration, Instant};
 use ironvmm_policy::{DecidedBy, Verdict};
 use serde_json::{Map, Value};
 
-use super::redact::redact;
+use super::redact::{bound, redact};
 use super::{default_key_path, now_rfc3339, record_hash, AuditKey, KeyError, ZERO_HASH};
+
+/// `detail` of the outcome of an allowed call whose decision record could not be
+/// synced (`always` mode): the call was denied and never served.
+pub const NOT_DURABLE: &str = "not served: the decision record could not be synced";
+
+/// Longest guest-chosen name (tool, string rpc_id) written as is; longer ones keep a
+/// prefix, their length and their SHA-256.
+pub const MAX_LOGGED_NAME: usize = 256;
+/// Longest `reason` written as is (an invariant's reason can quote the guest).
+pub const MAX_LOGGED_REASON: usize = 2048;
 
 /// Room kept in the audit budget for the close record.
 pub const CLOSE_RESERVE: u64 = 4096;
@@ -227,8 +237,9 @@ impl AuditLog {
     }
 
     /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
-    /// with parent folders, mode 0600, and a new key in `key_path` (never reused
-    /// either), and writes and syncs the `open` record.
+    /// with parent folders, mode 0600, keyed by `key_path` (created when missing,
+    /// reused when it exists: a log run again at the same path, or several logs
+    /// sharing one key), and writes and syncs the `open` record.
     pub fn create_keyed(
         path: &Path,
         key_path: &Path,
@@ -251,7 +262,7 @@ impl AuditLog {
                 path: path.to_owned(),
                 source,
             })?;
-        let key = match AuditKey::create_file(key_path) {
+        let key = match AuditKey::open_or_create(key_path) {
             Ok(k) => k,
             Err(e) => {
                 // The log is still empty: leave no keyless log behind.
@@ -383,9 +394,13 @@ impl AuditLog {
         // Redaction copies the arguments: done before taking the log's lock.
         let args = redact(d.args);
         let fill = |m: &mut Map<String, Value>| {
-            m.insert("conn".into(), d.conn.into());
-            m.insert("rpc_id".into(), d.rpc_id.clone());
-            m.insert("tool".into(), d.tool.into());
+            m.insert("conn".into(), bound(d.conn, MAX_LOGGED_NAME).into());
+            let rpc_id = match d.rpc_id {
+                Value::String(s) => Value::from(bound(s, MAX_LOGGED_NAME)),
+                v => v.clone(),
+            };
+            m.insert("rpc_id".into(), rpc_id);
+            m.insert("tool".into(), bound(d.tool, MAX_LOGGED_NAME).into());
             m.insert("args".into(), args);
             m.insert("decision".into(), d.decision.as_str().into());
             if d.asked {
@@ -398,7 +413,7 @@ impl AuditLog {
             }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
             m.insert("decided_by".into(), d.decided_by.as_str().into());
-            m.insert("reason".into(), d.reason.into());
+            m.insert("reason".into(), bound(d.reason, MAX_LOGGED_REASON).into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
         let seq = self.shared.append("decision", fill, |c| match d.decision {
@@ -406,7 +421,23 @@ impl AuditLog {
             Verdict::Ask => c.ask += 1,
             Verdict::Deny => c.deny += 1,
         })?;
-        self.shared.made_durable(seq)?;
+        if let Err(e) = self.shared.made_durable(seq) {
+            // The record says `allow`, but the call is denied now: the log says so
+            // right after it, as far as the file still takes writes.
+            if d.decision == Verdict::Allow {
+                let fill = |m: &mut Map<String, Value>| {
+                    m.insert("decision_seq".into(), seq.into());
+                    m.insert("status".into(), OutcomeStatus::Error.as_str().into());
+                    m.insert("detail".into(), NOT_DURABLE.into());
+                    m.insert("bytes".into(), 0.into());
+                    m.insert("total_us".into(), 0.into());
+                };
+                let _ = self
+                    .shared
+                    .append_with("outcome", true, fill, |c| c.error += 1);
+            }
+            return Err(e);
+        }
         Ok(seq)
     }
 
@@ -521,7 +552,19 @@ impl Shared {
         fill: impl FnOnce(&mut Map<String, Value>),
         tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
-        if let Some(f) = self.failed.get() {
+        self.append_with(kind, false, fill, tally)
+    }
+
+    /// `force`: written even after a failure (best effort), for the one record that
+    /// says what the failure did to a call.
+    fn append_with(
+        &self,
+        kind: &str,
+        force: bool,
+        fill: impl FnOnce(&mut Map<String, Value>),
+        tally: impl FnOnce(&mut Counts),
+    ) -> Result<u64, AuditError> {
+        if let Some(f) = self.failed.get().filter(|_| !force) {
             return Err(AuditError::Failed(f.clone()));
         }
         if kind != "close" {

@@ -171,6 +171,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
 
     let mut services = Services::new();
     if let Some(mut svc) = fs {
+        svc.set_max_write_bytes(cfg.max_write_bytes);
         for f in &files {
             svc.protect(f);
         }
