@@ -14,6 +14,7 @@
 pub mod approver;
 pub mod connection;
 pub mod decide;
+pub mod followup;
 pub mod frame;
 pub mod inflight;
 pub mod policy;

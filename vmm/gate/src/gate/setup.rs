@@ -7,11 +7,16 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{Gate, GateLimits};
+use super::followup::GateDecide;
+use super::{Decider, Gate, GateLimits};
 use crate::approvals::live::LiveDecider;
 use crate::approvals::LivePolicy;
 use crate::audit::{self, AuditLog, SyncMode};
+use crate::config::Config;
 use crate::services::fs::{FsService, GUEST_ROOT};
+use crate::services::http::HttpService;
+use crate::services::mail::MailService;
+use crate::services::mcp_servers::{McpService, ServerSpec};
 use crate::services::Services;
 use ironvmm_wire::exit;
 
@@ -19,7 +24,10 @@ use ironvmm_wire::exit;
 #[derive(Debug, Clone)]
 pub struct GateConfig {
     pub policy: PathBuf,
+    /// `--workspace`; without it, `[workspace] dir` of the configuration.
     pub workspace: Option<PathBuf>,
+    /// `ironvmm.toml` (`--config`), already loaded; the default configures nothing.
+    pub config: Config,
     /// None: `audit::default_path(vm)`.
     pub audit: Option<PathBuf>,
     /// The audit key file; None: `<audit log>.key`. Never inside the workspace.
@@ -71,7 +79,23 @@ fn fail(code: u8, message: impl Into<String>) -> SetupError {
 pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
-    let fs = match &cfg.workspace {
+    let workspace = cfg
+        .workspace
+        .clone()
+        .or_else(|| cfg.config.workspace.as_ref().map(|w| w.dir.clone()));
+    // The owner's MCP servers are started first: the policy is checked against
+    // the tools they list.
+    let mut mcp = Vec::new();
+    for m in &cfg.config.mcp {
+        let svc = McpService::start(&ServerSpec::from(m))
+            .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
+        mcp.push(svc);
+    }
+    let mail = match &cfg.config.mail {
+        Some(m) => Some(MailService::from_config(m).map_err(|e| fail(exit::VMM_ERROR, e))?),
+        None => None,
+    };
+    let fs = match &workspace {
         Some(dir) => Some(FsService::open(dir).map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?),
         None => None,
     };
@@ -88,7 +112,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         .audit_key
         .clone()
         .unwrap_or_else(|| audit::default_key_path(&audit_path));
-    let ws = cfg.workspace.as_ref().and_then(|w| w.canonicalize().ok());
+    let ws = workspace.as_ref().and_then(|w| w.canonicalize().ok());
     if let Some(ws) = &ws {
         // Protection by identity keeps the guest off a key in its workspace, but the
         // key is the one secret of the log: it lives where the guest has no name for it.
@@ -103,8 +127,11 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
             ));
         }
     }
-    let (live, warnings) =
-        super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
+    let (live, warnings) = super::policy::load_with_tools(
+        &cfg.policy,
+        mcp.iter().flat_map(McpService::catalog_entries).collect(),
+    )
+    .map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
@@ -133,6 +160,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         learned_path(&cfg.policy),
     ];
     files.extend(live.current().files().iter().cloned());
+    files.extend(cfg.config.source.clone());
     let mut protected = Vec::new();
     for f in &files {
         protected.push(f.clone());
@@ -153,6 +181,18 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         for f in &files {
             svc.protect(f);
         }
+        services.add(Box::new(svc));
+    }
+    if let Some(m) = mail {
+        services.add(Box::new(m));
+    }
+    // The http service has each redirect hop decided by the same live policy.
+    let decider: Arc<dyn Decider> = Arc::new(LiveDecider(Arc::clone(&live)));
+    let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
+    let http =
+        HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
+    services.add(Box::new(http));
+    for svc in mcp {
         services.add(Box::new(svc));
     }
     let gate = Arc::new(Gate::new(
@@ -206,6 +246,7 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
     json!({
         "mode": format!("gate {transport}"),
         "workspace": cfg.workspace.as_ref().map(|p| p.display().to_string()),
+        "config": cfg.config.source.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
         "max_inflight_per_conn": cfg.limits.max_inflight_per_conn,

@@ -3,7 +3,12 @@
 //! service reads the very value the policy decided on.
 
 pub mod fs;
+pub mod http;
+pub mod llm;
+pub mod mail;
 pub mod mcp_servers;
+pub mod net;
+pub mod ssrf;
 mod sys;
 
 use std::collections::HashMap;
@@ -16,11 +21,15 @@ pub struct ToolSpec {
     pub name: &'static str,
     pub description: &'static str,
     pub input_schema: Value,
-    /// Top-level argument name → role (`path`, `url`, `host`, `email`).
+    /// Top-level argument name → role (`path`, `url`, `host`, `email`); an array
+    /// argument has the role applied to each element.
     pub roles: &'static [(&'static str, &'static str)],
     /// A name conditions may use for several arguments, each decided in turn
     /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
     pub aliases: &'static [(&'static str, &'static [&'static str])],
+    /// Most bytes of the structured result a call may return: a larger one is a
+    /// `too_large` tool error, so no service can hand the guest an unbounded reply.
+    pub reply_cap: usize,
 }
 
 /// The reply cap of most tools: a reply frame stays under the 1 MiB frame limit
@@ -89,6 +98,13 @@ pub enum Reply {
     Forwarded { result: Value, is_error: bool },
 }
 
+/// A narrow handle on the gate's decider for a service that must have a follow-up
+/// action decided as a call of its own (each redirect hop of `http.fetch`). The
+/// implementation decides and audits it; `Err` is the reason it was not allowed.
+pub trait Decide: Send + Sync {
+    fn decide(&self, tool: &str, args: &Value) -> Result<(), String>;
+}
+
 /// A service: a family of tools sharing one prefix (`fs.`).
 pub trait Service: Send + Sync {
     fn tools(&self) -> Vec<ToolSpec>;
@@ -132,23 +148,31 @@ impl Services {
         self.by_tool.contains_key(tool)
     }
 
-    pub fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
-        self.service(tool)?.call(tool, args)
-    }
-
-    /// Serves an allowed call as the gate replies it.
+    /// Serves an allowed call as the gate replies it, holding a structured result
+    /// to the tool's reply cap (a forwarded one was capped by its service).
     pub fn serve(&self, tool: &str, args: &Value) -> Result<Reply, ToolError> {
-        self.service(tool)?.serve(tool, args)
-    }
-
-    fn service(&self, tool: &str) -> Result<&dyn Service, ToolError> {
-        match self.by_tool.get(tool) {
-            Some(&i) => Ok(&*self.services[i]),
-            None => Err(ToolError::new(
+        let Some(&i) = self.by_tool.get(tool) else {
+            return Err(ToolError::new(
                 "unknown_tool",
                 format!("no service here offers {tool:?}"),
-            )),
+            ));
+        };
+        let reply = self.services[i].serve(tool, args)?;
+        if let Reply::Structured(v) = &reply {
+            let cap = self
+                .specs
+                .iter()
+                .find(|s| s.name == tool)
+                .map_or(DEFAULT_REPLY_CAP, |s| s.reply_cap);
+            let size = json_size(v);
+            if size > cap {
+                return Err(ToolError::new(
+                    "too_large",
+                    format!("the reply of {tool} is {size} bytes, over its cap of {cap}"),
+                ));
+            }
         }
+        Ok(reply)
     }
 }
 
@@ -169,9 +193,15 @@ pub(crate) fn json_size(v: &Value) -> usize {
     c.0
 }
 
-/// Every tool compiled into ironvmm, whatever a given run configures.
+/// Every tool compiled into ironvmm, whatever a given run configures. `tools/list`,
+/// `ironvmm tools`, `policy check --catalog builtin` and the compiler all read this.
 pub fn builtin_specs() -> Vec<ToolSpec> {
-    fs::tool_specs()
+    let mut v = fs::tool_specs();
+    v.extend(mail::tool_specs());
+    v.extend(http::tool_specs());
+    v.extend(net::tool_specs());
+    v.extend(llm::tool_specs());
+    v
 }
 
 /// The builtin catalog as the `--catalog` file's JSON (`ironvmm tools --json`).

@@ -71,6 +71,20 @@ impl ServerSpec {
     }
 }
 
+impl From<&crate::config::McpServerConfig> for ServerSpec {
+    fn from(c: &crate::config::McpServerConfig) -> ServerSpec {
+        ServerSpec {
+            name: c.name.clone(),
+            command: c.command.clone(),
+            args: c.args.clone(),
+            env: c.env.clone(),
+            timeout: c.timeout_secs.map_or(DEFAULT_TIMEOUT, Duration::from_secs),
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            roles: c.roles.clone(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum McpSetupError {
     #[error("mcp server `{name}`: the name must be lowercase [a-z0-9_-]")]
@@ -223,6 +237,7 @@ impl McpService {
                 input_schema: t.input_schema.clone(),
                 roles: Box::leak(role_pairs.into_boxed_slice()),
                 aliases: &[],
+                reply_cap: DEFAULT_REPLY_CAP,
             };
             order.push(full.clone());
             tools.insert(
