@@ -130,4 +130,51 @@ fn gate_config_serves_an_mcp_server_behind_the_policy() {
     let log = std::fs::read_to_string(root.join("audit.jsonl")).unwrap();
     assert_eq!(log.matches("\"kind\":\"decision\"").count(), 4, "{log}");
     assert!(log.contains("files.read_text_file"));
+
+    // `ironvmm tools --json --config` prints the catalog the gate used; `policy
+    // check` against it warns of a rule on a tool whose roles are unknown.
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["tools", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let catalog: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tool = |n: &str| {
+        catalog["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("{n} missing"))
+    };
+    assert_eq!(
+        tool("files.read_text_file")["roles"],
+        json!({"path": "path"})
+    );
+    assert_eq!(tool("files.write_file")["rolesKnown"], false);
+    let cat_file = root.join("catalog.json");
+    std::fs::write(&cat_file, &out.stdout).unwrap();
+    let rules = root.join("w.rules");
+    std::fs::write(
+        &rules,
+        "version 1\nallow files.write_file when path matches \"/srv/*\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["policy", "check", "--catalog"])
+        .arg(&cat_file)
+        .arg(&rules)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("`files.write_file`: no argument roles are known"),
+        "{text}"
+    );
 }

@@ -1,21 +1,55 @@
-//! `ironvmm tools [--json]`: the catalog of the services compiled into ironvmm.
+//! `ironvmm tools [--json] [--config FILE]`: the catalog of the services compiled
+//! into ironvmm, plus, with `--config`, the tools of its `[[mcp]]` servers (started
+//! to list them, then stopped).
 
-use crate::services::{builtin_catalog_json, builtin_specs};
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::exit;
+use crate::services::mcp_servers::{McpService, ServerSpec};
+use crate::services::{builtin_catalog_json, builtin_specs, Service};
 
 #[derive(clap::Args, Debug)]
 pub struct ToolsArgs {
     /// Print the catalog in the `--catalog` file format of the policy CLI.
     #[arg(long)]
     json: bool,
+    /// `ironvmm.toml`: also list the tools of its `[[mcp]]` servers.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 pub fn run(args: ToolsArgs) -> u8 {
+    let mut servers = Vec::new();
+    if let Some(path) = &args.config {
+        let cfg = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ironvmm: {e}");
+                return exit::VMM_ERROR;
+            }
+        };
+        for m in &cfg.mcp {
+            match McpService::start(&ServerSpec::from(m)) {
+                Ok(s) => servers.push(s),
+                Err(e) => {
+                    eprintln!("ironvmm: {e}");
+                    return exit::VMM_ERROR;
+                }
+            }
+        }
+    }
     let text = if args.json {
-        let mut s = serde_json::to_string_pretty(&builtin_catalog_json()).unwrap_or_default();
+        let mut catalog = builtin_catalog_json();
+        if let Some(tools) = catalog["tools"].as_array_mut() {
+            tools.extend(servers.iter().flat_map(McpService::catalog_entries));
+        }
+        let mut s = serde_json::to_string_pretty(&catalog).unwrap_or_default();
         s.push('\n');
         s
     } else {
-        let specs = builtin_specs();
+        let mut specs = builtin_specs();
+        specs.extend(servers.iter().flat_map(McpService::tools));
         let width = specs.iter().map(|s| s.name.len()).max().unwrap_or(0);
         let mut s = String::new();
         for spec in &specs {
