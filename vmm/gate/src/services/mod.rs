@@ -28,7 +28,7 @@ pub struct ToolSpec {
     /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
     pub aliases: &'static [(&'static str, &'static [&'static str])],
     /// Most bytes of the structured result a call may return: a larger one is a
-    /// `too_large` tool error, so no service can hand the guest an unbounded reply.
+    /// `reply_too_large` tool error, so no service can hand the guest an unbounded reply.
     pub reply_cap: usize,
 }
 
@@ -166,8 +166,9 @@ impl Services {
                 .map_or(DEFAULT_REPLY_CAP, |s| s.reply_cap);
             let size = json_size(v);
             if size > cap {
+                // The same kind as the gate's own bound on a whole reply frame.
                 return Err(ToolError::new(
-                    "too_large",
+                    "reply_too_large",
                     format!("the reply of {tool} is {size} bytes, over its cap of {cap}"),
                 ));
             }

@@ -395,7 +395,7 @@ fn forward(result: Value, cap: usize) -> Result<Reply, ToolError> {
     let size = json_size(&out);
     if size > cap {
         return Err(ToolError::new(
-            "too_large",
+            "reply_too_large",
             format!("the server's reply is {size} bytes, over the cap of {cap}"),
         ));
     }
@@ -505,6 +505,6 @@ mod tests {
             "bad_reply"
         );
         let big = json!({"content": [{"type": "text", "text": "x".repeat(2000)}]});
-        assert_eq!(forward(big, 1000).unwrap_err().kind, "too_large");
+        assert_eq!(forward(big, 1000).unwrap_err().kind, "reply_too_large");
     }
 }
