@@ -7,6 +7,7 @@
 //! - `gate_ports` the vsock ports the gate serves (the devices ↔ gate seam)
 //! - `gate`, `services`, `audit`: the `ironvmm-gate` crate, re-exported
 //! - `image`    guest.img: manifest, tar, cpio
+//! - `report`   what `ironvmm run` tells CI: run report, JUnit, summary
 //! - `cli`      the `ironvmm` command line
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod devices;
 pub mod gate_ports;
 pub mod image;
 pub mod kvm;
+pub mod report;
 
 // The gate, its services and the audit log live in `ironvmm-gate` (no KVM, no
 // guest memory); the wire constants in `ironvmm-wire`. Re-exported so that

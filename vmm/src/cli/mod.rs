@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod gate;
 pub mod image;
 pub mod policy;
+pub mod run;
 pub mod tools;
 
 #[derive(Parser, Debug)]
@@ -27,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest image under a policy.
     Boot(boot::BootArgs),
+    /// Run a guest unattended (CI): asks denied, limits, report, JUnit, summary.
+    Run(run::RunArgs),
     /// Policy tools: check, eval, test, explain, fmt, compile, refine, learned.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -55,6 +58,7 @@ pub fn main() -> u8 {
     };
     match cli.command {
         Command::Boot(a) => boot::run(a),
+        Command::Run(a) => run::run(a),
         Command::Policy(c) => policy::run(c),
         Command::Audit(c) => audit::run(c),
         Command::Gate(a) => gate::run(a),

@@ -9,6 +9,7 @@
 //! `Gate` is shared by all connections of one VM.
 
 pub mod approver;
+pub mod budget;
 pub mod decide;
 pub mod frame;
 pub mod policy;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::{Gate, GateLimits};
+use super::budget::{Budgeted, CallBudget};
+use super::{Decider, Gate, GateLimits};
 use crate::audit::{self, AuditLog, SyncMode};
 use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::Services;
@@ -65,6 +66,15 @@ fn fail(code: u8, message: impl Into<String>) -> SetupError {
 /// /workspace/... when they lie in the workspace) and in the fs service (by file
 /// identity, with every folder that holds one of them).
 pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
+    open_gate_with(cfg, None)
+}
+
+/// `open_gate`, with every call first spending `budget` (`--max-calls`,
+/// `--max-egress-bytes`).
+pub fn open_gate_with(
+    cfg: &GateConfig,
+    budget: Option<Arc<CallBudget>>,
+) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
     let fs = match &cfg.workspace {
@@ -146,12 +156,11 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         }
         services.add(Box::new(svc));
     }
-    let gate = Arc::new(Gate::new(
-        Box::new(policy),
-        services,
-        Arc::clone(&log),
-        cfg.limits,
-    ));
+    let mut decider: Box<dyn Decider> = Box::new(policy);
+    if let Some(b) = budget.filter(|b| b.is_limited()) {
+        decider = Box::new(Budgeted::new(decider, b));
+    }
+    let gate = Arc::new(Gate::new(decider, services, Arc::clone(&log), cfg.limits));
     Ok(OpenedGate {
         gate,
         audit: log,
