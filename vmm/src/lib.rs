@@ -5,6 +5,7 @@
 //! - `kvm`      the VM: memory, vCPUs, boot
 //! - `devices`  what the guest can touch: serial, i8042, status port, virtio-mmio vsock
 //! - `gate_ports` the vsock ports the gate serves (the devices ↔ gate seam)
+//! - `hardening` the process settings of a VMM (no_new_privs, fds, rlimits)
 //! - `gate`, `services`, `audit`: the `ironvmm-gate` crate, re-exported
 //! - `image`    guest.img: manifest, tar, cpio
 //! - `report`   what `ironvmm run` tells CI: run report, JUnit, summary
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod devices;
 pub mod gate_ports;
+pub mod hardening;
 pub mod image;
 pub mod kvm;
 pub mod report;

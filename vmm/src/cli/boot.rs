@@ -14,11 +14,13 @@ use crate::gate::budget::CallBudget;
 use crate::gate::setup::{self, GateConfig};
 use crate::gate::GateLimits;
 use crate::gate_ports::GatePorts;
+use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
 use crate::kvm::vm::{Outcome, Vm, VmConfig};
 use crate::report::ExitKind;
 use crate::timing::Timings;
 use crate::vm_event::VmEvent;
+use ironvmm_seccomp::Setting;
 
 /// What every guest's command line starts with. `reboot=k` resets through the
 /// i8042 (a clean stop); `panic=-1` turns a panic into an immediate reset.
@@ -82,6 +84,10 @@ pub struct BootArgs {
     /// Extra kernel command line for --kernel.
     #[arg(long, hide = true, default_value = "")]
     pub cmdline: String,
+    /// Per-thread seccomp filters: on (a forbidden syscall kills ironvmm), off, or
+    /// log (allowed and logged by the kernel, to find a gap) [default: on for run, off for boot].
+    #[arg(long, value_name = "on|off|log")]
+    pub seccomp: Option<Setting>,
 }
 
 /// Parses `128M`, `1G`, `512MiB`, `256` (MiB) into MiB.
@@ -250,6 +256,8 @@ pub struct Mode {
     pub budget: Option<Arc<CallBudget>>,
     /// More `flags` for the open record (the runner's limits and outputs).
     pub flags: serde_json::Map<String, serde_json::Value>,
+    /// Seccomp unless `--seccomp` says otherwise.
+    pub seccomp: Setting,
 }
 
 impl Mode {
@@ -259,6 +267,9 @@ impl Mode {
             interactive: true,
             budget: None,
             flags: serde_json::Map::new(),
+            // Until the booting suite has run boot confined, boot is unconfined
+            // unless asked; run is confined (docs/seccomp.md).
+            seccomp: Setting::Off,
         }
     }
 }
@@ -300,6 +311,18 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         out.why = why;
         out
     };
+    // Confined before anything is opened: the process, then each thread's filter.
+    let seccomp = a.seccomp.unwrap_or(mode.seccomp);
+    match hardening::harden_process() {
+        Ok(warnings) => warnings
+            .iter()
+            .for_each(|w| eprintln!("ironvmm: warning: {w}")),
+        Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e)),
+    }
+    if let Err(e) = ironvmm_seccomp::preflight(seccomp) {
+        return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+    }
+    ironvmm_seccomp::configure(seccomp);
     let timings = Arc::new(Timings::default());
     let mut p = match payload(a) {
         Ok(p) => p,
@@ -333,6 +356,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     let mut flags = setup::gate_flags(mode.name, &gate_cfg);
     if let Some(f) = flags.as_object_mut() {
         f.insert("mode".into(), mode.name.into());
+        f.insert("seccomp".into(), seccomp.as_str().into());
         f.extend(mode.flags.clone());
     }
     gate_cfg.flags = flags;

@@ -12,6 +12,7 @@ use super::boot::{launch, BootArgs, Launched, Mode};
 use crate::exit;
 use crate::gate::budget::CallBudget;
 use crate::report::{junit, summary, ExitInfo, RunReport};
+use ironvmm_seccomp::Setting;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -62,6 +63,7 @@ pub fn run(a: RunArgs) -> u8 {
         interactive: false,
         budget: Some(budget),
         flags,
+        seccomp: Setting::On,
     };
     let launched = launch(&a.vm, &mode);
     let outputs = Outputs::from_args(&a);

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ironvmm_seccomp::ThreadRole;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -246,13 +247,24 @@ impl Vm {
             );
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || super::vcpu::run(vcpu, id as u8, bus, timings, events));
+                .spawn(move || {
+                    // Confined before the first KVM_RUN: no guest code runs unfiltered.
+                    if let Err(e) = ironvmm_seccomp::install(ThreadRole::Vcpu) {
+                        let _ = events.send(VmEvent::Fatal(e.to_string()));
+                        return;
+                    }
+                    super::vcpu::run(vcpu, id as u8, bus, timings, events)
+                });
             if let Err(e) = spawned {
                 return (
                     Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
                     self.bus,
                 );
             }
+        }
+        // Last: every thread this one starts would inherit its filter.
+        if let Err(e) = ironvmm_seccomp::install(ThreadRole::Main) {
+            return (Outcome::Fatal(e.to_string()), self.bus);
         }
         let outcome = loop {
             if interrupts.load(Ordering::Relaxed) > 0 {
@@ -321,6 +333,10 @@ impl Vm {
         thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
+                if let Err(e) = ironvmm_seccomp::install(ThreadRole::Device) {
+                    let _ = events.send(VmEvent::Fatal(e.to_string()));
+                    return;
+                }
                 // The device thread ending (an error, or a panic in a handler) leaves the
                 // guest without its gate: stop the VM rather than let calls hang.
                 let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
