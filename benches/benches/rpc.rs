@@ -6,6 +6,11 @@
 //!
 //! Where this host has no hardware virtualization, the bench re-runs itself inside
 //! the software KVM host (scripts/kvm-host.sh) and says so.
+//!
+//! `cargo bench --bench rpc -- --host-only` runs only the host-only gate (no VM, no
+//! KVM host: quick), `--quick` with 200 small calls instead of 1,000.
+//! Exits per call are counted with and without `VIRTIO_RING_F_EVENT_IDX`
+//! (`boot --no-event-idx`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,7 +19,14 @@ use std::time::Duration;
 use ironvmm_benches::{inside_kvm_host, kvm_kind, rerun_in_kvm_host, run_ok, workspace_root};
 use serde_json::Value;
 
-const SMALL_CALLS: usize = 1000;
+/// Small calls per workload (`--quick`: 200).
+fn small_calls() -> usize {
+    if std::env::args().any(|a| a == "--quick") {
+        200
+    } else {
+        1000
+    }
+}
 const BULK: &str = r#"{"path":"/workspace/big.bin","length":524288,"encoding":"base64"}"#;
 const STAT: &str = r#"{"path":"/workspace"}"#;
 /// 16 MiB in 512 KiB reads (the per-call maximum of interfaces.md).
@@ -22,14 +34,15 @@ const BULK_CALLS: usize = 32;
 
 /// The three workloads, as `iron bench` arguments, with their labels.
 fn workloads() -> Vec<(&'static str, String)> {
+    let small_calls = small_calls();
     vec![
         (
             "fs.stat, 1 connection",
-            format!("-n {SMALL_CALLS} -c 1 --tool fs.stat --args '{STAT}'"),
+            format!("-n {small_calls} -c 1 --tool fs.stat --args '{STAT}'"),
         ),
         (
             "fs.stat, 8 connections",
-            format!("-n {SMALL_CALLS} -c 8 --tool fs.stat --args '{STAT}'"),
+            format!("-n {small_calls} -c 8 --tool fs.stat --args '{STAT}'"),
         ),
         (
             "fs.read 16 MiB in 512 KiB calls",
@@ -58,7 +71,7 @@ fn write_policy(work: &Path) -> PathBuf {
 }
 
 /// Boots a guest whose agent runs `script`; returns its stdout and its exit stats.
-fn boot(p: &Paths, name: &str, script: &str, sync: &str) -> (String, u64) {
+fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (String, u64) {
     let agent = p.work.join(format!("{name}.sh"));
     std::fs::write(&agent, script).unwrap();
     let img = p.work.join(format!("{name}.img"));
@@ -90,6 +103,7 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str) -> (String, u64) {
             "--timeout",
             "900s",
         ])
+        .args(extra)
         .arg(&img)
         .env("IRONVMM_EXIT_STATS", "1")
         .output()
@@ -147,15 +161,57 @@ fn host_gate(p: &Paths, sync: &str) -> Vec<Option<Value>> {
     results
 }
 
+fn print_host_only(sync: &str, results: &[Option<Value>]) {
+    println!("--audit-sync {sync} (host-only gate):");
+    for ((label, _), r) in workloads().iter().zip(results) {
+        let f = |x: &Value, k: &str| x[k].as_f64().unwrap_or(f64::NAN);
+        match r {
+            Some(h) => println!(
+                "  {label}: p50 {:.0} us p99 {:.0} us {:.0} calls/s",
+                f(h, "p50_us"),
+                f(h, "p99_us"),
+                f(h, "calls_per_s")
+            ),
+            None => println!("  {label}: incomplete"),
+        }
+    }
+}
+
+/// `--host-only`: the host-only gate alone, built and run here, no VM.
+fn host_only(root: &Path, work: PathBuf) {
+    run_ok(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "ironvmm",
+        "-p",
+        "ironvmm-guest",
+    ]));
+    let p = Paths {
+        bin: root.join("target/release/ironvmm"),
+        iron: root.join("target/release/iron"),
+        kernel: PathBuf::new(),
+        work,
+    };
+    println!("rpc bench, host-only gate ({} small calls)", small_calls());
+    for sync in ["batch", "always"] {
+        print_host_only(sync, &host_gate(&p, sync));
+    }
+}
+
 fn main() {
     let root = workspace_root();
     let work = root.join("target/bench-rpc");
+    let host_only_run = std::env::args().any(|a| a == "--host-only");
     if !inside_kvm_host() {
         std::fs::create_dir_all(work.join("ws")).unwrap();
         let big: Vec<u8> = (0..16u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
         std::fs::write(work.join("ws/big.bin"), big).unwrap();
+        if host_only_run {
+            return host_only(&root, work);
+        }
         rerun_in_kvm_host(&["--mem", "3G"]);
     }
 
@@ -174,8 +230,12 @@ fn main() {
                 "iron bench {args} | tail -n1 | sed 's/^/w{i}=/'\n"
             ));
         }
-        let (_, base_exits) = boot(&p, "idle", "exit 0\n", sync);
-        let (out, exits) = boot(&p, "bench", &script, sync);
+        let (_, base_exits) = boot(&p, "idle", "exit 0\n", sync, &[]);
+        let (out, exits) = boot(&p, "bench", &script, sync, &[]);
+        // The same run without EVENT_IDX: every used buffer interrupts the guest,
+        // and each interrupt costs it MMIO exits (InterruptStatus, InterruptACK).
+        let (_, base_no_idx) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"]);
+        let (_, exits_no_idx) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
         let vm: Vec<Option<Value>> = (0..workloads().len())
             .map(|i| last_json(&out, &format!("w{i}=")))
             .collect();
@@ -202,7 +262,10 @@ fn main() {
                 ),
             }
         }
-        let calls = (2 * SMALL_CALLS + BULK_CALLS) as f64;
-        println!("  userspace VM exits per call: {:.1} ({} exits over {calls} calls, boot's {base_exits} excluded)", (exits.saturating_sub(base_exits)) as f64 / calls, exits);
+        let calls = (2 * small_calls() + BULK_CALLS) as f64;
+        println!("  userspace VM exits per call: {:.1} with EVENT_IDX, {:.1} without ({} and {} exits over {calls} calls, boot's excluded)",
+            (exits.saturating_sub(base_exits)) as f64 / calls,
+            (exits_no_idx.saturating_sub(base_no_idx)) as f64 / calls,
+            exits, exits_no_idx);
     }
 }

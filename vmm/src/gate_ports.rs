@@ -2,17 +2,19 @@
 //! gate (tool calls). Network egress on port 2 is not built yet, so it is refused
 //! like every other port (RST).
 //!
-//! Flow control: the device feeds a handler only while the replies it holds for the
-//! guest are under its limit. A `Connection` itself stops taking frames once
-//! `max_output` reply bytes are in `out` and keeps the rest (`has_backlog`); `poll`
-//! goes on with them. So the device must call `poll` when a connection's output has
-//! drained, not only after a wake-up. Never loop on `resume` until the backlog is
-//! gone: with `out` full it takes nothing, so such a loop spins, and if it did take
-//! frames it would undo the bound on memory.
+//! The device thread only moves bytes: `on_data` frames them and starts calls,
+//! which run on the gate's workers. A finished call writes the device's waker; the
+//! device then calls `poll` on every handler, which collects the replies. The device
+//! feeds a handler at most `input_room` bytes: a connection at its in-flight bound,
+//! or with replies the guest does not read, takes none, and the guest runs out of
+//! credit.
 
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use crate::devices::vsock::{PortListener, StreamError, StreamHandler};
+use crate::gate::inflight::Wake;
 use crate::gate::{Connection, Gate};
 pub use ironvmm_wire::TOOLS_PORT;
 
@@ -20,11 +22,17 @@ pub use ironvmm_wire::TOOLS_PORT;
 pub struct GatePorts {
     gate: Arc<Gate>,
     next_conn: u64,
+    wake: Wake,
 }
 
 impl GatePorts {
     pub fn new(gate: Arc<Gate>) -> Self {
-        GatePorts { gate, next_conn: 0 }
+        GatePorts {
+            gate,
+            next_conn: 0,
+            // Replaced by the device's waker when the device is built.
+            wake: Arc::new(|| {}),
+        }
     }
 }
 
@@ -36,12 +44,20 @@ impl PortListener for GatePorts {
         self.next_conn += 1;
         // The guest port alone can repeat across connections; the counter cannot.
         let id = format!("vsock:{guest_port}#{}", self.next_conn);
-        Some(Box::new(GateStream(Connection::new(self.gate.clone(), id))))
+        let conn = Connection::new(self.gate.clone(), id, Arc::clone(&self.wake));
+        Some(Box::new(GateStream(conn)))
+    }
+
+    fn use_waker(&mut self, waker: Arc<EventFd>) {
+        self.wake = Arc::new(move || {
+            // Only fails when the counter would overflow: the device is awake then.
+            let _ = waker.write(1);
+        });
     }
 }
 
 /// One guest connection to the gate. An audit-log failure resets it; the VMM learns
-/// of the failure from `Gate::fatal` and stops the VM.
+/// of the failure from the audit log's failure hook and stops the VM.
 struct GateStream(Connection);
 
 impl StreamHandler for GateStream {
@@ -52,16 +68,17 @@ impl StreamHandler for GateStream {
     }
 
     fn poll(&mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
-        if !self.0.has_backlog() {
-            return Ok(());
-        }
         self.0
-            .resume(out)
+            .poll(out)
             .map_err(|e| StreamError(format!("{}: {e}", self.0.id())))
     }
 
     fn has_pending_output(&self) -> bool {
-        self.0.has_backlog()
+        self.0.has_pending_output()
+    }
+
+    fn input_room(&self) -> usize {
+        self.0.input_room()
     }
 
     fn on_close(&mut self) {

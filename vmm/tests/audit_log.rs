@@ -32,6 +32,7 @@ fn sample_log(dir: &Path) -> (PathBuf, String) {
                 args: &json!({"path": format!("/workspace/{i}"), "token": "t0p"}),
                 decision: if allowed { "allow" } else { "deny" },
                 asked: false,
+                answer: None,
                 rule: Some(4),
                 decided_by: "rule",
                 reason: "because",
@@ -256,6 +257,7 @@ fn batch_mode_syncs_and_verifies() {
         args: &json!({}),
         decision: "allow",
         asked: false,
+        answer: None,
         rule: None,
         decided_by: "default",
         reason: "",
@@ -316,7 +318,8 @@ fn write_failure_fails_closed() {
     let mut data = frame.clone();
     data.push(b'\n');
     let mut out = Vec::new();
-    let err = c.on_data(&data, &mut out).unwrap_err();
+    c.on_data(&data, &mut out).unwrap();
+    let err = settle(&mut c, &mut out).unwrap_err();
     assert!(
         matches!(err, ironvmm::gate::ConnectionError::AuditFailed(ref m) if m.contains("audit log")),
         "{err:?}"
@@ -333,7 +336,8 @@ fn write_failure_fails_closed() {
     let mut out = Vec::new();
     let mut data = call_frame(3, "fs.read", json!({"path": "hello.txt"}));
     data.push(b'\n');
-    assert!(c2.on_data(&data, &mut out).is_err());
+    c2.on_data(&data, &mut out).unwrap();
+    assert!(settle(&mut c2, &mut out).is_err());
     assert_eq!(denial(&replies(&out)[0])["decided_by"], "invariant");
     assert!(fx.gate.audit().close(Some(0)).is_err());
 }

@@ -40,14 +40,20 @@ fn read_lines(g: &mut Guest, port: u32, lines: usize) -> Vec<Value> {
             // Tell the device what this guest consumed, as a driver does.
             let h = g.hdr(port, 1, op::CREDIT_UPDATE, 0);
             g.send(&h, &[], &Layout::Joined);
+        } else {
+            // Calls run on the gate's workers: wait for one to finish.
+            g.wait_wake(std::time::Duration::from_secs(5));
         }
         bytes.extend(got);
     }
-    bytes
+    let mut r: Vec<Value> = bytes
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_slice(l).unwrap())
-        .collect()
+        .collect();
+    // Replies come in any order: by id.
+    r.sort_by_key(|v| v["id"].as_u64().unwrap_or(u64::MAX));
+    r
 }
 
 #[test]
@@ -72,9 +78,10 @@ fn port_1_is_the_gate_and_other_ports_are_refused() {
     );
     assert_eq!(denial(&r[1])["decided_by"], "default");
     let recs = fx.records();
-    assert_eq!(recs[1]["conn"], "vsock:1000#1");
-    assert_eq!(recs[1]["decision"], "allow");
-    assert_eq!(recs[3]["decision"], "deny");
+    let rec = |id: u64| recs.iter().find(|r| r["rpc_id"] == id).unwrap();
+    assert_eq!(rec(1)["conn"], "vsock:1000#1");
+    assert_eq!(rec(1)["decision"], "allow");
+    assert_eq!(rec(2)["decision"], "deny");
 
     g.post_rx(1, 4096, &Layout::Joined);
     g.connect(1001, 2);
@@ -154,4 +161,67 @@ fn a_frame_over_the_limit_resets_the_vsock_connection() {
         seen.iter().map(|s| s.0).collect::<Vec<_>>()
     );
     assert_eq!(fx.records().len(), 1, "nothing was decided");
+}
+
+/// A guest that sends requests and never reads the replies: each connection stops
+/// at its in-flight bound, the device stops feeding it, and the guest runs out of
+/// credit. Nothing on the host grows past its bound.
+#[test]
+fn a_guest_that_never_reads_is_held_at_the_bounds() {
+    let fx = Fixture::with(
+        ironvmm::audit::SyncMode::Batch,
+        ironvmm::gate::GateLimits::default(),
+        |_| {},
+    );
+    // Replies of ~90 KiB: three fill the device's 256 KiB of pending output.
+    std::fs::write(fx.workspace.join("64k"), "y".repeat(64 * 1024)).unwrap();
+    let mut g = guest(&fx);
+    let conns = [1000u32, 1001, 1002, 1003, 1004];
+    g.post_rx(conns.len(), 4096, &Layout::Joined);
+    for p in conns {
+        g.connect(p, 1);
+    }
+    assert_eq!(ops(&g.recv()), vec![op::RESPONSE; conns.len()]);
+    // 1,000 requests per connection, ~70 KiB: within the 256 KiB of credit.
+    let mut frames = Vec::new();
+    for i in 0..1000 {
+        frames.extend(call_frame(i, "fs.read", json!({"path": "64k"})));
+        frames.push(b'\n');
+    }
+    assert!(frames.len() < 200 * 1024);
+    for p in conns {
+        for chunk in frames.chunks(60 * 1024) {
+            g.write(p, 1, chunk, &Layout::Joined);
+        }
+    }
+    // Steady state: every connection holds 64 calls whose replies nobody reads,
+    // except that the VM's bound of 256 leaves the fifth one short.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while fx.gate.in_flight() < 256 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} in flight",
+            fx.gate.in_flight()
+        );
+        g.wait_wake(std::time::Duration::from_millis(100));
+    }
+    g.wait_wake(std::time::Duration::from_millis(300));
+    assert_eq!(fx.gate.in_flight(), 256, "the VM's bound");
+    let dev = ironvmm::devices::virtio_mmio::lock(&g.dev);
+    let cfg = dev.config().clone();
+    for p in conns {
+        let (inbound, outbound) = dev.buffered(p, 1).unwrap();
+        assert!(inbound <= cfg.buf_alloc as usize, "{inbound}");
+        // A threshold, not a cap: the reply that crossed it is queued whole.
+        assert!(outbound < cfg.max_pending_output + 100 * 1024, "{outbound}");
+    }
+    drop(dev);
+    // Only what the bounds let through was decided: far from 5,000 calls.
+    let decided = fx
+        .records()
+        .iter()
+        .filter(|r| r["kind"] == "decision")
+        .count();
+    assert!(decided <= 256 + conns.len() * 3, "{decided} calls decided");
+    assert_eq!(g.stats().credit_overruns, 0);
 }

@@ -19,6 +19,9 @@ use ironvmm::gate::{Connection, GateLimits};
 use ironvmm::report::{junit, summary, ExitInfo, ExitKind, RunReport};
 use serde_json::{json, Value};
 
+mod gate_common;
+use gate_common::{replies as reply_lines, settle};
+
 const POLICY: &str = r#"version 1
 allow fs.read when path under "/workspace"
 allow fs.stat
@@ -143,7 +146,12 @@ fn report_junit_and_summary_say_what_the_gate_audited() {
         .copied()
         .filter(|r| r["decision"] == "deny")
         .collect();
-    assert_eq!(decisions.len(), 6);
+    // Six calls; the ask is parked as its own record, then answered.
+    assert_eq!(decisions.len(), 7);
+    assert_eq!(
+        decisions.iter().filter(|r| r["decision"] == "ask").count(),
+        1
+    );
     assert_eq!(r.calls.allow, 2, "{r:?}");
     assert_eq!(r.calls.deny, 4, "{r:?}");
     assert_eq!(r.calls.ask, 1, "{r:?}");
@@ -155,9 +163,12 @@ fn report_junit_and_summary_say_what_the_gate_audited() {
         assert_eq!(d.decided_by, rec["decided_by"].as_str().unwrap());
         assert_eq!(d.reason, rec["reason"].as_str().unwrap());
     }
-    let by: Vec<&str> = r.denied.iter().map(|d| d.decided_by.as_str()).collect();
-    assert_eq!(by, ["default", "rule", "non-interactive", "invariant"]);
-    assert_eq!(r.denied[1].rule, Some(5));
+    // Calls run concurrently: an answer may be logged after a later call.
+    let mut by: Vec<&str> = r.denied.iter().map(|d| d.decided_by.as_str()).collect();
+    by.sort_unstable();
+    assert_eq!(by, ["default", "invariant", "non-interactive", "rule"]);
+    let write = r.denied.iter().find(|d| d.tool == "fs.write").unwrap();
+    assert_eq!(write.rule, Some(5));
     let head = r.audit.final_hash.clone().unwrap();
     assert_eq!(Some(head.as_str()), recs.last().unwrap()["hash"].as_str());
     assert_eq!(recs.last().unwrap()["kind"], "close");
@@ -170,10 +181,16 @@ fn report_junit_and_summary_say_what_the_gate_audited() {
     assert_eq!(v["exit"], json!({"kind": "agent", "code": 0}));
     assert_eq!(v["duration_ms"], 1234);
     assert_eq!(v["calls"], json!({"allow": 2, "deny": 4, "ask": 1}));
+    let denied_write = v["denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["tool"] == "fs.write")
+        .unwrap();
     assert_eq!(
-        v["denied"][1],
-        json!({"seq": r.denied[1].seq, "tool": "fs.write", "rule": 5,
-               "decided_by": "rule", "reason": "read-only here"})
+        denied_write,
+        &json!({"seq": write.seq, "tool": "fs.write", "rule": 5,
+                "decided_by": "rule", "reason": "read-only here"})
     );
     assert_eq!(v["audit"]["final_hash"], head);
 
@@ -226,18 +243,16 @@ fn max_calls_denies_the_next_call_stops_and_the_log_closes() {
         s.fetch_add(1, Ordering::SeqCst);
     }));
     let opened = open_gate_with(&cfg, Some(Arc::clone(&budget))).unwrap();
-    let mut conn = Connection::new(Arc::clone(&opened.gate), "test".into());
+    let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "test".into());
     let mut out = Vec::new();
     for id in 1..=4 {
         let line = call(id, "fs.read", json!({"path": "/workspace/hello.txt"})) + "\n";
         conn.on_data(line.as_bytes(), &mut out).unwrap();
+        settle(&mut conn, &mut out).unwrap();
     }
     conn.on_close();
-    let replies: Vec<Value> = out
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+    opened.gate.shutdown();
+    let replies = reply_lines(&out);
     assert_eq!(replies[1]["result"]["isError"], false);
     assert_eq!(
         replies[2]["result"]["structuredContent"]["decided_by"],

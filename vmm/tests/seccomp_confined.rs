@@ -17,6 +17,9 @@ use ironvmm::report::ExitKind;
 use ironvmm_seccomp::{configure, install_with, Setting, ThreadRole};
 use serde_json::{json, Value};
 
+mod gate_common;
+use gate_common::{replies, settle};
+
 const CHILD: &str = "IRONVMM_SECCOMP_CHILD";
 const DIR: &str = "IRONVMM_SECCOMP_DIR";
 
@@ -98,12 +101,10 @@ fn session(conn: &mut Connection) -> Vec<Value> {
     let mut out = Vec::new();
     for c in calls {
         conn.on_data(c.as_bytes(), &mut out).unwrap();
+        settle(conn, &mut out).unwrap();
     }
     conn.on_close();
-    out.split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect()
+    replies(&out)
 }
 
 /// The child side; without the env var (a normal run) it does nothing.
@@ -119,8 +120,9 @@ fn child() {
         "device-gate" => {
             let opened = open_gate(&gate_config(&dir, SyncMode::Batch)).unwrap();
             install_with(ThreadRole::Device, Setting::On).unwrap();
-            let mut conn = Connection::new(Arc::clone(&opened.gate), "c".into());
+            let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "c".into());
             let replies = session(&mut conn);
+            opened.gate.shutdown();
             opened.audit.close(Some(0)).unwrap();
             let errors = replies
                 .iter()
@@ -138,17 +140,19 @@ fn child() {
         "worker-gate" => {
             let opened = open_gate(&gate_config(&dir, SyncMode::Always)).unwrap();
             install_with(ThreadRole::Worker, Setting::On).unwrap();
-            let mut conn = Connection::new(Arc::clone(&opened.gate), "c".into());
+            let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "c".into());
             let n = session(&mut conn).len();
+            opened.gate.shutdown();
             opened.audit.close(Some(0)).unwrap();
             i32::from(n != 13)
         }
         // What the main thread does after the VM: close the log, write the outputs.
         "main-outputs" => {
             let opened = open_gate(&gate_config(&dir, SyncMode::Batch)).unwrap();
-            let mut conn = Connection::new(Arc::clone(&opened.gate), "c".into());
+            let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "c".into());
             session(&mut conn);
             install_with(ThreadRole::Main, Setting::On).unwrap();
+            opened.gate.shutdown();
             opened.audit.close(Some(3)).unwrap();
             let launched = Launched {
                 code: 3,

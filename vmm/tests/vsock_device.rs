@@ -560,3 +560,52 @@ fn many_round_trips_keep_counters_consistent() {
     assert_eq!(got, expect);
     assert_eq!(lock(&g.dev).buffered(123, 1), Some((0, 0)));
 }
+
+/// #10.7: `virtio-queue` follows VIRTQ_DESC_F_INDIRECT whatever was negotiated; a
+/// 65,535-entry table held the device thread for 308 ms. The device never offers
+/// indirect descriptors, so a chain that uses one is a driver error: the device
+/// stops (NEEDS_RESET) without walking the table, and a reset brings it back.
+#[test]
+fn an_indirect_chain_is_refused_as_a_device_error() {
+    use vm_memory::{Bytes, GuestAddress};
+    for q in [TX_QUEUE, RX_QUEUE] {
+        let mut g = Guest::new(cfg());
+        open(&mut g, 1, 1);
+        // A table of 65,535 descriptors, each chained to the next.
+        let table = g.alloc(65_535 * 16);
+        for i in 0..65_535u64 {
+            let at = GuestAddress(table + 16 * i);
+            g.mem.write_obj(table.to_le(), at).unwrap();
+            g.mem
+                .write_obj(64u32.to_le(), GuestAddress(at.0 + 8))
+                .unwrap();
+            let flags: u16 = if q == RX_QUEUE { 1 | 2 } else { 1 };
+            g.mem
+                .write_obj(flags.to_le(), GuestAddress(at.0 + 12))
+                .unwrap();
+            let next = ((i + 1) % 65_535) as u16;
+            g.mem
+                .write_obj(next.to_le(), GuestAddress(at.0 + 14))
+                .unwrap();
+        }
+        let head = g.push_raw_chain(q, &[(table, 65_535 * 16, q == RX_QUEUE)]);
+        let at = GuestAddress(g.vrings[q].desc + 16 * u64::from(head) + 12);
+        let flags: u16 = u16::from_le(g.mem.read_obj(at).unwrap()) | 4;
+        g.mem.write_obj(flags.to_le(), at).unwrap();
+        if q == RX_QUEUE {
+            // Something to send, so the device takes an rx buffer.
+            g.push_tx(&g.hdr(1, 1, op::RW, 2), b"hi", &Layout::Joined);
+            g.kick(TX_QUEUE);
+        }
+        g.kick(q);
+        assert!(lock(&g.dev).is_broken(), "queue {q}");
+        assert_eq!(g.status() & S_NEEDS_RESET, S_NEEDS_RESET);
+        // The driver resets; the device works again.
+        g.init(F_VERSION_1 | F_EVENT_IDX);
+        assert!(!lock(&g.dev).is_broken());
+        open(&mut g, 2, 1);
+        g.post_rx(1, 4096, &Layout::Joined);
+        g.write(2, 1, b"again", &Layout::Joined);
+        assert_eq!(rw_payload(&g.recv(), 2), b"again");
+    }
+}

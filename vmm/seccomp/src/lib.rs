@@ -161,6 +161,21 @@ pub fn program(role: ThreadRole, setting: Setting) -> Result<BpfProgram, Seccomp
         }
         rules.insert(nr, list);
     }
+    if role == ThreadRole::Main {
+        // Kicking a vCPU thread out of KVM_RUN at the end: only this process's
+        // threads, only with the kick signal.
+        // SAFETY: getpid cannot fail.
+        let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+        let kick = u64::from(libc::SIGRTMIN().unsigned_abs());
+        let conds = vec![
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid)
+                .map_err(|e| build(e.to_string()))?,
+            SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, kick)
+                .map_err(|e| build(e.to_string()))?,
+        ];
+        let rule = SeccompRule::new(conds).map_err(|e| build(e.to_string()))?;
+        rules.insert(libc::SYS_tgkill, vec![rule]);
+    }
     let mismatch = match setting {
         Setting::Log => SeccompAction::Log,
         _ => SeccompAction::KillProcess,

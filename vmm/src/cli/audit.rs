@@ -227,12 +227,17 @@ fn stats(recs: &[Value]) -> String {
                 let d = s(r, "decision");
                 *decisions.entry(d.into()).or_default() += 1;
                 *by.entry(s(r, "decided_by").into()).or_default() += 1;
-                let t = tools.entry(s(r, "tool").into()).or_default();
-                t[usize::from(d != "allow")] += 1;
+                // An asked call has two records: its `ask`, then the answer, which
+                // is the final decision and was not timed by the policy.
+                if d != "ask" {
+                    let t = tools.entry(s(r, "tool").into()).or_default();
+                    t[usize::from(d != "allow")] += 1;
+                }
                 if r.get("asked") == Some(&Value::Bool(true)) {
                     asked += 1;
+                } else {
+                    policy_ns.extend(r.get("policy_ns").and_then(Value::as_u64));
                 }
-                policy_ns.extend(r.get("policy_ns").and_then(Value::as_u64));
             }
             "outcome" => {
                 *status.entry(s(r, "status").into()).or_default() += 1;

@@ -12,7 +12,9 @@ use crate::devices::vsock::VsockConfig;
 use crate::exit;
 use crate::gate::budget::CallBudget;
 use crate::gate::setup::{self, GateConfig};
-use crate::gate::GateLimits;
+use crate::gate::{
+    GateLimits, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CONN, DEFAULT_WORKERS,
+};
 use crate::gate_ports::GatePorts;
 use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
@@ -88,6 +90,50 @@ pub struct BootArgs {
     /// log (allowed and logged by the kernel, to find a gap) [default: on for run, off for boot].
     #[arg(long, value_name = "on|off|log")]
     pub seccomp: Option<Setting>,
+    /// Do not offer VIRTIO_RING_F_EVENT_IDX on the vsock (benchmarks: what it saves).
+    #[arg(long, hide = true)]
+    pub no_event_idx: bool,
+    #[command(flatten)]
+    pub inflight: InflightArgs,
+}
+
+/// How many calls run at once, on how many threads, for how long (`boot` and `gate`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct InflightArgs {
+    /// Calls in flight on one connection (running, waiting for an answer, or
+    /// answered and not yet read); at the bound the connection stops reading.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT_PER_CONN, value_parser = count)]
+    pub max_inflight_per_conn: usize,
+    /// Calls in flight in the whole VM, all connections together.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT, value_parser = count)]
+    pub max_inflight: usize,
+    /// Worker threads that run calls (audit fsync, services).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_WORKERS, value_parser = count)]
+    pub workers: usize,
+    /// Longest a service may run; past it the call gets a tool error, e.g. 30s.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub call_timeout: Duration,
+}
+
+impl InflightArgs {
+    /// The gate's limits with these settings and frame limit `max_frame`.
+    pub fn limits(&self, max_frame: usize) -> GateLimits {
+        GateLimits {
+            max_inflight_per_conn: self.max_inflight_per_conn,
+            max_inflight: self.max_inflight,
+            workers: self.workers,
+            call_timeout: self.call_timeout,
+            ..GateLimits::with_max_frame(max_frame)
+        }
+    }
+}
+
+/// 1 to 65,536.
+fn count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=65_536).contains(&n) => Ok(n),
+        _ => Err(format!("'{s}' is not a count from 1 to 65536")),
+    }
 }
 
 /// Parses `128M`, `1G`, `512MiB`, `256` (MiB) into MiB.
@@ -348,7 +394,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         audit_budget: a.audit_budget,
         max_write_bytes: a.max_write_bytes,
         audit_sync: a.audit_sync,
-        limits: GateLimits::default(),
+        limits: a.inflight.limits(GateLimits::default().max_frame),
         vm: vm.clone(),
         image_sha256: p.image_sha256.clone(),
         flags: serde_json::Value::Null,
@@ -373,6 +419,11 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     // Every way out after this point writes the close record first.
     let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
         let out = stop(out, code, kind, why);
+        // Calls still running finish and are audited before the close record.
+        let stuck = gate.shutdown();
+        if stuck > 0 {
+            eprintln!("ironvmm: {stuck} gate worker thread(s) stuck in a service at exit");
+        }
         if let Some(f) = audit.failure() {
             let why = format!("the audit log can no longer be written, stopping: {f}");
             return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(why));
@@ -411,8 +462,16 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
             let _ = events.lock().unwrap_or_else(|e| e.into_inner()).send(ev);
         }));
     }
+    // An audit failure (or its budget spent) stops the VM at once: an event from
+    // the thread that hit it.
+    let events = std::sync::Mutex::new(vm.events());
+    audit.on_failure(Box::new(move |why| {
+        let ev = VmEvent::Fatal(format!("the audit log stops the VM: {why}"));
+        let _ = events.lock().unwrap_or_else(|e| e.into_inner()).send(ev);
+    }));
     let vsock = VsockConfig {
         guest_cid: a.cid,
+        event_idx: !a.no_event_idx,
         ..VsockConfig::default()
     };
     let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
@@ -442,9 +501,9 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    console_input::spawn(vm.bus.serial.clone(), forward_stdin);
-    let gate_for_check = gate.clone();
-    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS, &move || gate_for_check.fatal());
+    let console_thread = console_input::spawn(vm.bus.serial.clone(), forward_stdin);
+    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
+    console_thread.stop();
     console_input::restore_terminal();
     timings.exit.set_once();
     if a.timings {

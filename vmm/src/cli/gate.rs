@@ -3,20 +3,24 @@
 //! between it and the host is its own honesty about using the gate: this is weaker
 //! isolation than a VM (see docs/gate.md).
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::audit::{AuditLog, SyncMode};
+use crate::cli::boot::InflightArgs;
 use crate::exit;
 use crate::gate::frame::DEFAULT_MAX_FRAME;
 use crate::gate::setup::{self, GateConfig};
-use crate::gate::{Connection, ConnectionError, Gate, GateLimits};
+use crate::gate::{Connection, ConnectionError, Gate};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("transport").required(true).args(["stdio", "listen"])))]
@@ -54,6 +58,8 @@ pub struct GateArgs {
     /// Most clients served at once over --listen; more are closed at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub inflight: InflightArgs,
 }
 
 pub fn run(args: GateArgs) -> u8 {
@@ -80,7 +86,7 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         audit_budget: args.audit_budget,
         max_write_bytes: args.max_write_bytes,
         audit_sync: args.audit_sync,
-        limits: GateLimits::with_max_frame(args.max_frame),
+        limits: args.inflight.limits(args.max_frame),
         vm: vm_id(),
         image_sha256: None,
         flags: Value::Null,
@@ -102,9 +108,20 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     let code = if args.stdio {
         serve_stdio(&gate)
     } else {
+        // Many clients: an audit failure stops the process at once, from the
+        // thread that hit it (an event; nobody polls for it).
+        log.on_failure(Box::new(|why| {
+            eprintln!("ironvmm gate: the audit log can no longer be written: {why}; stopping");
+            std::process::exit(i32::from(exit::VMM_ERROR));
+        }));
         let path = args.listen.as_deref().unwrap_or(Path::new(""));
         serve_listen(&gate, path, args.max_clients)?
     };
+    // Calls still running finish and are audited before the close record.
+    let stuck = gate.shutdown();
+    if stuck > 0 {
+        eprintln!("ironvmm gate: {stuck} worker thread(s) stuck in a service at exit");
+    }
     finish(&log, code)
 }
 
@@ -125,58 +142,139 @@ fn finish(log: &AuditLog, code: u8) -> Result<u8, Failure> {
     }
 }
 
-/// Feeds `data` to the connection and writes every reply, the backlog included
-/// (blocking writes are the back-pressure on a client that does not read).
-/// Outer `Err`: the peer cannot be written to; inner `Err`: reset the connection.
-fn pump(
-    conn: &mut Connection,
-    data: &[u8],
-    out: &mut Vec<u8>,
-    w: &mut impl Write,
-) -> std::io::Result<Result<(), ConnectionError>> {
-    out.clear();
-    let mut r = conn.on_data(data, out);
-    loop {
-        w.write_all(out)?;
-        w.flush()?;
-        out.clear();
-        if r.is_err() || !conn.has_backlog() {
-            return Ok(r);
-        }
-        r = conn.resume(out);
-    }
+/// How one client's session ended.
+enum End {
+    /// EOF, every call answered.
+    Eof,
+    /// The client cannot be written to (or read from): it went away.
+    Gone,
+    /// The connection was reset (frame over the limit...) or the audit log failed.
+    Reset(ConnectionError),
 }
 
-/// One client on stdin/stdout until EOF. Returns the exit code.
-fn serve_stdio(gate: &Arc<Gate>) -> u8 {
-    let mut conn = Connection::new(Arc::clone(gate), "stdio".into());
-    let mut stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
+/// A file over a duplicate of `fd`, unbuffered (so `poll` sees what we have not read).
+fn dup_file(fd: i32) -> std::io::Result<File> {
+    // SAFETY: dup only creates a new descriptor; on success we own it.
+    let new = unsafe { libc::dup(fd) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor nobody else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(new) }))
+}
+
+/// Serves one client: reads requests while the connection has room for them, and
+/// writes replies as calls finish, in whatever order. One thread and no busy loop:
+/// it sleeps in poll(2) on the input and the connection's wake eventfd. Writes
+/// block, which pushes back on a client that does not read; reading stops at the
+/// in-flight bounds, which pushes back through the socket (or pipe) buffer.
+fn serve_client(gate: &Arc<Gate>, id: String, input: &mut File, output: &mut File) -> End {
+    let evt = match EventFd::new(EFD_NONBLOCK) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            eprintln!("ironvmm gate: eventfd: {e}");
+            return End::Gone;
+        }
+    };
+    let waker = Arc::clone(&evt);
+    let mut conn = Connection::new(
+        Arc::clone(gate),
+        id,
+        Arc::new(move || {
+            let _ = waker.write(1);
+        }),
+    );
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(64 * 1024);
-    loop {
-        let n = match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                eprintln!("ironvmm gate: stdin: {e}");
+    let mut eof = false;
+    let end = 'session: loop {
+        // Everything ready goes out before we sleep: a wake comes only when the
+        // first of a batch of replies is ready.
+        loop {
+            out.clear();
+            let r = conn.poll(&mut out);
+            if !out.is_empty() && output.write_all(&out).is_err() {
+                break 'session End::Gone;
+            }
+            if let Err(e) = r {
+                break 'session End::Reset(e);
+            }
+            if out.is_empty() {
                 break;
             }
-        };
-        match pump(&mut conn, &buf[..n], &mut out, &mut stdout) {
-            Err(_) => break, // the client went away
-            Ok(Ok(())) => {}
-            Ok(Err(ConnectionError::AuditFailed(_))) => return exit::VMM_ERROR,
-            Ok(Err(e)) => {
-                eprintln!("ironvmm gate: connection reset: {e}");
-                conn.on_close();
-                return exit::VMM_ERROR;
+        }
+        if eof && !conn.has_pending_output() {
+            break End::Eof;
+        }
+        let room = if eof { 0 } else { conn.input_room() };
+        let mut fds = [
+            libc::pollfd {
+                fd: evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: input.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let nfds = if room > 0 { 2 } else { 1 };
+        // SAFETY: `fds` is a valid array of at least `nfds` pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("ironvmm gate: poll: {e}");
+            break End::Gone;
+        }
+        if fds[0].revents != 0 {
+            let _ = evt.read();
+        }
+        if room > 0 && fds[1].revents != 0 {
+            let want = room.min(buf.len());
+            let n = match input.read(&mut buf[..want]) {
+                Ok(0) => {
+                    eof = true;
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break End::Gone,
+            };
+            out.clear();
+            let r = conn.on_data(&buf[..n], &mut out);
+            if !out.is_empty() && output.write_all(&out).is_err() {
+                break End::Gone;
+            }
+            if let Err(e) = r {
+                break End::Reset(e);
             }
         }
-    }
+    };
     conn.on_close();
-    0
+    end
+}
+
+/// One client on stdin/stdout until EOF and every call answered. Returns the exit code.
+fn serve_stdio(gate: &Arc<Gate>) -> u8 {
+    let (mut input, mut output) = match (dup_file(0), dup_file(1)) {
+        (Ok(i), Ok(o)) => (i, o),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("ironvmm gate: stdin/stdout: {e}");
+            return exit::VMM_ERROR;
+        }
+    };
+    match serve_client(gate, "stdio".into(), &mut input, &mut output) {
+        End::Eof | End::Gone => 0,
+        End::Reset(ConnectionError::AuditFailed(_)) => exit::VMM_ERROR,
+        End::Reset(e) => {
+            eprintln!("ironvmm gate: connection reset: {e}");
+            exit::VMM_ERROR
+        }
+    }
 }
 
 /// Clients on a Unix socket, a thread each, until a signal stops the process.
@@ -205,12 +303,16 @@ fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8,
         }
         next += 1;
         active.fetch_add(1, Ordering::SeqCst);
-        let conn = Connection::new(Arc::clone(gate), format!("unix:{next}"));
-        let done = Arc::clone(&active);
+        let (gate, done) = (Arc::clone(gate), Arc::clone(&active));
         let spawned = std::thread::Builder::new()
             .name(format!("gate-client-{next}"))
             .spawn(move || {
-                serve_client(conn, stream);
+                let fd = OwnedFd::from(stream);
+                if let (Ok(mut w), mut r) = (dup_file(fd.as_raw_fd()), File::from(fd)) {
+                    let _ = serve_client(&gate, format!("unix:{next}"), &mut r, &mut w);
+                    // SAFETY: shutdown on a descriptor we own.
+                    unsafe { libc::shutdown(r.as_raw_fd(), libc::SHUT_RDWR) };
+                }
                 done.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -219,35 +321,6 @@ fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8,
         }
     }
     Ok(0)
-}
-
-fn serve_client(mut conn: Connection, mut stream: UnixStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::with_capacity(4096);
-    let mut w = match stream.try_clone() {
-        Ok(w) => w,
-        Err(_) => return,
-    };
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        match pump(&mut conn, &buf[..n], &mut out, &mut w) {
-            Err(_) => break,
-            Ok(Ok(())) => {}
-            Ok(Err(ConnectionError::AuditFailed(m))) => {
-                // Fail closed for the whole gate, as the VMM stops the VM.
-                eprintln!("ironvmm gate: {m}; stopping");
-                std::process::exit(i32::from(exit::VMM_ERROR));
-            }
-            Ok(Err(_)) => break,
-        }
-    }
-    conn.on_close();
-    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 /// `gate-<unix ms>-<pid>`: unique per process on one host.

@@ -1,6 +1,7 @@
 //! The console's other direction: the user's keystrokes into the guest's serial
 //! port, and a periodic flush so prompts without a newline still show.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -42,10 +43,27 @@ pub fn restore_terminal() {
     }
 }
 
+/// The console thread, stopped and joined with `stop` (within one 20 ms round).
+pub struct ConsoleThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl ConsoleThread {
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Starts the thread that feeds stdin (when `forward_stdin`) into the serial port
 /// and flushes console output every 20 ms.
-pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
-    let _ = thread::Builder::new()
+pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleThread {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let handle = thread::Builder::new()
         .name("console".into())
         .spawn(move || {
             // Guest console output passes through here: confined before it does.
@@ -56,7 +74,7 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
             let mut pending: Vec<u8> = Vec::new();
             let mut stdin_open = forward_stdin;
             let mut buf = [0u8; 256];
-            loop {
+            while !stopped.load(Ordering::Relaxed) {
                 if stdin_open && pending.is_empty() {
                     let mut pfd = libc::pollfd {
                         fd: 0,
@@ -88,5 +106,7 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) {
                     let _ = s.writer_mut().flush_console();
                 }
             }
-        });
+        })
+        .ok();
+    ConsoleThread { stop, handle }
 }

@@ -1,6 +1,7 @@
 //! One thread per vCPU: KVM_RUN, and each exit handed to the device bus or turned
 //! into a reason for the VM to stop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -10,12 +11,42 @@ use crate::devices::bus::Bus;
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
 
-/// Runs `vcpu` until the guest stops it or KVM fails; the reason goes to `events`.
-pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, timings: Arc<Timings>, events: EventSender) {
+/// The signal that kicks a vCPU thread out of KVM_RUN when the VM ends. Its
+/// handler does nothing: KVM_RUN returns EINTR and the thread sees `stop`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the (empty) handler of `kick_signal`, without SA_RESTART.
+pub fn install_kick_handler() {
+    // SAFETY: a zeroed sigaction with an async-signal-safe handler that does nothing.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+    }
+}
+
+/// Runs `vcpu` until the guest stops it, KVM fails, or `stop` is set (and the thread
+/// kicked); the reason to stop goes to `events`.
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u8,
+    bus: Arc<Bus>,
+    timings: Arc<Timings>,
+    events: EventSender,
+    stop: Arc<AtomicBool>,
+) {
     if id == 0 {
         timings.first_run.set_once();
     }
     loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
         let stop = match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {

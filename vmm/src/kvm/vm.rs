@@ -1,7 +1,7 @@
 //! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
 //! map memory, add devices, load the kernel, set up vCPUs, run until an event.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -93,6 +93,8 @@ pub struct Vm {
     events_tx: EventSender,
     events_rx: Receiver<VmEvent>,
     pub timings: Arc<Timings>,
+    /// Device threads and the EventFd that stops each.
+    device_threads: Vec<(EventFd, thread::JoinHandle<()>)>,
 }
 
 impl Vm {
@@ -159,6 +161,7 @@ impl Vm {
             events_tx,
             events_rx,
             timings,
+            device_threads: Vec::new(),
         })
     }
 
@@ -228,22 +231,25 @@ impl Vm {
         Ok(())
     }
 
-    /// Step 7: one thread per vCPU, then wait for the first reason to stop, the
-    /// deadline, or Ctrl-C.
-    /// `fatal` is asked every 50 ms whether ironvmm must stop the VM (for example
-    /// when the audit log can no longer be written).
+    /// Step 7: one thread per vCPU, then wait for the first reason to stop (an
+    /// event: the agent's exit, a crash, a fatal condition such as the audit log
+    /// failing), the deadline, or Ctrl-C. The device threads are stopped and joined
+    /// before it returns.
     pub fn run(
         mut self,
         timeout: Option<Duration>,
         interrupts: &AtomicUsize,
-        fatal: &dyn Fn() -> Option<String>,
     ) -> (Outcome, Arc<Bus>) {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let stop = Arc::new(AtomicBool::new(false));
+        super::vcpu::install_kick_handler();
+        let mut vcpu_threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (bus, timings, events) = (
+            let (bus, timings, events, vcpu_stop) = (
                 self.bus.clone(),
                 self.timings.clone(),
                 self.events_tx.clone(),
+                Arc::clone(&stop),
             );
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -253,13 +259,17 @@ impl Vm {
                         let _ = events.send(VmEvent::Fatal(e.to_string()));
                         return;
                     }
-                    super::vcpu::run(vcpu, id as u8, bus, timings, events)
+                    super::vcpu::run(vcpu, id as u8, bus, timings, events, vcpu_stop)
                 });
-            if let Err(e) = spawned {
-                return (
-                    Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
-                    self.bus,
-                );
+            match spawned {
+                Ok(h) => vcpu_threads.push(h),
+                Err(e) => {
+                    let _ = stop_vcpus(&stop, vcpu_threads);
+                    return (
+                        Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
+                        self.bus,
+                    );
+                }
             }
         }
         // Last: every thread this one starts would inherit its filter.
@@ -269,9 +279,6 @@ impl Vm {
         let outcome = loop {
             if interrupts.load(Ordering::Relaxed) > 0 {
                 break Outcome::Interrupted;
-            }
-            if let Some(why) = fatal() {
-                break Outcome::Fatal(why);
             }
             let mut wait = Duration::from_millis(50);
             if let Some(d) = deadline {
@@ -291,6 +298,12 @@ impl Vm {
                 }
             }
         };
+        // vCPUs first: they may be inside a device (MMIO) when the devices stop.
+        let _ = stop_vcpus(&stop, vcpu_threads);
+        for (stop_evt, handle) in self.device_threads.drain(..) {
+            let _ = stop_evt.write(1);
+            let _ = handle.join();
+        }
         let _ = lock(&self.bus.serial).writer_mut().flush_console();
         (outcome, self.bus)
     }
@@ -330,7 +343,10 @@ impl Vm {
         let stop =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
         let events = self.events_tx.clone();
-        thread::Builder::new()
+        let stop_handle = stop
+            .try_clone()
+            .map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
+        let handle = thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
                 if let Err(e) = ironvmm_seccomp::install(ThreadRole::Device) {
@@ -349,9 +365,35 @@ impl Vm {
                 let _ = events.send(VmEvent::Fatal(why));
             })
             .map_err(|e| VmError::Io(format!("cannot start the vsock thread: {e}")))?;
+        self.device_threads.push((stop_handle, handle));
         self.add_mmio(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
         Ok(cmdline_entry(base, irq))
     }
+}
+
+/// Stops the vCPU threads and joins them: each is kicked out of KVM_RUN with
+/// `vcpu::kick_signal` until it has ended (a kick that lands outside KVM_RUN is
+/// followed by another). A thread still running after a second is left to end with
+/// the process, and reported. Returns how many were left.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) -> usize {
+    use std::os::unix::thread::JoinHandleExt;
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut left = 0;
+    for h in threads {
+        while !h.is_finished() && Instant::now() < deadline {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), super::vcpu::kick_signal()) };
+            thread::sleep(Duration::from_millis(1));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            log::warn!("a vCPU thread did not stop within a second; leaving it");
+            left += 1;
+        }
+    }
+    left
 }
 
 impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
@@ -367,5 +409,31 @@ impl ConsoleOut {
     /// Flushes buffered console output (named so it reads clearly at call sites).
     pub fn flush_console(&mut self) -> std::io::Result<()> {
         std::io::Write::flush(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kick reaches a thread blocked in a system call (as a vCPU is in KVM_RUN),
+    /// which then sees `stop` and ends; `stop_vcpus` joins it.
+    #[test]
+    fn stopping_kicks_blocked_threads_and_joins_them() {
+        super::super::vcpu::install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        // SAFETY: poll with no descriptors sleeps until a signal.
+                        unsafe { libc::poll(std::ptr::null_mut(), 0, -1) };
+                    }
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(stop_vcpus(&stop, threads), 0, "every thread joined");
     }
 }

@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ironvmm::audit::{AuditLog, SyncMode};
-use ironvmm::gate::{Connection, DecidedBy, Decider, DecisionRef, Gate, GateLimits, Verdict};
+use ironvmm::gate::{
+    Connection, ConnectionError, DecidedBy, Decider, DecisionRef, Gate, GateLimits, Verdict,
+};
 use ironvmm::services::fs::FsService;
 use ironvmm::services::Services;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
 /// allow fs.* when path (or from/to) is under /workspace; ask fs.delete when under
 /// /workspace/ask; deny everything else by default. Line numbers are made up but fixed.
@@ -111,7 +114,7 @@ impl Fixture {
     }
 
     pub fn conn(&self, id: &str) -> Connection {
-        Connection::new(Arc::clone(&self.gate), id.to_string())
+        Connection::unwoken(Arc::clone(&self.gate), id.to_string())
     }
 
     pub fn records(&self) -> Vec<Value> {
@@ -133,7 +136,35 @@ pub fn roundtrip(conn: &mut Connection, frame: &[u8]) -> Vec<Value> {
     data.push(b'\n');
     let mut out = Vec::new();
     conn.on_data(&data, &mut out).unwrap();
+    settle(conn, &mut out).unwrap();
     replies(&out)
+}
+
+/// Collects replies into `out` until nothing more will come without more room in
+/// `out`: every call answered, or `out` past `max_output`. Calls run on the gate's
+/// workers, so this waits for them (bounded: a call that never finishes fails).
+pub fn settle(conn: &mut Connection, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let before = out.len();
+        conn.poll(out)?;
+        if !conn.has_pending_output() || out.len() > before {
+            if !conn.has_pending_output() {
+                return Ok(());
+            }
+            continue;
+        }
+        if conn.in_flight() == 0 {
+            return Ok(()); // frames wait for room in `out`
+        }
+        if conn.wait_ready(Duration::from_secs(1)) {
+            conn.poll(out)?;
+            if out.len() == before {
+                return Ok(()); // replies ready but `out` is full
+            }
+        }
+        assert!(Instant::now() < deadline, "calls in flight never finished");
+    }
 }
 
 pub fn replies(out: &[u8]) -> Vec<Value> {

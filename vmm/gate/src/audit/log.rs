@@ -77,14 +77,25 @@ pub struct DecisionRecord<'a> {
     pub tool: &'a str,
     /// The arguments as decided; the log redacts them.
     pub args: &'a Value,
-    /// The final decision: `allow` or `deny`.
+    /// `allow` or `deny`; `ask` for the record written when an asked call is parked.
     pub decision: &'a str,
-    /// The policy said `ask` (and an approver, or its absence, settled it).
+    /// This record is the answer to an ask (and names it in `ask`).
     pub asked: bool,
+    /// The answer to an ask: the `seq` of its `ask` record, the channel it came
+    /// through and who gave it.
+    pub answer: Option<AnswerRef<'a>>,
     pub rule: Option<u32>,
     pub decided_by: &'a str,
     pub reason: &'a str,
     pub policy_ns: u64,
+}
+
+/// Where the answer to an ask came from (a `decision` record's `ask_seq`, `channel`, `who`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerRef<'a> {
+    pub ask_seq: u64,
+    pub channel: &'a str,
+    pub who: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +150,10 @@ struct Shared {
     /// Records known durable.
     synced: Mutex<u64>,
     failed: OnceLock<String>,
+    /// Told once, from the thread that hit it, when the log fails (the VMM stops the VM).
+    on_failure: OnceLock<FailureHook>,
+    /// fsyncs done, for tests and the bench (group commit shares them).
+    syncs: AtomicU64,
     /// Most bytes the log may hold (`--audit-budget`); the close record may always
     /// be written.
     budget: AtomicU64,
@@ -148,6 +163,9 @@ struct Shared {
     dirty_cv: Condvar,
     stop: AtomicBool,
 }
+
+/// Called with the reason when the log fails or its budget is spent.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// One VM's audit log. `Send + Sync`; share it through `Arc`.
 pub struct AuditLog {
@@ -238,6 +256,8 @@ impl AuditLog {
             written: AtomicU64::new(0),
             synced: Mutex::new(0),
             failed: OnceLock::new(),
+            on_failure: OnceLock::new(),
+            syncs: AtomicU64::new(0),
             budget: AtomicU64::new(u64::MAX),
             exhausted: OnceLock::new(),
             dirty: Mutex::new(false),
@@ -284,6 +304,24 @@ impl AuditLog {
         self.shared.failed.get().map(String::as_str)
     }
 
+    /// Sets what happens when the log fails or its budget is spent (the VM must
+    /// stop): an event, not a condition anyone polls. Called at once if that has
+    /// already happened. Only the first hook set counts.
+    pub fn on_failure(&self, hook: FailureHook) {
+        if self.shared.on_failure.set(hook).is_err() {
+            return;
+        }
+        let why = self.shared.failed.get().or(self.shared.exhausted.get());
+        if let (Some(f), Some(h)) = (why, self.shared.on_failure.get()) {
+            h(f);
+        }
+    }
+
+    /// fsyncs done so far. Under concurrency one fsync covers many records.
+    pub fn syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
+    }
+
     /// Caps the log's size: a decision or outcome record that would take it past
     /// `bytes - CLOSE_RESERVE` is refused, and `exhausted` says why. The close record
     /// is always written, so a VM stopped for it still ends its log properly.
@@ -320,21 +358,20 @@ impl AuditLog {
             if d.asked {
                 m.insert("asked".into(), true.into());
             }
+            if let Some(a) = &d.answer {
+                m.insert("ask_seq".into(), a.ask_seq.into());
+                m.insert("channel".into(), a.channel.into());
+                m.insert("who".into(), a.who.map_or(Value::Null, Value::from));
+            }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
             m.insert("decided_by".into(), d.decided_by.into());
             m.insert("reason".into(), d.reason.into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
-        let allowed = d.decision == "allow";
-        let seq = self.shared.append("decision", fill, |c| {
-            if allowed {
-                c.allow += 1;
-            } else {
-                c.deny += 1;
-            }
-            if d.asked {
-                c.ask += 1;
-            }
+        let seq = self.shared.append("decision", fill, |c| match d.decision {
+            "allow" => c.allow += 1,
+            "ask" => c.ask += 1,
+            _ => c.deny += 1,
         })?;
         self.shared.made_durable(seq)?;
         Ok(seq)
@@ -415,8 +452,14 @@ impl Shared {
     }
 
     fn fail(&self, what: String) -> AuditError {
-        let _ = self.failed.set(what);
-        AuditError(self.failed.get().cloned().unwrap_or_default())
+        let first = self.failed.set(what).is_ok();
+        let why = self.failed.get().cloned().unwrap_or_default();
+        if first {
+            if let Some(h) = self.on_failure.get() {
+                h(&why);
+            }
+        }
+        AuditError(why)
     }
 
     /// Appends one record of `kind`; `fill` adds the kind's own fields.
@@ -475,10 +518,17 @@ impl Shared {
         let over = st.bytes + line.len() as u64 > budget.saturating_sub(CLOSE_RESERVE);
         if kind != "close" && over {
             st.line = line;
-            let _ = self.exhausted.set(format!(
-                "audit log {}: the audit budget of {budget} bytes is spent (--audit-budget)",
-                self.path.display()
-            ));
+            let first = self
+                .exhausted
+                .set(format!(
+                    "audit log {}: the audit budget of {budget} bytes is spent (--audit-budget)",
+                    self.path.display()
+                ))
+                .is_ok();
+            if let (true, Some(h), Some(why)) = (first, self.on_failure.get(), self.exhausted.get())
+            {
+                h(why);
+            }
             return Err(AuditError(
                 self.exhausted.get().cloned().unwrap_or_default(),
             ));
@@ -525,6 +575,7 @@ impl Shared {
             return Err(AuditError(f.clone()));
         }
         let target = self.written.load(Ordering::Acquire);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.sync_file.sync_data() {
             return Err(self.fail(format!(
                 "audit log {}: fsync failed: {e}",

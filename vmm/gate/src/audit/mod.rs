@@ -14,7 +14,9 @@ pub mod redact;
 pub mod verify;
 
 pub use key::{default_key_path, AuditKey, KeyError};
-pub use log::{AuditError, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+pub use log::{
+    AnswerRef, AuditError, AuditLog, DecisionRecord, FailureHook, OutcomeStatus, SyncMode,
+};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

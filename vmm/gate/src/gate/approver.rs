@@ -73,3 +73,19 @@ impl Approver for DenyAll {
         });
     }
 }
+
+impl Answer {
+    /// A denial the gate gives itself when the approver could not answer (it
+    /// panicked): fail closed, decided by an invariant.
+    pub fn failed(reason: &str) -> Answer {
+        Answer {
+            allow: false,
+            answerer: Answerer {
+                by: DecidedBy::Invariant,
+                channel: "none".into(),
+                who: None,
+            },
+            reason: reason.into(),
+        }
+    }
+}

@@ -4,30 +4,40 @@
 //! → JSON-RPC / MCP dispatch → `Decider` → audit `decision` record (durable)
 //! → service → reply → audit `outcome` record.
 //!
-//! The interface is synchronous and transport-free: a vsock device (or the host-only
-//! `ironvmm gate`) owns one `Connection` per guest connection and feeds it bytes.
+//! Threads: a transport (the vsock device thread, or a client thread of the
+//! host-only `ironvmm gate`) owns one `Connection` per guest connection and feeds it
+//! bytes; it never waits. A `tools/call` runs on the gate's `pool` of workers
+//! (decision, audit fsync, service); an `ask` is parked in a table until its
+//! `Approver` answers. Replies come back through `inflight` and the transport's wake.
 //! `Gate` is shared by all connections of one VM.
 
 pub mod approver;
 pub mod budget;
+pub mod connection;
 pub mod decide;
 pub mod frame;
+pub mod inflight;
 pub mod policy;
+pub mod pool;
 pub mod rpc;
 pub mod setup;
 
-use std::fmt;
+use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::audit::{AuditLog, DecisionRecord, OutcomeStatus};
+use crate::audit::{AnswerRef, AuditLog, DecisionRecord, OutcomeStatus};
 use crate::json::{self, JsonError};
 use crate::services::Services;
+use approver::{Answer, Approver, AskRequest, DenyAll};
+pub use connection::{Connection, ConnectionError};
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
-use frame::{FrameError, Framer, DEFAULT_MAX_FRAME};
+use frame::DEFAULT_MAX_FRAME;
+use inflight::{Slot, VmSlots};
+use pool::{Pool, PoolConfig};
 
 /// Configurable limits of the gate.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +50,15 @@ pub struct GateLimits {
     /// until `resume`: one small request can produce a ~1.4 MiB reply, so without it
     /// one 64 KiB packet of requests could make a gigabyte of replies at once.
     pub max_output: usize,
+    /// Calls in flight on one connection (running, parked, or answered and not yet
+    /// sent). At the bound the connection stops taking frames.
+    pub max_inflight_per_conn: usize,
+    /// Calls in flight in the whole VM (all connections).
+    pub max_inflight: usize,
+    /// Worker threads running calls (decision fsync, services).
+    pub workers: usize,
+    /// Longest a service may run before the call is answered with a tool error.
+    pub call_timeout: Duration,
 }
 
 impl Default for GateLimits {
@@ -48,9 +67,19 @@ impl Default for GateLimits {
             max_frame: DEFAULT_MAX_FRAME,
             max_buffered: 2 * DEFAULT_MAX_FRAME,
             max_output: DEFAULT_MAX_FRAME,
+            max_inflight_per_conn: DEFAULT_MAX_INFLIGHT_PER_CONN,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            workers: DEFAULT_WORKERS,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
     }
 }
+
+/// Defaults of `--max-inflight-per-conn`, `--max-inflight`, `--workers`, `--call-timeout`.
+pub const DEFAULT_MAX_INFLIGHT_PER_CONN: usize = 64;
+pub const DEFAULT_MAX_INFLIGHT: usize = 256;
+pub const DEFAULT_WORKERS: usize = 16;
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl GateLimits {
     /// Defaults, with another frame limit (the buffer limit follows it).
@@ -63,7 +92,8 @@ impl GateLimits {
     }
 }
 
-/// The gate of one VM: policy, services and audit log. `Send + Sync`, used via `Arc`.
+/// The gate of one VM: policy, services, audit log, approver and workers.
+/// `Send + Sync`, used via `Arc`.
 pub struct Gate {
     decider: Box<dyn Decider>,
     services: Services,
@@ -71,6 +101,25 @@ pub struct Gate {
     limits: GateLimits,
     /// `tools/list` never changes for a loaded policy, so it is serialised once.
     tools_list: Vec<u8>,
+    approver: RwLock<Arc<dyn Approver>>,
+    /// `None` when the workers could not be started: every call is then denied.
+    pool: Option<Pool>,
+    vm_slots: Arc<VmSlots>,
+    /// Asked calls waiting for their answer, by the `seq` of their `ask` record.
+    parked: Mutex<HashMap<u64, Parked>>,
+}
+
+/// A call waiting for the owner: a table entry, not a thread.
+struct Parked {
+    slot: Slot,
+    id: Value,
+    call: Call,
+    rule: Option<u32>,
+    t0: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Gate {
@@ -87,13 +136,39 @@ impl Gate {
             .map(|s| s.mcp_entry())
             .collect();
         let tools_list = serde_json::to_vec(&json!({ "tools": tools })).unwrap_or_default();
+        let pool = Pool::new(PoolConfig {
+            workers: limits.workers,
+            max_stuck: limits.workers,
+        });
+        let pool = match pool {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("gate: {e}; every call will be denied");
+                None
+            }
+        };
         Gate {
             decider,
             services,
             audit,
+            vm_slots: VmSlots::new(limits.max_inflight),
             limits,
             tools_list,
+            approver: RwLock::new(Arc::new(DenyAll)),
+            pool,
+            parked: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Who answers asks from now on (`DenyAll` until set).
+    pub fn set_approver(&self, approver: Arc<dyn Approver>) {
+        *self.approver.write().unwrap_or_else(|e| e.into_inner()) = approver;
+    }
+
+    /// `Gate::new` with an approver, for builders.
+    pub fn with_approver(self, approver: Arc<dyn Approver>) -> Gate {
+        self.set_approver(approver);
+        self
     }
 
     pub fn audit(&self) -> &Arc<AuditLog> {
@@ -104,8 +179,28 @@ impl Gate {
         self.limits
     }
 
+    pub(crate) fn vm_slots(&self) -> &Arc<VmSlots> {
+        &self.vm_slots
+    }
+
+    /// Calls in flight in the whole VM.
+    pub fn in_flight(&self) -> usize {
+        self.vm_slots.used()
+    }
+
+    /// Asked calls waiting for an answer.
+    pub fn parked(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
+    /// Worker threads stuck in a service past `call_timeout` right now.
+    pub fn stuck_workers(&self) -> usize {
+        self.pool.as_ref().map_or(0, Pool::stuck)
+    }
+
     /// A condition the VMM must act on by stopping the VM (exit 125): the audit log
-    /// can no longer be written, so every call is being denied.
+    /// can no longer be written, so every call is being denied. The VMM learns it
+    /// from `AuditLog::on_failure`, as an event; this is for connections.
     pub fn fatal(&self) -> Option<String> {
         if let Some(f) = self.audit.failure() {
             return Some(format!("the audit log can no longer be written: {f}"));
@@ -113,8 +208,16 @@ impl Gate {
         self.audit.exhausted().map(str::to_string)
     }
 
-    /// Handles one complete frame, appending at most one reply line to `out`.
-    fn handle_frame(&self, conn: &str, frame: &[u8], out: &mut Vec<u8>) {
+    /// Stops the workers once the calls queued have run, and joins them. Calls still
+    /// parked stay unanswered (their connections are going away). Returns the
+    /// number of worker threads left stuck in a service.
+    pub fn shutdown(&self) -> usize {
+        self.pool.as_ref().map_or(0, Pool::shutdown)
+    }
+
+    /// Handles one complete frame: a cheap method is answered at once into `out`,
+    /// a `tools/call` is started on a worker and takes `slot` with it.
+    fn handle_frame(self: &Arc<Self>, slot: Slot, frame: &[u8], out: &mut Vec<u8>) {
         let value = match json::parse_strict(frame) {
             Ok(v) => v,
             Err(e @ JsonError::TooDeep { .. }) => {
@@ -198,7 +301,7 @@ impl Gate {
                 }
             }
             "tools/call" => match tool_call(params) {
-                Ok(call) => self.serve_call(conn, &id, call, out),
+                Ok(call) => self.start_call(slot, id, call),
                 Err(m) => rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None),
             },
             _ => {
@@ -208,11 +311,32 @@ impl Gate {
         }
     }
 
-    /// Decide, audit (durably), then serve or deny one call.
-    fn serve_call(&self, conn: &str, id: &Value, call: Call, out: &mut Vec<u8>) {
+    /// Hands a call to a worker: the device thread never waits for a decision, the
+    /// audit log or a service.
+    fn start_call(self: &Arc<Self>, slot: Slot, id: Value, call: Call) {
+        let Some(pool) = &self.pool else {
+            let mut out = Vec::new();
+            let m = "the gate cannot start its worker threads";
+            deny(&mut out, &id, None, DecidedBy::Invariant, m);
+            return slot.complete(out);
+        };
+        let gate = Arc::clone(self);
+        if pool
+            .submit(move || gate.serve_call(slot, &id, call))
+            .is_err()
+        {
+            // Only while shutting down: the connection is going away unanswered.
+            log::debug!("gate: a call arrived during shutdown and was dropped undecided");
+        }
+    }
+
+    /// Decide, audit (durably), then serve, deny or park one call. Runs on a worker.
+    fn serve_call(self: &Arc<Self>, slot: Slot, id: &Value, call: Call) {
         let t0 = Instant::now();
+        let mut out = Vec::new();
         if let Some(f) = self.fatal() {
-            return deny(out, id, None, DecidedBy::Invariant, &f);
+            deny(&mut out, id, None, DecidedBy::Invariant, &f);
+            return slot.complete(out);
         }
         let invariant = |reason: &'static str| DecisionRef {
             verdict: Verdict::Deny,
@@ -233,19 +357,27 @@ impl Gate {
             .unwrap_or_else(|_| invariant("internal error in the policy engine"))
         };
         let policy_ns = t0.elapsed().as_nanos() as u64;
-        // Until approvals exist, nobody can answer an ask: it resolves as deny.
-        let (allowed, by, reason, asked) = match ruling.verdict {
-            Verdict::Allow => (true, ruling.by, &*ruling.reason, false),
-            Verdict::Deny => (false, ruling.by, &*ruling.reason, false),
-            Verdict::Ask => (false, DecidedBy::NonInteractive, "no approver", true),
+        let (allowed, by, reason) = match ruling.verdict {
+            Verdict::Allow => (true, ruling.by, &*ruling.reason),
+            Verdict::Deny => (false, ruling.by, &*ruling.reason),
+            Verdict::Ask => {
+                let asked = Ask {
+                    rule: ruling.rule,
+                    by: ruling.by,
+                    reason: ruling.reason.into_owned(),
+                    policy_ns,
+                };
+                return self.park(slot, id, call, asked, t0);
+            }
         };
         let record = DecisionRecord {
-            conn,
+            conn: slot.conn(),
             rpc_id: id,
             tool: &call.tool,
             args: &call.args,
             decision: if allowed { "allow" } else { "deny" },
-            asked,
+            asked: false,
+            answer: None,
             rule: ruling.rule,
             decided_by: by.as_str(),
             reason,
@@ -255,21 +387,183 @@ impl Gate {
             Ok(seq) => seq,
             Err(e) => {
                 let m = format!("the audit log can no longer be written: {e}");
-                return deny(out, id, None, DecidedBy::Invariant, &m);
+                deny(&mut out, id, None, DecidedBy::Invariant, &m);
+                return slot.complete(out);
             }
         };
         if unknown {
             // MCP makes an unknown tool a protocol error, not a tool result; it is
             // audited above all the same.
             let m = format!("Unknown tool: {}", call.tool);
-            return rpc::error(out, id, rpc::INVALID_PARAMS, &m, None);
+            rpc::error(&mut out, id, rpc::INVALID_PARAMS, &m, None);
+            return slot.complete(out);
         }
         if !allowed {
-            return deny(out, id, ruling.rule, by, reason);
+            deny(&mut out, id, ruling.rule, by, reason);
+            return slot.complete(out);
         }
+        self.serve_allowed(slot, id, &call, seq, t0);
+    }
+
+    /// The policy said ask: the `ask` record is written, the call becomes an entry
+    /// of the parked table (its slot with it), and the approver is asked. No
+    /// thread waits; the answer comes through `answered`.
+    fn park(self: &Arc<Self>, slot: Slot, id: &Value, call: Call, ask: Ask, t0: Instant) {
+        let mut out = Vec::new();
+        let record = DecisionRecord {
+            conn: slot.conn(),
+            rpc_id: id,
+            tool: &call.tool,
+            args: &call.args,
+            decision: "ask",
+            asked: false,
+            answer: None,
+            rule: ask.rule,
+            decided_by: ask.by.as_str(),
+            reason: &ask.reason,
+            policy_ns: ask.policy_ns,
+        };
+        let ask_seq = match self.audit.decision(&record) {
+            Ok(seq) => seq,
+            Err(e) => {
+                let m = format!("the audit log can no longer be written: {e}");
+                deny(&mut out, id, None, DecidedBy::Invariant, &m);
+                return slot.complete(out);
+            }
+        };
+        let req = AskRequest {
+            ask_seq,
+            conn: slot.conn().to_string(),
+            rpc_id: id.clone(),
+            tool: call.tool.clone(),
+            args: call.args.clone(),
+            rule: ask.rule,
+            reason: ask.reason,
+        };
+        let parked = Parked {
+            slot,
+            id: id.clone(),
+            call,
+            rule: ask.rule,
+            t0,
+        };
+        lock(&self.parked).insert(ask_seq, parked);
+        let approver = Arc::clone(&self.approver.read().unwrap_or_else(|e| e.into_inner()));
+        let gate = Arc::downgrade(self);
+        let asked = panic::catch_unwind(AssertUnwindSafe(|| {
+            approver.ask(
+                req,
+                Box::new(move |answer| {
+                    if let Some(g) = gate.upgrade() {
+                        g.answered(ask_seq, answer);
+                    }
+                }),
+            )
+        }));
+        if asked.is_err() {
+            // Fail closed; a no-op when the approver answered before panicking.
+            self.answered(ask_seq, Answer::failed("the approver failed"));
+        }
+    }
+
+    /// An approver's answer (any thread): the parked entry leaves the table and a
+    /// worker goes on with it. A second answer to the same ask finds nothing.
+    fn answered(self: &Arc<Self>, ask_seq: u64, answer: Answer) {
+        let Some(parked) = lock(&self.parked).remove(&ask_seq) else {
+            return;
+        };
+        let Some(pool) = &self.pool else { return };
+        let gate = Arc::clone(self);
+        if pool
+            .submit(move || gate.resume_asked(ask_seq, parked, answer))
+            .is_err()
+        {
+            log::debug!("gate: an answer to ask {ask_seq} came after shutdown");
+        }
+    }
+
+    /// The answer's `decision` record (synced), then the service or a denial.
+    fn resume_asked(self: &Arc<Self>, ask_seq: u64, p: Parked, answer: Answer) {
+        let mut out = Vec::new();
+        let by = answer.answerer.by;
+        let record = DecisionRecord {
+            conn: p.slot.conn(),
+            rpc_id: &p.id,
+            tool: &p.call.tool,
+            args: &p.call.args,
+            decision: if answer.allow { "allow" } else { "deny" },
+            asked: true,
+            answer: Some(AnswerRef {
+                ask_seq,
+                channel: &answer.answerer.channel,
+                who: answer.answerer.who.as_deref(),
+            }),
+            rule: p.rule,
+            decided_by: by.as_str(),
+            reason: &answer.reason,
+            policy_ns: 0,
+        };
+        let seq = match self.audit.decision(&record) {
+            Ok(seq) => seq,
+            Err(e) => {
+                let m = format!("the audit log can no longer be written: {e}");
+                deny(&mut out, &p.id, None, DecidedBy::Invariant, &m);
+                return p.slot.complete(out);
+            }
+        };
+        if !answer.allow {
+            deny(&mut out, &p.id, p.rule, by, &answer.reason);
+            return p.slot.complete(out);
+        }
+        if p.slot.is_closed() {
+            // Allowed, but the guest hung up while it waited: nobody would read the
+            // result, so the service is not run. The outcome says so.
+            let _ = self.audit.outcome(
+                seq,
+                OutcomeStatus::Error,
+                0,
+                p.t0.elapsed().as_micros() as u64,
+            );
+            return;
+        }
+        self.serve_allowed(p.slot, &p.id, &p.call, seq, p.t0);
+    }
+
+    /// Runs the service of an allowed call under `call_timeout`, audits the outcome
+    /// and hands the reply back. A service that overruns is answered by the pool's
+    /// watchdog with a tool error (outcome `error`); its own result is dropped.
+    fn serve_allowed(self: &Arc<Self>, slot: Slot, id: &Value, call: &Call, seq: u64, t0: Instant) {
+        // The reply goes out once: from here, or from the watchdog at the deadline.
+        let slot = Arc::new(Mutex::new(Some(slot)));
+        let deadline = self.pool.as_ref().map(|pool| {
+            let (cell, audit) = (Arc::clone(&slot), Arc::clone(&self.audit));
+            let (id, tool, timeout) = (id.clone(), call.tool.clone(), self.limits.call_timeout);
+            pool.deadline(timeout, move || {
+                let Some(slot) = lock(&cell).take() else {
+                    return;
+                };
+                let m = format!(
+                    "no result within {} ms; the service may still complete its work",
+                    timeout.as_millis()
+                );
+                let structured = json!({"error": {"kind": "timeout", "message": m}});
+                let result = rpc::tool_result(structured, true, Some(format!("{tool}: {m}")));
+                let mut out = Vec::new();
+                rpc::result(&mut out, &id, &result);
+                let us = t0.elapsed().as_micros() as u64;
+                let _ = audit.outcome(seq, OutcomeStatus::Error, out.len() as u64, us);
+                slot.complete(out);
+            })
+        });
         let served = panic::catch_unwind(AssertUnwindSafe(|| {
             self.services.call(&call.tool, &call.args)
         }));
+        if deadline.is_some_and(|d| !d.finish()) {
+            return;
+        }
+        let Some(slot) = lock(&slot).take() else {
+            return;
+        };
         let (result, status) = match served {
             Ok(Ok(v)) => (rpc::tool_result(v, false, None), OutcomeStatus::Ok),
             Err(_) => {
@@ -290,14 +584,33 @@ impl Gate {
                 )
             }
         };
-        let start = out.len();
-        rpc::result(out, id, &result);
-        let bytes = (out.len() - start) as u64;
+        let mut out = Vec::new();
+        rpc::result(&mut out, id, &result);
+        let bytes = out.len() as u64;
+        // Audited before the reply is handed over, so a reader of the reply finds it.
         // A failure here is remembered by the log; the next call is denied for it.
         let _ = self
             .audit
             .outcome(seq, status, bytes, t0.elapsed().as_micros() as u64);
+        slot.complete(out);
     }
+}
+
+impl Drop for Gate {
+    /// The workers end once their queue is empty (`shutdown` also joins them).
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.stop();
+        }
+    }
+}
+
+/// What the policy said about an asked call.
+struct Ask {
+    rule: Option<u32>,
+    by: DecidedBy,
+    reason: String,
+    policy_ns: u64,
 }
 
 /// A denial (by a rule, the default, an invariant such as invalid arguments, a
@@ -339,153 +652,4 @@ fn tool_call(params: Option<Value>) -> Result<Call, String> {
         Some(_) => return Err("Invalid params: params.arguments must be an object".into()),
     };
     Ok(Call { tool, args })
-}
-
-/// Why a connection must be reset. Any reply lines already appended to `out`
-/// (including the error reply that explains the reset) should still be sent first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnectionError {
-    /// A frame, or the unterminated start of one, passed the limit.
-    FrameTooLong { limit: usize },
-    /// The peer sent more than `max_buffered` bytes that could not be processed yet
-    /// (it does not read its replies, and the transport kept feeding input).
-    Backlog { limit: usize },
-    /// The audit log failed: the VMM must stop the VM (exit 125). `Gate::fatal` says the same.
-    AuditFailed(String),
-    /// The connection was already reset or closed.
-    Closed,
-}
-
-impl fmt::Display for ConnectionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnectionError::FrameTooLong { limit } => {
-                write!(f, "a frame is over the limit of {limit} bytes")
-            }
-            ConnectionError::Backlog { limit } => write!(
-                f,
-                "over {limit} bytes of input wait behind replies the peer does not read"
-            ),
-            ConnectionError::AuditFailed(m) => write!(f, "{m}"),
-            ConnectionError::Closed => f.write_str("the connection is closed"),
-        }
-    }
-}
-
-impl std::error::Error for ConnectionError {}
-
-/// One guest connection to port 1.
-pub struct Connection {
-    gate: Arc<Gate>,
-    id: String,
-    framer: Framer,
-    closed: bool,
-}
-
-impl Connection {
-    pub fn new(gate: Arc<Gate>, conn_id: String) -> Self {
-        let framer = Framer::new(gate.limits.max_frame, gate.limits.max_buffered);
-        Connection {
-            gate,
-            id: conn_id,
-            framer,
-            closed: false,
-        }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Bytes from the peer; complete reply lines are appended to `out`, until `out`
-    /// holds `max_output` bytes. Frames left then wait: see `has_backlog`.
-    /// `Err` means: send what is in `out`, then reset this connection.
-    pub fn on_data(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), ConnectionError> {
-        if self.closed {
-            return Err(ConnectionError::Closed);
-        }
-        // Input is taken in pieces that fit the buffer, each processed before the
-        // next, so only input that truly waits behind unread replies counts.
-        loop {
-            let take = data.len().min(self.framer.room());
-            if take == 0 && !data.is_empty() {
-                let limit = self
-                    .gate
-                    .limits
-                    .max_buffered
-                    .max(self.gate.limits.max_frame);
-                return Err(self.reset(FrameError::Backlog { limit }, out));
-            }
-            if let Err(e) = self.framer.feed(&data[..take]) {
-                return Err(self.reset(e, out));
-            }
-            data = &data[take..];
-            self.process(out)?;
-            if data.is_empty() {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Frames are waiting because `out` reached `max_output`. The transport should
-    /// send `out`, stop taking input from the peer (no new credit), and call
-    /// `resume` once it has room again.
-    pub fn has_backlog(&self) -> bool {
-        !self.closed && self.framer.has_frame()
-    }
-
-    /// Processes waiting frames, as `on_data` does with new ones.
-    pub fn resume(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
-        if self.closed {
-            return Err(ConnectionError::Closed);
-        }
-        self.process(out)
-    }
-
-    fn process(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
-        let max_output = self.gate.limits.max_output;
-        while out.len() < max_output {
-            match self.framer.next_frame() {
-                None => break,
-                Some(Ok(frame)) => self.gate.handle_frame(&self.id, frame, out),
-                Some(Err(e)) => return Err(self.reset(e, out)),
-            }
-        }
-        if let Some(f) = self.gate.fatal() {
-            self.closed = true;
-            return Err(ConnectionError::AuditFailed(f));
-        }
-        Ok(())
-    }
-
-    fn reset(&mut self, e: FrameError, out: &mut Vec<u8>) -> ConnectionError {
-        self.closed = true;
-        let (m, err) = match e {
-            FrameError::TooLong { limit } => (
-                format!("Invalid Request: frame over the limit of {limit} bytes"),
-                ConnectionError::FrameTooLong { limit },
-            ),
-            FrameError::Backlog { limit } => (
-                format!(
-                    "Invalid Request: over {limit} bytes of requests wait behind unread replies"
-                ),
-                ConnectionError::Backlog { limit },
-            ),
-        };
-        rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, &m, None);
-        err
-    }
-
-    /// The peer closed (or reset) the connection. An unfinished frame is dropped
-    /// undecided: nothing of it reached the policy or a service. So are frames still
-    /// waiting in the backlog: nobody would read their replies.
-    pub fn on_close(&mut self) {
-        self.closed = true;
-        self.framer = Framer::new(0, 0);
-    }
-
-    /// Unprocessed input held (bounded by `max_buffered`).
-    pub fn pending_bytes(&self) -> usize {
-        self.framer.buffered()
-    }
 }

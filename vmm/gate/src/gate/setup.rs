@@ -207,5 +207,9 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
         "workspace": cfg.workspace.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
+        "max_inflight_per_conn": cfg.limits.max_inflight_per_conn,
+        "max_inflight": cfg.limits.max_inflight,
+        "workers": cfg.limits.workers,
+        "call_timeout_ms": cfg.limits.call_timeout.as_millis() as u64,
     })
 }

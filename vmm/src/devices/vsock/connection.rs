@@ -63,6 +63,44 @@ pub struct RxPlan {
     pub len: usize,
 }
 
+/// Where a connection is in its life. The guest closing both ways, or a reset,
+/// ends it: the muxer then forgets it, so there is no state for that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted; our RESPONSE is not sent yet (it goes before anything else).
+    Connecting,
+    /// Both directions open.
+    Open,
+    /// The guest sends no more (SHUTDOWN SEND); replies still go out. More data
+    /// is a protocol error.
+    SendClosed,
+    /// The guest reads no more (SHUTDOWN RCV): replies are dropped, input is
+    /// still taken.
+    RcvClosed,
+    /// The guest sends no more and every reply is queued: deliver them, then
+    /// SHUTDOWN and forget the connection (a normal end).
+    Finishing,
+    /// The handler failed: deliver what it wrote, then SHUTDOWN. Guest data that
+    /// still arrives is consumed unread.
+    Failing,
+}
+
+impl Phase {
+    fn guest_send_closed(self) -> bool {
+        matches!(self, Phase::SendClosed | Phase::Finishing)
+    }
+
+    /// Replies are dropped: the guest will not read them.
+    fn guest_rcv_closed(self) -> bool {
+        self == Phase::RcvClosed
+    }
+
+    /// Our side is ending: the handler takes nothing more.
+    fn ending(self) -> bool {
+        matches!(self, Phase::Finishing | Phase::Failing)
+    }
+}
+
 pub struct Connection {
     pub key: ConnKey,
     handler: Box<dyn StreamHandler>,
@@ -80,15 +118,11 @@ pub struct Connection {
     outbound: Vec<u8>,
     out_pos: usize,
 
-    pending_response: bool,
+    phase: Phase,
+    /// Flow control, independent of the phase: we owe the guest a CREDIT_UPDATE,
+    /// and we asked it for credit (once, until its window opens).
     pending_credit_update: bool,
     credit_requested: bool,
-    guest_send_closed: bool,
-    guest_rcv_closed: bool,
-    /// The handler failed; no more input is taken, pending output drains, then SHUTDOWN.
-    closing: bool,
-    /// Whether the key sits in the muxer's rx queue, so it is queued at most once.
-    pub queued: bool,
 }
 
 impl Connection {
@@ -113,13 +147,9 @@ impl Connection {
             tx_cnt: 0,
             outbound: Vec::new(),
             out_pos: 0,
-            pending_response: true,
+            phase: Phase::Connecting,
             pending_credit_update: false,
             credit_requested: false,
-            guest_send_closed: false,
-            guest_rcv_closed: false,
-            closing: false,
-            queued: false,
         }
     }
 
@@ -148,9 +178,13 @@ impl Connection {
         self.out_len() < self.max_pending_output
     }
 
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
     /// Hands guest bytes to the handler; replies nobody will read are discarded.
     fn deliver(&mut self, data: &[u8]) -> Result<(), StreamError> {
-        if self.guest_rcv_closed {
+        if self.phase.guest_rcv_closed() {
             self.handler.on_data(data, &mut Vec::new())
         } else {
             self.handler.on_data(data, &mut self.outbound)
@@ -168,7 +202,7 @@ impl Connection {
     }
 
     pub fn on_rw(&mut self, data: &[u8]) -> Verdict {
-        if self.guest_send_closed {
+        if self.phase.guest_send_closed() {
             return Verdict::Reset(ResetReason::Protocol("data after SHUTDOWN(SEND)"));
         }
         if data.is_empty() {
@@ -178,10 +212,13 @@ impl Connection {
             return Verdict::Reset(ResetReason::CreditOverrun);
         }
         self.rx_cnt = self.rx_cnt.wrapping_add(data.len() as u32);
-        if self.closing {
+        if self.phase == Phase::Failing {
             // Sent before the guest learnt the stream is over: consumed, unread.
             self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
-        } else if self.inbound.is_empty() && self.backlog_ok() {
+        } else if self.inbound.is_empty()
+            && self.backlog_ok()
+            && self.handler.input_room() >= data.len()
+        {
             if let Err(e) = self.deliver(data) {
                 return self.handler_failed(e);
             }
@@ -192,21 +229,13 @@ impl Connection {
         self.feed()
     }
 
-    /// Gives waiting guest bytes to the handler once the reply backlog allows it.
+    /// Lets the handler go on while the reply backlog allows it: first its late
+    /// output (finished calls, frames that waited), then waiting guest bytes, as
+    /// many as it has room for. What it does not take waits here, against the
+    /// credit we gave the guest, so a handler at its bounds stalls the guest.
     fn feed(&mut self) -> Verdict {
-        if !self.closing && !self.inbound.is_empty() && self.backlog_ok() {
-            let data = std::mem::take(&mut self.inbound);
-            if let Err(e) = self.deliver(&data) {
-                return self.handler_failed(e);
-            }
-            self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
-            // Reuse the allocation for the next burst.
-            self.inbound = data;
-            self.inbound.clear();
-        } else if !self.closing && self.inbound.is_empty() && self.backlog_ok() {
-            // The guest read what we had for it: the handler may have held replies back
-            // (a pipelining guest); without this its connection would stall.
-            let out = if self.guest_rcv_closed {
+        if !self.phase.ending() && self.backlog_ok() {
+            let out = if self.phase.guest_rcv_closed() {
                 &mut Vec::new()
             } else {
                 &mut self.outbound
@@ -214,19 +243,30 @@ impl Connection {
             if let Err(e) = self.handler.poll(out) {
                 return self.handler_failed(e);
             }
+            let take = self.inbound.len().min(self.handler.input_room());
+            if take > 0 && self.backlog_ok() {
+                let mut data = std::mem::take(&mut self.inbound);
+                if let Err(e) = self.deliver(&data[..take]) {
+                    return self.handler_failed(e);
+                }
+                self.fwd_cnt = self.fwd_cnt.wrapping_add(take as u32);
+                // Keep the allocation for the next burst.
+                data.drain(..take);
+                self.inbound = data;
+            }
         }
-        if self.guest_send_closed
-            && !self.closing
+        if self.phase.guest_send_closed()
+            && !self.phase.ending()
             && self.inbound.is_empty()
             && !self.handler.has_pending_output()
         {
             // Request/response: once the guest has said all it will and every answer
             // is queued, our side is done too. Without this a guest that half-closes
             // would wait forever for an end of stream.
-            if self.guest_rcv_closed || self.out_len() == 0 {
+            if self.out_len() == 0 {
                 return Verdict::Reset(ResetReason::GuestClosed);
             }
-            self.closing = true;
+            self.phase = Phase::Finishing;
             return Verdict::Finish;
         }
         self.check_credit_update();
@@ -250,35 +290,36 @@ impl Connection {
     }
 
     pub fn on_shutdown(&mut self, flags: u32) -> Verdict {
-        if flags & SHUTDOWN_RCV != 0 {
-            self.guest_rcv_closed = true;
+        let rcv = flags & SHUTDOWN_RCV != 0;
+        let send = flags & SHUTDOWN_SEND != 0;
+        if rcv {
             self.outbound.clear();
             self.out_pos = 0;
         }
-        if flags & SHUTDOWN_SEND != 0 {
-            self.guest_send_closed = true;
-        }
-        if self.guest_rcv_closed && self.guest_send_closed {
+        let send_closed = send || self.phase.guest_send_closed();
+        let rcv_closed = rcv || self.phase.guest_rcv_closed();
+        if send_closed && rcv_closed {
             return Verdict::Reset(ResetReason::GuestClosed);
         }
+        self.phase = match self.phase {
+            // Ending already: the guest's half-close changes nothing but the output
+            // it will read (dropped above for RCV, so the SHUTDOWN is due at once).
+            p @ (Phase::Finishing | Phase::Failing) => p,
+            _ if send_closed => Phase::SendClosed,
+            _ if rcv_closed => Phase::RcvClosed,
+            p => p,
+        };
         // Input the guest will never see answered can still be consumed.
         self.feed()
     }
 
-    /// Late output from the handler (an answered approval, say), after a wake-up.
+    /// After a wake-up: late output from the handler (a finished call, an answered
+    /// approval), and guest bytes that waited for room in the handler.
     pub fn poll(&mut self) -> Verdict {
-        if self.closing {
+        if self.phase.ending() {
             return Verdict::Keep;
         }
-        let res = if self.guest_rcv_closed {
-            self.handler.poll(&mut Vec::new())
-        } else {
-            self.handler.poll(&mut self.outbound)
-        };
-        match res {
-            Ok(()) => Verdict::Keep,
-            Err(e) => self.handler_failed(e),
-        }
+        self.feed()
     }
 
     fn handler_failed(&mut self, e: StreamError) -> Verdict {
@@ -287,19 +328,19 @@ impl Connection {
             self.key.guest_port,
             self.key.host_port
         );
-        if self.guest_rcv_closed || self.out_len() == 0 {
+        if self.phase.guest_rcv_closed() || self.out_len() == 0 {
             return Verdict::Reset(ResetReason::HandlerError);
         }
-        self.closing = true;
+        self.phase = Phase::Failing;
         // Counted as consumed, so a guest still sending is not stalled on credit.
         self.fwd_cnt = self.fwd_cnt.wrapping_add(self.inbound.len() as u32);
         self.inbound = Vec::new();
         Verdict::Closing
     }
 
-    /// Whether the final SHUTDOWN of a failed stream is due.
+    /// Whether the final SHUTDOWN of an ending stream is due.
     fn shutdown_due(&self) -> bool {
-        self.closing && (self.guest_rcv_closed || self.out_len() == 0)
+        self.phase.ending() && self.out_len() == 0
     }
 
     pub fn close_handler(&mut self) {
@@ -307,8 +348,8 @@ impl Connection {
     }
 
     pub fn has_rx_work(&self) -> bool {
-        let data_waiting = !self.guest_rcv_closed && self.out_len() > 0;
-        self.pending_response
+        let data_waiting = !self.phase.guest_rcv_closed() && self.out_len() > 0;
+        self.phase == Phase::Connecting
             || self.pending_credit_update
             || self.shutdown_due()
             || (data_waiting && (self.peer_credit() > 0 || !self.credit_requested))
@@ -316,13 +357,13 @@ impl Connection {
 
     /// Picks the next packet for an rx buffer with `payload_cap` bytes after the header.
     pub fn plan_rx(&self, payload_cap: usize) -> Option<RxPlan> {
-        if self.pending_response {
+        if self.phase == Phase::Connecting {
             return Some(RxPlan {
                 op: op::RESPONSE,
                 len: 0,
             });
         }
-        let data_waiting = !self.guest_rcv_closed && self.out_len() > 0;
+        let data_waiting = !self.phase.guest_rcv_closed() && self.out_len() > 0;
         let credit = self.peer_credit() as usize;
         if data_waiting && credit > 0 {
             let len = self
@@ -390,7 +431,7 @@ impl Connection {
         self.last_fwd_cnt_sent = self.fwd_cnt;
         self.pending_credit_update = false;
         match plan.op {
-            op::RESPONSE => self.pending_response = false,
+            op::RESPONSE if self.phase == Phase::Connecting => self.phase = Phase::Open,
             // Nothing more will be sent or taken; a late RST from the guest is ignored.
             op::SHUTDOWN => return Verdict::Drop,
             op::CREDIT_REQUEST => self.credit_requested = true,

@@ -52,7 +52,11 @@ pub fn run(
                     let q = q as usize;
                     // Reading resets the counter; several kicks become one pass.
                     let _ = queue_evts[q].read();
-                    lock(&device).handle_queue_event(q);
+                    if lock(&device).handle_queue_event(q) {
+                        // Work left past the per-pass bound: come back to it after
+                        // the other events, rather than hold the thread.
+                        let _ = queue_evts[q].write(1);
+                    }
                 }
             }
         }

@@ -20,7 +20,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::virtio_mmio::{new_queues, ActivateError, Interrupt, VirtioDevice};
@@ -33,6 +33,25 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Chains taken from one queue per pass: the device thread then goes on with its
+/// other work (the other queue, the waker) before it comes back for more, so a guest
+/// that keeps refilling a queue cannot hold it.
+pub const CHAINS_PER_PASS: usize = QUEUE_MAX_SIZE as usize;
+/// `VIRTQ_DESC_F_NEXT` / `VIRTQ_DESC_F_INDIRECT` (virtio 1.2, 2.7.5).
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Why a queue became unusable until the driver resets the device.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// `virtio-queue` would follow an indirect table whatever was negotiated; a
+    /// 65,535-entry table would hold the device thread. The device never offers
+    /// `VIRTIO_RING_F_INDIRECT_DESC`, so such a chain is the driver's error.
+    #[error("descriptor chain {head} uses an indirect table, a feature that was not negotiated")]
+    Indirect { head: u16 },
+}
 /// Feature bit: stream sockets (virtio 1.2, 5.10.3). Seqpacket is not offered.
 pub const VIRTIO_VSOCK_F_STREAM: u32 = 0;
 
@@ -58,6 +77,12 @@ pub trait StreamHandler: Send {
     fn has_pending_output(&self) -> bool {
         false
     }
+    /// How many bytes `on_data` takes now. The device holds the rest (against the
+    /// credit it gave the guest) and offers them again after `poll`, so a handler
+    /// at its own bounds pushes back on the guest instead of buffering.
+    fn input_room(&self) -> usize {
+        usize::MAX
+    }
     /// The connection is gone (guest close or reset, our reset, device reset). Called once.
     fn on_close(&mut self);
 }
@@ -66,6 +91,11 @@ pub trait StreamHandler: Send {
 pub trait PortListener: Send {
     /// A guest connects from `guest_port` to `host_port`; `None` refuses with an RST.
     fn accept(&mut self, host_port: u32, guest_port: u32) -> Option<Box<dyn StreamHandler>>;
+    /// The device's waker (see [`VsockDevice::waker`]), given once when the device
+    /// is built, for handlers whose output becomes ready on other threads.
+    fn use_waker(&mut self, waker: Arc<EventFd>) {
+        let _ = waker;
+    }
 }
 
 /// Device configuration and limits. See docs/vsock.md for why the defaults are what they are.
@@ -83,6 +113,8 @@ pub struct VsockConfig {
     pub max_pending_control: usize,
     /// Largest payload accepted in one tx packet.
     pub max_tx_payload: u32,
+    /// Offer `VIRTIO_RING_F_EVENT_IDX` (on unless measuring what it saves).
+    pub event_idx: bool,
 }
 
 impl Default for VsockConfig {
@@ -94,6 +126,7 @@ impl Default for VsockConfig {
             max_pending_output: 256 * 1024,
             max_pending_control: 1024,
             max_tx_payload: 64 * 1024,
+            event_idx: true,
         }
     }
 }
@@ -154,6 +187,8 @@ pub struct VsockStats {
     pub control_dropped: u64,
     /// Descriptor chains that could not be used (outside memory, too short...).
     pub bad_chains: u64,
+    /// Interrupts raised for used buffers (EVENT_IDX suppresses the needless ones).
+    pub interrupts: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -172,8 +207,10 @@ pub struct VsockDevice {
 }
 
 impl VsockDevice {
-    pub fn new(cfg: VsockConfig, listener: Box<dyn PortListener>) -> Result<Self, VsockError> {
+    pub fn new(cfg: VsockConfig, mut listener: Box<dyn PortListener>) -> Result<Self, VsockError> {
         cfg.validate()?;
+        let wake_evt = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        listener.use_waker(Arc::new(wake_evt.try_clone().map_err(VsockError::EventFd)?));
         Ok(VsockDevice {
             queues: new_queues(&[QUEUE_MAX_SIZE; 3]),
             mem: None,
@@ -181,7 +218,7 @@ impl VsockDevice {
             acked_features: 0,
             broken: false,
             muxer: Muxer::new(cfg.clone(), listener),
-            wake_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
+            wake_evt,
             cfg,
         })
     }
@@ -223,14 +260,24 @@ impl VsockDevice {
         self.muxer.buffered(guest_port, host_port)
     }
 
-    /// The device thread saw queue `queue`'s EventFd fire.
-    pub fn handle_queue_event(&mut self, queue: usize) {
+    /// The device thread saw queue `queue`'s EventFd fire. True when the queue
+    /// still holds work past this pass's bound: the thread comes back to it after
+    /// its other events.
+    pub fn handle_queue_event(&mut self, queue: usize) -> bool {
         match queue {
             TX_QUEUE => self.process_tx(),
-            RX_QUEUE => self.process_rx(),
+            RX_QUEUE => {
+                self.process_rx();
+                false
+            }
             // We never send events (they exist for migration), so there is nothing to do.
-            _ => {}
+            _ => false,
         }
+    }
+
+    /// Length of the muxer's rx queue, for tests (at most the connection count).
+    pub fn rx_queue_len(&self) -> usize {
+        self.muxer.rx_queue_len()
     }
 
     /// The device thread saw the wake EventFd fire.
@@ -243,20 +290,28 @@ impl VsockDevice {
         self.process_rx();
     }
 
-    /// Takes every packet the guest posted on the tx queue, then sends what it produced.
-    pub fn process_tx(&mut self) {
+    /// Takes the packets the guest posted on the tx queue (at most `CHAINS_PER_PASS`),
+    /// then sends what they produced. True when more wait.
+    pub fn process_tx(&mut self) -> bool {
         let (Some(mem), false) = (self.mem.as_ref(), self.broken) else {
-            return;
+            return false;
         };
         let max = self.cfg.max_tx_payload;
         let q = &mut self.queues[TX_QUEUE];
-        let res = drain_tx(q, mem, &mut self.muxer, max)
-            .and_then(|used| notify_if_needed(q, mem, used, self.interrupt.as_deref()));
-        if let Err(e) = res {
-            self.fail(TX_QUEUE, e);
-            return;
-        }
+        let irq = self.interrupt.as_deref();
+        let res = drain_tx(q, mem, &mut self.muxer, max).and_then(|(used, more)| {
+            notify_if_needed(q, mem, used, irq, &mut self.muxer.stats.interrupts)?;
+            Ok(more)
+        });
+        let more = match res {
+            Ok(more) => more,
+            Err(e) => {
+                self.fail(TX_QUEUE, e);
+                return false;
+            }
+        };
         self.process_rx();
+        more
     }
 
     /// Fills the guest's rx buffers with pending packets. When the guest has posted none,
@@ -269,14 +324,15 @@ impl VsockDevice {
             return;
         }
         let q = &mut self.queues[RX_QUEUE];
+        let irq = self.interrupt.as_deref();
         let res = fill_rx(q, mem, &mut self.muxer)
-            .and_then(|used| notify_if_needed(q, mem, used, self.interrupt.as_deref()));
+            .and_then(|used| notify_if_needed(q, mem, used, irq, &mut self.muxer.stats.interrupts));
         if let Err(e) = res {
             self.fail(RX_QUEUE, e);
         }
     }
 
-    fn fail(&mut self, queue: usize, e: virtio_queue::Error) {
+    fn fail(&mut self, queue: usize, e: QueueError) {
         log::error!("vsock: queue {queue} unusable ({e}); device needs a reset by the driver");
         self.broken = true;
         if let Some(irq) = &self.interrupt {
@@ -285,20 +341,57 @@ impl VsockDevice {
     }
 }
 
+/// Whether the chain at `head` uses an indirect table, walked in the descriptor
+/// table itself (at most `size` entries; a loop or a bad index ends the walk, and
+/// the chain's own reader then refuses it).
+fn uses_indirect(q: &Queue, mem: &GuestMemoryMmap, head: u16) -> bool {
+    let (table, size) = (q.desc_table(), q.size());
+    let mut idx = head;
+    for _ in 0..size {
+        if idx >= size {
+            return false;
+        }
+        // struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
+        let at = GuestAddress(table).checked_add(u64::from(idx) * 16 + 12);
+        let Some(Ok(raw)) = at.map(|a| mem.read_obj::<[u8; 4]>(a)) else {
+            return false;
+        };
+        let flags = u16::from_le_bytes([raw[0], raw[1]]);
+        if flags & DESC_F_INDIRECT != 0 {
+            return true;
+        }
+        if flags & DESC_F_NEXT == 0 {
+            return false;
+        }
+        idx = u16::from_le_bytes([raw[2], raw[3]]);
+    }
+    false
+}
+
+/// Returns (a buffer was used, chains are left past the per-pass bound).
 fn drain_tx(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     muxer: &mut Muxer,
     max_payload: u32,
-) -> Result<bool, virtio_queue::Error> {
+) -> Result<(bool, bool), QueueError> {
     let mut used = false;
+    let mut budget = CHAINS_PER_PASS;
     loop {
         // No kicks while we drain; re-enabled (and re-checked) before we sleep.
         q.disable_notification(mem)?;
         loop {
+            if budget == 0 {
+                // Notifications stay off: the device thread comes back by itself.
+                return Ok((used, true));
+            }
+            budget -= 1;
             let next = q.iter(mem)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
+            if uses_indirect(q, mem, head) {
+                return Err(QueueError::Indirect { head });
+            }
             match packet::read_tx(mem, chain, max_payload) {
                 Ok((hdr, data)) => muxer.handle_guest_packet(&hdr, &data),
                 Err(e) => {
@@ -316,16 +409,12 @@ fn drain_tx(
             used = true;
         }
         if !q.enable_notification(mem)? {
-            return Ok(used);
+            return Ok((used, false));
         }
     }
 }
 
-fn fill_rx(
-    q: &mut Queue,
-    mem: &GuestMemoryMmap,
-    muxer: &mut Muxer,
-) -> Result<bool, virtio_queue::Error> {
+fn fill_rx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> Result<bool, QueueError> {
     let mut used = false;
     loop {
         q.disable_notification(mem)?;
@@ -333,6 +422,9 @@ fn fill_rx(
             let next = q.iter(mem)?.next();
             let Some(chain) = next else { break };
             let head = chain.head_index();
+            if uses_indirect(q, mem, head) {
+                return Err(QueueError::Indirect { head });
+            }
             let written = match RxBuffer::new(mem, chain) {
                 Ok(buf) => muxer.fill_rx(buf),
                 Err(e) => Err(e),
@@ -367,15 +459,19 @@ fn fill_rx(
     }
 }
 
+/// With EVENT_IDX negotiated, `needs_notification` asks only when the driver's
+/// `used_event` was crossed, so a guest busy polling its ring gets no interrupts.
 fn notify_if_needed(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     used: bool,
     irq: Option<&Interrupt>,
-) -> Result<(), virtio_queue::Error> {
+    count: &mut u64,
+) -> Result<(), QueueError> {
     if used && q.needs_notification(mem)? {
         if let Some(irq) = irq {
             irq.signal_used_queue();
+            *count += 1;
         }
     }
     Ok(())
@@ -387,7 +483,12 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_VSOCK_F_STREAM)
+        let event_idx = if self.cfg.event_idx {
+            1 << VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        };
+        (1 << VIRTIO_F_VERSION_1) | event_idx | (1 << VIRTIO_VSOCK_F_STREAM)
     }
 
     fn queues(&self) -> &[Queue] {

@@ -6,7 +6,7 @@
 //! no longer exist. A guest that floods us while posting no rx buffers loses packets, not
 //! our memory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use super::connection::{ConnKey, Connection, ResetReason, Verdict};
 use super::packet::{op, Header, PacketError, RxBuffer, TYPE_STREAM};
@@ -16,8 +16,10 @@ pub struct Muxer {
     cfg: VsockConfig,
     listener: Box<dyn PortListener>,
     conns: HashMap<ConnKey, Connection>,
-    /// Connections with something to send, in round-robin order.
+    /// Live connections with something to send, in round-robin order, each at most
+    /// once: `queued` says which are in it, and a connection that goes is taken out.
     rxq: VecDeque<ConnKey>,
+    queued: HashSet<ConnKey>,
     /// RSTs for connections that are gone or never existed.
     control: VecDeque<Header>,
     pub stats: VsockStats,
@@ -30,6 +32,7 @@ impl Muxer {
             listener,
             conns: HashMap::new(),
             rxq: VecDeque::new(),
+            queued: HashSet::new(),
             control: VecDeque::new(),
             stats: VsockStats::default(),
         }
@@ -151,11 +154,20 @@ impl Muxer {
         if hdr.op == op::RST {
             return;
         }
+        self.remove(key);
+        self.log_reset(key, why);
+        self.push_rst(key);
+    }
+
+    /// Forgets a connection: its handler is closed and its key leaves the rx queue
+    /// (a key left there would pile up as the guest opens and resets the same port).
+    fn remove(&mut self, key: ConnKey) {
         if let Some(mut conn) = self.conns.remove(&key) {
             conn.close_handler();
         }
-        self.log_reset(key, why);
-        self.push_rst(key);
+        if self.queued.remove(&key) {
+            self.rxq.retain(|k| *k != key);
+        }
     }
 
     fn apply(&mut self, key: ConnKey, verdict: Verdict) {
@@ -166,15 +178,9 @@ impl Muxer {
                 self.schedule(key);
             }
             Verdict::Finish => self.schedule(key),
-            Verdict::Drop => {
-                if let Some(mut conn) = self.conns.remove(&key) {
-                    conn.close_handler();
-                }
-            }
+            Verdict::Drop => self.remove(key),
             Verdict::Reset(why) => {
-                if let Some(mut conn) = self.conns.remove(&key) {
-                    conn.close_handler();
-                }
+                self.remove(key);
                 self.log_reset(key, why);
                 self.push_rst(key);
             }
@@ -199,9 +205,8 @@ impl Muxer {
     }
 
     fn schedule(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if !conn.queued && conn.has_rx_work() {
-                conn.queued = true;
+        if let Some(conn) = self.conns.get(&key) {
+            if conn.has_rx_work() && self.queued.insert(key) {
                 self.rxq.push_back(key);
             }
         }
@@ -252,10 +257,10 @@ impl Muxer {
             };
         }
         while let Some(key) = self.rxq.pop_front() {
+            self.queued.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
-            conn.queued = false;
             let Some(plan) = conn.plan_rx(buf.payload_capacity()) else {
                 continue;
             };
@@ -263,7 +268,7 @@ impl Muxer {
             hdr.src_cid = HOST_CID;
             hdr.dst_cid = self.cfg.guest_cid;
             if let Err(e) = buf.write(hdr, conn.rx_data(&plan)) {
-                conn.queued = true;
+                self.queued.insert(key);
                 self.rxq.push_front(key);
                 return Err(e);
             }
@@ -279,6 +284,11 @@ impl Muxer {
     fn address(&self, hdr: &mut Header) {
         hdr.src_cid = HOST_CID;
         hdr.dst_cid = self.cfg.guest_cid;
+    }
+
+    /// Length of the rx queue (at most the number of connections).
+    pub fn rx_queue_len(&self) -> usize {
+        self.rxq.len()
     }
 
     /// Lets every handler emit late output (see `StreamHandler::poll`).
@@ -298,6 +308,7 @@ impl Muxer {
             conn.close_handler();
         }
         self.rxq.clear();
+        self.queued.clear();
         self.control.clear();
     }
 }
@@ -307,5 +318,100 @@ impl Muxer {
 pub fn warn_rate(count: u64, msg: std::fmt::Arguments<'_>) {
     if count.is_power_of_two() {
         log::warn!("{msg} (occurrence {count})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::vsock::{StreamError, StreamHandler};
+    use proptest::prelude::*;
+
+    struct Echo;
+    impl StreamHandler for Echo {
+        fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+            out.extend_from_slice(data);
+            Ok(())
+        }
+        fn on_close(&mut self) {}
+    }
+
+    struct All;
+    impl PortListener for All {
+        fn accept(&mut self, _: u32, _: u32) -> Option<Box<dyn StreamHandler>> {
+            Some(Box::new(Echo))
+        }
+    }
+
+    fn muxer() -> Muxer {
+        let cfg = VsockConfig {
+            max_connections: 4,
+            ..VsockConfig::default()
+        };
+        Muxer::new(cfg, Box::new(All))
+    }
+
+    fn packet(port: u32, op_: u16, flags: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: port,
+            dst_port: 1,
+            type_: TYPE_STREAM,
+            op: op_,
+            flags,
+            buf_alloc: 4096,
+            ..Header::default()
+        }
+    }
+
+    /// The rx queue holds only live connections, each at most once.
+    fn check(m: &Muxer) -> Result<(), TestCaseError> {
+        let mut seen = HashSet::new();
+        for k in &m.rxq {
+            prop_assert!(m.conns.contains_key(k), "a stale key {k:?} is queued");
+            prop_assert!(seen.insert(*k), "{k:?} is queued twice");
+        }
+        prop_assert_eq!(&seen, &m.queued);
+        prop_assert!(m.rxq.len() <= m.conns.len());
+        Ok(())
+    }
+
+    #[test]
+    fn open_and_reset_without_rx_buffers_does_not_grow_the_queue() {
+        // #10.6: the guest opens and resets the same port and never posts rx buffers.
+        let mut m = muxer();
+        for _ in 0..10_000 {
+            m.handle_guest_packet(&packet(1025, op::REQUEST, 0), &[]);
+            m.handle_guest_packet(&packet(1025, op::RST, 0), &[]);
+        }
+        assert_eq!(m.rx_queue_len(), 0);
+        assert!(m.control.len() <= m.cfg.max_pending_control);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_rx_queue_holds_each_live_connection_once(
+            steps in proptest::collection::vec((0u32..6, 0u8..6, 0u32..4), 1..300)
+        ) {
+            let mut m = muxer();
+            for (port, what, flags) in steps {
+                let port = 1024 + port;
+                match what {
+                    0 => m.handle_guest_packet(&packet(port, op::REQUEST, 0), &[]),
+                    1 => m.handle_guest_packet(&packet(port, op::RST, 0), &[]),
+                    2 => {
+                        let h = Header { len: 5, ..packet(port, op::RW, 0) };
+                        m.handle_guest_packet(&h, b"hello");
+                    }
+                    3 => m.handle_guest_packet(&packet(port, op::SHUTDOWN, flags), &[]),
+                    4 => m.handle_guest_packet(&packet(port, op::CREDIT_REQUEST, 0), &[]),
+                    _ => m.poll_all(),
+                }
+                check(&m)?;
+            }
+        }
     }
 }

@@ -1,0 +1,399 @@
+//! Calls run beside the transport: a slow call holds nobody else, replies come back
+//! out of order, the in-flight bounds hold, asks park without a thread, overruns are
+//! answered, and concurrent decisions share fsyncs.
+//!
+//! The slow service is test-only (defined here): `test.probe` with `{"hold": true}`
+//! blocks until the test opens its latch, or 5 s at most. Tests wait on conditions,
+//! never on wall-clock limits, except one generous latency comparison.
+
+mod gate_common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use gate_common::*;
+use ironvmm::audit::SyncMode;
+use ironvmm::gate::approver::{Answer, AnswerSink, Answerer, Approver, AskRequest};
+use ironvmm::gate::{Connection, DecidedBy, GateLimits};
+use ironvmm::services::{Service, ToolError, ToolSpec};
+use serde_json::{json, Value};
+
+/// Holds `test.probe {"hold": true}` calls until opened (5 s at most).
+#[derive(Clone, Default)]
+struct Latch(Arc<(Mutex<(bool, usize)>, Condvar)>);
+
+impl Latch {
+    fn hold(&self) {
+        let (m, cv) = &*self.0;
+        let mut st = m.lock().unwrap();
+        st.1 += 1;
+        cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !st.0 && Instant::now() < deadline {
+            st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+
+    /// Waits until `n` calls are held in the service.
+    fn wait_held(&self, n: usize) {
+        let (m, cv) = &*self.0;
+        let mut st = m.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while st.1 < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} calls reached the service",
+                st.1
+            );
+            st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+
+    fn open(&self) {
+        let (m, cv) = &*self.0;
+        m.lock().unwrap().0 = true;
+        cv.notify_all();
+    }
+}
+
+struct Held(Latch);
+
+impl Service for Held {
+    fn tools(&self) -> Vec<ToolSpec> {
+        vec![ToolSpec {
+            name: "test.probe",
+            description: "waits for the test's latch when asked to hold",
+            input_schema: json!({"type": "object"}),
+            roles: &[],
+            aliases: &[],
+        }]
+    }
+    fn call(&self, _: &str, args: &Value) -> Result<Value, ToolError> {
+        if args["hold"] == true {
+            self.0.hold();
+        }
+        Ok(json!({"held": args["hold"] == true}))
+    }
+}
+
+fn fixture(mode: SyncMode, limits: GateLimits, latch: &Latch) -> Fixture {
+    let l = latch.clone();
+    Fixture::with(mode, limits, move |s| s.add(Box::new(Held(l))))
+}
+
+fn line(id: u64, tool: &str, args: Value) -> Vec<u8> {
+    let mut f = call_frame(id, tool, args);
+    f.push(b'\n');
+    f
+}
+
+/// Waits for replies on `c` until one with each of `ids` is in `out`.
+fn wait_for(c: &mut Connection, out: &mut Vec<u8>, ids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        c.poll(out).unwrap();
+        let got: Vec<u64> = replies(out)
+            .iter()
+            .filter_map(|r| r["id"].as_u64())
+            .collect();
+        if ids.iter().all(|i| got.contains(i)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replies {ids:?} never came: {got:?}"
+        );
+        c.wait_ready(Duration::from_millis(200));
+    }
+}
+
+/// 1,000 fs.stat calls over 4 connections, each on its own thread, one call at a
+/// time per connection; returns every round trip.
+fn thousand_calls(fx: &Fixture) -> Vec<Duration> {
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let mut c = fx.conn(&format!("fast{t}"));
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                for i in 0..250u64 {
+                    let t0 = Instant::now();
+                    let r = roundtrip(
+                        &mut c,
+                        &call_frame(i, "fs.stat", json!({"path": "/workspace/hello.txt"})),
+                    );
+                    lat.push(t0.elapsed());
+                    assert_eq!(r[0]["result"]["isError"], false, "{}", r[0]);
+                }
+                lat
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v[v.len() * 99 / 100]
+}
+
+#[test]
+fn a_slow_call_holds_no_other_connection() {
+    let latch = Latch::default();
+    let fx = fixture(SyncMode::Batch, GateLimits::default(), &latch);
+    let base = p99(thousand_calls(&fx));
+
+    let mut slow = fx.conn("slow");
+    let mut out = Vec::new();
+    slow.on_data(&line(1, "test.probe", json!({"hold": true})), &mut out)
+        .unwrap();
+    latch.wait_held(1);
+    let with_slow = thousand_calls(&fx);
+    // The order that matters: all 1,000 finished while the slow call still runs.
+    slow.poll(&mut out).unwrap();
+    assert!(out.is_empty(), "the slow call is still running");
+    assert_eq!(slow.in_flight(), 1);
+    latch.open();
+    wait_for(&mut slow, &mut out, &[1]);
+    assert_eq!(
+        replies(&out)[0]["result"]["structuredContent"]["held"],
+        true
+    );
+
+    // Generous, for a loaded 2-core machine: 2x the p99 without the slow call,
+    // plus 100 ms of scheduling noise.
+    let with = p99(with_slow);
+    eprintln!("p99 of 1,000 calls: {base:?} alone, {with:?} beside a held call");
+    assert!(
+        with <= base * 2 + Duration::from_millis(100),
+        "p99 {with:?} with a slow call vs {base:?} without"
+    );
+}
+
+#[test]
+fn replies_on_one_connection_come_back_out_of_order() {
+    let latch = Latch::default();
+    let fx = fixture(SyncMode::Batch, GateLimits::default(), &latch);
+    let mut c = fx.conn("c1");
+    let mut out = Vec::new();
+    let mut frames = line(1, "test.probe", json!({"hold": true}));
+    frames.extend(line(2, "fs.stat", json!({"path": "/workspace/hello.txt"})));
+    frames.extend(br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#);
+    frames.push(b'\n');
+    c.on_data(&frames, &mut out).unwrap();
+    latch.wait_held(1);
+    wait_for(&mut c, &mut out, &[2, 3]);
+    latch.open();
+    wait_for(&mut c, &mut out, &[1]);
+    let ids: Vec<u64> = replies(&out)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[2], 1, "the held call answered last: {ids:?}");
+}
+
+#[test]
+fn in_flight_bounds_per_connection_and_per_vm() {
+    let latch = Latch::default();
+    let limits = GateLimits {
+        max_inflight_per_conn: 8,
+        max_inflight: 20,
+        workers: 32,
+        ..GateLimits::default()
+    };
+    let fx = fixture(SyncMode::Batch, limits, &latch);
+    let mut conns: Vec<Connection> = (0..3).map(|i| fx.conn(&format!("c{i}"))).collect();
+    let mut outs = vec![Vec::new(); 3];
+    for (n, c) in conns.iter_mut().enumerate() {
+        let mut frames = Vec::new();
+        for i in 0..30 {
+            frames.extend(line(i, "test.probe", json!({"hold": true})));
+        }
+        c.on_data(&frames, &mut outs[n]).unwrap();
+    }
+    latch.wait_held(20);
+    assert_eq!(conns[0].in_flight(), 8, "per-connection bound");
+    assert_eq!(conns[1].in_flight(), 8);
+    assert_eq!(conns[2].in_flight(), 4, "the VM's bound took the rest");
+    assert_eq!(fx.gate.in_flight(), 20);
+    for c in &conns {
+        assert_eq!(
+            c.input_room(),
+            0,
+            "frames wait: the transport stops reading"
+        );
+    }
+    latch.open();
+    for (n, c) in conns.iter_mut().enumerate() {
+        wait_for(c, &mut outs[n], &(0..30).collect::<Vec<_>>());
+    }
+    assert_eq!(fx.gate.in_flight(), 0);
+    assert_eq!(
+        fx.records()
+            .iter()
+            .filter(|r| r["kind"] == "outcome")
+            .count(),
+        90
+    );
+}
+
+/// Answers asks only when the test says so, from the test's thread.
+#[derive(Default)]
+struct LaterApprover(Mutex<Vec<(AskRequest, AnswerSink)>>);
+
+impl Approver for LaterApprover {
+    fn ask(&self, req: AskRequest, done: AnswerSink) {
+        self.0.lock().unwrap().push((req, done));
+    }
+}
+
+#[test]
+fn asks_park_without_a_thread_and_are_served_on_the_answer() {
+    let latch = Latch::default();
+    let limits = GateLimits {
+        workers: 2,
+        ..GateLimits::default()
+    };
+    let fx = fixture(SyncMode::Always, limits, &latch);
+    let approver = Arc::new(LaterApprover::default());
+    fx.gate.set_approver(approver.clone());
+    let mut c = fx.conn("asker");
+    let mut out = Vec::new();
+    let mut frames = Vec::new();
+    for i in 0..40u64 {
+        std::fs::write(fx.workspace.join(format!("ask{i}")), "x").unwrap();
+        frames.extend(line(
+            i,
+            "fs.delete",
+            json!({"path": format!("/workspace/ask{i}")}),
+        ));
+    }
+    c.on_data(&frames, &mut out).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fx.gate.parked() < 40 {
+        assert!(Instant::now() < deadline, "{} parked", fx.gate.parked());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // 40 asks wait and the two workers are free: another call is served.
+    let mut other = fx.conn("other");
+    let r = roundtrip(
+        &mut other,
+        &call_frame(100, "fs.stat", json!({"path": "/workspace/hello.txt"})),
+    );
+    assert_eq!(r[0]["result"]["isError"], false);
+
+    let asks = std::mem::take(&mut *approver.0.lock().unwrap());
+    assert_eq!(asks.len(), 40);
+    for (req, done) in asks {
+        let n = req.rpc_id.as_u64().unwrap();
+        done(Answer {
+            allow: n % 2 == 0,
+            answerer: Answerer {
+                by: DecidedBy::User,
+                channel: "test".into(),
+                who: Some("tester".into()),
+            },
+            reason: if n % 2 == 0 { "ok" } else { "no" }.into(),
+        });
+    }
+    wait_for(&mut c, &mut out, &(0..40).collect::<Vec<_>>());
+    for r in replies(&out) {
+        let n = r["id"].as_u64().unwrap();
+        let denied = r["result"]["structuredContent"]["decision"] == "deny";
+        assert_eq!(denied, n % 2 == 1, "{r}");
+        assert_eq!(fx.workspace.join(format!("ask{n}")).exists(), denied);
+    }
+    let recs = fx.records();
+    let answer = recs
+        .iter()
+        .find(|r| r["kind"] == "decision" && r["rpc_id"] == 4 && r["decision"] == "allow")
+        .unwrap();
+    let ask = recs.iter().find(|r| r["seq"] == answer["ask_seq"]).unwrap();
+    assert_eq!(
+        (ask["decision"].as_str(), ask["rpc_id"].as_u64()),
+        (Some("ask"), Some(4))
+    );
+    assert_eq!(answer["asked"], true);
+    assert_eq!(answer["decided_by"], "user");
+    assert_eq!(answer["channel"], "test");
+    assert_eq!(answer["who"], "tester");
+    // The service ran on the answer's record (which is before it in the log).
+    let served = recs
+        .iter()
+        .position(|r| r["kind"] == "outcome" && r["decision_seq"] == answer["seq"]);
+    assert!(served.unwrap() as u64 > answer["seq"].as_u64().unwrap());
+}
+
+#[test]
+fn an_overrun_is_answered_with_a_tool_error_and_audited() {
+    let latch = Latch::default();
+    let limits = GateLimits {
+        workers: 1,
+        call_timeout: Duration::from_millis(100),
+        ..GateLimits::default()
+    };
+    let fx = fixture(SyncMode::Batch, limits, &latch);
+    let mut c = fx.conn("c1");
+    let r = roundtrip(&mut c, &call_frame(1, "test.probe", json!({"hold": true})));
+    let res = &r[0]["result"];
+    assert_eq!(res["isError"], true);
+    assert_eq!(res["structuredContent"]["error"]["kind"], "timeout");
+    assert_eq!(fx.gate.stuck_workers(), 1);
+    // The only worker is stuck; a spare serves the next call.
+    let r = roundtrip(
+        &mut c,
+        &call_frame(2, "fs.stat", json!({"path": "hello.txt"})),
+    );
+    assert_eq!(r[0]["result"]["isError"], false);
+    let outcome = fx
+        .records()
+        .into_iter()
+        .find(|r| r["kind"] == "outcome" && r["status"] == "error")
+        .expect("the overrun's outcome");
+    assert!(outcome["total_us"].as_u64().unwrap() >= 100_000);
+    latch.open();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fx.gate.stuck_workers() > 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(fx.gate.shutdown(), 0, "every thread joined");
+}
+
+#[test]
+fn concurrent_decisions_share_fsyncs() {
+    let latch = Latch::default();
+    let fx = fixture(SyncMode::Always, GateLimits::default(), &latch);
+    let before = fx.gate.audit().syncs();
+    let done = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let mut c = fx.conn(&format!("c{t}"));
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut frames = Vec::new();
+                for i in 0..50 {
+                    frames.extend(line(i, "fs.stat", json!({"path": "hello.txt"})));
+                }
+                let mut out = Vec::new();
+                c.on_data(&frames, &mut out).unwrap();
+                wait_for(&mut c, &mut out, &(0..50).collect::<Vec<_>>());
+                done.fetch_add(replies(&out).len(), Ordering::SeqCst);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 400);
+    let syncs = fx.gate.audit().syncs() - before;
+    eprintln!("{syncs} fsyncs for 400 decisions on 8 connections");
+    assert!(
+        syncs < 400,
+        "{syncs} fsyncs for 400 decisions: no group commit"
+    );
+}
