@@ -17,6 +17,7 @@ die() { echo "[build-kernel] error: $*" >&2; exit 1; }
 fragment="$cfgdir/guest.fragment"
 [ -f "$fragment" ] || die "missing $fragment"
 
+# shellcheck disable=SC2154 # package and version are set by $cfgdir/source
 key=$(printf '%s\n%s\n%s\n' "$package" "$version" "$recipe" | cat - "$fragment" | sha256sum | cut -c1-16)
 out="$cache/kernel-$key"
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then

@@ -47,6 +47,15 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=kvm-host/lib.sh
 . "$script_dir/kvm-host/lib.sh"
 
+# The first of its arguments that exists (what a glob matched), or nothing.
+first_file() {
+    local f
+    for f in "$@"; do
+        [ -e "$f" ] && { printf '%s\n' "$f"; return 0; }
+    done
+    return 0
+}
+
 usage() {
     sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
     exit "${1:-2}"
@@ -156,7 +165,7 @@ else
     fi
     [ -n "$kpkg" ] || fail "apt knows no linux-image-amd64 package (is this Debian with an amd64 archive?)"
     kver=$(apt-cache show --no-all-versions "$kpkg" 2>/dev/null | awk '/^Version:/ { print $2; exit }')
-    kernel_deb=$(ls "$cache/debs/${kpkg}_${kver//:/%3a}_"*.deb 2>/dev/null | head -n 1)
+    kernel_deb=$(first_file "$cache/debs/${kpkg}_${kver//:/%3a}_"*.deb)
     if [ -z "$kernel_deb" ]; then
         kh_log "downloading kernel package $kpkg $kver (about 70 MB, once)"
         # Into a fresh folder first: an interrupted download must not look cached.
@@ -164,7 +173,7 @@ else
         (cd "$dl" && timeout 900 apt-get download -q "$kpkg" >&2 2>/dev/null) ||
             (cd "$dl" && as_root timeout 600 apt-get update -q >&2 && timeout 900 apt-get download -q "$kpkg" >&2) ||
             { rm -rf "$dl"; fail "could not download $kpkg with apt-get download"; }
-        got=$(ls "$dl/${kpkg}_"*.deb 2>/dev/null | head -n 1)
+        got=$(first_file "$dl/${kpkg}_"*.deb)
         [ -n "$got" ] || { rm -rf "$dl"; fail "apt-get download $kpkg left no .deb"; }
         mv "$got" "$cache/debs/" && rm -rf "$dl"
         kernel_deb=$cache/debs/$(basename "$got")
@@ -216,6 +225,7 @@ mkdir -p "$ctl/root"
 
 qpid=
 watchdog=
+# shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
     [ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
     [ -n "$qpid" ] && kill "$qpid" 2>/dev/null

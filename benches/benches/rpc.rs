@@ -29,7 +29,7 @@ fn small_calls() -> usize {
 }
 const BULK: &str = r#"{"path":"/workspace/big.bin","length":524288,"encoding":"base64"}"#;
 const STAT: &str = r#"{"path":"/workspace"}"#;
-/// 16 MiB in 512 KiB reads (the per-call maximum of interfaces.md).
+/// 16 MiB in 512 KiB reads (the per-call maximum of docs/protocol.md).
 const BULK_CALLS: usize = 32;
 
 /// The three workloads, as `iron bench` arguments, with their labels.

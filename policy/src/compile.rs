@@ -10,8 +10,10 @@ use crate::check::{glob_text, regex_text, Checked};
 use crate::limit::Limiter;
 use crate::lists::{classify, CSet, FxHashMap, MatchKind};
 use crate::norm;
+use crate::value::{apply, kind_after, Num, RV};
 use crate::Verdict;
 use regex::Regex;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -428,7 +430,7 @@ impl Compiler<'_> {
             },
             Value::Str(s, _) => {
                 // A function of a constant is a constant.
-                let k = crate::eval::fold(s, &funcs);
+                let k = fold(s, &funcs);
                 CVal::Const(k, funcs.last().map_or(Kind::Plain, |f| func_kind(*f)))
             }
             Value::Num(n, _, _) => {
@@ -455,5 +457,20 @@ fn normalise_const(v: CVal, other: Kind) -> CVal {
             CVal::Const(n.map_or(Konst::Missing, |n| Konst::Str(n.into())), k)
         }
         (v, _) => v,
+    }
+}
+
+/// A function chain over a constant string, at compile time.
+fn fold(s: &str, funcs: &[Func]) -> Konst {
+    let mut v = RV::Str(Cow::Borrowed(s));
+    let mut kind = None;
+    for f in funcs {
+        v = apply(*f, v, kind);
+        kind = kind_after(*f);
+    }
+    match v {
+        RV::Str(s) => Konst::Str(s.into_owned().into()),
+        RV::Num(Num::Int(i)) => Konst::Num(i.clamp(0, u64::MAX as i128) as u64),
+        _ => Konst::Missing,
     }
 }

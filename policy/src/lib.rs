@@ -39,6 +39,7 @@ pub mod lists;
 pub mod norm;
 pub mod parser;
 pub mod schema;
+mod value;
 
 pub use catalog::{Catalog, CatalogError, Role, Tool};
 pub use diag::{Diagnostic, Diagnostics, Severity};
@@ -82,7 +83,7 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// Who decided (interfaces.md, "Who decided"): one enum everywhere.
+/// Who decided (docs/protocol.md, "Who decided"): one enum everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DecidedBy {

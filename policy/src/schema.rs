@@ -5,7 +5,7 @@
 //! Schemas are compiled once. Unknown keywords are refused at compile time (a
 //! constraint that would be silently ignored fails open). An object schema with
 //! `properties` and no `additionalProperties` refuses unknown keys: the policy
-//! language page requires it. Validation recurses only as deep as the schema, never
+//! language's invariant 2 requires it (docs/policy.md). Validation recurses only as deep as the schema, never
 //! as deep as the value, so a hostile value cannot exhaust the stack.
 
 use regex::Regex;

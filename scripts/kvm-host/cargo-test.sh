@@ -52,9 +52,11 @@ trap 'rm -f "$script"' EXIT
         printf 'echo; echo "cargo-test: running %s"\n' "$(basename "$exe")"
         printf '(cd %s && CARGO_MANIFEST_DIR=%s exec %s' "$(q "$dir")" "$(q "$dir")" "$(q "$exe")"
         for a in "${test_args[@]}"; do printf ' %s' "$(q "$a")"; done
+        # shellcheck disable=SC2016 # $failed is expanded by the generated script
         printf ') || failed="$failed %s"\n' "$(basename "$exe")"
         count=$((count + 1))
     done <<<"$json"
+    # shellcheck disable=SC2016 # $failed is expanded by the generated script
     echo 'if [ -n "$failed" ]; then echo "cargo-test: FAILED:$failed"; exit 101; fi'
     echo "echo \"cargo-test: all $count test binaries passed\""
 } >"$script"

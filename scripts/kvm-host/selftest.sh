@@ -57,6 +57,7 @@ fi
 seq 1 10000 | sed 's/^/line /' >"$tmp/expected-out"
 head -c 262144 /dev/urandom >"$tmp/blob"
 { seq 1 500 | sed 's/^/err /'; cat "$tmp/blob"; } >"$tmp/expected-err"
+# shellcheck disable=SC2016 # $1 is the inner shell's
 IRONVMM_KVM_HOST=software run 300 -q --share "$tmp" -- sh -c 'seq 1 10000 | sed "s/^/line /"; seq 1 500 | sed "s/^/err /" >&2; cat "$1" >&2; exit 7' sh "$tmp/blob"
 if [ "$rc" = 7 ] && cmp -s "$tmp/out" "$tmp/expected-out" && cmp -s "$tmp/err" "$tmp/expected-err"; then
     ok "status 7; 10,000 stdout lines, and 500 lines + 256 KiB of random bytes on stderr, intact and apart (${secs} s)"
@@ -67,6 +68,7 @@ fi
 # --- status 1; arguments, environment and working folder as outside ----------------------
 mkdir -p "$tmp/share/sub dir"
 (
+    # shellcheck disable=SC2016 # the inner shell expands these; '$HOME' is a literal argument
     cd "$tmp/share/sub dir" &&
         SELFTEST_VALUE="it's \"quoted\" \$x" IRONVMM_KVM_HOST=software run 300 -q --share "$tmp/share" -- \
             sh -c 'sleep 1000 & printf "<%s>\n" "$@"; printf "%s\n" "$SELFTEST_VALUE" "$PWD" "$HOME"; [ -c /dev/kvm ] && echo kvm; echo written >result; exit 1' \
@@ -74,6 +76,7 @@ mkdir -p "$tmp/share/sub dir"
     echo "$rc $secs" >"$tmp/rc"
 )
 read -r rc secs <"$tmp/rc"
+# shellcheck disable=SC2016 # '<$HOME>' is the literal argument echoed back
 expected=$(printf '%s\n' '<a b>' "<it's>" '<$HOME>' '<*>' '<>' "it's \"quoted\" \$x" "$tmp/share/sub dir" "$HOME" kvm)
 if [ "$rc" = 1 ] && [ "$(cat "$tmp/out")" = "$expected" ] && [ "$(cat "$tmp/share/sub dir/result" 2>/dev/null)" = written ]; then
     ok "status 1; arguments, environment, working folder, HOME, /dev/kvm, writes to a --share, a process left behind (${secs} s)"
@@ -89,6 +92,7 @@ if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: stat
 # (and, in the same boot: --cpus, and ironvmm doctor finding hardware KVM there)
 doctor=$(cd "$repo" && cargo build -q -p ironvmm --bin ironvmm --message-format=json 2>/dev/null |
     sed -n 's/.*"executable":"\([^"]*\/ironvmm\)".*/\1/p' | tail -n 1)
+# shellcheck disable=SC2016 # $1 is the inner shell's
 IRONVMM_KVM_HOST=software run 300 -q --timeout 8 --cpus 2 --mem 1G -- \
     sh -c 'nproc; "$1" doctor --json | grep -q "\"native\":true" && echo native; sleep 600' sh "${doctor:-ironvmm-not-built}"
 if [ "$rc" = 124 ] && grep -q 'did not finish within 8 s' "$tmp/err" && [ "$(cat "$tmp/out")" = "$(printf '2\nnative')" ]; then
@@ -122,6 +126,7 @@ fi
 if [ "$with_qemu" = yes ]; then
     # The guest: the host's own kernel, without a root file system; it panics, and
     # panic=-1 with reboot=t ends QEMU. Reaching the panic proves the boot ran.
+    # shellcheck disable=SC2012 # newest by mtime; the names are our own image-<hash>
     image=$(dirname "$(ls -t "${IRONVMM_CACHE_DIR:-$HOME/.cache/ironvmm}"/kvm-host/image-*/kernel 2>/dev/null | head -n 1)")
     cat >"$tmp/peer.sh" <<EOF
 #!/bin/bash

@@ -2,8 +2,10 @@
 //! device, with a policy engine deciding every request frame on that path.
 //!
 //! Data flows one way: frame → call → decision → service → audit.
-//! - `kvm`      the VM: memory, vCPUs, boot
+//! - `kvm`      the VM: memory, vCPUs, boot (knows no device)
 //! - `devices`  what the guest can touch: serial, i8042, status port, virtio-mmio vsock
+//!   (knows no KVM)
+//! - `builder`  wires the devices to the VM: the one module that knows both
 //! - `gate_ports` the vsock ports the gate serves (the devices ↔ gate seam)
 //! - `hardening` the process settings of a VMM (no_new_privs, fds, rlimits)
 //! - `gate`, `services`, `audit`: the `ironvmm-gate` crate, re-exported
@@ -11,6 +13,7 @@
 //! - `report`   what `ironvmm run` tells CI: run report, JUnit, summary
 //! - `cli`      the `ironvmm` command line
 
+pub mod builder;
 pub mod cli;
 pub mod devices;
 pub mod gate_ports;

@@ -1,4 +1,4 @@
-//! Milliseconds since process start, for `--timings` (interfaces.md).
+//! Milliseconds since process start, for `--timings` (docs/boot.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

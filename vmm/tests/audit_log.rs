@@ -10,6 +10,7 @@ use std::process::Command;
 use gate_common::*;
 use ironvmm::audit::verify::verify;
 use ironvmm::audit::{AuditKey, AuditLog, DecisionRecord, OutcomeStatus, SyncMode};
+use ironvmm::gate::{DecidedBy, Verdict};
 use serde_json::{json, Map, Value};
 
 fn ironvmm() -> Command {
@@ -30,11 +31,15 @@ fn sample_log(dir: &Path) -> (PathBuf, String) {
                 rpc_id: &json!(i),
                 tool: if allowed { "fs.read" } else { "fs.write" },
                 args: &json!({"path": format!("/workspace/{i}"), "token": "t0p"}),
-                decision: if allowed { "allow" } else { "deny" },
+                decision: if allowed {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                },
                 asked: false,
                 answer: None,
                 rule: Some(4),
-                decided_by: "rule",
+                decided_by: DecidedBy::Rule,
                 reason: "because",
                 policy_ns: 300,
             })
@@ -255,11 +260,11 @@ fn batch_mode_syncs_and_verifies() {
         rpc_id: &Value::Null,
         tool: "fs.read",
         args: &json!({}),
-        decision: "allow",
+        decision: Verdict::Allow,
         asked: false,
         answer: None,
         rule: None,
-        decided_by: "default",
+        decided_by: DecidedBy::Default,
         reason: "",
         policy_ns: 1,
     };
@@ -271,11 +276,15 @@ fn batch_mode_syncs_and_verifies() {
     assert_eq!(lines(&path).len(), 201);
     let head = log.close(None).unwrap();
     assert_eq!(check(&path, Some(&head), false), Ok(202));
-    assert!(AuditLog::create(&path, "vm", SyncMode::Batch, Map::new())
+    let e = AuditLog::create(&path, "vm", SyncMode::Batch, Map::new())
         .err()
-        .unwrap()
-        .0
-        .contains("give a new file"));
+        .unwrap();
+    assert!(
+        matches!(&e, ironvmm::audit::AuditError::Create { source, .. }
+            if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("give a new file"), "{e}");
 }
 
 /// Makes the log's own descriptor read-only behind its back, so the next write fails

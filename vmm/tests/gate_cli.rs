@@ -341,6 +341,7 @@ fn listen_serves_100_concurrent_connections() {
         h.join().unwrap();
     }
     // SIGTERM: the close record is written, exit 143.
+    // SAFETY: kill takes no pointers; the pid is our own child, not yet reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let mut err = String::new();

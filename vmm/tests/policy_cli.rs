@@ -457,6 +457,31 @@ fn explain_names_the_value_that_failed() {
     );
 }
 
+/// A reader that went away (`ironvmm ... | head`) ends the command quietly, as
+/// ripgrep does: exit 0, nothing on stderr, no panic.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let policy = root().join("examples/policies/coding.rules");
+    for args in [
+        &["tools"][..],
+        &["tools", "--json"],
+        &["policy", "check", policy.to_str().unwrap()],
+        &["policy", "fmt", policy.to_str().unwrap()],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // every write to the pipe now fails with EPIPE
+        let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+            .args(args)
+            .current_dir(root())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}
+
 #[test]
 fn compile_replays_the_committed_inbox_cache_offline() {
     let d = tmp("compile-offline");

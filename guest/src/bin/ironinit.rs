@@ -128,8 +128,9 @@ fn debug_enabled() -> bool {
 }
 
 fn uptime_ms() -> u64 {
-    // SAFETY: timespec is plain data; clock_gettime fills it.
+    // SAFETY: timespec is plain data, for which all zeroes is a valid value.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid, writable timespec that clock_gettime fills.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
@@ -363,8 +364,9 @@ fn supervise(agent: libc::pid_t) -> u8 {
         if let Some(status) = reap(agent) {
             return status;
         }
-        // SAFETY: siginfo_t is plain data; set is valid.
+        // SAFETY: siginfo_t is plain data, for which all zeroes is a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is an initialised sigset_t and `info` a writable siginfo_t.
         let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
         match sig {
             libc::SIGCHLD | -1 => {}
@@ -409,6 +411,7 @@ fn power_off(port: &StatusPort, console: Option<&OwnedFd>, status: u8) -> ! {
         libc::sync();
     }
     port.write(exit_word(status));
+    // SAFETY: reboot takes no pointers; as PID 1 ending the VM is what is wanted.
     unsafe {
         libc::reboot(libc::RB_AUTOBOOT);
         libc::reboot(libc::RB_POWER_OFF);

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::chat::{ChatRequest, Role};
 use crate::config::LlmConfig;
-use crate::llm::{ChatRequest, Role};
 
 /// Bumped when the layout of a cache entry changes.
 const CACHE_FORMAT: u32 = 1;
@@ -99,8 +99,8 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::Message;
     use crate::config::LlmSettings;
-    use crate::llm::Message;
 
     fn cfg(model: &str) -> LlmConfig {
         LlmSettings {

@@ -18,11 +18,11 @@
 use std::collections::BTreeSet;
 
 use ironvmm_policy::norm;
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::catalog_view::{CatalogView, Tool};
 use crate::scenarios::Scenario;
+pub use crate::scenarios::{Bound, Derivation};
 use crate::sentences::Sentence;
 
 /// Variants per scenario, and in all: the derived set stays a bounded multiple of
@@ -31,25 +31,6 @@ const MAX_PER_PARENT: usize = 40;
 const MAX_DERIVED: usize = 2000;
 /// Values of one argument that are respelled.
 const MAX_RESPELLED_VALUES: usize = 3;
-
-/// How a derived scenario's decision is compared with its parent's expectation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Bound {
-    /// The same decision.
-    Same,
-    /// This decision or a less permissive one.
-    AtMost,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Derivation {
-    /// The id of the scenario it was derived from.
-    pub from: String,
-    /// What was changed, for the repair prompt and the report.
-    pub how: String,
-    pub bound: Bound,
-}
 
 /// Words that name an argument but are too common in English to mean it.
 const COMMON_WORDS: &[&str] = &[

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// The engine's own verdict: one type for allow/deny/ask across the workspace.
-pub use ironvmm_policy::Verdict;
+pub use ironvmm_policy::{DecidedBy, Verdict};
 
 /// What the engine decided for one call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -16,8 +16,8 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// The line of the deciding rule, if a rule decided.
     pub rule: Option<u32>,
-    /// `rule`, `default`, `invariant`, ... as the engine names it.
-    pub by: String,
+    /// Who decided, as the engine says.
+    pub by: DecidedBy,
     pub reason: String,
 }
 

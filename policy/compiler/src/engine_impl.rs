@@ -62,7 +62,7 @@ impl RuleEngine for PolicyEngine {
                 Ok(Outcome {
                     verdict: d.verdict,
                     rule: d.rule,
-                    by: d.by.as_str().to_string(),
+                    by: d.by,
                     reason: d.reason,
                 })
             })

@@ -9,6 +9,7 @@ pub mod answer;
 pub mod ask;
 pub mod cache;
 pub mod catalog_view;
+pub mod chat;
 pub mod config;
 pub mod derive;
 pub mod draft;

@@ -51,7 +51,7 @@ fn clip(s: &str, n: usize) -> String {
     t
 }
 
-/// Reads an audit log (interfaces.md "The audit log"): `decision` records whose
+/// Reads an audit log (docs/audit.md "Records"): `decision` records whose
 /// decision is ask or deny, grouped; `learn` records kept as evidence.
 pub fn summarize(audit: &str) -> AuditSummary {
     let mut groups: BTreeMap<(String, String, Option<u64>, String, String), Case> = BTreeMap::new();

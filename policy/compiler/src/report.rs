@@ -399,7 +399,7 @@ impl Report {
                 d.got,
                 d.rule
                     .map(|l| format!("line {l}"))
-                    .unwrap_or_else(|| d.by.clone()),
+                    .unwrap_or_else(|| d.by.to_string()),
                 d.rule_text
                     .as_deref()
                     .map(|t| format!(": `{t}`"))

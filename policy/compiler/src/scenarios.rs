@@ -9,12 +9,30 @@ use serde_json::{json, Value};
 
 use crate::ask::{ask_json, StepError};
 use crate::catalog_view::CatalogView;
-use crate::derive::Derivation;
 use crate::engine::Verdict;
 use crate::lists::{self, ResolvedList};
 use crate::llm::{Completer, Message};
 use crate::prompts;
 use crate::sentences::{self, Sentence};
+
+/// How a derived scenario's decision is compared with its parent's expectation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// The same decision.
+    Same,
+    /// This decision or a less permissive one.
+    AtMost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Derivation {
+    /// The id of the scenario it was derived from.
+    pub from: String,
+    /// What was changed, for the repair prompt and the report.
+    pub how: String,
+    pub bound: Bound,
+}
 
 const MAX_SCENARIOS: usize = 300;
 /// Scenarios each sentence that states policy needs: a plain case, an edge, and an

@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::ask::{ask_json, StepError};
 use crate::derive::{self, Bound, Derivation};
 use crate::draft::{self, Checked, Context};
-use crate::engine::{Outcome, RuleEngine, Verdict};
+use crate::engine::{DecidedBy, Outcome, RuleEngine, Verdict};
 use crate::llm::{Completer, Message};
 use crate::scenarios::{check_call, Scenario};
 use crate::{lists, prompts, sentences};
@@ -45,7 +45,7 @@ pub struct Disagreement {
     pub got: Verdict,
     pub rule: Option<u32>,
     pub rule_text: Option<String>,
-    pub by: String,
+    pub by: DecidedBy,
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub derived: Option<Derivation>,
@@ -510,7 +510,7 @@ mod tests {
             got: Verdict::Allow,
             rule: Some(3),
             rule_text: Some("allow a.b".into()),
-            by: "rule".into(),
+            by: DecidedBy::Rule,
             reason: String::new(),
             derived: None,
         }

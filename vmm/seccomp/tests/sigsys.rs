@@ -29,8 +29,8 @@ fn child() {
         return;
     };
     let role_setting = |role, s| install_with(role, s).expect("install");
-    // SAFETY (all blocks below): plain syscalls on values made here; the process
-    // ends in `_exit` right after, with no Rust state to unwind.
+    // SAFETY: plain syscalls on values made here; the process ends in `_exit`
+    // right after, with no Rust state to unwind.
     unsafe {
         match case.as_str() {
             "vcpu-socket" => {

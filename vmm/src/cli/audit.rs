@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -53,12 +53,11 @@ pub fn run(cmd: AuditCommand) -> u8 {
         }
         AuditCommand::Stats { file } => load(&file).map(|recs| stats(&recs)),
     };
-    match result.and_then(|text| {
-        std::io::stdout()
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("stdout: {e}"))
-    }) {
-        Ok(()) => 0,
+    match result {
+        Ok(text) => {
+            super::output::write_all(text.as_bytes());
+            0
+        }
         Err(e) => {
             eprintln!("ironvmm audit: {e}");
             crate::exit::VMM_ERROR
@@ -88,7 +87,7 @@ fn run_verify(file: &Path, key: Option<&Path>, head: Option<&str>, open_ok: bool
     match verify::verify(BufReader::new(f), &key, head, open_ok) {
         Ok(v) => {
             let state = if v.closed { "closed" } else { "open" };
-            println!("ok: {} records, {state}, head {}", v.records, v.head);
+            outln!("ok: {} records, {state}, head {}", v.records, v.head);
             0
         }
         Err(e) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::audit::SyncMode;
+use crate::builder::Machine;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
 use crate::devices::vsock::VsockConfig;
@@ -18,7 +19,7 @@ use crate::gate::{
 use crate::gate_ports::GatePorts;
 use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
-use crate::kvm::vm::{Outcome, Vm, VmConfig};
+use crate::kvm::vm::{Outcome, VmConfig};
 use crate::report::ExitKind;
 use crate::timing::Timings;
 use crate::vm_event::VmEvent;
@@ -450,7 +451,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         Ok(c) => c,
         Err(e) => return error(out, exit::VMM_ERROR, e),
     };
-    let mut vm = match Vm::create(mem_mib, cpus, console, timings.clone()) {
+    let mut vm = match Machine::new(mem_mib, cpus, console, timings.clone()) {
         Ok(vm) => vm,
         Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
@@ -501,7 +502,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    let console_thread = console_input::spawn(vm.bus.serial.clone(), forward_stdin);
+    let console_thread = console_input::spawn(vm.serial(), forward_stdin);
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
     console_thread.stop();
     console_input::restore_terminal();

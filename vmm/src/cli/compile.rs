@@ -97,7 +97,7 @@ fn common(constitution: &Path, f: &CompileFlags) -> Common {
             .unwrap_or_else(|| PathBuf::from("p.rules"))
     });
     let builtin = f.catalog.as_deref() == Some(Path::new("builtin"));
-    let builtin_text = super::policy::builtin_catalog_json();
+    let builtin_text = crate::services::builtin_catalog_json().to_string();
     Common {
         constitution: constitution.to_path_buf(),
         out,
@@ -168,7 +168,7 @@ pub fn run_refine(a: RefineArgs) -> u8 {
 pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&str>) -> u8 {
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let read_catalog = |spec: &str| match spec {
-        "builtin" => Ok(super::policy::builtin_catalog_json()),
+        "builtin" => Ok(crate::services::builtin_catalog_json().to_string()),
         path => read(Path::new(path)),
     };
     let texts = (|| {
@@ -187,7 +187,7 @@ pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&str>) -
     };
     let problems = ironvmm_policy_compiler::against::check(&r, &c, cat.as_deref());
     if problems.is_empty() {
-        println!("{}: matches {}", rules.display(), constitution.display());
+        outln!("{}: matches {}", rules.display(), constitution.display());
         return 0;
     }
     for p in problems {

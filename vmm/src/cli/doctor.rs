@@ -22,9 +22,9 @@ pub fn run(args: DoctorArgs) -> u8 {
             "advice": report.advice(),
             "facts": report.facts,
         });
-        println!("{value}");
+        outln!("{value}");
     } else {
-        print!("{}", render(&report));
+        out!("{}", render(&report));
     }
     if report.native() {
         0

@@ -185,29 +185,29 @@ fn inspect(a: InspectArgs) -> u8 {
                 "path": e.name_str(), "mode": format!("{:o}", e.mode), "size": e.size,
             })).collect::<Vec<_>>()),
         });
-        println!("{out}");
+        outln!("{out}");
         return 0;
     }
-    println!("image:    {}", a.image.display());
-    println!("sha256:   {}", img.sha256());
-    println!("kernel:   {}", img.kernel_kind);
-    println!("manifest:");
+    outln!("image:    {}", a.image.display());
+    outln!("sha256:   {}", img.sha256());
+    outln!("kernel:   {}", img.kernel_kind);
+    outln!("manifest:");
     for line in img.manifest.to_json_pretty().lines() {
-        println!("  {line}");
+        outln!("  {line}");
     }
-    println!("members:");
+    outln!("members:");
     for m in &members {
-        println!("  {:<16} {:>10}  {}", m.name, m.size, m.sha256);
+        outln!("  {:<16} {:>10}  {}", m.name, m.size, m.sha256);
     }
     if a.files {
         match files {
             Some(entries) => {
-                println!("initramfs files:");
+                outln!("initramfs files:");
                 for e in entries {
-                    println!("  {:>7o} {}", e.mode, e.name_str());
+                    outln!("  {:>7o} {}", e.mode, e.name_str());
                 }
             }
-            None => println!("initramfs files: (compressed; not listed)"),
+            None => outln!("initramfs files: (compressed; not listed)"),
         }
     }
     0

@@ -3,12 +3,31 @@
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for a command's output. A closed stdout (`ironvmm audit show log | head`)
+/// ends the process quietly with 0, as ripgrep does, where `println!` would panic.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's output; see `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!($($arg)*))
+    };
+}
+
 pub mod audit;
 pub mod boot;
 pub mod compile;
 pub mod doctor;
 pub mod gate;
 pub mod image;
+pub mod output;
 pub mod policy;
 pub mod run;
 pub mod tools;
@@ -68,7 +87,7 @@ pub fn main() -> u8 {
     }
 }
 
-/// Help and version exit 0. A usage error exits 125 for `boot` (interfaces.md:
+/// Help and version exit 0. A usage error exits 125 for `boot` (docs/exit-codes.md:
 /// bad flags are ironvmm's own failure) and 2, clap's usual code, elsewhere.
 fn usage_exit_code(e: &clap::Error) -> u8 {
     use clap::error::ErrorKind;
@@ -81,7 +100,7 @@ fn usage_exit_code(e: &clap::Error) -> u8 {
         return 0;
     }
     match std::env::args().nth(1).as_deref() {
-        Some("boot") | Some("run") => crate::exit::VMM_ERROR,
+        Some("boot") => crate::exit::VMM_ERROR,
         _ => 2,
     }
 }

@@ -204,7 +204,7 @@ fn check(a: CheckArgs) -> u8 {
     ) {
         Ok(l) => {
             if !l.warnings.is_empty() {
-                println!("{}\n", l.warnings);
+                outln!("{}\n", l.warnings);
             }
             // With a catalog, a tool or argument it does not know is a misspelling
             // until shown otherwise: a misspelt `deny` silently denies nothing.
@@ -217,10 +217,10 @@ fn check(a: CheckArgs) -> u8 {
                 None => Vec::new(),
             };
             for u in &unknown {
-                println!("{u}");
+                outln!("{u}");
             }
             if !unknown.is_empty() {
-                println!(
+                outln!(
                     "{}: does not check: {} tool or argument name{} the catalog does not know",
                     a.input.policy.display(),
                     unknown.len(),
@@ -230,7 +230,7 @@ fn check(a: CheckArgs) -> u8 {
             }
             let rules = l.policy.ast().rules().count();
             let n = l.warnings.len();
-            println!(
+            outln!(
                 "{}: ok, {rules} rule{}, {n} warning{}",
                 a.input.policy.display(),
                 plural(rules),
@@ -250,9 +250,9 @@ fn check(a: CheckArgs) -> u8 {
             }
         }
         Err(d) => {
-            println!("{d}\n");
+            outln!("{d}\n");
             let (e, w) = (d.errors().count(), d.warnings().count());
-            println!(
+            outln!(
                 "{}: does not load: {e} error{}, {w} warning{}",
                 a.input.policy.display(),
                 plural(e),
@@ -408,7 +408,7 @@ fn eval(a: EvalArgs) -> u8 {
         out.push_str(&decision_line(&decide(&loaded.policy, c)));
         out.push('\n');
     }
-    print!("{out}");
+    out!("{out}");
     code::OK
 }
 
@@ -464,21 +464,23 @@ fn test(a: TestArgs) -> u8 {
         if d.verdict != *expect {
             failed += 1;
             let rule = d.rule.map_or(String::new(), |l| format!(", line {l}"));
-            println!(
+            outln!(
                 "{name}:{n}: expected {expect}, got {} (by {}{rule}): {}",
-                d.verdict, d.by, d.reason
+                d.verdict,
+                d.by,
+                d.reason
             );
-            println!(
+            outln!(
                 "  call: {}",
                 serde_json::json!({"tool": c.call.tool, "args": c.call.args})
             );
             for line in explanation.to_string().lines() {
-                println!("  {line}");
+                outln!("  {line}");
             }
         }
     }
     let total = scenarios.len();
-    println!(
+    outln!(
         "{name}: {total} scenario{}, {} passed, {failed} failed",
         plural(total),
         total - failed
@@ -502,7 +504,7 @@ fn explain(a: ExplainArgs) -> u8 {
         Ok(l) => l,
         Err(code) => return code,
     };
-    println!("{}", loaded.policy.explain(&c.call, c.at));
+    outln!("{}", loaded.policy.explain(&c.call, c.at));
     code::OK
 }
 
@@ -533,7 +535,7 @@ fn fmt(a: FmtArgs) -> u8 {
             return code::OK;
         }
         // What would change, as a unified diff.
-        print!(
+        out!(
             "{}",
             similar::TextDiff::from_lines(&text, &out)
                 .unified_diff()
@@ -551,7 +553,7 @@ fn fmt(a: FmtArgs) -> u8 {
         }
         return code::OK;
     }
-    print!("{out}");
+    out!("{out}");
     code::OK
 }
 
@@ -587,7 +589,7 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.remove.is_none() => {
-            println!("{}: no learned rules", path.display());
+            outln!("{}: no learned rules", path.display());
             return code::OK;
         }
         Err(e) => {
@@ -599,7 +601,7 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
         None => {
             let entries = learned::entries(&text);
             for e in &entries {
-                println!(
+                outln!(
                     "seq {} (refines line {}, {}:{}):",
                     e.header.seq,
                     e.header.refines,
@@ -607,10 +609,10 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
                     e.line + 1
                 );
                 for l in e.rule.lines() {
-                    println!("  {l}");
+                    outln!("  {l}");
                 }
             }
-            println!(
+            outln!(
                 "{}: {} learned rule{}",
                 path.display(),
                 entries.len(),
@@ -628,7 +630,7 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
             }
             Some(rest) => match write_atomic(&path, &rest) {
                 Ok(()) => {
-                    println!(
+                    outln!(
                         "removed the learned rule of seq {seq} from {}",
                         path.display()
                     );

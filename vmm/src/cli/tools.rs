@@ -1,7 +1,5 @@
 //! `ironvmm tools [--json]`: the catalog of the services compiled into ironvmm.
 
-use std::io::Write;
-
 use crate::services::{builtin_catalog_json, builtin_specs};
 
 #[derive(clap::Args, Debug)]
@@ -25,11 +23,6 @@ pub fn run(args: ToolsArgs) -> u8 {
         }
         s
     };
-    match std::io::stdout().write_all(text.as_bytes()) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("ironvmm tools: stdout: {e}");
-            crate::exit::VMM_ERROR
-        }
-    }
+    super::output::write_all(text.as_bytes());
+    0
 }

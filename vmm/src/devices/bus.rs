@@ -10,8 +10,13 @@ use vmm_sys_util::eventfd::EventFd;
 use super::console::ConsoleOut;
 use super::i8042::I8042;
 use super::status_port::StatusPort;
-use crate::kvm::layout::{I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT};
 use crate::vm_event::{EventSender, VmEvent};
+
+/// The 16550 UART's eight registers, where Linux's `ttyS0` looks for them.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// The i8042's data and command ports (only its reset line matters here).
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
 
 /// A device in the MMIO space (virtio-mmio transports).
 pub trait MmioDevice: Send {

@@ -166,6 +166,13 @@ impl Write for ConsoleOut {
     }
 }
 
+impl ConsoleOut {
+    /// Flushes buffered console output (named so it reads clearly at call sites).
+    pub fn flush_console(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

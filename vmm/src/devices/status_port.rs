@@ -1,4 +1,4 @@
-//! The one-register status port (interfaces.md): ironinit's boot mark, the agent's
+//! The one-register status port (docs/boot.md "The status port"): ironinit's boot mark, the agent's
 //! start, and the agent's exit status, on which the VM ends at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -483,6 +483,16 @@ pub fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
         .collect()
 }
 
+/// The bus routes the transport's MMIO window to it.
+impl<D: VirtioDevice> super::bus::MmioDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

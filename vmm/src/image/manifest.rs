@@ -1,5 +1,5 @@
-//! `manifest.json`: what the image asks of the VMM and of ironinit (interfaces.md,
-//! "Guest image manifest"). Parsing is strict: unknown keys, duplicate keys and a
+//! `manifest.json`: what the image asks of the VMM and of ironinit (docs/image.md,
+//! "manifest.json"). Parsing is strict: unknown keys, duplicate keys and a
 //! `format` other than 1 are errors, so an image never means two things.
 
 use std::collections::BTreeMap;

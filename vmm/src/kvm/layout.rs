@@ -1,5 +1,5 @@
-//! Where things live in guest physical memory. One table, so the loader, the MP
-//! table, the e820 map and the devices cannot disagree.
+//! Where things live in guest physical memory, and the interrupt lines. One table, so
+//! the loader, the MP table, the e820 map and the builder cannot disagree.
 
 /// GDT and IDT of the boot vCPU.
 pub const GDT_ADDR: u64 = 0x500;
@@ -34,12 +34,9 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IO-APIC and local APIC, as the in-kernel irqchip places them.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const APIC_ADDR: u32 = 0xfee0_0000;
-/// Legacy devices.
-pub const SERIAL_PORT: u16 = 0x3f8;
+/// Interrupt lines of the legacy devices (their ports belong to `devices::bus`).
 pub const SERIAL_IRQ: u32 = 4;
 pub const KBD_IRQ: u32 = 1;
-pub const I8042_DATA_PORT: u16 = 0x60;
-pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// KVM's TSS needs three pages inside the 32-bit address space, outside RAM.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// Most vCPUs ironvmm gives a guest.

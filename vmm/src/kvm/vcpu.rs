@@ -1,5 +1,5 @@
-//! One thread per vCPU: KVM_RUN, and each exit handed to the device bus or turned
-//! into a reason for the VM to stop.
+//! One thread per vCPU: KVM_RUN, and each exit handed to an [`ExitHandler`] (the
+//! device bus) or turned into a reason for the VM to stop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -7,9 +7,26 @@ use std::sync::Arc;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::devices::bus::Bus;
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
+
+/// What the vCPUs hand their port and MMIO exits to. The builder implements it for
+/// the device bus; the VM itself knows no device.
+pub trait ExitHandler: Send + Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]) -> Flow;
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Whether the vCPU goes on after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The VM is ending (the agent's exit status is in): this vCPU stops here rather
+    /// than let the guest run on (and print its reboot) while the VM is being ended.
+    Stop,
+}
 
 /// The signal that kicks a vCPU thread out of KVM_RUN when the VM ends. Its
 /// handler does nothing: KVM_RUN returns EINTR and the thread sees `stop`.
@@ -35,7 +52,7 @@ pub fn install_kick_handler() {
 pub fn run(
     mut vcpu: VcpuFd,
     id: u8,
-    bus: Arc<Bus>,
+    exits: Arc<dyn ExitHandler>,
     timings: Arc<Timings>,
     events: EventSender,
     stop: Arc<AtomicBool>,
@@ -49,25 +66,20 @@ pub fn run(
         }
         let stop = match vcpu.run() {
             Ok(exit) => match exit {
-                VcpuExit::IoOut(port, data) => {
-                    bus.pio_write(port, data);
-                    // The status is in: stop here rather than let the guest run on
-                    // (and print its reboot) while the VM is being ended.
-                    if port == crate::devices::status_port::PORT && bus.status.exited() {
-                        return;
-                    }
-                    None
-                }
+                VcpuExit::IoOut(port, data) => match exits.pio_write(port, data) {
+                    Flow::Continue => None,
+                    Flow::Stop => return,
+                },
                 VcpuExit::IoIn(port, data) => {
-                    bus.pio_read(port, data);
+                    exits.pio_read(port, data);
                     None
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    bus.mmio_read(addr, data);
+                    exits.mmio_read(addr, data);
                     None
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    bus.mmio_write(addr, data);
+                    exits.mmio_write(addr, data);
                     None
                 }
                 VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,

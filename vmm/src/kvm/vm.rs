@@ -1,9 +1,11 @@
 //! The boot sequence, one step at a time: open KVM, create the VM and its irqchip,
-//! map memory, add devices, load the kernel, set up vCPUs, run until an event.
+//! map memory, load the kernel, set up vCPUs, run until an event. Which devices the
+//! guest gets is the builder's business: here a vCPU's exits go to an
+//! [`ExitHandler`], whatever it is.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -11,23 +13,14 @@ use ironvmm_seccomp::ThreadRole;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::cpu_state;
-use super::layout::{
-    KBD_IRQ, KVM_TSS_ADDR, MAX_VCPUS, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE,
-};
+use super::layout::{KVM_TSS_ADDR, MAX_VCPUS};
+use super::vcpu::ExitHandler;
 use super::{cpuid, loader, memory, mptable};
-use crate::devices::bus::{lock, Bus, IrqTrigger, MmioDevice};
-use crate::devices::console::ConsoleOut;
-use crate::devices::status_port::StatusPort;
-use crate::devices::virtio_mmio::{
-    cmdline_entry, MmioTransport, VirtioDevice, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
-};
-use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice};
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
 
@@ -43,8 +36,12 @@ pub struct VmConfig {
 /// Why the VM could not be built; each maps to one exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot use KVM: {0}")]
-    Kvm(String),
+    /// A KVM ioctl failed; `op` names it (`KVM_CREATE_VM`, `KVM_IRQFD (serial)`…).
+    #[error("cannot use KVM: {op}: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("{0}")]
     Memory(#[from] memory::MemoryError),
     #[error("guest kernel: {0}")]
@@ -55,6 +52,8 @@ pub enum VmError {
     Cpu(#[from] cpu_state::CpuStateError),
     #[error("{0} vCPUs requested; ironvmm runs 1 to {max}", max = MAX_VCPUS)]
     VcpuCount(u8),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
     #[error("{0}")]
     Io(String),
 }
@@ -69,8 +68,9 @@ impl VmError {
     }
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |e| VmError::Kvm(format!("{what}: {e}"))
+/// `map_err` for a KVM ioctl: `op` names the ioctl in the error.
+pub fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
 }
 
 /// How a run ended.
@@ -88,24 +88,18 @@ pub struct Vm {
     _kvm: Kvm,
     fd: VmFd,
     mem: GuestMemoryMmap,
-    pub bus: Arc<Bus>,
     vcpus: Vec<VcpuFd>,
     events_tx: EventSender,
     events_rx: Receiver<VmEvent>,
     pub timings: Arc<Timings>,
-    /// Device threads and the EventFd that stops each.
+    /// Device threads and the EventFd that stops each (the builder adds them).
     device_threads: Vec<(EventFd, thread::JoinHandle<()>)>,
 }
 
 impl Vm {
-    /// Steps 1–4: KVM, VM with irqchip and PIT, guest memory, legacy devices.
-    /// The kernel is loaded by `boot` once the caller has added its MMIO devices.
-    pub fn create(
-        mem_mib: u64,
-        vcpus: u8,
-        console: ConsoleOut,
-        timings: Arc<Timings>,
-    ) -> Result<Vm, VmError> {
+    /// Steps 1–3: KVM, VM with irqchip and PIT, guest memory. The builder adds the
+    /// devices; `load` then loads the kernel.
+    pub fn create(mem_mib: u64, vcpus: u8, timings: Arc<Timings>) -> Result<Vm, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(VmError::VcpuCount(vcpus));
         }
@@ -140,23 +134,11 @@ impl Vm {
         }
 
         let (events_tx, events_rx) = channel();
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
-        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let kbd_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
-        fd.register_irqfd(&kbd_irq, KBD_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
-        let serial = Serial::new(IrqTrigger(serial_irq), console);
-        let status = StatusPort::new(timings.clone(), events_tx.clone());
-        let bus = Bus::new(serial, IrqTrigger(kbd_irq), events_tx.clone(), status);
         timings.vm_created.set_once();
         Ok(Vm {
             _kvm: kvm,
             fd,
             mem,
-            bus: Arc::new(bus),
             vcpus: Vec::new(),
             events_tx,
             events_rx,
@@ -177,17 +159,18 @@ impl Vm {
         self.events_tx.clone()
     }
 
-    /// Adds an MMIO device before boot; only possible while no vCPU runs.
-    pub fn add_mmio(
-        &mut self,
-        base: u64,
-        len: u64,
-        dev: Arc<Mutex<dyn MmioDevice>>,
-    ) -> Result<(), VmError> {
-        Arc::get_mut(&mut self.bus)
-            .ok_or_else(|| VmError::Io("devices can only be added before boot".into()))?
-            .add_mmio(base, len, dev);
-        Ok(())
+    /// An interrupt line the VMM raises by writing the returned eventfd (an irqfd).
+    /// `op` names the line in a KVM error.
+    pub fn irq_line(&self, irq: u32, op: &'static str) -> Result<EventFd, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        self.fd.register_irqfd(&evt, irq).map_err(kvm_err(op))?;
+        Ok(evt)
+    }
+
+    /// A device's thread, stopped (by writing `stop`) and joined after the vCPUs
+    /// when the VM ends.
+    pub fn add_device_thread(&mut self, stop: EventFd, handle: thread::JoinHandle<()>) {
+        self.device_threads.push((stop, handle));
     }
 
     /// Steps 5–6: kernel, initramfs, command line, MP table; vCPUs with CPUID,
@@ -231,22 +214,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Step 7: one thread per vCPU, then wait for the first reason to stop (an
-    /// event: the agent's exit, a crash, a fatal condition such as the audit log
-    /// failing), the deadline, or Ctrl-C. The device threads are stopped and joined
-    /// before it returns.
+    /// Step 7: one thread per vCPU, each handing its exits to `exits`, then wait for
+    /// the first reason to stop (an event: the agent's exit, a crash, a fatal
+    /// condition such as the audit log failing), the deadline, or Ctrl-C. The device
+    /// threads are stopped and joined before it returns.
     pub fn run(
         mut self,
+        exits: Arc<dyn ExitHandler>,
         timeout: Option<Duration>,
         interrupts: &AtomicUsize,
-    ) -> (Outcome, Arc<Bus>) {
+    ) -> Outcome {
         let deadline = timeout.map(|t| Instant::now() + t);
         let stop = Arc::new(AtomicBool::new(false));
         super::vcpu::install_kick_handler();
         let mut vcpu_threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (bus, timings, events, vcpu_stop) = (
-                self.bus.clone(),
+            let (exits, timings, events, vcpu_stop) = (
+                exits.clone(),
                 self.timings.clone(),
                 self.events_tx.clone(),
                 Arc::clone(&stop),
@@ -259,42 +243,41 @@ impl Vm {
                         let _ = events.send(VmEvent::Fatal(e.to_string()));
                         return;
                     }
-                    super::vcpu::run(vcpu, id as u8, bus, timings, events, vcpu_stop)
+                    super::vcpu::run(vcpu, id as u8, exits, timings, events, vcpu_stop)
                 });
             match spawned {
                 Ok(h) => vcpu_threads.push(h),
                 Err(e) => {
                     let _ = stop_vcpus(&stop, vcpu_threads);
-                    return (
-                        Outcome::Fatal(format!("cannot start vCPU thread: {e}")),
-                        self.bus,
-                    );
+                    return Outcome::Fatal(format!("cannot start vCPU thread: {e}"));
                 }
             }
         }
         // Last: every thread this one starts would inherit its filter.
-        if let Err(e) = ironvmm_seccomp::install(ThreadRole::Main) {
-            return (Outcome::Fatal(e.to_string()), self.bus);
-        }
-        let outcome = loop {
-            if interrupts.load(Ordering::Relaxed) > 0 {
-                break Outcome::Interrupted;
-            }
-            let mut wait = Duration::from_millis(50);
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break Outcome::Timeout;
+        let confined = ironvmm_seccomp::install(ThreadRole::Main);
+        let outcome = if let Err(e) = confined {
+            Outcome::Fatal(e.to_string())
+        } else {
+            loop {
+                if interrupts.load(Ordering::Relaxed) > 0 {
+                    break Outcome::Interrupted;
                 }
-                wait = wait.min(left);
-            }
-            match self.events_rx.recv_timeout(wait) {
-                Ok(VmEvent::AgentExit(code)) => break Outcome::AgentExit(code),
-                Ok(VmEvent::Reset(why)) | Ok(VmEvent::Crash(why)) => break Outcome::Crash(why),
-                Ok(VmEvent::Fatal(why)) => break Outcome::Fatal(why),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    break Outcome::Fatal("every vCPU thread ended".into())
+                let mut wait = Duration::from_millis(50);
+                if let Some(d) = deadline {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Outcome::Timeout;
+                    }
+                    wait = wait.min(left);
+                }
+                match self.events_rx.recv_timeout(wait) {
+                    Ok(VmEvent::AgentExit(code)) => break Outcome::AgentExit(code),
+                    Ok(VmEvent::Reset(why)) | Ok(VmEvent::Crash(why)) => break Outcome::Crash(why),
+                    Ok(VmEvent::Fatal(why)) => break Outcome::Fatal(why),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Outcome::Fatal("every vCPU thread ended".into())
+                    }
                 }
             }
         };
@@ -304,70 +287,7 @@ impl Vm {
             let _ = stop_evt.write(1);
             let _ = handle.join();
         }
-        let _ = lock(&self.bus.serial).writer_mut().flush_console();
-        (outcome, self.bus)
-    }
-
-    /// Adds the virtio-mmio vsock, the guest's only egress: MMIO window, QueueNotify
-    /// ioeventfds, irqfd and its device thread. Returns the kernel command-line entry
-    /// that announces it.
-    pub fn attach_vsock(
-        &mut self,
-        cfg: VsockConfig,
-        listener: Box<dyn PortListener>,
-    ) -> Result<String, VmError> {
-        let (base, irq) = (VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE);
-        let dev =
-            VsockDevice::new(cfg, listener).map_err(|e| VmError::Io(format!("vsock: {e}")))?;
-        let dev = Arc::new(Mutex::new(dev));
-        let transport = MmioTransport::new(dev.clone(), self.mem.clone())
-            .map_err(|e| VmError::Io(format!("vsock transport: {e}")))?;
-        for (i, evt) in transport.queue_evts().iter().enumerate() {
-            self.fd
-                .register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    i as u32,
-                )
-                .map_err(kvm_err("KVM_IOEVENTFD (vsock queue notify)"))?;
-        }
-        self.fd
-            .register_irqfd(transport.interrupt().evt(), irq)
-            .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
-        let evts = transport
-            .queue_evts()
-            .iter()
-            .map(|e| e.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
-        let stop =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
-        let events = self.events_tx.clone();
-        let stop_handle = stop
-            .try_clone()
-            .map_err(|e| VmError::Io(format!("eventfd: {e}")))?;
-        let handle = thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || {
-                if let Err(e) = ironvmm_seccomp::install(ThreadRole::Device) {
-                    let _ = events.send(VmEvent::Fatal(e.to_string()));
-                    return;
-                }
-                // The device thread ending (an error, or a panic in a handler) leaves the
-                // guest without its gate: stop the VM rather than let calls hang.
-                let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    event_loop::run(dev, evts, stop)
-                })) {
-                    Ok(Ok(())) => return,
-                    Ok(Err(e)) => format!("the vsock device thread failed: {e}"),
-                    Err(_) => "the vsock device thread panicked".to_string(),
-                };
-                let _ = events.send(VmEvent::Fatal(why));
-            })
-            .map_err(|e| VmError::Io(format!("cannot start the vsock thread: {e}")))?;
-        self.device_threads.push((stop_handle, handle));
-        self.add_mmio(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
-        Ok(cmdline_entry(base, irq))
+        outcome
     }
 }
 
@@ -394,22 +314,6 @@ fn stop_vcpus(stop: &AtomicBool, threads: Vec<thread::JoinHandle<()>>) -> usize 
         }
     }
     left
-}
-
-impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        MmioTransport::read(self, offset, data)
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        MmioTransport::write(self, offset, data)
-    }
-}
-
-impl ConsoleOut {
-    /// Flushes buffered console output (named so it reads clearly at call sites).
-    pub fn flush_console(&mut self) -> std::io::Result<()> {
-        std::io::Write::flush(self)
-    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub mod rpc_code {
     pub const INVALID_PARAMS: i64 = -32602;
 }
 
-/// Exit codes of `ironvmm boot` and `ironvmm run`: the agent's own status passes
+/// Exit codes of `ironvmm boot` (docs/exit-codes.md): the agent's own status passes
 /// through, ironvmm's own conditions take 124 and up (as `timeout` and `docker run`).
 pub mod exit {
     /// `--timeout` expired.

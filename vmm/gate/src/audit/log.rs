@@ -8,7 +8,6 @@
 //! Fail closed: the first write or fsync error is remembered for good; every later
 //! append is refused, and the gate denies every call and reports the condition.
 
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,10 +17,11 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ironvmm_policy::{DecidedBy, Verdict};
 use serde_json::{Map, Value};
 
 use super::redact::redact;
-use super::{default_key_path, now_rfc3339, record_hash, AuditKey, ZERO_HASH};
+use super::{default_key_path, now_rfc3339, record_hash, AuditKey, KeyError, ZERO_HASH};
 
 /// Room kept in the audit budget for the close record.
 pub const CLOSE_RESERVE: u64 = 4096;
@@ -58,19 +58,41 @@ impl SyncMode {
     }
 }
 
-/// The log can no longer be written; the message names the file and the cause.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditError(pub String);
-
-impl fmt::Display for AuditError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the log could not be created, or can no longer be written. Each message
+/// names the file and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {}: cannot create its folder: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file could not be created; an existing file is never reused (one log is
+    /// one hash chain from seq 0).
+    #[error("audit log {}: {source}{}", path.display(), if source.kind() == std::io::ErrorKind::AlreadyExists { " (a log is one hash chain: give a new file)" } else { "" })]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("audit log {}: cannot start its flusher: {source}", path.display())]
+    Flusher {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A write, fsync or encoding failed. The log remembers the first failure for
+    /// good and answers every later append with it (the gate then denies every call).
+    #[error("{0}")]
+    Failed(String),
+    /// The `--audit-budget` is spent; only `close` may still be written.
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("audit log {}: already closed", .0.display())]
+    Closed(PathBuf),
 }
 
-impl std::error::Error for AuditError {}
-
-/// What a `decision` record holds (interfaces.md "The audit log").
+/// What a `decision` record holds (docs/audit.md "Records").
 pub struct DecisionRecord<'a> {
     pub conn: &'a str,
     pub rpc_id: &'a Value,
@@ -78,14 +100,14 @@ pub struct DecisionRecord<'a> {
     /// The arguments as decided; the log redacts them.
     pub args: &'a Value,
     /// `allow` or `deny`; `ask` for the record written when an asked call is parked.
-    pub decision: &'a str,
+    pub decision: Verdict,
     /// This record is the answer to an ask (and names it in `ask`).
     pub asked: bool,
     /// The answer to an ask: the `seq` of its `ask` record, the channel it came
     /// through and who gave it.
     pub answer: Option<AnswerRef<'a>>,
     pub rule: Option<u32>,
-    pub decided_by: &'a str,
+    pub decided_by: DecidedBy,
     pub reason: &'a str,
     pub policy_ns: u64,
 }
@@ -195,11 +217,9 @@ impl AuditLog {
         open: Map<String, Value>,
     ) -> Result<AuditLog, AuditError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                AuditError(format!(
-                    "audit log {}: cannot create its folder: {e}",
-                    path.display()
-                ))
+            std::fs::create_dir_all(dir).map_err(|source| AuditError::CreateDir {
+                path: path.to_owned(),
+                source,
             })?;
         }
         let file = OpenOptions::new()
@@ -207,20 +227,16 @@ impl AuditLog {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| {
-                let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    " (a log is one hash chain: give a new file)"
-                } else {
-                    ""
-                };
-                AuditError(format!("audit log {}: {e}{hint}", path.display()))
+            .map_err(|source| AuditError::Create {
+                path: path.to_owned(),
+                source,
             })?;
         let key = match AuditKey::create_file(key_path) {
             Ok(k) => k,
             Err(e) => {
                 // The log is still empty: leave no keyless log behind.
                 let _ = std::fs::remove_file(path);
-                return Err(AuditError(e.to_string()));
+                return Err(AuditError::Key(e));
             }
         };
         Self::from_file(file, path, key, vm, mode, open)
@@ -235,9 +251,10 @@ impl AuditLog {
         mode: SyncMode,
         open: Map<String, Value>,
     ) -> Result<AuditLog, AuditError> {
-        let sync_file = file
-            .try_clone()
-            .map_err(|e| AuditError(format!("audit log {}: {e}", path.display())))?;
+        let sync_file = file.try_clone().map_err(|source| AuditError::Create {
+            path: path.to_owned(),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             vm: vm.to_owned(),
@@ -278,7 +295,10 @@ impl AuditLog {
                     }
                     s.flush_loop()
                 })
-                .map_err(|e| AuditError(format!("audit log: cannot start its flusher: {e}")))
+                .map_err(|source| AuditError::Flusher {
+                    path: path.to_owned(),
+                    source,
+                })
         });
         let flusher = flusher.transpose()?;
         Ok(AuditLog {
@@ -354,7 +374,7 @@ impl AuditLog {
             m.insert("rpc_id".into(), d.rpc_id.clone());
             m.insert("tool".into(), d.tool.into());
             m.insert("args".into(), args);
-            m.insert("decision".into(), d.decision.into());
+            m.insert("decision".into(), d.decision.as_str().into());
             if d.asked {
                 m.insert("asked".into(), true.into());
             }
@@ -364,14 +384,14 @@ impl AuditLog {
                 m.insert("who".into(), a.who.map_or(Value::Null, Value::from));
             }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
-            m.insert("decided_by".into(), d.decided_by.into());
+            m.insert("decided_by".into(), d.decided_by.as_str().into());
             m.insert("reason".into(), d.reason.into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
         let seq = self.shared.append("decision", fill, |c| match d.decision {
-            "allow" => c.allow += 1,
-            "ask" => c.ask += 1,
-            _ => c.deny += 1,
+            Verdict::Allow => c.allow += 1,
+            Verdict::Ask => c.ask += 1,
+            Verdict::Deny => c.deny += 1,
         })?;
         self.shared.made_durable(seq)?;
         Ok(seq)
@@ -459,7 +479,7 @@ impl Shared {
                 h(&why);
             }
         }
-        AuditError(why)
+        AuditError::Failed(why)
     }
 
     /// Appends one record of `kind`; `fill` adds the kind's own fields.
@@ -470,19 +490,16 @@ impl Shared {
         tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
         if let Some(f) = self.failed.get() {
-            return Err(AuditError(f.clone()));
+            return Err(AuditError::Failed(f.clone()));
         }
         if kind != "close" {
             if let Some(f) = self.exhausted.get() {
-                return Err(AuditError(f.clone()));
+                return Err(AuditError::Exhausted(f.clone()));
             }
         }
         let mut st = self.lock();
         if st.closed {
-            return Err(AuditError(format!(
-                "audit log {}: already closed",
-                self.path.display()
-            )));
+            return Err(AuditError::Closed(self.path.clone()));
         }
         let seq = st.next_seq;
         let mut m = Map::new();
@@ -529,7 +546,7 @@ impl Shared {
             {
                 h(why);
             }
-            return Err(AuditError(
+            return Err(AuditError::Exhausted(
                 self.exhausted.get().cloned().unwrap_or_default(),
             ));
         }
@@ -572,7 +589,7 @@ impl Shared {
             return Ok(());
         }
         if let Some(f) = self.failed.get() {
-            return Err(AuditError(f.clone()));
+            return Err(AuditError::Failed(f.clone()));
         }
         let target = self.written.load(Ordering::Acquire);
         self.syncs.fetch_add(1, Ordering::Relaxed);

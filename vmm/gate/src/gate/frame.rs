@@ -3,7 +3,7 @@
 //! that never sends '\n', or sends faster than it reads replies, cannot grow host
 //! memory without bound.
 
-/// Default largest frame, newline excluded (architecture.md: 1 MiB).
+/// Default largest frame, newline excluded (docs/gate.md "Frames": 1 MiB).
 pub use ironvmm_wire::DEFAULT_MAX_FRAME;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -375,11 +375,15 @@ impl Gate {
             rpc_id: id,
             tool: &call.tool,
             args: &call.args,
-            decision: if allowed { "allow" } else { "deny" },
+            decision: if allowed {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
             asked: false,
             answer: None,
             rule: ruling.rule,
-            decided_by: by.as_str(),
+            decided_by: by,
             reason,
             policy_ns,
         };
@@ -415,11 +419,11 @@ impl Gate {
             rpc_id: id,
             tool: &call.tool,
             args: &call.args,
-            decision: "ask",
+            decision: Verdict::Ask,
             asked: false,
             answer: None,
             rule: ask.rule,
-            decided_by: ask.by.as_str(),
+            decided_by: ask.by,
             reason: &ask.reason,
             policy_ns: ask.policy_ns,
         };
@@ -491,7 +495,11 @@ impl Gate {
             rpc_id: &p.id,
             tool: &p.call.tool,
             args: &p.call.args,
-            decision: if answer.allow { "allow" } else { "deny" },
+            decision: if answer.allow {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
             asked: true,
             answer: Some(AnswerRef {
                 ask_seq,
@@ -499,7 +507,7 @@ impl Gate {
                 who: answer.answerer.who.as_deref(),
             }),
             rule: p.rule,
-            decided_by: by.as_str(),
+            decided_by: by,
             reason: &answer.reason,
             policy_ns: 0,
         };

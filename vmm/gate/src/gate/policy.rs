@@ -4,22 +4,35 @@
 
 use std::path::Path;
 
-use ironvmm_policy::Policy;
+use ironvmm_policy::{CatalogError, Diagnostics, Policy};
 
-use super::setup::SetupError;
 use crate::services::builtin_catalog;
 
-/// Loads the policy at `path`; returns the policy and the formatted warnings. An invalid policy is exit 127 with
-/// the engine's diagnostics.
-pub fn load(path: &Path) -> Result<(Policy, String), SetupError> {
-    let catalog = builtin_catalog().map_err(|e| SetupError {
-        code: ironvmm_wire::exit::VMM_ERROR,
-        message: format!("the builtin catalog is invalid: {e}"),
-    })?;
-    let loaded = Policy::load(path, Some(&catalog)).map_err(|d| SetupError {
-        code: ironvmm_wire::exit::BAD_POLICY,
-        message: format!("invalid policy:\n{d}"),
-    })?;
+/// Why the policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A bug in ironvmm, not in the policy.
+    #[error("the builtin catalog is invalid: {0}")]
+    Catalog(CatalogError),
+    /// The engine's diagnostics, every one of them.
+    #[error("invalid policy:\n{0}")]
+    Invalid(Diagnostics),
+}
+
+impl LoadError {
+    /// 127 for an invalid policy, 125 for ironvmm's own failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            LoadError::Catalog(_) => ironvmm_wire::exit::VMM_ERROR,
+            LoadError::Invalid(_) => ironvmm_wire::exit::BAD_POLICY,
+        }
+    }
+}
+
+/// Loads the policy at `path`; returns the policy and the formatted warnings.
+pub fn load(path: &Path) -> Result<(Policy, String), LoadError> {
+    let catalog = builtin_catalog().map_err(LoadError::Catalog)?;
+    let loaded = Policy::load(path, Some(&catalog)).map_err(LoadError::Invalid)?;
     let warnings = if loaded.warnings.is_empty() {
         String::new()
     } else {

@@ -1,5 +1,5 @@
 //! Building a gate from its settings: policy, services, audit log. Shared by
-//! `ironvmm gate` and the VMM (`boot`/`run`), so both get the same checks.
+//! `ironvmm gate` and the VMM (`boot`), so both get the same checks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -109,7 +109,8 @@ pub fn open_gate_with(
             ));
         }
     }
-    let (mut policy, warnings) = super::policy::load(&cfg.policy)?;
+    let (mut policy, warnings) =
+        super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
     open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());

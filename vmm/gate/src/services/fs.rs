@@ -22,7 +22,7 @@ use super::{Service, ToolError, ToolSpec};
 
 /// Where the root appears to the guest and to the policy.
 pub const GUEST_ROOT: &str = "/workspace";
-/// Most bytes one `fs.read` or `fs.write` moves (interfaces.md), so frames stay < 1 MiB.
+/// Most bytes one `fs.read` or `fs.write` moves (docs/protocol.md), so frames stay < 1 MiB.
 pub const MAX_IO: usize = 512 * 1024;
 /// Most entries one `fs.list` returns; the reply says `truncated` past that.
 pub const MAX_LIST: usize = 10_000;

@@ -54,16 +54,19 @@ pub fn open_beneath(dir: BorrowedFd, path: &CStr, flags: i32, mode: u32) -> io::
 }
 
 pub fn fstat(fd: BorrowedFd) -> io::Result<libc::stat> {
-    // SAFETY: zeroed `stat` is a valid out-buffer; fstat fills it.
+    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor and `st` a writable out-buffer fstat fills.
     cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
     Ok(st)
 }
 
 /// lstat of `name` inside `dir` (no symlink following; `name` is one component).
 pub fn fstatat_nofollow(dir: BorrowedFd, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: as in `fstat`; `name` is NUL-terminated.
+    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is a live descriptor, `name` is NUL-terminated, and `st` is a
+    // writable out-buffer fstatat fills.
     cvt(unsafe {
         libc::fstatat(
             dir.as_raw_fd(),
