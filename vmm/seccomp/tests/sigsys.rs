@@ -71,6 +71,27 @@ fn child() {
                 role_setting(ThreadRole::Control, Setting::On);
                 libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
             }
+            "main-kick" => {
+                libc::signal(libc::SIGRTMIN(), libc::SIG_IGN);
+                role_setting(ThreadRole::Main, Setting::On);
+                let r = libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    libc::gettid(),
+                    libc::SIGRTMIN(),
+                );
+                libc::_exit(if r == 0 { 5 } else { 1 });
+            }
+            "main-other-signal" => {
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+                role_setting(ThreadRole::Main, Setting::On);
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    libc::getpid(),
+                    libc::gettid(),
+                    libc::SIGUSR1,
+                );
+            }
             "log-socket" => {
                 role_setting(ThreadRole::Vcpu, Setting::Log);
                 let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
@@ -93,6 +114,7 @@ fn forbidden_syscalls_kill_the_process() {
         "main-exec",
         "device-socket",
         "control-socket",
+        "main-other-signal",
     ] {
         let o = in_child(case);
         assert!(
@@ -109,6 +131,12 @@ fn allowed_syscalls_still_work() {
     let o = in_child("vcpu-write");
     assert_eq!(o.status.code(), Some(7), "{:?}", o.status);
     assert!(String::from_utf8_lossy(&o.stdout).contains("still alive"));
+}
+
+#[test]
+fn main_may_kick_its_threads_with_the_kick_signal_only() {
+    let o = in_child("main-kick");
+    assert_eq!(o.status.code(), Some(5), "{:?}", o.status);
 }
 
 #[test]
