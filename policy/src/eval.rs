@@ -275,10 +275,11 @@ fn check_protected<'p>(
                 "protected path: `{p}` is `{d}` or lies under it"
             )));
         }
-        if tree {
-            if let Some(d) = protected.iter().find(|d| norm::path_under(d, &p)) {
-                return Some(Cow::Owned(format!("protected path: `{p}` contains `{d}`")));
-            }
+        // Not naming it: it may be a host path the guest has no business knowing.
+        if tree && protected.iter().any(|d| norm::path_under(d, &p)) {
+            return Some(Cow::Owned(format!(
+                "protected path: `{p}` holds a protected file"
+            )));
         }
         None
     };

@@ -25,6 +25,8 @@
 //! - `Policy::may_allow_or_ask(tool)`: for `tools/list`.
 //! - `Policy::explain(&Call) -> Explanation`; `ast::PolicyAst::format()` for `fmt`.
 //! - `learned::{parse_header, render_entry, entries, remove_entry}`.
+//! - `Policy::adopt_limits(&old)`: a reloaded policy (new learned rules) keeps the
+//!   `limit` windows of the one it replaces.
 
 pub mod ast;
 pub mod catalog;
@@ -354,6 +356,21 @@ impl Policy {
             let n: Box<str> = n.into();
             if !self.protected.contains(&n) {
                 self.protected.push(n);
+            }
+        }
+    }
+
+    /// Takes over the `limit` windows of `old`, rule by rule (a policy rule is
+    /// matched by its line and text, a learned one by its text), so reloading a
+    /// policy with new learned rules never resets a limit.
+    pub fn adopt_limits(&self, old: &Policy) {
+        for r in &self.program.rules {
+            let Some(mine) = &r.limit else { continue };
+            let theirs = old.program.rules.iter().find(|o| {
+                o.learned == r.learned && o.text == r.text && (r.learned || o.line == r.line)
+            });
+            if let Some(theirs) = theirs.and_then(|o| o.limit.as_ref()) {
+                mine.adopt(theirs);
             }
         }
     }

@@ -38,6 +38,17 @@ impl Limiter {
         }
     }
 
+    /// Takes over the matches `other` recorded (a reloaded policy keeps the
+    /// windows of the one it replaces, so a reload never resets a limit).
+    pub fn adopt(&self, other: &Limiter) {
+        let theirs = other
+            .times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        *self.times.lock().unwrap_or_else(|e| e.into_inner()) = theirs;
+    }
+
     /// Would a match at `now_ms` fit? Records nothing (for `explain`).
     pub fn would_take(&self, now_ms: i64) -> bool {
         let t = self.times.lock().unwrap_or_else(|e| e.into_inner());

@@ -700,6 +700,39 @@ fn learned_rules_refine_their_ask() {
 }
 
 #[test]
+fn a_learned_rule_its_ask_does_not_cover_is_refused() {
+    // Line 1 asks for mail.send only; an answer may not widen it to mail.* or fs.read.
+    let src = "ask mail.send \"ask me\"\ndefault deny\n";
+    for (learned, pattern) in [
+        ("# seq 3, refines line 1\nallow mail.*\n", "mail.*"),
+        ("# seq 3, refines line 1\nallow fs.read\n", "fs.read"),
+    ] {
+        let s = ironvmm_policy::Sources {
+            policy: src,
+            name: "p.rules",
+            base_dir: None,
+            learned: Some((learned, "p.rules.learned")),
+        };
+        let err = Policy::from_sources(&s, None).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "`{pattern}` is not covered by the rule it refines (line 1: `mail.send`)"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("p.rules.learned:2"), "{err}");
+    }
+    // What the ask covers loads.
+    let s = ironvmm_policy::Sources {
+        policy: src,
+        name: "p.rules",
+        base_dir: None,
+        learned: Some(("# seq 3, refines line 1\nallow mail.send\n", "l")),
+    };
+    assert!(Policy::from_sources(&s, None).is_ok());
+}
+
+#[test]
 fn explain_names_the_failing_part() {
     let p = load("list c = [\"a@b.com\"]\nallow mail.send when all to in @c and not exists cc\nask mail.send\nallow fs.read\n");
     let e = p

@@ -350,3 +350,86 @@ fn write_failure_fails_closed() {
     assert_eq!(denial(&replies(&out)[0])["decided_by"], "invariant");
     assert!(fx.gate.audit().close(Some(0)).is_err());
 }
+
+/// Issue 10, item 10: in `always` mode a failed fsync left an `allow` record for a call
+/// that was then denied. The outcome record right after it now says so, and
+/// `audit show` does not present the call as served.
+#[test]
+fn a_failed_fsync_is_recorded_as_not_served() {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let fx = Fixture::new();
+    let mut c = fx.conn("c1");
+    let r = roundtrip(
+        &mut c,
+        &call_frame(1, "fs.read", json!({"path": "hello.txt"})),
+    );
+    assert_eq!(r[0]["result"]["isError"], false);
+    // Both descriptors of the log become the write end of a pipe: writes succeed,
+    // fsync fails (EINVAL), and what is written can be read back from the pipe.
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a writable array of two descriptors that pipe2 fills.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert_eq!(made, 0);
+    // SAFETY: both descriptors are new and owned here.
+    let (mut rd, wr) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let targets: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            (link == fx.audit_path).then_some(fd)
+        })
+        .collect();
+    assert!(!targets.is_empty());
+    for t in targets {
+        // SAFETY: replaces the log's descriptor numbers with the pipe's write end.
+        assert!(unsafe { libc::dup2(wr.as_raw_fd(), t) } >= 0);
+    }
+    let frame = call_frame(2, "fs.write", json!({"path": "new.txt", "content": "x"}));
+    let mut data = frame.clone();
+    data.push(b'\n');
+    let mut out = Vec::new();
+    let _ = c.on_data(&data, &mut out);
+    let _ = settle(&mut c, &mut out);
+    assert!(!fx.workspace.join("new.txt").exists(), "never served");
+    let mut tail = String::new();
+    let _ = rd.read_to_string(&mut tail);
+    let recs: Vec<Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 2, "{tail}");
+    assert_eq!(
+        (recs[0]["kind"].as_str(), recs[0]["decision"].as_str()),
+        (Some("decision"), Some("allow"))
+    );
+    assert_eq!(recs[1]["kind"], "outcome");
+    assert_eq!(recs[1]["decision_seq"], recs[0]["seq"]);
+    assert_eq!(recs[1]["status"], "error");
+    assert!(recs[1]["detail"].as_str().unwrap().contains("not served"));
+
+    // `audit show` over the log as a reader would find it on disk after a crash.
+    let mut whole = std::fs::read_to_string(&fx.audit_path).unwrap();
+    whole.push_str(&tail);
+    let shown = fx.dir.path().join("shown.jsonl");
+    std::fs::write(&shown, whole).unwrap();
+    let o = ironvmm()
+        .args(["audit", "show"])
+        .arg(&shown)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains("fs.write"))
+        .unwrap_or_default();
+    assert!(row.contains("error (not served"), "{text}");
+    assert!(!row.contains(" ok "), "{row}");
+}

@@ -64,7 +64,7 @@ impl Service for Held {
         vec![ToolSpec {
             name: "test.probe",
             description: "waits for the test's latch when asked to hold",
-            input_schema: json!({"type": "object"}),
+            input_schema: json!({"type": "object", "properties": {"hold": {"type": "boolean"}}}),
             roles: &[],
             aliases: &[],
         }]
@@ -264,12 +264,14 @@ fn asks_park_without_a_thread_and_are_served_on_the_answer() {
     let mut c = fx.conn("asker");
     let mut out = Vec::new();
     let mut frames = Vec::new();
+    // Under /workspace/ask, where the fixture's policy asks before a delete.
+    std::fs::create_dir(fx.workspace.join("ask")).unwrap();
     for i in 0..40u64 {
-        std::fs::write(fx.workspace.join(format!("ask{i}")), "x").unwrap();
+        std::fs::write(fx.workspace.join(format!("ask/{i}")), "x").unwrap();
         frames.extend(line(
             i,
             "fs.delete",
-            json!({"path": format!("/workspace/ask{i}")}),
+            json!({"path": format!("/workspace/ask/{i}")}),
         ));
     }
     c.on_data(&frames, &mut out).unwrap();
@@ -305,7 +307,7 @@ fn asks_park_without_a_thread_and_are_served_on_the_answer() {
         let n = r["id"].as_u64().unwrap();
         let denied = r["result"]["structuredContent"]["decision"] == "deny";
         assert_eq!(denied, n % 2 == 1, "{r}");
-        assert_eq!(fx.workspace.join(format!("ask{n}")).exists(), denied);
+        assert_eq!(fx.workspace.join(format!("ask/{n}")).exists(), denied);
     }
     let recs = fx.records();
     let answer = recs

@@ -1,6 +1,6 @@
 //! The gate through `Connection`, host-only: protocol, decisions, audit records and
-//! hostile input. The decider is a small rule set (tests/gate_common) so these tests
-//! exercise the gate, not p.rules.
+//! hostile input. The decider is the real policy engine on the p.rules of
+//! tests/gate_common, so the gate and the engine are tested together.
 
 mod gate_common;
 
@@ -60,11 +60,11 @@ fn denied_read_outside_workspace_names_rule_and_reason() {
     );
     assert_eq!(
         *denial(&r[0]),
-        json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": "default deny"})
+        json!({"decision": "deny", "rule": null, "decided_by": "default", "reason": DEFAULT_DENY})
     );
     assert_eq!(
         r[0]["result"]["content"][0]["text"],
-        "denied (decided by default): default deny"
+        format!("denied (decided by default): {DEFAULT_DENY}")
     );
     let recs = fx.records();
     assert_eq!(
@@ -80,11 +80,12 @@ fn denied_read_outside_workspace_names_rule_and_reason() {
 #[test]
 fn ask_resolves_as_deny_without_an_approver() {
     let fx = Fixture::new();
-    std::fs::write(fx.workspace.join("askme"), "x").unwrap();
+    std::fs::create_dir(fx.workspace.join("ask")).unwrap();
+    std::fs::write(fx.workspace.join("ask/me"), "x").unwrap();
     let mut c = fx.conn("c1");
     let r = roundtrip(
         &mut c,
-        &call_frame(1, "fs.delete", json!({"path": "/workspace/askme"})),
+        &call_frame(1, "fs.delete", json!({"path": "/workspace/ask/me"})),
     );
     let d = denial(&r[0]);
     assert_eq!(d["rule"], 3);
@@ -95,7 +96,7 @@ fn ask_resolves_as_deny_without_an_approver() {
         .unwrap()
         .starts_with("denied by rule 3 (decided by non-interactive): no approver"));
     assert!(
-        fx.workspace.join("askme").exists(),
+        fx.workspace.join("ask/me").exists(),
         "the denied delete did not run"
     );
     // The ask, parked, then the answer pointing back to it.
@@ -113,7 +114,13 @@ fn ask_resolves_as_deny_without_an_approver() {
 
 #[test]
 fn protocol_methods() {
-    let fx = Fixture::new();
+    // A policy under which fs.mkdir can never be allowed nor asked.
+    let fx = Fixture::with_policy(
+        "version 1\nallow fs.read when path under \"/workspace\"\nask fs.delete\n",
+        ironvmm::audit::SyncMode::Always,
+        GateLimits::default(),
+        |_| {},
+    );
     let mut c = fx.conn("c1");
     let r = roundtrip(&mut c, br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#);
     assert_eq!(r[0]["result"]["protocolVersion"], "2025-06-18");
@@ -423,7 +430,7 @@ fn decision_is_durable_before_the_service_runs() {
             vec![ToolSpec {
                 name: "test.probe",
                 description: "reads the audit log while it is being served",
-                input_schema: json!({"type": "object"}),
+                input_schema: json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
                 roles: &[],
                 aliases: &[],
             }]
@@ -447,8 +454,13 @@ fn decision_is_durable_before_the_service_runs() {
     );
     let mut services = ironvmm::services::Services::new();
     services.add(Box::new(Probe(log_path.clone())));
+    let policy = load_policy(
+        dir.path(),
+        &format!("version 1\n{TEST_TOOLS_RULE}"),
+        &services,
+    );
     let gate = std::sync::Arc::new(ironvmm::gate::Gate::new(
-        Box::new(TestRules),
+        Box::new(policy),
         services,
         log,
         GateLimits::default(),
@@ -456,7 +468,7 @@ fn decision_is_durable_before_the_service_runs() {
     let mut c = ironvmm::gate::Connection::unwoken(gate, "c".into());
     let r = roundtrip(&mut c, &call_frame(1, "test.probe", json!({"n": 42})));
     let s = &r[0]["result"]["structuredContent"];
-    assert_eq!(s["last_kind"], "decision");
+    assert_eq!(s["last_kind"], "decision", "{}", r[0]);
     assert_eq!(s["last_args"], json!({"n": 42}));
     assert_eq!(
         s["echo"],
@@ -469,7 +481,8 @@ fn decision_is_durable_before_the_service_runs() {
 fn secrets_are_redacted_in_the_log_but_reach_the_service() {
     let fx = Fixture::new();
     let mut c = fx.conn("c1");
-    // fs.write has no secret arguments; an unknown key reaches the service check.
+    // fs.write has no secret arguments: the engine's schema invariant refuses the
+    // unknown key before any service runs, and the log still keeps its value out.
     let r = roundtrip(
         &mut c,
         &call_frame(
@@ -478,11 +491,10 @@ fn secrets_are_redacted_in_the_log_but_reach_the_service() {
             json!({"path": "t.txt", "content": "v", "api_key": "sk-123"}),
         ),
     );
-    assert_eq!(r[0]["result"]["isError"], true);
-    assert_eq!(
-        r[0]["result"]["structuredContent"]["error"]["kind"],
-        "invalid_arguments"
-    );
+    let d = denial(&r[0]);
+    assert_eq!(d["decided_by"], "invariant", "{d}");
+    assert!(d["reason"].as_str().unwrap().contains("api_key"), "{d}");
+    assert!(!fx.workspace.join("t.txt").exists(), "the service ran");
     let d = &fx.records()[1];
     assert_eq!(d["args"]["api_key"], "[redacted]");
     assert!(!std::fs::read_to_string(&fx.audit_path)

@@ -3,9 +3,11 @@
 //! runs them inside one KVM host (the same calls through the host-only gate are in
 //! gate_*.rs).
 
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn ironvmm() -> &'static str {
     env!("CARGO_BIN_EXE_ironvmm")
@@ -17,11 +19,14 @@ fn kernel() -> PathBuf {
     )
 }
 
-/// A fresh folder for one test: workspace, policy, image, audit log.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ironvmm-gate-vm-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("ws")).unwrap();
+/// A fresh folder for one test: workspace, policy, image, audit log. It goes away
+/// with the test.
+fn scratch(test: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("ironvmm-gate-vm-{test}-"))
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("ws")).unwrap();
     dir
 }
 
@@ -36,6 +41,16 @@ default deny
 
 /// Builds an image running `script` and boots it with the workspace `dir/ws`.
 fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
+    run_agent_watching(dir, script, |_, _| {})
+}
+
+/// As `run_agent`, calling `watch(line, pid)` on each line of the guest's console as
+/// it comes, while the VMM (`pid`) runs.
+fn run_agent_watching(
+    dir: &Path,
+    script: &str,
+    mut watch: impl FnMut(&str, u32),
+) -> (Output, String, String) {
     std::fs::write(dir.join("p.rules"), POLICY).unwrap();
     std::fs::write(dir.join("agent.sh"), script).unwrap();
     let img = dir.join("agent.img");
@@ -54,7 +69,7 @@ fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
         "image build: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let o = Command::new(ironvmm())
+    let mut child = Command::new(ironvmm())
         .arg("boot")
         .arg("--policy")
         .arg(dir.join("p.rules"))
@@ -64,11 +79,65 @@ fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
         .arg(dir.join("audit.jsonl"))
         .args(["--audit-sync", "batch", "--timeout", "600s"])
         .arg(&img)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut e = Vec::new();
+        let _ = stderr.read_to_end(&mut e);
+        e
+    });
+    let mut stdout = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut line = Vec::new();
+    while lines.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+        watch(String::from_utf8_lossy(&line).trim(), pid);
+        stdout.append(&mut line);
+    }
+    let status = child.wait().unwrap();
+    let o = Output {
+        status,
+        stdout,
+        stderr: err_reader.join().unwrap(),
+    };
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     (o, out, err)
+}
+
+/// CPU time (user + system) of the VMM's vsock device thread so far.
+fn vsock_thread_cpu(pid: u32) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        if std::fs::read_to_string(task.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != "vsock"
+        {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the ")" that ends the name: state is 3rd, utime 14th, stime 15th.
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+        return Duration::from_millis(ticks * 1000 / hz);
+    }
+    panic!("no vsock thread in /proc/{pid}/task");
+}
+
+/// The VMM's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
@@ -88,14 +157,15 @@ fn marker<'a>(out: &'a str, name: &str) -> &'a str {
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn workspace_reads_and_writes_follow_the_policy_and_are_audited() {
-    let dir = scratch("rw");
+    let tmp = scratch("rw");
+    let dir = tmp.path();
     std::fs::write(dir.join("ws/hello.txt"), "hello from the host\n").unwrap();
     std::fs::write(dir.join("secret.txt"), "host secret\n").unwrap();
     // A symlink inside the workspace pointing outside it: the policy allows the path,
     // the fs service must still refuse to follow it.
     symlink(dir.join("secret.txt"), dir.join("ws/escape")).unwrap();
     let (o, out, err) = run_agent(
-        &dir,
+        dir,
         r#"
 iron call fs.read '{"path":"/workspace/hello.txt"}'; echo "read_ok=$?"
 iron call fs.read '{"path":"/etc/passwd"}' 2>/dev/null; echo "read_outside=$?"
@@ -130,7 +200,7 @@ exit 0
         "hello from the host\n"
     );
 
-    let recs = audit_records(&dir);
+    let recs = audit_records(dir);
     assert_eq!(recs.first().unwrap()["kind"], "open");
     assert_eq!(recs.last().unwrap()["kind"], "close");
     let decisions: Vec<_> = recs.iter().filter(|r| r["kind"] == "decision").collect();
@@ -167,9 +237,10 @@ exit 0
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn ten_thousand_calls_in_a_row_and_a_hundred_connections() {
-    let dir = scratch("many");
+    let tmp = scratch("many");
+    let dir = tmp.path();
     let (o, out, err) = run_agent(
-        &dir,
+        dir,
         r#"
 iron bench -n 10000 -c 1 --tool fs.stat --args '{"path":"/workspace"}' > /tmp/one.json; echo "bench1=$?"
 tail -n1 /tmp/one.json | sed 's/^/one_json=/'
@@ -184,11 +255,11 @@ exit 0
     let one: serde_json::Value = serde_json::from_str(marker(&out, "one_json")).unwrap();
     let hundred: serde_json::Value = serde_json::from_str(marker(&out, "hundred_json")).unwrap();
     eprintln!("1 connection: {one}\n100 connections: {hundred}");
-    let decisions = audit_records(&dir)
+    let decisions = audit_records(dir)
         .iter()
         .filter(|r| r["kind"] == "decision" && r["decision"] == "allow")
         .count();
-    let outcomes = audit_records(&dir)
+    let outcomes = audit_records(dir)
         .iter()
         .filter(|r| r["kind"] == "outcome" && r["status"] == "ok")
         .count();
@@ -208,17 +279,35 @@ exit 0
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn hostile_frames_get_errors_and_the_gate_keeps_serving() {
-    let dir = scratch("hostile");
+    let tmp = scratch("hostile");
+    let dir = tmp.path();
     std::fs::write(dir.join("ws/ok.txt"), "still fine\n").unwrap();
-    let (o, out, err) = run_agent(
-        &dir,
+    // While the flood holds: the device thread's CPU time and the VMM's memory.
+    let mut holding: Option<(Instant, Duration, u64)> = None;
+    let mut held: Option<(Duration, Duration, u64, u64)> = None;
+    let watch = |line: &str, pid: u32| match line {
+        "flood_holding" => holding = Some((Instant::now(), vsock_thread_cpu(pid), rss_kib(pid))),
+        "flood_still_holding" => {
+            let (t0, cpu0, rss0) = holding.expect("flood_holding came first");
+            held = Some((
+                t0.elapsed(),
+                vsock_thread_cpu(pid) - cpu0,
+                rss0,
+                rss_kib(pid),
+            ));
+        }
+        _ => {}
+    };
+    let (o, out, err) = run_agent_watching(
+        dir,
         r#"
 printf 'this is not json\n' | iron send | sed 's/^/malformed=/'
 printf '{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}\n' | iron send | sed 's/^/dupkeys=/'
 printf '{"jsonrpc":"2.0","id":1,"method":"p\xff\xfe"}\n' | iron send | sed 's/^/badutf8=/'
 printf '[{"jsonrpc":"2.0","id":1,"method":"ping"}]\n' | iron send | sed 's/^/batch=/'
 awk 'BEGIN { s = "["; for (i = 0; i < 100; i++) s = s "["; print s }' | iron send | sed 's/^/deep=/'
-head -c 1100000 /dev/zero | tr '\0' 'a' | iron send | cut -c1-200 | sed 's/^/toolong=/'; echo "toolong_rc=$?"
+head -c 4000000 /dev/zero | tr '\0' 'a' | iron send > /tmp/toolong; echo "toolong_rc=$?"
+cut -c1-200 /tmp/toolong | sed 's/^/toolong=/'
 printf '{"jsonrpc":"2.0","id":7,"method":"pi' | iron send; echo "midframe_rc=$?"
 printf '{"jsonrpc":"2.0","id":1,"method":"ping"}\n' | iron send --port 9; echo "otherport_rc=$?"
 # A guest that floods requests and never reads its replies: it blocks on its own
@@ -226,12 +315,28 @@ printf '{"jsonrpc":"2.0","id":1,"method":"ping"}\n' | iron send --port 9; echo "
 yes '{"jsonrpc":"2.0","id":1,"method":"ping"}' | head -n 20000 | iron send --no-read 60 &
 flood=$!
 sleep 2
+echo flood_holding
+sleep 5
+echo flood_still_holding
 iron call fs.read '{"path":"/workspace/ok.txt"}'; echo "after_rc=$?"
 kill $flood 2>/dev/null
 exit 0
 "#,
+        watch,
     );
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    // A guest that floods and never reads is held by its credit: the device thread
+    // sleeps (a spinning one would use most of the wall time) and nothing piles up.
+    let (wall, cpu, rss0, rss1) = held.expect("the flood was watched");
+    assert!(
+        cpu < wall / 4,
+        "the device thread spun: {cpu:?} of CPU in {wall:?}"
+    );
+    assert!(
+        rss1 < rss0 + 32 * 1024,
+        "the VMM grew from {rss0} KiB to {rss1} KiB while the flood was held"
+    );
+    eprintln!("flood held {wall:?}: vsock thread {cpu:?} CPU, RSS {rss0} -> {rss1} KiB");
     let code = |name: &str| -> i64 {
         let v: serde_json::Value = serde_json::from_str(marker(&out, name))
             .unwrap_or_else(|e| panic!("{name}: {e}\n{out}"));
@@ -245,6 +350,10 @@ exit 0
     assert_eq!(code("batch"), -32600);
     assert_eq!(code("deep"), -32600);
     assert!(marker(&out, "toolong").contains("-32600"), "{out}");
+    // 4 MB is past the 1 MiB limit and the 256 KiB credit window together, so the
+    // sender is still writing when the gate resets the connection: iron send prints
+    // the answer and reports the broken connection (4).
+    assert_eq!(marker(&out, "toolong_rc"), "4", "{out}");
     assert_eq!(
         marker(&out, "midframe_rc"),
         "0",
@@ -267,10 +376,11 @@ exit 0
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn iron_mcp_bridges_an_mcp_session_with_denials_as_tool_results() {
-    let dir = scratch("mcp");
+    let tmp = scratch("mcp");
+    let dir = tmp.path();
     std::fs::write(dir.join("ws/hello.txt"), "hello from the host\n").unwrap();
     let (o, out, err) = run_agent(
-        &dir,
+        dir,
         r#"
 printf '%s\n' \
  '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp","version":"0"}}}' \
@@ -324,7 +434,7 @@ exit 0
         std::fs::read_to_string(dir.join("ws/hello.txt")).unwrap(),
         "hello from the host\n"
     );
-    let decisions = audit_records(&dir)
+    let decisions = audit_records(dir)
         .into_iter()
         .filter(|r| r["kind"] == "decision")
         .count();
@@ -340,7 +450,9 @@ exit 0
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
 fn run_reports_denials_and_stops_at_max_calls() {
-    let dir = scratch("run");
+    let tmp = scratch("run");
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
     std::fs::write(dir.join("ws/hello.txt"), "hello\n").unwrap();
     let policy = POLICY.replace(
         "default deny",
@@ -399,7 +511,7 @@ sleep 30
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("r.json")).unwrap()).unwrap();
     assert_eq!(r["exit"], serde_json::json!({"kind": "error", "code": 125}));
-    let recs = audit_records(&dir);
+    let recs = audit_records(dir);
     assert_eq!(recs.last().unwrap()["kind"], "close");
     assert_eq!(r["audit"]["final_hash"], recs.last().unwrap()["hash"]);
     let by: Vec<&str> = r["denied"]

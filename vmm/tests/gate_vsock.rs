@@ -136,16 +136,39 @@ fn a_frame_over_the_limit_resets_the_vsock_connection() {
     assert_eq!(ops(&g.recv()), vec![op::RESPONSE]);
     let chunk = vec![b'x'; 60 * 1024];
     let mut seen = Vec::new();
+    let mut credits = Vec::new(); // (bytes sent so far, fwd_cnt) of each CREDIT_UPDATE
+    let mut sent = 0usize;
     for _ in 0..20 {
         g.post_rx(4, 4096, &Layout::Joined);
         g.write(1000, 1, &chunk, &Layout::Joined);
+        sent += chunk.len();
         let pkts = g.recv();
+        for (h, _) in &pkts {
+            if h.op == op::CREDIT_UPDATE {
+                credits.push((sent, { h.fwd_cnt } as usize));
+            }
+        }
         seen.extend(pkts.iter().map(|(h, d)| (h.op, d.clone())));
         if seen.iter().any(|(o, _)| *o == op::RST) {
             break;
         }
-        // The guest keeps its side of the credit: it learns of consumed bytes.
     }
+    // The guest keeps its side of the credit: the device tells it of the bytes the
+    // gate consumed, without being asked, or a sender within its 256 KiB credit
+    // would stall long before the 1 MiB limit.
+    assert!(credits.len() >= 2, "credit updates: {credits:?}");
+    assert!(
+        credits.windows(2).all(|w| w[0].1 < w[1].1),
+        "fwd_cnt grows: {credits:?}"
+    );
+    assert!(
+        credits.iter().all(|&(sent, fwd)| fwd <= sent),
+        "never more than was sent: {credits:?}"
+    );
+    assert!(
+        sent > 1 << 20,
+        "the guest got past its first credit: {sent}"
+    );
     let payload: Vec<u8> = seen
         .iter()
         .filter(|(o, _)| *o == op::RW)
@@ -212,8 +235,13 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
     for p in conns {
         let (inbound, outbound) = dev.buffered(p, 1).unwrap();
         assert!(inbound <= cfg.buf_alloc as usize, "{inbound}");
-        // A threshold, not a cap: the reply that crossed it is queued whole.
-        assert!(outbound < cfg.max_pending_output + 100 * 1024, "{outbound}");
+        // Bounded, though not by the device's threshold: one poll hands over every
+        // reply that finished meanwhile, up to the gate's max_output, and the reply
+        // that crosses it whole. (With a decider that takes no time, replies came one
+        // per poll and stayed near the threshold; the real engine takes ~0.1 ms.)
+        let max_output = ironvmm::gate::GateLimits::default().max_output;
+        assert!(cfg.max_pending_output <= max_output);
+        assert!(outbound < max_output + 200 * 1024, "{outbound}");
     }
     drop(dev);
     // Only what the bounds let through was decided: far from 5,000 calls.
@@ -222,6 +250,6 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
         .iter()
         .filter(|r| r["kind"] == "decision")
         .count();
-    assert!(decided <= 256 + conns.len() * 3, "{decided} calls decided");
+    assert!(decided <= 256 + conns.len() * 10, "{decided} calls decided");
     assert_eq!(g.stats().credit_overruns, 0);
 }

@@ -98,12 +98,28 @@ fn ironinit_runs_the_agent_and_reports_its_status() {
             "--env",
             "GREETING=hi",
             "--cmd",
-            "/app/hello.sh; echo \"env=$GREETING cwd=$(pwd) tty=$(tty)\"; exit 7",
+            concat!(
+                "/app/hello.sh; echo \"env=$GREETING cwd=$(pwd) tty=$(tty)\"; ",
+                "awk '{print \"mounted \" $3 \" \" $2}' /proc/mounts; exit 7"
+            ),
         ],
     );
     assert!(console.contains("IRONVMM-HELLO: done"), "{console}");
     assert!(console.contains("env=hi cwd=/app"), "{console}");
-    assert!(console.contains("devtmpfs"), "{console}");
+    // The pseudo file systems ironinit mounts before the agent starts.
+    for m in [
+        "proc /proc",
+        "sysfs /sys",
+        "devtmpfs /dev",
+        "tmpfs /tmp",
+        "tmpfs /run",
+    ] {
+        let line = format!("mounted {m}");
+        assert!(
+            console.lines().any(|l| l.trim_end() == line),
+            "{line}: {console}"
+        );
+    }
     assert!(
         console.contains("ironinit: agent exited with status 7"),
         "{console}"

@@ -186,6 +186,25 @@ fn clear_errors() {
     let missing = format!("{}:/x", d.0.join("nope").display());
     assert!(err(&["--cmd", "x", "--add", &missing]).contains("nope"));
 
+    // A FIFO is refused by its type, alone or inside an added folder; it is never
+    // opened (an open would wait for a writer and hang the build).
+    let fifo_dir = d.0.join("withfifo");
+    std::fs::create_dir(&fifo_dir).unwrap();
+    let fifo = fifo_dir.join("pipe");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let want = format!(
+        "{}: is a FIFO; only files, directories and symlinks can go into an image",
+        fifo.display()
+    );
+    for src in [&fifo, &fifo_dir] {
+        let add = format!("{}:/p", src.display());
+        let e = err(&["--cmd", "x", "--add", &add]);
+        assert!(e.contains(&want), "{e}");
+    }
+    std::fs::remove_dir_all(&fifo_dir).unwrap();
+
     std::fs::write(d.0.join("vmlinux"), b"not a kernel").unwrap();
     assert!(err(&["--cmd", "x"]).contains("neither an ELF vmlinux nor a bzImage"));
     std::fs::write(d.0.join("vmlinux"), fake_static_elf(2)).unwrap();

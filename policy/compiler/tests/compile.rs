@@ -591,7 +591,11 @@ fn a_timeout_is_retried_and_bounded() {
     let dir = TempDir::new("timeout");
     inbox_inputs(dir.path());
     let server = ScriptedServer::start();
-    let stall = |r: Reply| Reply::Stall(Duration::from_millis(700), Box::new(r));
+    // The stall is far longer than the timeout, and the timeout far longer than a
+    // loopback answer takes on a loaded machine: only the stalled replies time out.
+    const TIMEOUT_MS: u64 = 2_000;
+    const STALL: Duration = Duration::from_secs(120);
+    let stall = |r: Reply| Reply::Stall(STALL, Box::new(r));
     server.script(
         "lists",
         [
@@ -603,9 +607,14 @@ fn a_timeout_is_retried_and_bounded() {
         .answers("draft", &[&inbox::good_draft()])
         .answers("scenarios", &[&inbox::good_scenarios_answer()]);
     let t0 = std::time::Instant::now();
-    let (code, err) = compile(&dir, &server, "openai", |c| c.llm.timeout_ms = Some(300));
+    let (code, err) = compile(&dir, &server, "openai", |c| {
+        c.llm.timeout_ms = Some(TIMEOUT_MS)
+    });
     assert_eq!(code, 0, "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(
+        t0.elapsed() < STALL,
+        "the timeout did not cut the stall short"
+    );
     let log = read(&dir, "p.compile/llm-exchanges.jsonl");
     let first: Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     let e = first["attempts"][0]["error"]
@@ -621,7 +630,7 @@ fn a_timeout_is_retried_and_bounded() {
         (0..3).map(|_| stall(Reply::Answer(inbox::lists()))),
     );
     let (code, err) = compile(&dir, &server, "openai", |c| {
-        c.llm.timeout_ms = Some(300);
+        c.llm.timeout_ms = Some(TIMEOUT_MS);
         c.llm.max_retries = Some(1);
         c.cache_dir = Some(dir.join("other-cache"));
     });

@@ -10,6 +10,7 @@
 //! This crate knows nothing of KVM, guest memory or virtio: the `ironvmm` crate
 //! composes it with the devices, and `ironvmm gate` serves it without a VM.
 
+pub mod approvals;
 pub mod audit;
 pub mod gate;
 pub mod json;

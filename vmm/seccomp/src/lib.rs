@@ -284,13 +284,16 @@ const CONNECTIONS: &[(i64, &str)] = sys!(
     SYS_fchmod,
 );
 
+/// Connecting a Unix socket (`socket` itself is allowed for `AF_UNIX` only).
+const UNIX_CONNECT: &[(i64, &str)] = sys!(SYS_connect);
+
 /// Every syscall `role` may make without conditions, by number and name.
 pub fn allowed(role: ThreadRole) -> Vec<(i64, &'static str)> {
     let parts: &[&[(i64, &str)]] = match role {
         ThreadRole::Vcpu => &[BASE],
         ThreadRole::Device => &[BASE, FILES, EVENTS],
         ThreadRole::Worker => &[BASE, FILES, THREADS],
-        ThreadRole::Main => &[BASE, FILES, EVENTS],
+        ThreadRole::Main => &[BASE, FILES, EVENTS, UNIX_CONNECT],
         ThreadRole::Control => &[BASE, FILES, EVENTS, THREADS, CONNECTIONS],
     };
     let mut all: Vec<(i64, &'static str)> = parts.iter().flat_map(|p| p.iter().copied()).collect();
@@ -314,7 +317,13 @@ pub fn conditional(role: ThreadRole) -> Vec<(i64, u8, &'static [u64])> {
     const TERMINAL: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF];
     match role {
         ThreadRole::Vcpu => vec![(libc::SYS_ioctl, 1, &[KVM_RUN])],
-        ThreadRole::Device | ThreadRole::Main => vec![(libc::SYS_ioctl, 1, TERMINAL)],
+        ThreadRole::Device => vec![(libc::SYS_ioctl, 1, TERMINAL)],
+        // The control socket wakes its accept loop at exit by connecting to itself:
+        // a Unix socket, never a network one.
+        ThreadRole::Main => vec![
+            (libc::SYS_ioctl, 1, TERMINAL),
+            (libc::SYS_socket, 0, &[libc::AF_UNIX as u64]),
+        ],
         ThreadRole::Worker => vec![(libc::SYS_prctl, 0, &[PR_SET_NAME])],
         ThreadRole::Control => vec![
             (libc::SYS_ioctl, 1, TERMINAL),
@@ -345,7 +354,6 @@ mod tests {
                 libc::SYS_execve,
                 libc::SYS_execveat,
                 libc::SYS_socket,
-                libc::SYS_connect,
                 libc::SYS_ptrace,
                 libc::SYS_mount,
                 libc::SYS_bpf,

@@ -58,6 +58,10 @@ fn child() {
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
                 libc::execv(c"/bin/true".as_ptr(), argv.as_ptr());
             }
+            "main-inet-socket" => {
+                role_setting(ThreadRole::Main, Setting::On);
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            }
             "main-exec" => {
                 role_setting(ThreadRole::Main, Setting::On);
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
@@ -115,6 +119,7 @@ fn forbidden_syscalls_kill_the_process() {
         "device-socket",
         "control-socket",
         "main-other-signal",
+        "main-inet-socket",
     ] {
         let o = in_child(case);
         assert!(

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
 use crate::builder::Machine;
 use crate::devices::console::ConsoleOut;
@@ -96,6 +97,8 @@ pub struct BootArgs {
     pub no_event_idx: bool,
     #[command(flatten)]
     pub inflight: InflightArgs,
+    #[command(flatten)]
+    pub approver: super::approvals::ApproverArgs,
 }
 
 /// How many calls run at once, on how many threads, for how long (`boot` and `gate`).
@@ -415,7 +418,30 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         eprint!("{}", opened.warnings);
     }
     out.audit_path = Some(opened.audit_path.clone());
+    // The terminal, when the guest console is on it, is shared with the approver.
+    let on_terminal = a.console == "stdout";
+    let terminal: Box<dyn std::io::Write + Send> = if on_terminal {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::stderr())
+    };
+    let approvals = match super::approvals::start(
+        &a.approver,
+        super::approvals::Setting {
+            vm: &vm,
+            live: Some(&opened.live),
+            audit: Some(&opened.audit),
+            run_mode: !mode.interactive,
+            stdin_taken: false,
+            terminal,
+            guest_console: on_terminal,
+        },
+    ) {
+        Ok(ap) => ap,
+        Err((code, m)) => return stop(out, code, ExitKind::Error, Some(m)),
+    };
     let gate = opened.gate;
+    gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
     // Every way out after this point writes the close record first.
     let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
@@ -447,7 +473,15 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if let Some(refusal) = crate::kvm::capability::check().refusal() {
         return error(out, exit::VMM_ERROR, refusal);
     }
-    let console = match console_sink(&a.console) {
+    let console = match &approvals.terminal {
+        // SAFETY: isatty only inspects the fd.
+        Some(share) if on_terminal => Ok(ConsoleOut::new(
+            Some(Box::new(GuestConsole(Arc::clone(share)))),
+            unsafe { libc::isatty(1) } == 1,
+        )),
+        _ => console_sink(&a.console),
+    };
+    let console = match console {
         Ok(c) => c,
         Err(e) => return error(out, exit::VMM_ERROR, e),
     };
@@ -502,10 +536,17 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if forward_stdin {
         console_input::enter_char_mode();
     }
-    let console_thread = console_input::spawn(vm.serial(), forward_stdin);
+    match &approvals.terminal {
+        Some(share) if !forward_stdin => super::approvals::keys_from_stdin(Arc::clone(share)),
+        _ => {}
+    }
+    let console_thread =
+        console_input::spawn(vm.serial(), forward_stdin, approvals.terminal.clone());
     let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
     console_thread.stop();
     console_input::restore_terminal();
+    // The guest is gone: nobody is waiting for the answers any more.
+    approvals.hub.close("the VM stopped before anyone answered");
     timings.exit.set_once();
     if a.timings {
         eprintln!("{}", timings.to_json());
@@ -542,7 +583,11 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         ),
         Outcome::Crash(why) => {
             let why = match panic_line {
-                Some(line) => format!("the guest crashed: {line}"),
+                // The guest wrote this line: escaped before it reaches the terminal.
+                Some(line) => format!(
+                    "the guest crashed: {}",
+                    ironvmm_wire::text::escape(&line, 4 * ironvmm_wire::text::MAX_FIELD)
+                ),
                 None => format!("the guest stopped before reporting an exit status: {why}"),
             };
             finish(out, exit::GUEST_CRASH, ExitKind::Crash, Some(why))

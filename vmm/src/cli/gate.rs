@@ -60,6 +60,8 @@ pub struct GateArgs {
     pub max_clients: usize,
     #[command(flatten)]
     pub inflight: InflightArgs,
+    #[command(flatten)]
+    pub approver: super::approvals::ApproverArgs,
 }
 
 pub fn run(args: GateArgs) -> u8 {
@@ -102,7 +104,23 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         opened.audit_path.display(),
         args.audit_sync.as_str()
     );
+    let approvals = super::approvals::start(
+        &args.approver,
+        super::approvals::Setting {
+            vm: &cfg.vm,
+            live: Some(&opened.live),
+            audit: Some(&opened.audit),
+            run_mode: false,
+            stdin_taken: args.stdio,
+            terminal: Box::new(std::io::stderr()),
+            guest_console: false,
+        },
+    )?;
+    if let Some(share) = &approvals.terminal {
+        super::approvals::keys_from_stdin(Arc::clone(share));
+    }
     let (gate, log) = (opened.gate, opened.audit);
+    gate.set_approver(Arc::new(approvals.hub.clone()));
     spawn_signal_waiter(sigs, Arc::clone(&log));
 
     let code = if args.stdio {
@@ -117,6 +135,12 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         let path = args.listen.as_deref().unwrap_or(Path::new(""));
         serve_listen(&gate, path, args.max_clients)?
     };
+    // The client is gone: nobody is waiting for the answers any more.
+    approvals
+        .hub
+        .close("the gate is stopping before anyone answered");
+    crate::devices::console_input::restore_terminal();
+    drop(approvals);
     // Calls still running finish and are audited before the close record.
     let stuck = gate.shutdown();
     if stuck > 0 {
@@ -269,7 +293,10 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
     };
     match serve_client(gate, "stdio".into(), &mut input, &mut output) {
         End::Eof | End::Gone => 0,
-        End::Reset(ConnectionError::AuditFailed(_)) => exit::VMM_ERROR,
+        End::Reset(ConnectionError::AuditFailed(m)) => {
+            eprintln!("ironvmm gate: stopping: {m}");
+            exit::VMM_ERROR
+        }
         End::Reset(e) => {
             eprintln!("ironvmm gate: connection reset: {e}");
             exit::VMM_ERROR
@@ -355,6 +382,7 @@ fn spawn_signal_waiter(set: libc::sigset_t, log: Arc<AuditLog>) {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 return;
             }
+            crate::devices::console_input::restore_terminal();
             let code = 128 + sig;
             let code = match log.failure() {
                 Some(_) => i32::from(exit::VMM_ERROR),

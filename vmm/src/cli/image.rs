@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::exit;
 use crate::image::build::{self, BuildOptions, DEFAULT_BUSYBOX};
 use crate::image::{build_mtime, GuestImage, Manifest};
+use ironvmm_wire::text::{escape, MAX_FIELD};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
@@ -197,14 +198,19 @@ fn inspect(a: InspectArgs) -> u8 {
     }
     outln!("members:");
     for m in &members {
-        outln!("  {:<16} {:>10}  {}", m.name, m.size, m.sha256);
+        outln!(
+            "  {:<16} {:>10}  {}",
+            escape(&m.name, MAX_FIELD),
+            m.size,
+            m.sha256
+        );
     }
     if a.files {
         match files {
             Some(entries) => {
                 outln!("initramfs files:");
                 for e in entries {
-                    outln!("  {:>7o} {}", e.mode, e.name_str());
+                    outln!("  {:>7o} {}", e.mode, escape(&e.name_str(), MAX_FIELD));
                 }
             }
             None => outln!("initramfs files: (compressed; not listed)"),

@@ -21,6 +21,7 @@ macro_rules! out {
     };
 }
 
+pub mod approvals;
 pub mod audit;
 pub mod boot;
 pub mod compile;
@@ -29,6 +30,7 @@ pub mod gate;
 pub mod image;
 pub mod output;
 pub mod policy;
+pub mod ps;
 pub mod run;
 pub mod tools;
 
@@ -64,6 +66,11 @@ pub enum Command {
     Tools(tools::ToolsArgs),
     /// Can this host run guests? If not, why not and what to do.
     Doctor(doctor::DoctorArgs),
+    /// Answer a running VM's asks: list, allow, deny, watch, or serve a web page.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCommand),
+    /// The running VMs, their ids and their control sockets.
+    Ps(ps::PsArgs),
 }
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
@@ -84,6 +91,8 @@ pub fn main() -> u8 {
         Command::Image(c) => image::run(c),
         Command::Tools(a) => tools::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Approvals(c) => approvals::run(c),
+        Command::Ps(a) => ps::run(a),
     }
 }
 

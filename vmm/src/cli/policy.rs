@@ -109,8 +109,15 @@ pub struct LearnedArgs {
     #[arg(long, value_name = "FILE")]
     pub learned: Option<PathBuf>,
     /// Revoke the learned rule of this audit seq.
-    #[arg(long, value_name = "SEQ")]
+    #[arg(long, value_name = "SEQ", conflicts_with = "merge")]
     pub remove: Option<u64>,
+    /// Print the policy with the learned rules folded in, each just before the
+    /// ask rule it refines, for review.
+    #[arg(long)]
+    pub merge: bool,
+    /// With --merge: write the merged policy over POLICY and empty the learned file.
+    #[arg(long, requires = "merge")]
+    pub in_place: bool,
 }
 
 pub fn run(cmd: PolicyCommand) -> u8 {
@@ -580,6 +587,80 @@ fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// The policy text with each learned rule inserted just before the line it refines.
+fn merged_policy(policy: &str, learned_text: &str) -> Result<String, String> {
+    let entries = learned::entries(learned_text);
+    let lines: Vec<&str> = policy.lines().collect();
+    for e in &entries {
+        if e.header.refines == 0 || e.header.refines as usize > lines.len() {
+            return Err(format!(
+                "the learned rule of seq {} refines line {}, which the policy does not have",
+                e.header.seq, e.header.refines
+            ));
+        }
+    }
+    let mut out = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        for e in entries
+            .iter()
+            .filter(|e| e.header.refines as usize == i + 1)
+        {
+            out.push_str(&format!(
+                "# learned (audit seq {})\n{}\n",
+                e.header.seq, e.rule
+            ));
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn merge_learned(policy: &Path, learned_path: &Path, learned_text: &str, in_place: bool) -> u8 {
+    let text = match std::fs::read_to_string(policy) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ironvmm: cannot read `{}`: {e}", policy.display());
+            return code::FAIL;
+        }
+    };
+    let merged = match merged_policy(&text, learned_text) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ironvmm: {}: {e}", learned_path.display());
+            return code::FAIL;
+        }
+    };
+    // The merged text must load as the policy did (same folder, same lists).
+    let name = policy.display().to_string();
+    let base = policy.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Err(d) = Policy::from_source(&merged, &name, Some(base.unwrap_or(Path::new("."))), None)
+    {
+        eprintln!("ironvmm: the merged policy does not load:\n{d}");
+        return code::FAIL;
+    }
+    if !in_place {
+        print!("{merged}");
+        return code::OK;
+    }
+    if let Err(e) = write_atomic(policy, &merged) {
+        eprintln!("ironvmm: cannot write `{}`: {e}", policy.display());
+        return code::FAIL;
+    }
+    // Their line numbers now point into the old policy: the rules live in p.rules.
+    if let Err(e) = write_atomic(learned_path, "") {
+        eprintln!("ironvmm: cannot empty `{}`: {e}", learned_path.display());
+        return code::FAIL;
+    }
+    eprintln!(
+        "merged {} learned rule(s) into {}; {} is now empty",
+        learned::entries(learned_text).len(),
+        policy.display(),
+        learned_path.display()
+    );
+    code::OK
+}
+
 fn learned_cmd(a: LearnedArgs) -> u8 {
     let path = a.learned.clone().unwrap_or_else(|| {
         let mut p = a.policy.as_os_str().to_owned();
@@ -597,6 +678,9 @@ fn learned_cmd(a: LearnedArgs) -> u8 {
             return code::FAIL;
         }
     };
+    if a.merge {
+        return merge_learned(&a.policy, &path, &text, a.in_place);
+    }
     match a.remove {
         None => {
             let entries = learned::entries(&text);

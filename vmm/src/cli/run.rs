@@ -27,9 +27,6 @@ pub struct RunArgs {
     /// Append a Markdown summary here [default: $GITHUB_STEP_SUMMARY when set].
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
-    /// Asks decided in advance (p.rules syntax, allow and deny rules only).
-    #[arg(long, value_name = "FILE")]
-    pub answers: Option<PathBuf>,
     /// Most tool calls the VM may make; the next one is denied and the VM stops.
     #[arg(long, value_name = "N")]
     pub max_calls: Option<u64>,
@@ -40,15 +37,6 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> u8 {
-    if let Some(path) = &a.answers {
-        // Until the approvals module lands in this build, asks have no approver
-        // here: refusing the flag is honest, silently ignoring it is not.
-        eprintln!(
-            "ironvmm run: --answers {}: this build has no answers-file approver; every ask is denied (non-interactive)",
-            path.display()
-        );
-        return exit::VMM_ERROR;
-    }
     let budget = CallBudget::new(a.max_calls, a.max_egress_bytes);
     let mut flags = Map::new();
     flags.insert("max_calls".into(), json!(a.max_calls));
@@ -57,7 +45,17 @@ pub fn run(a: RunArgs) -> u8 {
         "timeout_ms".into(),
         json!(a.vm.timeout.map(|t| t.as_millis() as u64)),
     );
-    flags.insert("approver".into(), json!("deny"));
+    // Nobody answers in CI: asks are denied unless --answers (or an explicit
+    // --approver) decides them (the approvals module, `run_mode`).
+    let approver = a.vm.approver.approver.clone().unwrap_or_else(|| {
+        if a.vm.approver.answers.is_some() {
+            "answers"
+        } else {
+            "deny"
+        }
+        .into()
+    });
+    flags.insert("approver".into(), json!(approver));
     let mode = Mode {
         name: "run",
         interactive: false,

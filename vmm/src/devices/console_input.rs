@@ -7,6 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::bus::{lock, SerialDevice};
+use crate::approvals::tty::TerminalShare;
 
 /// The terminal state to restore at exit, when stdin was a terminal.
 static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
@@ -59,8 +60,13 @@ impl ConsoleThread {
 }
 
 /// Starts the thread that feeds stdin (when `forward_stdin`) into the serial port
-/// and flushes console output every 20 ms.
-pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleThread {
+/// and flushes console output every 20 ms. With a terminal approver (`share`), keys
+/// typed while it asks go to it, never to the guest.
+pub fn spawn(
+    serial: Arc<Mutex<SerialDevice>>,
+    forward_stdin: bool,
+    share: Option<Arc<TerminalShare>>,
+) -> ConsoleThread {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
     let handle = thread::Builder::new()
@@ -75,7 +81,13 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleTh
             let mut stdin_open = forward_stdin;
             let mut buf = [0u8; 256];
             while !stopped.load(Ordering::Relaxed) {
-                if stdin_open && pending.is_empty() {
+                // Keys typed before a question goes up must never answer it: they
+                // are discarded when it goes up (the approver's hook), and a read
+                // that began before it goes to the guest.
+                let held = share.as_ref().is_some_and(|s| s.is_held());
+                // While a question is up keys are read even if the guest does not
+                // take its input: a guest must not be able to block the answer.
+                if stdin_open && (pending.is_empty() || held) {
                     let mut pfd = libc::pollfd {
                         fd: 0,
                         events: libc::POLLIN,
@@ -89,7 +101,12 @@ pub fn spawn(serial: Arc<Mutex<SerialDevice>>, forward_stdin: bool) -> ConsoleTh
                         if r <= 0 {
                             stdin_open = false;
                         } else {
-                            pending.extend_from_slice(&buf[..r as usize]);
+                            let keys = &buf[..r as usize];
+                            let keys = match &share {
+                                Some(s) if held => s.keys(keys),
+                                _ => keys,
+                            };
+                            pending.extend_from_slice(keys);
                         }
                     }
                 } else {

@@ -109,6 +109,12 @@ impl GuestImage {
         if meta.is_dir() {
             return Err(io_err(io::Error::other("it is a directory")));
         }
+        // A device or a FIFO reports no size and never ends (`/dev/zero`).
+        if !meta.is_file() {
+            return Err(io_err(io::Error::other(
+                "not a regular file (a device, a FIFO or a socket)",
+            )));
+        }
         let origin = path.display().to_string();
         if meta.len() > MAX_IMAGE_BYTES {
             return Err(ImageError::TooLarge {
@@ -119,7 +125,19 @@ impl GuestImage {
             });
         }
         let mut data = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut data).map_err(io_err)?;
+        // Bounded even if the file grows while it is read.
+        (&mut file)
+            .take(MAX_IMAGE_BYTES + 1)
+            .read_to_end(&mut data)
+            .map_err(io_err)?;
+        if data.len() as u64 > MAX_IMAGE_BYTES {
+            return Err(ImageError::TooLarge {
+                origin,
+                member: "(the whole image)".into(),
+                size: data.len() as u64,
+                limit: MAX_IMAGE_BYTES,
+            });
+        }
         Self::from_bytes(data, &origin)
     }
 

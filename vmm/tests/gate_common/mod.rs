@@ -1,78 +1,54 @@
-//! Shared set-up for the host-only gate tests: a small rule-based decider (so these
-//! tests do not depend on p.rules), a workspace, an audit log, and helpers to drive a
-//! `Connection` and read the log back.
+//! Shared set-up for the host-only gate tests: a real p.rules through the real
+//! policy engine (loaded with the catalog of the tools the gate serves), a
+//! workspace, an audit log, and helpers to drive a `Connection` and read the log back.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ironvmm::audit::{AuditLog, SyncMode};
-use ironvmm::gate::{
-    Connection, ConnectionError, DecidedBy, Decider, DecisionRef, Gate, GateLimits, Verdict,
-};
+use ironvmm::gate::{Connection, ConnectionError, Gate, GateLimits};
 use ironvmm::services::fs::FsService;
-use ironvmm::services::Services;
-use serde_json::{Map, Value};
-use std::borrow::Cow;
+use ironvmm::services::{Services, ToolSpec};
+use ironvmm_policy::{Catalog, Policy};
+use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant};
 
-/// allow fs.* when path (or from/to) is under /workspace; ask fs.delete when under
-/// /workspace/ask; deny everything else by default. Line numbers are made up but fixed.
-pub struct TestRules;
+/// The policy of these tests. Line 2 allows the fs tools inside /workspace (but
+/// /workspace/ask), line 3 asks before a delete under /workspace/ask, line 4 allows
+/// the rest there; anything else falls to the default, deny. Tests name these lines.
+pub const POLICY: &str = r#"version 1
+allow fs.* when path under "/workspace" and not path under "/workspace/ask" "workspace"
+ask   fs.delete when path under "/workspace/ask" "ask me"
+allow fs.* when path under "/workspace/ask" "workspace"
+"#;
 
-fn under_workspace(v: Option<&Value>) -> bool {
-    let Some(p) = v.and_then(Value::as_str) else {
-        return false;
-    };
-    let abs = if p.starts_with('/') {
-        p.to_string()
-    } else {
-        format!("/workspace/{p}")
-    };
-    let mut parts: Vec<&str> = Vec::new();
-    for c in abs.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return false;
-                }
-            }
-            c => parts.push(c),
-        }
-    }
-    parts.first() == Some(&"workspace")
+/// Every fs tool anywhere inside /workspace, for the tests of the fs service.
+pub const FS_POLICY: &str = "version 1\nallow fs.* when path under \"/workspace\" \"workspace\"\n";
+
+/// Appended when a test adds its own services: their `test.*` tools are allowed.
+pub const TEST_TOOLS_RULE: &str = "allow test.* \"test service\"\n";
+
+/// The engine's reason for the default.
+pub const DEFAULT_DENY: &str = "no rule matched: default deny";
+
+/// The catalog of exactly the tools `services` serve, as the engine reads it.
+pub fn catalog_of(services: &Services) -> Catalog {
+    let tools: Vec<Value> = services
+        .specs()
+        .iter()
+        .map(ToolSpec::catalog_entry)
+        .collect();
+    Catalog::from_json(&json!({ "tools": tools }).to_string()).unwrap()
 }
 
-impl Decider for TestRules {
-    fn decide<'a>(&'a self, tool: &str, a: &Value) -> DecisionRef<'a> {
-        let rule = |verdict, rule, by, reason: &'static str| DecisionRef {
-            verdict,
-            rule,
-            by,
-            reason: Cow::Borrowed(reason),
-        };
-        if tool == "fs.delete"
-            && a["path"]
-                .as_str()
-                .is_some_and(|p| p.starts_with("/workspace/ask"))
-        {
-            return rule(Verdict::Ask, Some(3), DecidedBy::Rule, "ask me");
-        }
-        let paths_ok = match tool {
-            "fs.move" => under_workspace(a.get("from")) && under_workspace(a.get("to")),
-            t if t.starts_with("fs.") => under_workspace(a.get("path")),
-            "test.probe" => true,
-            _ => false,
-        };
-        if paths_ok {
-            rule(Verdict::Allow, Some(2), DecidedBy::Rule, "workspace")
-        } else {
-            rule(Verdict::Deny, None, DecidedBy::Default, "default deny")
-        }
-    }
-    fn could_allow_or_ask(&self, tool: &str) -> bool {
-        tool.starts_with("fs.") && tool != "fs.mkdir" || tool == "test.probe"
+/// Loads `src` as `dir/p.rules` through the engine, with the catalog of `services`.
+pub fn load_policy(dir: &Path, src: &str, services: &Services) -> Policy {
+    let path = dir.join("p.rules");
+    std::fs::write(&path, src).unwrap();
+    match Policy::load(&path, Some(&catalog_of(services))) {
+        Ok(l) => l.policy,
+        Err(d) => panic!("the test policy does not load:\n{d}"),
     }
 }
 
@@ -88,7 +64,22 @@ impl Fixture {
         Self::with(SyncMode::Always, GateLimits::default(), |_| {})
     }
 
+    /// The gate under FS_POLICY.
+    pub fn fs() -> Fixture {
+        Self::with_policy(FS_POLICY, SyncMode::Always, GateLimits::default(), |_| {})
+    }
+
     pub fn with(mode: SyncMode, limits: GateLimits, extra: impl FnOnce(&mut Services)) -> Fixture {
+        Self::with_policy(POLICY, mode, limits, extra)
+    }
+
+    /// A gate deciding by `policy` (p.rules text) through the real engine.
+    pub fn with_policy(
+        policy: &str,
+        mode: SyncMode,
+        limits: GateLimits,
+        extra: impl FnOnce(&mut Services),
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let workspace = dir.path().join("ws");
         std::fs::create_dir(&workspace).unwrap();
@@ -98,13 +89,14 @@ impl Fixture {
         let log = AuditLog::create(&audit_path, "test-vm", mode, Map::new()).unwrap();
         let mut services = Services::new();
         services.add(Box::new(FsService::open(&workspace).unwrap()));
+        let fs_tools = services.specs().len();
         extra(&mut services);
-        let gate = Arc::new(Gate::new(
-            Box::new(TestRules),
-            services,
-            Arc::new(log),
-            limits,
-        ));
+        let mut src = policy.to_string();
+        if services.specs().len() > fs_tools {
+            src.push_str(TEST_TOOLS_RULE);
+        }
+        let policy = load_policy(dir.path(), &src, &services);
+        let gate = Arc::new(Gate::new(Box::new(policy), services, Arc::new(log), limits));
         Fixture {
             dir,
             workspace,

@@ -1,7 +1,7 @@
 //! The per-VM audit key: 32 random bytes that key the log's HMAC chain.
 //!
 //! It lives in its own file (64 hex digits, mode 0600), by default `<log>.key`
-//! beside the log. The gate refuses a key inside the workspace (gate/setup.rs), and
+//! beside the log; an existing private key file is reused. The gate refuses a key inside the workspace (gate/setup.rs), and
 //! the fs service refuses it by identity: the guest can neither read it nor replace it.
 
 use std::fmt;
@@ -82,6 +82,28 @@ impl AuditKey {
         Ok(key)
     }
 
+    /// The key in `path`, created when the file does not exist yet. An existing key
+    /// must be private to its owner (no group or other permission bits): whoever can
+    /// read it can forge the log.
+    pub fn open_or_create(path: &Path) -> Result<AuditKey, KeyError> {
+        use std::os::unix::fs::PermissionsExt;
+        match AuditKey::create_file(path) {
+            Err(KeyError::Io { .. }) if path.exists() => {
+                let mode = std::fs::metadata(path)
+                    .map(|m| m.permissions().mode())
+                    .unwrap_or(0o777);
+                if mode & 0o077 != 0 {
+                    return Err(KeyError::Invalid {
+                        path: path.display().to_string(),
+                        why: format!("mode {:o}: others may read it (chmod 600)", mode & 0o777),
+                    });
+                }
+                AuditKey::load(path)
+            }
+            r => r,
+        }
+    }
+
     /// Reads a key file written by `create_file`.
     pub fn load(path: &Path) -> Result<AuditKey, KeyError> {
         let p = path.display().to_string();
@@ -120,7 +142,16 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(AuditKey::create_file(&p).is_err(), "never reused");
+        assert!(
+            AuditKey::create_file(&p).is_err(),
+            "create_file never overwrites"
+        );
+        assert_eq!(AuditKey::open_or_create(&p).unwrap(), k, "reused");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            AuditKey::open_or_create(&p),
+            Err(KeyError::Invalid { .. })
+        ));
         std::fs::write(&p, "not hex\n").unwrap();
         assert!(matches!(AuditKey::load(&p), Err(KeyError::Invalid { .. })));
         assert!(format!("{k:?}").contains("redacted"));

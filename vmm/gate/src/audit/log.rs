@@ -20,8 +20,18 @@ use std::time::{Duration, Instant};
 use ironvmm_policy::{DecidedBy, Verdict};
 use serde_json::{Map, Value};
 
-use super::redact::redact;
+use super::redact::{bound, redact};
 use super::{default_key_path, now_rfc3339, record_hash, AuditKey, KeyError, ZERO_HASH};
+
+/// `detail` of the outcome of an allowed call whose decision record could not be
+/// synced (`always` mode): the call was denied and never served.
+pub const NOT_DURABLE: &str = "not served: the decision record could not be synced";
+
+/// Longest guest-chosen name (tool, string rpc_id) written as is; longer ones keep a
+/// prefix, their length and their SHA-256.
+pub const MAX_LOGGED_NAME: usize = 256;
+/// Longest `reason` written as is (an invariant's reason can quote the guest).
+pub const MAX_LOGGED_REASON: usize = 2048;
 
 /// Room kept in the audit budget for the close record.
 pub const CLOSE_RESERVE: u64 = 4096;
@@ -90,6 +100,26 @@ pub enum AuditError {
     Exhausted(String),
     #[error("audit log {}: already closed", .0.display())]
     Closed(PathBuf),
+}
+
+/// A `learn` record: which answer became which rule.
+#[derive(Debug, Clone, Copy)]
+pub struct LearnRecord<'a> {
+    /// The `seq` of the asked call's decision record.
+    pub ask_seq: u64,
+    /// `allow` or `deny`.
+    pub decision: &'a str,
+    /// `exact`, `value` or `tool`.
+    pub scope: &'a str,
+    pub rule: &'a str,
+    /// The line of the `ask` rule it refines.
+    pub refines: u32,
+    /// The learned-rules file it was written to.
+    pub file: &'a str,
+    pub channel: &'a str,
+    pub who: Option<&'a str>,
+    /// Scenarios whose decision the owner agreed to change.
+    pub confirmed_conflicts: usize,
 }
 
 /// What a `decision` record holds (docs/audit.md "Records").
@@ -207,8 +237,9 @@ impl AuditLog {
     }
 
     /// Creates `path` (never reuses an existing file: one log is one chain from seq 0),
-    /// with parent folders, mode 0600, and a new key in `key_path` (never reused
-    /// either), and writes and syncs the `open` record.
+    /// with parent folders, mode 0600, keyed by `key_path` (created when missing,
+    /// reused when it exists: a log run again at the same path, or several logs
+    /// sharing one key), and writes and syncs the `open` record.
     pub fn create_keyed(
         path: &Path,
         key_path: &Path,
@@ -231,7 +262,7 @@ impl AuditLog {
                 path: path.to_owned(),
                 source,
             })?;
-        let key = match AuditKey::create_file(key_path) {
+        let key = match AuditKey::open_or_create(key_path) {
             Ok(k) => k,
             Err(e) => {
                 // The log is still empty: leave no keyless log behind.
@@ -370,9 +401,13 @@ impl AuditLog {
         // Redaction copies the arguments: done before taking the log's lock.
         let args = redact(d.args);
         let fill = |m: &mut Map<String, Value>| {
-            m.insert("conn".into(), d.conn.into());
-            m.insert("rpc_id".into(), d.rpc_id.clone());
-            m.insert("tool".into(), d.tool.into());
+            m.insert("conn".into(), bound(d.conn, MAX_LOGGED_NAME).into());
+            let rpc_id = match d.rpc_id {
+                Value::String(s) => Value::from(bound(s, MAX_LOGGED_NAME)),
+                v => v.clone(),
+            };
+            m.insert("rpc_id".into(), rpc_id);
+            m.insert("tool".into(), bound(d.tool, MAX_LOGGED_NAME).into());
             m.insert("args".into(), args);
             m.insert("decision".into(), d.decision.as_str().into());
             if d.asked {
@@ -385,7 +420,7 @@ impl AuditLog {
             }
             m.insert("rule".into(), d.rule.map_or(Value::Null, Value::from));
             m.insert("decided_by".into(), d.decided_by.as_str().into());
-            m.insert("reason".into(), d.reason.into());
+            m.insert("reason".into(), bound(d.reason, MAX_LOGGED_REASON).into());
             m.insert("policy_ns".into(), d.policy_ns.into());
         };
         let seq = self.shared.append("decision", fill, |c| match d.decision {
@@ -393,7 +428,23 @@ impl AuditLog {
             Verdict::Ask => c.ask += 1,
             Verdict::Deny => c.deny += 1,
         })?;
-        self.shared.made_durable(seq)?;
+        if let Err(e) = self.shared.made_durable(seq) {
+            // The record says `allow`, but the call is denied now: the log says so
+            // right after it, as far as the file still takes writes.
+            if d.decision == Verdict::Allow {
+                let fill = |m: &mut Map<String, Value>| {
+                    m.insert("decision_seq".into(), seq.into());
+                    m.insert("status".into(), OutcomeStatus::Error.as_str().into());
+                    m.insert("detail".into(), NOT_DURABLE.into());
+                    m.insert("bytes".into(), 0.into());
+                    m.insert("total_us".into(), 0.into());
+                };
+                let _ = self
+                    .shared
+                    .append_with("outcome", true, fill, |c| c.error += 1);
+            }
+            return Err(e);
+        }
         Ok(seq)
     }
 
@@ -421,6 +472,25 @@ impl AuditLog {
             self.shared.mark_dirty();
         }
         Ok(())
+    }
+
+    /// Writes a `learn` record: an answer kept as a rule (synced like a decision:
+    /// the rule is in force from now on).
+    pub fn learn(&self, l: &LearnRecord) -> Result<u64, AuditError> {
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("ask_seq".into(), l.ask_seq.into());
+            m.insert("decision".into(), l.decision.into());
+            m.insert("scope".into(), l.scope.into());
+            m.insert("rule".into(), l.rule.into());
+            m.insert("refines".into(), l.refines.into());
+            m.insert("file".into(), l.file.into());
+            m.insert("channel".into(), l.channel.into());
+            m.insert("who".into(), l.who.map_or(Value::Null, Value::from));
+            m.insert("confirmed_conflicts".into(), l.confirmed_conflicts.into());
+        };
+        let seq = self.shared.append("learn", fill, |_| {})?;
+        self.shared.made_durable(seq)?;
+        Ok(seq)
     }
 
     /// Writes the `close` record with the counts and the exit status, syncs, and
@@ -489,7 +559,19 @@ impl Shared {
         fill: impl FnOnce(&mut Map<String, Value>),
         tally: impl FnOnce(&mut Counts),
     ) -> Result<u64, AuditError> {
-        if let Some(f) = self.failed.get() {
+        self.append_with(kind, false, fill, tally)
+    }
+
+    /// `force`: written even after a failure (best effort), for the one record that
+    /// says what the failure did to a call.
+    fn append_with(
+        &self,
+        kind: &str,
+        force: bool,
+        fill: impl FnOnce(&mut Map<String, Value>),
+        tally: impl FnOnce(&mut Counts),
+    ) -> Result<u64, AuditError> {
+        if let Some(f) = self.failed.get().filter(|_| !force) {
             return Err(AuditError::Failed(f.clone()));
         }
         if kind != "close" {

@@ -15,7 +15,8 @@ pub mod verify;
 
 pub use key::{default_key_path, AuditKey, KeyError};
 pub use log::{
-    AnswerRef, AuditError, AuditLog, DecisionRecord, FailureHook, OutcomeStatus, SyncMode,
+    AnswerRef, AuditError, AuditLog, DecisionRecord, FailureHook, LearnRecord, OutcomeStatus,
+    SyncMode,
 };
 
 use hmac::{Hmac, Mac};

@@ -39,6 +39,12 @@ use frame::DEFAULT_MAX_FRAME;
 use inflight::{Slot, VmSlots};
 use pool::{Pool, PoolConfig};
 
+/// Most bytes of one serialised reply line. Past it the call gets a tool error
+/// instead. A reply is built whole and held in its in-flight slot until collected,
+/// so this times `max_inflight` bounds the replies a VM holds (docs/gate.md
+/// "Memory"). A full 512 KiB read (base64, or text) fits.
+pub const MAX_REPLY: usize = 2 << 20;
+
 /// Configurable limits of the gate.
 #[derive(Debug, Clone, Copy)]
 pub struct GateLimits {
@@ -311,6 +317,16 @@ impl Gate {
         }
     }
 
+    /// Why calls are refused, as the guest may read it: never the log's host path
+    /// (the VMM reports the whole of `fatal` on its own stderr).
+    fn guest_fatal(&self) -> String {
+        if self.audit.failure().is_none() && self.audit.exhausted().is_some() {
+            "the VM's audit budget is spent: the VM is stopping".into()
+        } else {
+            "the audit log can no longer be written: the VM is stopping".into()
+        }
+    }
+
     /// Hands a call to a worker: the device thread never waits for a decision, the
     /// audit log or a service.
     fn start_call(self: &Arc<Self>, slot: Slot, id: Value, call: Call) {
@@ -334,8 +350,14 @@ impl Gate {
     fn serve_call(self: &Arc<Self>, slot: Slot, id: &Value, call: Call) {
         let t0 = Instant::now();
         let mut out = Vec::new();
-        if let Some(f) = self.fatal() {
-            deny(&mut out, id, None, DecidedBy::Invariant, &f);
+        if self.fatal().is_some() {
+            deny(
+                &mut out,
+                id,
+                None,
+                DecidedBy::Invariant,
+                &self.guest_fatal(),
+            );
             return slot.complete(out);
         }
         let invariant = |reason: &'static str| DecisionRef {
@@ -389,9 +411,14 @@ impl Gate {
         };
         let seq = match self.audit.decision(&record) {
             Ok(seq) => seq,
-            Err(e) => {
-                let m = format!("the audit log can no longer be written: {e}");
-                deny(&mut out, id, None, DecidedBy::Invariant, &m);
+            Err(_) => {
+                deny(
+                    &mut out,
+                    id,
+                    None,
+                    DecidedBy::Invariant,
+                    &self.guest_fatal(),
+                );
                 return slot.complete(out);
             }
         };
@@ -429,9 +456,14 @@ impl Gate {
         };
         let ask_seq = match self.audit.decision(&record) {
             Ok(seq) => seq,
-            Err(e) => {
-                let m = format!("the audit log can no longer be written: {e}");
-                deny(&mut out, id, None, DecidedBy::Invariant, &m);
+            Err(_) => {
+                deny(
+                    &mut out,
+                    id,
+                    None,
+                    DecidedBy::Invariant,
+                    &self.guest_fatal(),
+                );
                 return slot.complete(out);
             }
         };
@@ -513,9 +545,14 @@ impl Gate {
         };
         let seq = match self.audit.decision(&record) {
             Ok(seq) => seq,
-            Err(e) => {
-                let m = format!("the audit log can no longer be written: {e}");
-                deny(&mut out, &p.id, None, DecidedBy::Invariant, &m);
+            Err(_) => {
+                deny(
+                    &mut out,
+                    &p.id,
+                    None,
+                    DecidedBy::Invariant,
+                    &self.guest_fatal(),
+                );
                 return p.slot.complete(out);
             }
         };
@@ -594,6 +631,24 @@ impl Gate {
         };
         let mut out = Vec::new();
         rpc::result(&mut out, id, &result);
+        let mut status = status;
+        if out.len() > MAX_REPLY {
+            // The bound holds per reply: the serialised reply is dropped, and the
+            // model reads why and how to ask for less.
+            let m = format!(
+                "the reply would be {} bytes, over the limit of {MAX_REPLY} per reply: ask for less (fs.list offset and limit, fs.read length)",
+                out.len()
+            );
+            out.clear();
+            let structured = json!({"error": {"kind": "reply_too_large", "message": m}});
+            let text = format!("{}: {m}", call.tool);
+            rpc::result(
+                &mut out,
+                id,
+                &rpc::tool_result(structured, true, Some(text)),
+            );
+            status = OutcomeStatus::ToolError;
+        }
         let bytes = out.len() as u64;
         // Audited before the reply is handed over, so a reader of the reply finds it.
         // A failure here is remembered by the log; the next call is denied for it.

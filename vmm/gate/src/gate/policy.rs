@@ -1,11 +1,14 @@
 //! Loading p.rules for a gate: always against the builtin catalog (unknown tools and
-//! arguments that fail a schema are denied by the invariants), with the gate's own
-//! files added to the paths the policy protects.
+//! arguments that fail a schema are denied by the invariants), with its learned
+//! rules (`p.rules.learned`, when present). The policy stays live: a rule learned
+//! from an answer is put in force while the VM runs.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use ironvmm_policy::{CatalogError, Diagnostics, Policy};
+use ironvmm_policy::{CatalogError, Diagnostics};
 
+use crate::approvals::LivePolicy;
 use crate::services::builtin_catalog;
 
 /// Why the policy could not be loaded.
@@ -30,13 +33,13 @@ impl LoadError {
 }
 
 /// Loads the policy at `path`; returns the policy and the formatted warnings.
-pub fn load(path: &Path) -> Result<(Policy, String), LoadError> {
+pub fn load(path: &Path) -> Result<(Arc<LivePolicy>, String), LoadError> {
     let catalog = builtin_catalog().map_err(LoadError::Catalog)?;
-    let loaded = Policy::load(path, Some(&catalog)).map_err(LoadError::Invalid)?;
-    let warnings = if loaded.warnings.is_empty() {
+    let (live, warnings) = LivePolicy::load(path, Some(catalog)).map_err(LoadError::Invalid)?;
+    let warnings = if warnings.is_empty() {
         String::new()
     } else {
-        format!("{}", loaded.warnings)
+        format!("{warnings}")
     };
-    Ok((loaded.policy, warnings))
+    Ok((live, warnings))
 }

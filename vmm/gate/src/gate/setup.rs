@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 
 use super::budget::{Budgeted, CallBudget};
 use super::{Decider, Gate, GateLimits};
+use crate::approvals::live::LiveDecider;
+use crate::approvals::LivePolicy;
 use crate::audit::{self, AuditLog, SyncMode};
 use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::Services;
@@ -42,6 +44,8 @@ pub struct OpenedGate {
     pub gate: Arc<Gate>,
     pub audit: Arc<AuditLog>,
     pub audit_path: PathBuf,
+    /// The running policy: answers learned as rules are put in force through it.
+    pub live: Arc<LivePolicy>,
     /// Policy warnings, already formatted (empty when none).
     pub warnings: String,
 }
@@ -109,7 +113,7 @@ pub fn open_gate_with(
             ));
         }
     }
-    let (mut policy, warnings) =
+    let (live, warnings) =
         super::policy::load(&cfg.policy).map_err(|e| fail(e.exit_code(), e.to_string()))?;
 
     let mut open = Map::new();
@@ -138,26 +142,30 @@ pub fn open_gate_with(
         cfg.policy.clone(),
         learned_path(&cfg.policy),
     ];
-    files.extend(policy.files().iter().cloned());
+    files.extend(live.current().files().iter().cloned());
+    let mut protected = Vec::new();
     for f in &files {
-        policy.add_protected_path(f);
+        protected.push(f.clone());
         // The same file as the guest would name it, when it lies in the workspace.
         if let Some(rel) = ws
             .as_ref()
             .and_then(|ws| resolve(f).strip_prefix(ws).ok().map(PathBuf::from))
         {
-            policy.add_protected_path(PathBuf::from(GUEST_ROOT).join(rel));
+            protected.push(PathBuf::from(GUEST_ROOT).join(rel));
         }
     }
+    live.protect(&protected)
+        .map_err(|d| fail(exit::BAD_POLICY, format!("invalid policy:\n{d}")))?;
 
     let mut services = Services::new();
     if let Some(mut svc) = fs {
+        svc.set_max_write_bytes(cfg.max_write_bytes);
         for f in &files {
             svc.protect(f);
         }
         services.add(Box::new(svc));
     }
-    let mut decider: Box<dyn Decider> = Box::new(policy);
+    let mut decider: Box<dyn Decider> = Box::new(LiveDecider(Arc::clone(&live)));
     if let Some(b) = budget.filter(|b| b.is_limited()) {
         decider = Box::new(Budgeted::new(decider, b));
     }
@@ -166,6 +174,7 @@ pub fn open_gate_with(
         gate,
         audit: log,
         audit_path,
+        live,
         warnings,
     })
 }

@@ -17,15 +17,27 @@ use std::sync::Mutex;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
+use ironvmm_policy::norm;
+
 use super::sys;
 use super::{Service, ToolError, ToolSpec};
 
-/// Where the root appears to the guest and to the policy.
-pub const GUEST_ROOT: &str = "/workspace";
+/// Where the root appears to the guest and to the policy: the engine's own constant.
+pub const GUEST_ROOT: &str = norm::WORKSPACE;
 /// Most bytes one `fs.read` or `fs.write` moves (docs/protocol.md), so frames stay < 1 MiB.
 pub const MAX_IO: usize = 512 * 1024;
-/// Most entries one `fs.list` returns; the reply says `truncated` past that.
-pub const MAX_LIST: usize = 10_000;
+/// Most entries one `fs.list` returns (its `limit`, and the default); the reply
+/// gives `next_offset` when more follow.
+pub const MAX_LIST: usize = 1_000;
+/// Most names of one directory `fs.list` reads and sorts; past it the listing says
+/// `truncated` (the rest cannot be paged to).
+pub const MAX_LIST_SCAN: usize = 100_000;
+/// Largest file `fs.write` makes: an offset past it would make a sparse file of
+/// terabytes (the write itself is at most `MAX_IO`).
+pub const MAX_FILE_SIZE: u64 = 4 << 30;
+/// Most components below /workspace a path may have: a deeper tree (built with
+/// mkdir and move) would give host paths longer than PATH_MAX.
+pub const MAX_DEPTH: usize = 64;
 /// `--max-write-bytes` unless given: what `fs.write` may write per VM, all calls together.
 pub const DEFAULT_MAX_WRITE_BYTES: u64 = 16 << 30;
 
@@ -66,8 +78,12 @@ pub fn tool_specs() -> Vec<ToolSpec> {
         },
         ToolSpec {
             name: "fs.list",
-            description: "List a directory of the workspace",
-            input_schema: obj(json!({"path": path}), &["path"]),
+            description: "List a directory of the workspace, sorted by name, at most 1000 entries per call (page with offset)",
+            input_schema: obj(
+                json!({"path": path, "offset": {"type": "integer", "minimum": 0},
+                       "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST}}),
+                &["path"],
+            ),
             roles: &[("path", "path")],
             aliases: &[],
         },
@@ -113,8 +129,10 @@ pub struct GuestPath {
 }
 
 impl GuestPath {
-    /// Normalises like the policy's `under`: relative paths are taken against
-    /// /workspace, `.`/`..`/`//` resolved lexically; NUL or climbing above `/` fails.
+    /// Normalises with the policy engine's own normaliser (`ironvmm_policy::norm::path`),
+    /// so the service acts on exactly the path that was decided: relative paths are
+    /// taken against /workspace, `.`/`..`/`//` resolved lexically; NUL or climbing
+    /// above `/` fails, and so does a path outside /workspace.
     pub fn parse(path: &str) -> Result<GuestPath, ToolError> {
         if path.contains('\0') {
             return Err(ToolError::new("invalid_path", "path contains a NUL byte"));
@@ -122,41 +140,35 @@ impl GuestPath {
         if path.is_empty() {
             return Err(ToolError::new("invalid_path", "path is empty"));
         }
-        let joined;
-        let abs = if path.starts_with('/') {
-            path
-        } else {
-            joined = format!("{GUEST_ROOT}/{path}");
-            &joined
+        let Some(abs) = norm::path(path) else {
+            return Err(ToolError::new(
+                "invalid_path",
+                format!("{path:?} climbs above /"),
+            ));
         };
-        let mut parts: Vec<&str> = Vec::new();
-        for c in abs.split('/') {
-            match c {
-                "" | "." => {}
-                ".." => {
-                    if parts.pop().is_none() {
-                        return Err(ToolError::new(
-                            "invalid_path",
-                            format!("{path:?} climbs above /"),
-                        ));
-                    }
-                }
-                c => parts.push(c),
-            }
-        }
-        if parts.first() != Some(&&GUEST_ROOT[1..]) {
+        if !norm::path_under(&abs, GUEST_ROOT) {
             return Err(ToolError::new(
                 "outside_root",
                 format!("{path:?} is not under {GUEST_ROOT}"),
             ));
         }
+        let rel = abs[GUEST_ROOT.len()..].trim_start_matches('/');
         Ok(GuestPath {
-            rel: parts[1..].join("/"),
+            rel: rel.to_string(),
         })
     }
 
     pub fn is_root(&self) -> bool {
         self.rel.is_empty()
+    }
+
+    /// Components below /workspace.
+    pub fn depth(&self) -> usize {
+        if self.rel.is_empty() {
+            0
+        } else {
+            self.rel.split('/').count()
+        }
     }
 
     /// What the guest calls it (never the host path).
@@ -196,6 +208,9 @@ pub struct FsService {
     /// (dev, inode) of every folder that holds a protected file: moving or deleting
     /// one would swap the file out from under its path.
     holders: Vec<(u64, u64)>,
+    /// Bytes `fs.write` has written in this VM, and the most it may.
+    written: AtomicU64,
+    max_write_bytes: u64,
 }
 
 impl FsService {
@@ -231,7 +246,30 @@ impl FsService {
             trash_seq: AtomicU64::new(0),
             protected: Vec::new(),
             holders: Vec::new(),
+            written: AtomicU64::new(0),
+            max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
         })
+    }
+
+    /// The most bytes `fs.write` may write in this VM, all calls together.
+    pub fn set_max_write_bytes(&mut self, bytes: u64) {
+        self.max_write_bytes = bytes;
+    }
+
+    /// Takes `n` bytes from the VM's write allowance, or refuses the write.
+    fn charge_write(&self, n: u64) -> Result<(), ToolError> {
+        let before = self.written.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.max_write_bytes {
+            self.written.fetch_sub(n, Ordering::Relaxed);
+            return Err(ToolError::new(
+                "write_limit",
+                format!(
+                    "this VM may write at most {} bytes in all (--max-write-bytes); {before} are written",
+                    self.max_write_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses access to this host file (by identity, so a hard link or another
@@ -255,8 +293,8 @@ impl FsService {
         }
     }
 
-    fn check_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
-        if self.protected.contains(&(st.st_dev, st.st_ino)) {
+    fn check_protected(&self, p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
+        if self.protected.contains(&identity(st)) {
             return Err(ToolError::new(
                 "protected",
                 format!("{} is protected (the audit log or the policy)", p.display()),
@@ -266,9 +304,9 @@ impl FsService {
     }
 
     /// For a move or a delete: the entry itself, or a folder holding a protected file.
-    fn check_tree_protected(&self, p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+    fn check_tree_protected(&self, p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
         self.check_protected(p, st)?;
-        if self.holders.contains(&(st.st_dev, st.st_ino)) {
+        if self.holders.contains(&identity(st)) {
             return Err(ToolError::new(
                 "protected",
                 format!(
@@ -389,6 +427,11 @@ impl FsService {
                 "give either offset or append, not both",
             ));
         }
+        check_depth(&p)?;
+        let end = offset.unwrap_or(0).saturating_add(bytes.len() as u64);
+        if end > MAX_FILE_SIZE {
+            return Err(too_big(&p));
+        }
         if a.opt_bool("create_dirs")?.unwrap_or(false) {
             if let Some((parent, _)) = p.split() {
                 self.mkdir_p(&parent)?;
@@ -402,6 +445,10 @@ impl FsService {
         let st = sys::fstat(fd.as_fd()).map_err(|e| io_error(&p, e))?;
         require_regular(&p, &st)?;
         self.check_protected(&p, &st)?;
+        if append && (st.st_size.max(0) as u64).saturating_add(bytes.len() as u64) > MAX_FILE_SIZE {
+            return Err(too_big(&p));
+        }
+        self.charge_write(bytes.len() as u64)?;
         // Truncate only after the regular-file check, never through O_TRUNC.
         if !append && offset.is_none() {
             sys::ftruncate(fd.as_fd(), 0).map_err(|e| io_error(&p, e))?;
@@ -416,15 +463,26 @@ impl FsService {
     }
 
     fn list(&self, args: &Value) -> Result<Value, ToolError> {
-        let a = Args::new(args, &["path"])?;
+        let a = Args::new(args, &["path", "offset", "limit"])?;
         let p = GuestPath::parse(a.str("path")?)?;
+        let offset = a.opt_u64("offset")?.unwrap_or(0);
+        let limit = a.opt_u64("limit")?.unwrap_or(MAX_LIST as u64);
+        if limit == 0 || limit > MAX_LIST as u64 {
+            return Err(ToolError::new(
+                "invalid_arguments",
+                format!("limit must be from 1 to {MAX_LIST}"),
+            ));
+        }
         let fd = self.open_at(&p, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         let stat_dir = fd.try_clone().map_err(|e| io_error(&p, e))?;
         let (mut names, truncated) =
-            sys::read_dir_names(fd, MAX_LIST).map_err(|e| io_error(&p, e))?;
+            sys::read_dir_names(fd, MAX_LIST_SCAN).map_err(|e| io_error(&p, e))?;
         names.sort();
-        let mut entries = Vec::with_capacity(names.len());
-        for name in &names {
+        let total = names.len();
+        let from = (offset.min(total as u64)) as usize;
+        let to = from.saturating_add(limit as usize).min(total);
+        let mut entries = Vec::with_capacity(to - from);
+        for name in &names[from..to] {
             // An entry removed since readdir is simply skipped.
             let Ok(st) = sys::fstatat_nofollow(stat_dir.as_fd(), name) else {
                 continue;
@@ -437,6 +495,10 @@ impl FsService {
         }
         let mut out = Map::new();
         out.insert("entries".into(), Value::Array(entries));
+        out.insert("total".into(), total.into());
+        if to < total {
+            out.insert("next_offset".into(), to.into());
+        }
         if truncated {
             out.insert("truncated".into(), Value::Bool(true));
         }
@@ -451,7 +513,7 @@ impl FsService {
         Ok(json!({
             "kind": kind_of(&st),
             "size": st.st_size.max(0),
-            "modified": crate::audit::rfc3339_ns(st.st_mtime, st.st_mtime_nsec),
+            "modified": crate::audit::rfc3339_ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
         }))
     }
 
@@ -464,6 +526,7 @@ impl FsService {
 
     /// Creates `p` and its missing parents, each one beneath the root.
     fn mkdir_p(&self, p: &GuestPath) -> Result<(), ToolError> {
+        check_depth(p)?;
         let mut prefix = GuestPath { rel: String::new() };
         for comp in p.rel.split('/').filter(|c| !c.is_empty()) {
             let parent = self.open_dir_path(&prefix)?;
@@ -501,6 +564,26 @@ impl FsService {
         let st =
             sys::fstatat_nofollow(from_dir.as_fd(), &from_name).map_err(|e| io_error(&from, e))?;
         self.check_tree_protected(&from, &st)?;
+        // A folder moved deeper takes its whole tree down with it.
+        if to.depth() > from.depth() {
+            let room = MAX_DEPTH.saturating_sub(to.depth());
+            let inner = if kind_of(&st) == "dir" {
+                let fd = self.open_at(&from, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+                tree_height(fd, room + 1).map_err(|e| io_error(&from, e))?
+            } else {
+                0
+            };
+            if to.depth() + inner > MAX_DEPTH {
+                return Err(ToolError::new(
+                    "too_deep",
+                    format!(
+                        "moving {} to {} would make paths deeper than {MAX_DEPTH} folders",
+                        from.display(),
+                        to.display()
+                    ),
+                ));
+            }
+        }
         sys::rename_noreplace(from_dir.as_fd(), &from_name, to_dir.as_fd(), &to_name).map_err(
             |e| match e.raw_os_error() {
                 Some(libc::EEXIST) => {
@@ -574,6 +657,51 @@ impl FsService {
     }
 }
 
+fn too_big(p: &GuestPath) -> ToolError {
+    ToolError::new(
+        "too_large",
+        format!(
+            "{} would grow past {MAX_FILE_SIZE} bytes, the largest file fs.write makes",
+            p.display()
+        ),
+    )
+}
+
+fn check_depth(p: &GuestPath) -> Result<(), ToolError> {
+    if p.depth() > MAX_DEPTH {
+        return Err(ToolError::new(
+            "too_deep",
+            format!("{} is deeper than {MAX_DEPTH} folders", p.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// How many levels of folders lie below `dir` (0: none), counting no further than
+/// `limit`: enough to tell whether a move would pass MAX_DEPTH.
+fn tree_height(dir: OwnedFd, limit: usize) -> io::Result<usize> {
+    if limit == 0 {
+        return Ok(0);
+    }
+    let probe = dir.try_clone()?;
+    let (names, _) = sys::read_dir_names(dir, MAX_LIST_SCAN)?;
+    let mut best = 0;
+    for name in &names {
+        let Ok(st) = sys::fstatat_nofollow(probe.as_fd(), name) else {
+            continue;
+        };
+        if kind_of(&st) != "dir" {
+            continue;
+        }
+        let sub = sys::open_beneath(probe.as_fd(), name, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        best = best.max(1 + tree_height(sub, limit - 1)?);
+        if best >= limit {
+            break;
+        }
+    }
+    Ok(best)
+}
+
 fn no_trash() -> ToolError {
     ToolError::new(
         "trash_unavailable",
@@ -603,7 +731,13 @@ impl Service for FsService {
     }
 }
 
-fn kind_of(st: &libc::stat) -> &'static str {
+/// (device, inode): what a file is, whatever its name.
+fn identity(st: &sys::Stat) -> (u64, u64) {
+    // x86_64 (the only target): both fields are u64.
+    (st.st_dev, st.st_ino)
+}
+
+fn kind_of(st: &sys::Stat) -> &'static str {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => "file",
         libc::S_IFDIR => "dir",
@@ -612,7 +746,7 @@ fn kind_of(st: &libc::stat) -> &'static str {
     }
 }
 
-fn require_regular(p: &GuestPath, st: &libc::stat) -> Result<(), ToolError> {
+fn require_regular(p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
     match kind_of(st) {
         "file" => Ok(()),
         "dir" => Err(ToolError::new(
@@ -735,5 +869,64 @@ mod tests {
         assert_eq!(rel("/..").unwrap_err().kind, "invalid_path");
         assert_eq!(rel("/workspacex/a").unwrap_err().kind, "outside_root");
         assert_eq!(rel("a\0b").unwrap_err().kind, "invalid_path");
+    }
+
+    use proptest::prelude::*;
+
+    fn spelling() -> impl Strategy<Value = String> {
+        let comp = prop::sample::select(vec![
+            "a",
+            "b",
+            "..",
+            ".",
+            "",
+            "workspace",
+            "c d",
+            "é",
+            ".git",
+        ]);
+        (any::<bool>(), prop::collection::vec(comp, 0..8)).prop_map(|(abs, cs)| {
+            let body = cs.join("/");
+            if abs {
+                format!("/workspace/{body}")
+            } else {
+                body
+            }
+        })
+    }
+
+    proptest! {
+        /// The path the engine decided is the path the service opened: a file
+        /// written under any spelling lands at the host path of the engine's
+        /// normalised form, and the service refuses exactly what lies outside it.
+        #[test]
+        fn the_service_opens_the_decided_path(s in spelling()) {
+            let decided = norm::path(&s).map(|c| c.into_owned());
+            let parsed = GuestPath::parse(&s);
+            match (&decided, &parsed) {
+                (Some(d), Ok(g)) => prop_assert_eq!(d, &g.display()),
+                (Some(d), Err(e)) => prop_assert!(
+                    !norm::path_under(d, GUEST_ROOT) || s.is_empty(),
+                    "{} refused: {:?}", d, e
+                ),
+                (None, Ok(g)) => prop_assert!(false, "{} accepted as {}", s, g.display()),
+                (None, Err(_)) => {}
+            }
+            if let (Some(d), Ok(g)) = (&decided, &parsed) {
+                if g.is_root() {
+                    return Ok(());
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let fs = FsService::open(dir.path()).unwrap();
+                let r = fs.call(
+                    "fs.write",
+                    &json!({"path": s, "content": "x", "create_dirs": true}),
+                );
+                let host = dir.path().join(&d[GUEST_ROOT.len() + 1..]);
+                if r.is_ok() {
+                    prop_assert_eq!(std::fs::read_to_string(&host).unwrap(), "x");
+                }
+            }
+        }
     }
 }
