@@ -24,5 +24,8 @@ scripts/kvm-host/selftest.sh
 KVM_HOST_ARGS="--share $(dirname "$kernel") --cpus 2 --timeout 2400" \
     scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test boot_endings --test gate_vm --test approvals_vm --test kvm_smoke -- --include-ignored --test-threads=1
 
+say "slow suite: IMAP against a real Dovecot on loopback"
+cargo test -p ironvmm-gate --test mail -- --include-ignored 2>&1
+
 say "booting suite: images under QEMU TCG (no KVM; natively, where QEMU and cargo are)"
 cargo test -p ironvmm --test image_boot_qemu -- --include-ignored --test-threads=1 2>&1

@@ -25,7 +25,7 @@ pub mod report;
 // The gate, its services and the audit log live in `ironvmm-gate` (no KVM, no
 // guest memory); the wire constants in `ironvmm-wire`. Re-exported so that
 // `ironvmm::gate` and friends name one thing wherever they are used.
-pub use ironvmm_gate::{approvals, audit, gate, json, services};
+pub use ironvmm_gate::{approvals, audit, config, gate, json, services};
 pub use ironvmm_wire::exit;
 pub mod timing;
 pub mod vm_event;

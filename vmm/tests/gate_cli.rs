@@ -389,7 +389,18 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
             "fs.stat",
             "fs.mkdir",
             "fs.move",
-            "fs.delete"
+            "fs.delete",
+            "mail.list",
+            "mail.read",
+            "mail.search",
+            "mail.send",
+            "mail.move",
+            "mail.delete",
+            "mail.purge",
+            "http.fetch",
+            "net.connect",
+            "net.http",
+            "llm.chat"
         ]
     );
     assert_eq!(
@@ -517,4 +528,62 @@ fn denial(reply: &Value) -> &Value {
     let d = &reply["result"]["structuredContent"];
     assert_eq!(d["decision"], "deny", "{reply}");
     d
+}
+
+#[test]
+fn config_file_configures_the_services_and_unknown_keys_are_named() {
+    let e = env();
+    let bad = e.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[htpp]\ntimeout_secs = 3\n").unwrap();
+    let (code, r, err) = stdio(&e, &["--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(r.is_empty());
+    assert!(
+        err.contains("unknown key `htpp` (did you mean `http`?)"),
+        "{err}"
+    );
+
+    // The example file, its secrets in the environment: mail is served from the
+    // example Maildir, and only what the policy allows is listed.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ironvmm.toml");
+    let policy = e.dir.path().join("mail.rules");
+    std::fs::write(
+        &policy,
+        "version 1\nallow mail.list\nallow mail.read\ndefault deny\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
+    cmd.arg("gate")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--config")
+        .arg(&example)
+        .arg("--audit")
+        .arg(&e.audit)
+        .arg("--stdio")
+        .env("IRONVMM_SMTP_PASSWORD", "not-used-here")
+        .env("GITHUB_TOKEN", "not-used-here");
+    let input = [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.to_string(),
+        call(2, "mail.list", json!({})),
+    ]
+    .join("\n")
+        + "\n";
+    let (code, r, err) = stdio_raw(cmd, input.as_bytes());
+    assert_eq!(code, Some(0), "{err}");
+    let mut names: Vec<&str> = r[0]["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["mail.list", "mail.read"]);
+    let list = &r[1]["result"]["structuredContent"];
+    assert_eq!(list["total"], 2, "{}", r[1]);
+    assert!(list["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["from"]["email"].is_string()));
 }

@@ -67,6 +67,7 @@ impl Service for Held {
             input_schema: json!({"type": "object", "properties": {"hold": {"type": "boolean"}}}),
             roles: &[],
             aliases: &[],
+            reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
         }]
     }
     fn call(&self, _: &str, args: &Value) -> Result<Value, ToolError> {

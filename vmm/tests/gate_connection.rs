@@ -433,6 +433,7 @@ fn decision_is_durable_before_the_service_runs() {
                 input_schema: json!({"type": "object", "properties": {"n": {"type": "integer"}}}),
                 roles: &[],
                 aliases: &[],
+                reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
             }]
         }
         fn call(&self, _: &str, args: &Value) -> Result<Value, ToolError> {
@@ -561,6 +562,7 @@ fn a_panicking_service_is_an_error_outcome_not_a_crash() {
                 input_schema: json!({"type": "object"}),
                 roles: &[],
                 aliases: &[],
+                reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
             }]
         }
         fn call(&self, _: &str, _: &Value) -> Result<Value, ToolError> {

@@ -70,6 +70,7 @@ impl Service for Crash {
             input_schema: json!({"type": "object", "additionalProperties": false}),
             roles: &[],
             aliases: &[],
+            reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
         }]
     }
     fn call(&self, _: &str, _: &Value) -> Result<Value, ToolError> {

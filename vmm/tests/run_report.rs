@@ -226,6 +226,7 @@ fn max_calls_denies_the_next_call_stops_and_the_log_closes() {
     let cfg = GateConfig {
         policy: e.policy.clone(),
         workspace: Some(e.workspace.clone()),
+        config: ironvmm_gate::config::Config::default(),
         audit: Some(e.audit.clone()),
         audit_key: None,
         audit_budget: ironvmm::audit::DEFAULT_AUDIT_BUDGET,

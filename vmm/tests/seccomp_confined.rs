@@ -45,6 +45,7 @@ fn gate_config(dir: &std::path::Path, sync: SyncMode) -> GateConfig {
     GateConfig {
         policy: dir.join("p.rules"),
         workspace: Some(dir.join("ws")),
+        config: ironvmm_gate::config::Config::default(),
         audit: Some(dir.join("audit.jsonl")),
         audit_key: None,
         audit_budget: ironvmm::audit::DEFAULT_AUDIT_BUDGET,

@@ -60,6 +60,7 @@ impl Scratch {
             let cfg = GateConfig {
                 policy: self.dir.join("p.rules"),
                 workspace: Some(self.dir.join("ws")),
+                config: ironvmm_gate::config::Config::default(),
                 audit: Some(self.dir.join(format!("audit-{}.jsonl", self.n))),
                 audit_key: Some(self.dir.join(format!("audit-{}.key", self.n))),
                 audit_budget: u64::MAX,

@@ -12,6 +12,7 @@
 
 pub mod approvals;
 pub mod audit;
+pub mod config;
 pub mod gate;
 pub mod json;
 pub mod services;

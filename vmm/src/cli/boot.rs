@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
 use crate::builder::Machine;
+use crate::config::Config;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
 use crate::devices::vsock::VsockConfig;
@@ -43,6 +44,9 @@ pub struct BootArgs {
     /// Host folder the fs service serves to the guest as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Snapshot SRC into the guest's RAM at GUESTPATH (default /work); no per-file decisions.
     #[arg(long = "copy-in", value_name = "SRC[:GUESTPATH]")]
     pub copy_in: Vec<String>,
@@ -390,9 +394,17 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     }
 
     // The policy and the audit log come before the VM: a VM never runs ungated.
+    let config = match &a.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
+        },
+        None => Config::default(),
+    };
     let mut gate_cfg = GateConfig {
         policy: a.policy.clone(),
         workspace: a.workspace.clone(),
+        config,
         audit: a.audit.clone(),
         audit_key: a.audit_key.clone(),
         audit_budget: a.audit_budget,

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::audit::{AuditLog, SyncMode};
 use crate::cli::boot::InflightArgs;
+use crate::config::Config;
 use crate::exit;
 use crate::gate::frame::DEFAULT_MAX_FRAME;
 use crate::gate::setup::{self, GateConfig};
@@ -31,6 +32,9 @@ pub struct GateArgs {
     /// Host folder served by the fs service as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Audit log [default: $XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl].
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
@@ -80,9 +84,14 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     // Block the stop signals in every thread; one thread waits for them and writes
     // the close record before exiting.
     let sigs = stop_signals();
+    let config = match &args.config {
+        Some(p) => Config::load(p).map_err(|e| (exit::VMM_ERROR, e.to_string()))?,
+        None => Config::default(),
+    };
     let mut cfg = GateConfig {
         policy: args.policy.clone(),
         workspace: args.workspace.clone(),
+        config,
         audit: args.audit.clone(),
         audit_key: args.audit_key.clone(),
         audit_budget: args.audit_budget,

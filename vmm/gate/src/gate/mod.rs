@@ -15,6 +15,7 @@ pub mod approver;
 pub mod budget;
 pub mod connection;
 pub mod decide;
+pub mod followup;
 pub mod frame;
 pub mod inflight;
 pub mod policy;

@@ -8,11 +8,15 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::budget::{Budgeted, CallBudget};
+use super::followup::GateDecide;
 use super::{Decider, Gate, GateLimits};
 use crate::approvals::live::LiveDecider;
 use crate::approvals::LivePolicy;
 use crate::audit::{self, AuditLog, SyncMode};
+use crate::config::Config;
 use crate::services::fs::{FsService, GUEST_ROOT};
+use crate::services::http::HttpService;
+use crate::services::mail::MailService;
 use crate::services::Services;
 use ironvmm_wire::exit;
 
@@ -20,7 +24,10 @@ use ironvmm_wire::exit;
 #[derive(Debug, Clone)]
 pub struct GateConfig {
     pub policy: PathBuf,
+    /// `--workspace`; without it, `[workspace] dir` of the configuration.
     pub workspace: Option<PathBuf>,
+    /// `ironvmm.toml` (`--config`), already loaded; the default configures nothing.
+    pub config: Config,
     /// None: `audit::default_path(vm)`.
     pub audit: Option<PathBuf>,
     /// The audit key file; None: `<audit log>.key`. Never inside the workspace.
@@ -81,7 +88,21 @@ pub fn open_gate_with(
 ) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
-    let fs = match &cfg.workspace {
+    let workspace = cfg
+        .workspace
+        .clone()
+        .or_else(|| cfg.config.workspace.as_ref().map(|w| w.dir.clone()));
+    if !cfg.config.mcp.is_empty() {
+        return Err(fail(
+            exit::VMM_ERROR,
+            "[[mcp]] servers are not served by this build yet: remove them from the configuration",
+        ));
+    }
+    let mail = match &cfg.config.mail {
+        Some(m) => Some(MailService::from_config(m).map_err(|e| fail(exit::VMM_ERROR, e))?),
+        None => None,
+    };
+    let fs = match &workspace {
         Some(dir) => Some(FsService::open(dir).map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?),
         None => None,
     };
@@ -98,7 +119,7 @@ pub fn open_gate_with(
         .audit_key
         .clone()
         .unwrap_or_else(|| audit::default_key_path(&audit_path));
-    let ws = cfg.workspace.as_ref().and_then(|w| w.canonicalize().ok());
+    let ws = workspace.as_ref().and_then(|w| w.canonicalize().ok());
     if let Some(ws) = &ws {
         // Protection by identity keeps the guest off a key in its workspace, but the
         // key is the one secret of the log: it lives where the guest has no name for it.
@@ -143,6 +164,7 @@ pub fn open_gate_with(
         learned_path(&cfg.policy),
     ];
     files.extend(live.current().files().iter().cloned());
+    files.extend(cfg.config.source.clone());
     let mut protected = Vec::new();
     for f in &files {
         protected.push(f.clone());
@@ -165,11 +187,30 @@ pub fn open_gate_with(
         }
         services.add(Box::new(svc));
     }
-    let mut decider: Box<dyn Decider> = Box::new(LiveDecider(Arc::clone(&live)));
-    if let Some(b) = budget.filter(|b| b.is_limited()) {
-        decider = Box::new(Budgeted::new(decider, b));
+    if let Some(m) = mail {
+        services.add(Box::new(m));
     }
-    let gate = Arc::new(Gate::new(decider, services, Arc::clone(&log), cfg.limits));
+    // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
+    // the http service's redirect hops included.
+    let budget = budget.filter(|b| b.is_limited());
+    let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
+        match &budget {
+            Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
+            None => d,
+        }
+    };
+    // The http service has each redirect hop decided by the same live policy.
+    let decider: Arc<dyn Decider> = Arc::from(budgeted(Box::new(LiveDecider(Arc::clone(&live)))));
+    let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
+    let http =
+        HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
+    services.add(Box::new(http));
+    let gate = Arc::new(Gate::new(
+        budgeted(Box::new(LiveDecider(Arc::clone(&live)))),
+        services,
+        Arc::clone(&log),
+        cfg.limits,
+    ));
     Ok(OpenedGate {
         gate,
         audit: log,
@@ -215,6 +256,7 @@ pub fn gate_flags(transport: &str, cfg: &GateConfig) -> Value {
     json!({
         "mode": format!("gate {transport}"),
         "workspace": cfg.workspace.as_ref().map(|p| p.display().to_string()),
+        "config": cfg.config.source.as_ref().map(|p| p.display().to_string()),
         "audit_sync": cfg.audit_sync.as_str(),
         "max_frame": cfg.limits.max_frame,
         "max_inflight_per_conn": cfg.limits.max_inflight_per_conn,

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use ironvmm_policy::norm;
 
 use super::sys;
-use super::{Service, ToolError, ToolSpec};
+use super::{Service, ToolError, ToolSpec, DEFAULT_REPLY_CAP};
 
 /// Where the root appears to the guest and to the policy: the engine's own constant.
 pub const GUEST_ROOT: &str = norm::WORKSPACE;
@@ -63,6 +63,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             ),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.write",
@@ -75,6 +76,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             ),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.list",
@@ -86,6 +88,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             ),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.stat",
@@ -93,6 +96,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.mkdir",
@@ -100,6 +104,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "path")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.move",
@@ -111,6 +116,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             // `path` in a condition means both ends, so a move is decided like a
             // read of one path and a write of the other.
             aliases: &[("path", &["from", "to"])],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
         ToolSpec {
             name: "fs.delete",
@@ -118,6 +124,7 @@ pub fn tool_specs() -> Vec<ToolSpec> {
             input_schema: obj(json!({"path": path}), &["path"]),
             roles: &[("path", "tree")],
             aliases: &[],
+            reply_cap: DEFAULT_REPLY_CAP,
         },
     ]
 }

@@ -3,6 +3,11 @@
 //! service reads the very value the policy decided on.
 
 pub mod fs;
+pub mod http;
+pub mod llm;
+pub mod mail;
+pub mod net;
+pub mod ssrf;
 mod sys;
 
 use std::collections::HashMap;
@@ -15,12 +20,20 @@ pub struct ToolSpec {
     pub name: &'static str,
     pub description: &'static str,
     pub input_schema: Value,
-    /// Top-level argument name → role (`path`, `url`, `host`, `email`).
+    /// Top-level argument name → role (`path`, `url`, `host`, `email`); an array
+    /// argument has the role applied to each element.
     pub roles: &'static [(&'static str, &'static str)],
     /// A name conditions may use for several arguments, each decided in turn
     /// (`path` → `from`, `to` on `fs.move`): see policy/src/catalog.rs.
     pub aliases: &'static [(&'static str, &'static [&'static str])],
+    /// Most bytes of the structured result a call may return: a larger one is a
+    /// `too_large` tool error, so no service can hand the guest an unbounded reply.
+    pub reply_cap: usize,
 }
+
+/// The reply cap of most tools: a reply frame stays under the 1 MiB frame limit
+/// once JSON-RPC has wrapped it.
+pub const DEFAULT_REPLY_CAP: usize = 768 * 1024;
 
 impl ToolSpec {
     /// The entry in the `--catalog` file format (policy/src/catalog.rs).
@@ -74,6 +87,13 @@ impl ToolError {
     }
 }
 
+/// A narrow handle on the gate's decider for a service that must have a follow-up
+/// action decided as a call of its own (each redirect hop of `http.fetch`). The
+/// implementation decides and audits it; `Err` is the reason it was not allowed.
+pub trait Decide: Send + Sync {
+    fn decide(&self, tool: &str, args: &Value) -> Result<(), String>;
+}
+
 /// A service: a family of tools sharing one prefix (`fs.`).
 pub trait Service: Send + Sync {
     fn tools(&self) -> Vec<ToolSpec>;
@@ -112,20 +132,57 @@ impl Services {
         self.by_tool.contains_key(tool)
     }
 
+    /// Serves an allowed call, holding its result to the tool's reply cap.
     pub fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
-        match self.by_tool.get(tool) {
-            Some(&i) => self.services[i].call(tool, args),
-            None => Err(ToolError::new(
+        let Some(&i) = self.by_tool.get(tool) else {
+            return Err(ToolError::new(
                 "unknown_tool",
                 format!("no service here offers {tool:?}"),
-            )),
+            ));
+        };
+        let v = self.services[i].call(tool, args)?;
+        let cap = self
+            .specs
+            .iter()
+            .find(|s| s.name == tool)
+            .map_or(DEFAULT_REPLY_CAP, |s| s.reply_cap);
+        let size = json_size(&v);
+        if size > cap {
+            return Err(ToolError::new(
+                "too_large",
+                format!("the reply of {tool} is {size} bytes, over its cap of {cap}"),
+            ));
         }
+        Ok(v)
     }
 }
 
-/// Every tool compiled into ironvmm, whatever a given run configures.
+/// Bytes of `v` as compact JSON, counted without building the text.
+fn json_size(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+/// Every tool compiled into ironvmm, whatever a given run configures. `tools/list`,
+/// `ironvmm tools`, `policy check --catalog builtin` and the compiler all read this.
 pub fn builtin_specs() -> Vec<ToolSpec> {
-    fs::tool_specs()
+    let mut v = fs::tool_specs();
+    v.extend(mail::tool_specs());
+    v.extend(http::tool_specs());
+    v.extend(net::tool_specs());
+    v.extend(llm::tool_specs());
+    v
 }
 
 /// The builtin catalog as the `--catalog` file's JSON (`ironvmm tools --json`).

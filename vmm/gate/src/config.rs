@@ -1,0 +1,557 @@
+//! `ironvmm.toml` (`--config`): what the services of a gate are configured with.
+//!
+//! The file is checked against the known keys before anything is read, so a typo
+//! is an error that names the key and suggests the nearest known one, instead of a
+//! setting silently ignored. `[llm]`, `[lists]` and `[compile]` belong to the policy
+//! compiler, which reads and checks them itself; here they are only known tables.
+//! Secrets never appear in the file: it names the environment variables that hold
+//! them (`value_env`, `password_env`), so it can be committed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::services::ssrf::Cidr;
+
+/// Largest configuration file read.
+const MAX_CONFIG: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: unknown key `{key}`{}", suggestion.as_ref().map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default())]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        suggestion: Option<String>,
+    },
+    #[error("{path}: `{key}` must be a {expected}")]
+    NotATable {
+        path: PathBuf,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole file. Every table is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub workspace: Option<WorkspaceConfig>,
+    #[serde(default)]
+    pub mail: Option<MailConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub net: NetConfig,
+    #[serde(default)]
+    pub mcp: Vec<McpServerConfig>,
+    // The compiler's tables: known here, read by the compiler.
+    #[serde(default)]
+    pub llm: Option<toml::Table>,
+    #[serde(default)]
+    pub lists: Option<toml::Table>,
+    #[serde(default)]
+    pub compile: Option<toml::Table>,
+    /// The file it was loaded from (None: no `--config`).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceConfig {
+    /// The host folder served as /workspace (`--workspace` wins over it).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailBackend {
+    Maildir,
+    Imap,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailConfig {
+    pub backend: MailBackend,
+    /// The Maildir++ root (INBOX is the root, other folders `.Name`).
+    pub maildir: Option<PathBuf>,
+    /// The sender of `mail.send`, e.g. `"Ada <ada@example.org>"`.
+    pub from: String,
+    #[serde(default = "default_sent")]
+    pub sent_folder: String,
+    #[serde(default = "default_trash")]
+    pub trash_folder: String,
+    /// Most bytes of body text one `mail.read` returns.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    pub smtp: Option<SmtpConfig>,
+    pub imap: Option<ImapConfig>,
+}
+
+fn default_sent() -> String {
+    "Sent".into()
+}
+fn default_trash() -> String {
+    "Trash".into()
+}
+fn default_max_body() -> usize {
+    256 * 1024
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// TLS from the first byte (port 465 / 993).
+    Tls,
+    /// Plain, then STARTTLS, which is required (port 587).
+    Starttls,
+    /// No TLS at all: only for a server on loopback (tests, a local relay).
+    Plain,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: Option<u16>,
+    #[serde(default = "default_starttls")]
+    pub security: Security,
+    pub username: Option<String>,
+    /// The environment variable holding the password.
+    pub password_env: Option<String>,
+    #[serde(default = "default_mail_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_starttls() -> Security {
+    Security::Starttls
+}
+fn default_tls() -> Security {
+    Security::Tls
+}
+fn default_mail_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapConfig {
+    pub host: String,
+    pub port: Option<u16>,
+    #[serde(default = "default_tls")]
+    pub security: Security,
+    pub username: String,
+    pub password_env: String,
+    #[serde(default = "default_mail_timeout")]
+    pub timeout_secs: u64,
+    /// A PEM file of CA certificates trusted besides the web PKI (a private server).
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_http_timeout")]
+    pub timeout_secs: u64,
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: u32,
+    /// Address ranges the SSRF guard lets through (e.g. `["127.0.0.1/32"]`).
+    #[serde(default)]
+    pub allow_addresses: Vec<String>,
+    #[serde(default)]
+    pub secret: Vec<HttpSecret>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout_secs: default_http_timeout(),
+            max_response_bytes: default_max_response(),
+            max_redirects: default_max_redirects(),
+            allow_addresses: Vec::new(),
+            secret: Vec::new(),
+        }
+    }
+}
+
+fn default_http_timeout() -> u64 {
+    30
+}
+fn default_max_response() -> usize {
+    512 * 1024
+}
+fn default_max_redirects() -> u32 {
+    5
+}
+
+/// A header the host adds to requests for one host; the guest never sees it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSecret {
+    pub host: String,
+    pub header: String,
+    /// The environment variable holding the value.
+    pub value_env: String,
+    /// Put before the value, e.g. `"Bearer "`.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Address ranges the SSRF guard lets through for `net.*`.
+    #[serde(default)]
+    pub allow_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    pub name: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// `"tool.argument" = "path"`: roles of the server's arguments.
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+}
+
+/// The shape of the file, for the key check.
+enum Shape {
+    Value,
+    /// Checked by whoever reads it.
+    Opaque,
+    Table(&'static [(&'static str, Shape)]),
+    TableArray(&'static [(&'static str, Shape)]),
+}
+
+const SMTP: &[(&str, Shape)] = &[
+    ("host", Shape::Value),
+    ("port", Shape::Value),
+    ("security", Shape::Value),
+    ("username", Shape::Value),
+    ("password_env", Shape::Value),
+    ("timeout_secs", Shape::Value),
+];
+const IMAP: &[(&str, Shape)] = &[
+    ("host", Shape::Value),
+    ("port", Shape::Value),
+    ("security", Shape::Value),
+    ("username", Shape::Value),
+    ("password_env", Shape::Value),
+    ("timeout_secs", Shape::Value),
+    ("ca_file", Shape::Value),
+];
+const MAIL: &[(&str, Shape)] = &[
+    ("backend", Shape::Value),
+    ("maildir", Shape::Value),
+    ("from", Shape::Value),
+    ("sent_folder", Shape::Value),
+    ("trash_folder", Shape::Value),
+    ("max_body_bytes", Shape::Value),
+    ("smtp", Shape::Table(SMTP)),
+    ("imap", Shape::Table(IMAP)),
+];
+const SECRET: &[(&str, Shape)] = &[
+    ("host", Shape::Value),
+    ("header", Shape::Value),
+    ("value_env", Shape::Value),
+    ("prefix", Shape::Value),
+];
+const HTTP: &[(&str, Shape)] = &[
+    ("timeout_secs", Shape::Value),
+    ("max_response_bytes", Shape::Value),
+    ("max_redirects", Shape::Value),
+    ("allow_addresses", Shape::Value),
+    ("secret", Shape::TableArray(SECRET)),
+];
+const MCP: &[(&str, Shape)] = &[
+    ("name", Shape::Value),
+    ("command", Shape::Value),
+    ("args", Shape::Value),
+    ("env", Shape::Opaque),
+    ("timeout_secs", Shape::Value),
+    ("roles", Shape::Opaque),
+];
+const TOP: &[(&str, Shape)] = &[
+    ("workspace", Shape::Table(&[("dir", Shape::Value)])),
+    ("mail", Shape::Table(MAIL)),
+    ("http", Shape::Table(HTTP)),
+    ("net", Shape::Table(&[("allow_addresses", Shape::Value)])),
+    ("mcp", Shape::TableArray(MCP)),
+    ("llm", Shape::Opaque),
+    ("lists", Shape::Opaque),
+    ("compile", Shape::Opaque),
+];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let read = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        if meta.len() > MAX_CONFIG {
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        let mut cfg = Config::parse(&text, path)?;
+        cfg.source = Some(path.to_path_buf());
+        // Relative paths in the file are relative to the file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(ws) = cfg.workspace.as_mut() {
+            rebase(&mut ws.dir);
+        }
+        if let Some(m) = cfg.mail.as_mut() {
+            m.maildir.as_mut().map(rebase);
+            if let Some(ca) = m.imap.as_mut().and_then(|i| i.ca_file.as_mut()) {
+                rebase(ca);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and checks the text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        check_keys(&table, TOP, "", path)?;
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.message().to_string(),
+            })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if let Some(m) = &self.mail {
+            match m.backend {
+                MailBackend::Maildir if m.maildir.is_none() => {
+                    return Err(bad("mail: backend \"maildir\" needs `maildir`".into()))
+                }
+                MailBackend::Imap if m.imap.is_none() => {
+                    return Err(bad(
+                        "mail: backend \"imap\" needs a [mail.imap] table".into()
+                    ))
+                }
+                _ => {}
+            }
+            for (k, f) in [
+                ("sent_folder", &m.sent_folder),
+                ("trash_folder", &m.trash_folder),
+            ] {
+                crate::services::mail::check_folder(f)
+                    .map_err(|e| bad(format!("mail.{k}: {}", e.message)))?;
+            }
+        }
+        for (k, list) in [
+            ("http.allow_addresses", &self.http.allow_addresses),
+            ("net.allow_addresses", &self.net.allow_addresses),
+        ] {
+            for a in list {
+                a.parse::<Cidr>().map_err(|e| bad(format!("{k}: {e}")))?;
+            }
+        }
+        for (i, s) in self.http.secret.iter().enumerate() {
+            if s.host.is_empty() || s.header.is_empty() || s.value_env.is_empty() {
+                return Err(bad(format!(
+                    "http.secret[{i}]: host, header and value_env must not be empty"
+                )));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in self.mcp.iter().enumerate() {
+            if !m
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+                || m.name.is_empty()
+            {
+                return Err(bad(format!(
+                    "mcp[{i}].name `{}`: expected lowercase [a-z0-9_-]",
+                    m.name
+                )));
+            }
+            if !names.insert(&m.name) {
+                return Err(bad(format!("mcp[{i}].name `{}` is used twice", m.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The SSRF guard's allowed ranges for `http` (checked by `parse`).
+    pub fn http_allowed(&self) -> Vec<Cidr> {
+        self.http
+            .allow_addresses
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+}
+
+fn check_keys(
+    table: &toml::Table,
+    shape: &'static [(&'static str, Shape)],
+    prefix: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for (k, v) in table {
+        let full = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let Some((_, s)) = shape.iter().find(|(n, _)| n == k) else {
+            let suggestion = shape
+                .iter()
+                .map(|(n, _)| (strsim::jaro_winkler(n, k), *n))
+                .filter(|(score, _)| *score > 0.7)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, n)| {
+                    if prefix.is_empty() {
+                        n.to_string()
+                    } else {
+                        format!("{prefix}.{n}")
+                    }
+                });
+            return Err(ConfigError::UnknownKey {
+                path: path.to_path_buf(),
+                key: full,
+                suggestion,
+            });
+        };
+        let not = |expected| ConfigError::NotATable {
+            path: path.to_path_buf(),
+            key: full.clone(),
+            expected,
+        };
+        match s {
+            Shape::Value | Shape::Opaque => {}
+            Shape::Table(inner) => {
+                let t = v.as_table().ok_or_else(|| not("table"))?;
+                check_keys(t, inner, &full, path)?;
+            }
+            Shape::TableArray(inner) => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| not("array of tables ([[...]])"))?;
+                for (i, item) in a.iter().enumerate() {
+                    let t = item
+                        .as_table()
+                        .ok_or_else(|| not("array of tables ([[...]])"))?;
+                    check_keys(t, inner, &format!("{full}[{i}]"), path)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_nearest_known_one() {
+        assert_eq!(
+            err("[htpp]\n"),
+            "t.toml: unknown key `htpp` (did you mean `http`?)"
+        );
+        assert_eq!(
+            err("[[http.secret]]\nhots = \"a\"\n"),
+            "t.toml: unknown key `http.secret[0].hots` (did you mean `http.secret[0].host`?)"
+        );
+        assert_eq!(
+            err("[mail.smtp]\nhost='x'\npasword_env='P'\n"),
+            "t.toml: unknown key `mail.smtp.pasword_env` (did you mean `mail.smtp.password_env`?)"
+        );
+        assert_eq!(err("zzzzzz = 1\n"), "t.toml: unknown key `zzzzzz`");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = err("[http]\nallow_addresses = [\"127.0.0.1/40\"]\n");
+        assert!(
+            e.contains("http.allow_addresses") && e.contains("prefix"),
+            "{e}"
+        );
+        let e = err("[mail]\nbackend = \"maildir\"\nfrom = \"a@b\"\n");
+        assert!(e.contains("needs `maildir`"), "{e}");
+        let e = err("[mail]\nbackend = \"pop3\"\nfrom = \"a@b\"\n");
+        assert!(e.contains("pop3"), "{e}");
+        let e = err("http = 3\n");
+        assert!(e.contains("`http` must be a table"), "{e}");
+        let e = err("[mail]\nbackend='maildir'\nmaildir='m'\nfrom='a@b'\ntrash_folder='../x'\n");
+        assert!(e.contains("mail.trash_folder"), "{e}");
+    }
+
+    #[test]
+    fn compiler_tables_are_known_and_left_to_the_compiler() {
+        let c = Config::parse(
+            "[llm]\nmodel = \"m\"\nanything = 1\n[lists]\nx = [\"a\"]\n[compile]\ny = 2\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(c.llm.is_some() && c.mail.is_none());
+        assert_eq!(c.http.max_redirects, 5);
+    }
+
+    #[test]
+    fn the_example_file_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ironvmm.toml");
+        let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        let m = c.mail.as_ref().unwrap();
+        assert_eq!(m.backend, MailBackend::Maildir);
+        assert!(
+            m.maildir.as_ref().unwrap().is_absolute()
+                || m.maildir.as_ref().unwrap().starts_with(p.parent().unwrap())
+        );
+        assert_eq!(c.http.secret[0].host, "api.github.com");
+        assert!(!c.http_allowed().is_empty());
+        assert!(c.llm.is_some());
+    }
+}
