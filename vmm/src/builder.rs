@@ -99,6 +99,11 @@ impl Machine {
         let handle = thread::Builder::new()
             .name("vsock".into())
             .spawn(move || {
+                // Confined before it reads the first queue the guest wrote.
+                if let Err(e) = ironvmm_seccomp::install(ironvmm_seccomp::ThreadRole::Device) {
+                    let _ = events.send(VmEvent::Fatal(e.to_string()));
+                    return;
+                }
                 // The device thread ending (an error, or a panic in a handler) leaves the
                 // guest without its gate: stop the VM rather than let calls hang.
                 let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -7,16 +7,20 @@
 //!   (knows no KVM)
 //! - `builder`  wires the devices to the VM: the one module that knows both
 //! - `gate_ports` the vsock ports the gate serves (the devices ↔ gate seam)
+//! - `hardening` the process settings of a VMM (no_new_privs, fds, rlimits)
 //! - `gate`, `services`, `audit`: the `ironvmm-gate` crate, re-exported
 //! - `image`    guest.img: manifest, tar, cpio
+//! - `report`   what `ironvmm run` tells CI: run report, JUnit, summary
 //! - `cli`      the `ironvmm` command line
 
 pub mod builder;
 pub mod cli;
 pub mod devices;
 pub mod gate_ports;
+pub mod hardening;
 pub mod image;
 pub mod kvm;
+pub mod report;
 
 // The gate, its services and the audit log live in `ironvmm-gate` (no KVM, no
 // guest memory); the wire constants in `ironvmm-wire`. Re-exported so that

@@ -443,3 +443,95 @@ exit 0
         "every tools/call is audited, the unknown tool too"
     );
 }
+
+/// `ironvmm run` end to end: a guest that makes calls unattended, an ask denied
+/// as non-interactive, `--max-calls` reached (the VM stops with 125), and the
+/// report, JUnit and summary agreeing with the closed, verifiable audit log.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn run_reports_denials_and_stops_at_max_calls() {
+    let tmp = scratch("run");
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("ws")).unwrap();
+    std::fs::write(dir.join("ws/hello.txt"), "hello\n").unwrap();
+    let policy = POLICY.replace(
+        "default deny",
+        "ask fs.delete \"ask the owner\"\ndefault deny",
+    );
+    std::fs::write(dir.join("p.rules"), policy).unwrap();
+    let script = r#"
+iron call fs.read '{"path":"/workspace/hello.txt"}'; echo "c1=$?"
+iron call fs.write '{"path":"/workspace/hello.txt","content":"x"}' 2>/dev/null; echo "c2=$?"
+iron call fs.delete '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c3=$?"
+iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c4=$?"
+iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c5=$?"
+sleep 30
+"#;
+    std::fs::write(dir.join("agent.sh"), script).unwrap();
+    let img = dir.join("agent.img");
+    let o = Command::new(ironvmm())
+        .args(["image", "build", "--kernel"])
+        .arg(kernel())
+        .arg("--add")
+        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
+        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(ironvmm())
+        .arg("run")
+        .arg("--policy")
+        .arg(dir.join("p.rules"))
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"))
+        .arg("--report")
+        .arg(dir.join("r.json"))
+        .arg("--junit")
+        .arg(dir.join("r.xml"))
+        .arg("--summary")
+        .arg(dir.join("s.md"))
+        .args(["--max-calls", "4", "--timeout", "600s", "--console"])
+        .arg(dir.join("console.log"))
+        .arg(&img)
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("--max-calls 4 reached"), "{err}");
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    assert_eq!(marker(&console, "c1"), "0", "{console}");
+    assert_eq!(marker(&console, "c2"), "3", "{console}");
+    assert_eq!(marker(&console, "c3"), "3", "{console}");
+
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("r.json")).unwrap()).unwrap();
+    assert_eq!(r["exit"], serde_json::json!({"kind": "error", "code": 125}));
+    let recs = audit_records(dir);
+    assert_eq!(recs.last().unwrap()["kind"], "close");
+    assert_eq!(r["audit"]["final_hash"], recs.last().unwrap()["hash"]);
+    let by: Vec<&str> = r["denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["decided_by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, ["default", "non-interactive", "limit"], "{r}");
+    assert_eq!(r["calls"]["allow"], 2, "{r}");
+    let o = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("audit.jsonl"))
+        .arg("--head")
+        .arg(r["audit"]["final_hash"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let junit = std::fs::read_to_string(dir.join("r.xml")).unwrap();
+    assert_eq!(junit.matches("<failure ").count(), 3, "{junit}");
+    let md = std::fs::read_to_string(dir.join("s.md")).unwrap();
+    assert!(md.contains("--max-calls 4 reached"), "{md}");
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
@@ -13,15 +13,19 @@ use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
 use crate::devices::vsock::VsockConfig;
 use crate::exit;
+use crate::gate::budget::CallBudget;
 use crate::gate::setup::{self, GateConfig};
 use crate::gate::{
     GateLimits, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT_PER_CONN, DEFAULT_WORKERS,
 };
 use crate::gate_ports::GatePorts;
+use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
 use crate::kvm::vm::{Outcome, VmConfig};
+use crate::report::ExitKind;
 use crate::timing::Timings;
 use crate::vm_event::VmEvent;
+use ironvmm_seccomp::Setting;
 
 /// What every guest's command line starts with. `reboot=k` resets through the
 /// i8042 (a clean stop); `panic=-1` turns a panic into an immediate reset.
@@ -88,6 +92,10 @@ pub struct BootArgs {
     /// Extra kernel command line for --kernel.
     #[arg(long, hide = true, default_value = "")]
     pub cmdline: String,
+    /// Per-thread seccomp filters: on (a forbidden syscall kills ironvmm), off, or
+    /// log (allowed and logged by the kernel, to find a gap) [default: on for run, off for boot].
+    #[arg(long, value_name = "on|off|log")]
+    pub seccomp: Option<Setting>,
     /// Do not offer VIRTIO_RING_F_EVENT_IDX on the vsock (benchmarks: what it saves).
     #[arg(long, hide = true)]
     pub no_event_idx: bool,
@@ -197,11 +205,6 @@ fn install_sigint() {
     }
 }
 
-fn fail(code: u8, msg: impl std::fmt::Display) -> u8 {
-    eprintln!("ironvmm: {msg}");
-    code
-}
-
 /// What the image gave us to boot.
 struct Payload {
     image_sha256: Option<String>,
@@ -294,23 +297,107 @@ fn append_copy_in(initrd: &mut Vec<u8>, specs: &[String], mem_mib: u64) -> Resul
 }
 
 pub fn run(a: BootArgs) -> u8 {
+    launch(&a, &Mode::boot()).code
+}
+
+/// How `launch` runs a VM: `boot` (interactive) or `run` (CI).
+pub struct Mode {
+    /// `boot` or `run`: the subcommand, in the open record's flags.
+    pub name: &'static str,
+    /// Forward the terminal to the guest console. `run` never reads stdin.
+    pub interactive: bool,
+    /// `--max-calls`, `--max-egress-bytes`: reaching one stops the VM.
+    pub budget: Option<Arc<CallBudget>>,
+    /// More `flags` for the open record (the runner's limits and outputs).
+    pub flags: serde_json::Map<String, serde_json::Value>,
+    /// Seccomp unless `--seccomp` says otherwise.
+    pub seccomp: Setting,
+}
+
+impl Mode {
+    pub fn boot() -> Mode {
+        Mode {
+            name: "boot",
+            interactive: true,
+            budget: None,
+            flags: serde_json::Map::new(),
+            // Until the booting suite has run boot confined, boot is unconfined
+            // unless asked; run is confined (docs/seccomp.md).
+            seccomp: Setting::Off,
+        }
+    }
+}
+
+/// How a VM ended, for the exit code and the run report.
+#[derive(Debug)]
+pub struct Launched {
+    /// The process exit code (interfaces: agent status, or 124..=130).
+    pub code: u8,
+    pub kind: ExitKind,
+    /// ironvmm's own account of the stop (already printed on stderr), if any.
+    pub why: Option<String>,
+    /// The VM id (as in the audit log).
+    pub vm: String,
+    /// The audit log, once it was opened (and then it is closed, or failed).
+    pub audit_path: Option<PathBuf>,
+    pub started: Instant,
+}
+
+/// Boots the image under the policy and runs it to the end: the one code path of
+/// `boot` and `run`. The audit log is closed (or has failed, exit 125) on return.
+pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
+    let started = Instant::now();
+    let vm = vm_id();
+    let mut out = Launched {
+        code: 0,
+        kind: ExitKind::Error,
+        why: None,
+        vm: vm.clone(),
+        audit_path: None,
+        started,
+    };
+    let stop = |mut out: Launched, code: u8, kind: ExitKind, why: Option<String>| {
+        if let Some(w) = &why {
+            eprintln!("ironvmm: {w}");
+        }
+        out.code = code;
+        out.kind = kind;
+        out.why = why;
+        out
+    };
+    // Confined before anything is opened: the process, then each thread's filter.
+    let seccomp = a.seccomp.unwrap_or(mode.seccomp);
+    match hardening::harden_process() {
+        Ok(warnings) => warnings
+            .iter()
+            .for_each(|w| eprintln!("ironvmm: warning: {w}")),
+        Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e)),
+    }
+    if let Err(e) = ironvmm_seccomp::preflight(seccomp) {
+        return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+    }
+    ironvmm_seccomp::configure(seccomp);
     let timings = Arc::new(Timings::default());
-    let mut p = match payload(&a) {
+    let mut p = match payload(a) {
         Ok(p) => p,
-        Err((code, msg)) => return fail(code, msg),
+        Err((code, msg)) => return stop(out, code, ExitKind::Error, Some(msg)),
     };
     let mem_mib = a.mem.unwrap_or(p.mem_mib);
     let cpus = a.cpus.unwrap_or(p.cpus);
     if let Err(e) = append_copy_in(&mut p.initrd, &a.copy_in, mem_mib) {
-        return fail(exit::VMM_ERROR, format!("--copy-in: {e}"));
+        return stop(
+            out,
+            exit::VMM_ERROR,
+            ExitKind::Error,
+            Some(format!("--copy-in: {e}")),
+        );
     }
 
     // The policy and the audit log come before the VM: a VM never runs ungated.
-    let vm = vm_id();
     let config = match &a.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
-            Err(e) => return fail(exit::VMM_ERROR, e.to_string()),
+            Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
         },
         None => Config::default(),
     };
@@ -328,14 +415,21 @@ pub fn run(a: BootArgs) -> u8 {
         image_sha256: p.image_sha256.clone(),
         flags: serde_json::Value::Null,
     };
-    gate_cfg.flags = setup::gate_flags("boot", &gate_cfg);
-    let opened = match setup::open_gate(&gate_cfg) {
+    let mut flags = setup::gate_flags(mode.name, &gate_cfg);
+    if let Some(f) = flags.as_object_mut() {
+        f.insert("mode".into(), mode.name.into());
+        f.insert("seccomp".into(), seccomp.as_str().into());
+        f.extend(mode.flags.clone());
+    }
+    gate_cfg.flags = flags;
+    let opened = match setup::open_gate_with(&gate_cfg, mode.budget.clone()) {
         Ok(o) => o,
-        Err(e) => return fail(e.code, e.message),
+        Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
     };
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
     }
+    out.audit_path = Some(opened.audit_path.clone());
     // The terminal, when the guest console is on it, is shared with the approver.
     let on_terminal = a.console == "stdout";
     let terminal: Box<dyn std::io::Write + Send> = if on_terminal {
@@ -349,45 +443,47 @@ pub fn run(a: BootArgs) -> u8 {
             vm: &vm,
             live: Some(&opened.live),
             audit: Some(&opened.audit),
-            run_mode: false,
+            run_mode: !mode.interactive,
             stdin_taken: false,
             terminal,
             guest_console: on_terminal,
         },
     ) {
         Ok(ap) => ap,
-        Err((code, m)) => return fail(code, m),
+        Err((code, m)) => return stop(out, code, ExitKind::Error, Some(m)),
     };
     let gate = opened.gate;
     gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
-    let finish = |code: u8| -> u8 {
+    // Every way out after this point writes the close record first.
+    let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
+        let out = stop(out, code, kind, why);
         // Calls still running finish and are audited before the close record.
         let stuck = gate.shutdown();
         if stuck > 0 {
             eprintln!("ironvmm: {stuck} gate worker thread(s) stuck in a service at exit");
         }
         if let Some(f) = audit.failure() {
-            return fail(
-                exit::VMM_ERROR,
-                format!("the audit log can no longer be written, stopping: {f}"),
-            );
+            let why = format!("the audit log can no longer be written, stopping: {f}");
+            return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(why));
         }
-        match audit.close(Some(i32::from(code))) {
-            Ok(_) => code,
-            Err(e) => fail(
-                exit::VMM_ERROR,
-                format!(
+        match audit.close(Some(i32::from(out.code))) {
+            Ok(_) => out,
+            Err(e) => {
+                let why = format!(
                     "cannot close the audit log {}: {e}",
                     opened.audit_path.display()
-                ),
-            ),
+                );
+                stop(out, exit::VMM_ERROR, ExitKind::Error, Some(why))
+            }
         }
     };
+    let error =
+        |out: Launched, code: u8, why: String| finish(out, code, ExitKind::Error, Some(why));
 
     // Said in one line before trying, rather than after minutes of emulation.
     if let Some(refusal) = crate::kvm::capability::check().refusal() {
-        return finish(fail(exit::VMM_ERROR, refusal));
+        return error(out, exit::VMM_ERROR, refusal);
     }
     let console = match &approvals.terminal {
         // SAFETY: isatty only inspects the fd.
@@ -399,12 +495,20 @@ pub fn run(a: BootArgs) -> u8 {
     };
     let console = match console {
         Ok(c) => c,
-        Err(e) => return finish(fail(exit::VMM_ERROR, e)),
+        Err(e) => return error(out, exit::VMM_ERROR, e),
     };
     let mut vm = match Machine::new(mem_mib, cpus, console, timings.clone()) {
         Ok(vm) => vm,
-        Err(e) => return finish(fail(e.exit_code(), e)),
+        Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
+    if let Some(budget) = &mode.budget {
+        // A limit reached stops the VM at once: an event from the deciding thread.
+        let events = std::sync::Mutex::new(vm.events());
+        budget.on_reached(Box::new(move |why| {
+            let ev = VmEvent::Fatal(why.to_string());
+            let _ = events.lock().unwrap_or_else(|e| e.into_inner()).send(ev);
+        }));
+    }
     // An audit failure (or its budget spent) stops the VM at once: an event from
     // the thread that hit it.
     let events = std::sync::Mutex::new(vm.events());
@@ -419,7 +523,7 @@ pub fn run(a: BootArgs) -> u8 {
     };
     let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
         Ok(entry) => entry,
-        Err(e) => return finish(fail(e.exit_code(), e)),
+        Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
     let cmdline = [BASE_CMDLINE, &vsock_entry, p.cmdline.trim()]
         .join(" ")
@@ -433,13 +537,14 @@ pub fn run(a: BootArgs) -> u8 {
         cmdline,
     };
     if let Err(e) = vm.load(&cfg) {
-        return finish(fail(e.exit_code(), e));
+        return error(out, e.exit_code(), e.to_string());
     }
     drop(cfg);
 
     install_sigint();
     // SAFETY: isatty only inspects the fd.
-    let forward_stdin = a.console == "stdout" && unsafe { libc::isatty(0) } == 1;
+    let forward_stdin =
+        mode.interactive && a.console == "stdout" && unsafe { libc::isatty(0) } == 1;
     if forward_stdin {
         console_input::enter_char_mode();
     }
@@ -467,38 +572,40 @@ pub fn run(a: BootArgs) -> u8 {
         );
     }
     let panic_line = crate::devices::bus::lock(&bus.serial).writer().panic_line();
-    let code = match outcome {
+    match outcome {
         Outcome::AgentExit(code) => {
             if code >= exit::TIMEOUT {
                 eprintln!("ironvmm: the agent itself exited with status {code}");
             }
-            code
+            finish(out, code, ExitKind::Agent, None)
         }
-        Outcome::Timeout => fail(
+        Outcome::Timeout => finish(
+            out,
             exit::TIMEOUT,
-            format!(
+            ExitKind::Timeout,
+            Some(format!(
                 "--timeout {:?} expired; the VM was stopped",
                 a.timeout.unwrap_or_default()
-            ),
+            )),
         ),
-        Outcome::Interrupted => fail(exit::INTERRUPTED, "interrupted; the VM was stopped"),
-        Outcome::Crash(why) => match panic_line {
-            // The guest wrote this line: escaped before it reaches the terminal.
-            Some(line) => fail(
-                exit::GUEST_CRASH,
-                format!(
+        Outcome::Interrupted => error(
+            out,
+            exit::INTERRUPTED,
+            "interrupted; the VM was stopped".into(),
+        ),
+        Outcome::Crash(why) => {
+            let why = match panic_line {
+                // The guest wrote this line: escaped before it reaches the terminal.
+                Some(line) => format!(
                     "the guest crashed: {}",
                     ironvmm_wire::text::escape(&line, 4 * ironvmm_wire::text::MAX_FIELD)
                 ),
-            ),
-            None => fail(
-                exit::GUEST_CRASH,
-                format!("the guest stopped before reporting an exit status: {why}"),
-            ),
-        },
-        Outcome::Fatal(why) => fail(exit::VMM_ERROR, why),
-    };
-    finish(code)
+                None => format!("the guest stopped before reporting an exit status: {why}"),
+            };
+            finish(out, exit::GUEST_CRASH, ExitKind::Crash, Some(why))
+        }
+        Outcome::Fatal(why) => error(out, exit::VMM_ERROR, why),
+    }
 }
 
 #[cfg(test)]

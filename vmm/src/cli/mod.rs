@@ -31,6 +31,7 @@ pub mod image;
 pub mod output;
 pub mod policy;
 pub mod ps;
+pub mod run;
 pub mod tools;
 
 #[derive(Parser, Debug)]
@@ -48,6 +49,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest image under a policy.
     Boot(boot::BootArgs),
+    /// Run a guest unattended (CI): asks denied, limits, report, JUnit, summary.
+    Run(run::RunArgs),
     /// Policy tools: check, eval, test, explain, fmt, compile, refine, learned.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -81,6 +84,7 @@ pub fn main() -> u8 {
     };
     match cli.command {
         Command::Boot(a) => boot::run(a),
+        Command::Run(a) => run::run(a),
         Command::Policy(c) => policy::run(c),
         Command::Audit(c) => audit::run(c),
         Command::Gate(a) => gate::run(a),

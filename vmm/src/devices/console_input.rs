@@ -72,6 +72,11 @@ pub fn spawn(
     let handle = thread::Builder::new()
         .name("console".into())
         .spawn(move || {
+            // Guest console output passes through here: confined before it does.
+            if let Err(e) = ironvmm_seccomp::install(ironvmm_seccomp::ThreadRole::Device) {
+                eprintln!("ironvmm: console thread not started: {e}");
+                return;
+            }
             let mut pending: Vec<u8> = Vec::new();
             let mut stdin_open = forward_stdin;
             let mut buf = [0u8; 256];

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ironvmm_seccomp::ThreadRole;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -236,7 +237,14 @@ impl Vm {
             );
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || super::vcpu::run(vcpu, id as u8, exits, timings, events, vcpu_stop));
+                .spawn(move || {
+                    // Confined before the first KVM_RUN: no guest code runs unfiltered.
+                    if let Err(e) = ironvmm_seccomp::install(ThreadRole::Vcpu) {
+                        let _ = events.send(VmEvent::Fatal(e.to_string()));
+                        return;
+                    }
+                    super::vcpu::run(vcpu, id as u8, exits, timings, events, vcpu_stop)
+                });
             match spawned {
                 Ok(h) => vcpu_threads.push(h),
                 Err(e) => {
@@ -245,25 +253,31 @@ impl Vm {
                 }
             }
         }
-        let outcome = loop {
-            if interrupts.load(Ordering::Relaxed) > 0 {
-                break Outcome::Interrupted;
-            }
-            let mut wait = Duration::from_millis(50);
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break Outcome::Timeout;
+        // Last: every thread this one starts would inherit its filter.
+        let confined = ironvmm_seccomp::install(ThreadRole::Main);
+        let outcome = if let Err(e) = confined {
+            Outcome::Fatal(e.to_string())
+        } else {
+            loop {
+                if interrupts.load(Ordering::Relaxed) > 0 {
+                    break Outcome::Interrupted;
                 }
-                wait = wait.min(left);
-            }
-            match self.events_rx.recv_timeout(wait) {
-                Ok(VmEvent::AgentExit(code)) => break Outcome::AgentExit(code),
-                Ok(VmEvent::Reset(why)) | Ok(VmEvent::Crash(why)) => break Outcome::Crash(why),
-                Ok(VmEvent::Fatal(why)) => break Outcome::Fatal(why),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    break Outcome::Fatal("every vCPU thread ended".into())
+                let mut wait = Duration::from_millis(50);
+                if let Some(d) = deadline {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break Outcome::Timeout;
+                    }
+                    wait = wait.min(left);
+                }
+                match self.events_rx.recv_timeout(wait) {
+                    Ok(VmEvent::AgentExit(code)) => break Outcome::AgentExit(code),
+                    Ok(VmEvent::Reset(why)) | Ok(VmEvent::Crash(why)) => break Outcome::Crash(why),
+                    Ok(VmEvent::Fatal(why)) => break Outcome::Fatal(why),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        break Outcome::Fatal("every vCPU thread ended".into())
+                    }
                 }
             }
         };

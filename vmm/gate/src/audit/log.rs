@@ -318,7 +318,14 @@ impl AuditLog {
             let s = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("audit-flush".into())
-                .spawn(move || s.flush_loop())
+                .spawn(move || {
+                    if let Err(e) = ironvmm_seccomp::install(ironvmm_seccomp::ThreadRole::Worker) {
+                        // Fail closed: a log that cannot be flushed refuses every call.
+                        let _ = s.fail(e.to_string());
+                        return;
+                    }
+                    s.flush_loop()
+                })
                 .map_err(|source| AuditError::Flusher {
                     path: path.to_owned(),
                     source,

@@ -12,6 +12,7 @@
 //! `Gate` is shared by all connections of one VM.
 
 pub mod approver;
+pub mod budget;
 pub mod connection;
 pub mod decide;
 pub mod followup;

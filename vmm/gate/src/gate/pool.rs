@@ -197,7 +197,10 @@ impl Pool {
             let inner = Arc::clone(&pool.inner);
             let h = std::thread::Builder::new()
                 .name("gate-watchdog".into())
-                .spawn(move || watchdog(&inner))
+                .spawn(move || {
+                    confine();
+                    watchdog(&inner)
+                })
                 .map_err(|_| PoolError::Spawn)?;
             st.handles.push(h);
             st.live += 1;
@@ -317,11 +320,25 @@ impl Pool {
         let inner = Arc::clone(&self.inner);
         let h = std::thread::Builder::new()
             .name(format!("gate-worker-{}", st.next_worker))
-            .spawn(move || worker(&inner))
+            .spawn(move || {
+                confine();
+                worker(&inner)
+            })
             .map_err(|_| PoolError::Spawn)?;
         st.handles.push(h);
         st.live += 1;
         Ok(())
+    }
+}
+
+/// A pool thread confines itself before it runs a call (a no-op unless the VMM
+/// turned seccomp on). One that cannot must not run calls unconfined, and a pool
+/// short of a worker would hang calls: the process ends. (`ironvmm_seccomp::preflight`
+/// has already checked that the filter compiles and the kernel takes it.)
+fn confine() {
+    if let Err(e) = ironvmm_seccomp::install(ironvmm_seccomp::ThreadRole::Worker) {
+        eprintln!("ironvmm: {e}");
+        std::process::abort();
     }
 }
 

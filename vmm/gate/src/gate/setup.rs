@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::budget::{Budgeted, CallBudget};
 use super::followup::GateDecide;
 use super::{Decider, Gate, GateLimits};
 use crate::approvals::live::LiveDecider;
@@ -77,6 +78,15 @@ fn fail(code: u8, message: impl Into<String>) -> SetupError {
 /// /workspace/... when they lie in the workspace) and in the fs service (by file
 /// identity, with every folder that holds one of them).
 pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
+    open_gate_with(cfg, None)
+}
+
+/// `open_gate`, with every call first spending `budget` (`--max-calls`,
+/// `--max-egress-bytes`).
+pub fn open_gate_with(
+    cfg: &GateConfig,
+    budget: Option<Arc<CallBudget>>,
+) -> Result<OpenedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
     let workspace = cfg
@@ -186,8 +196,17 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
     if let Some(m) = mail {
         services.add(Box::new(m));
     }
+    // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
+    // the http service's redirect hops included.
+    let budget = budget.filter(|b| b.is_limited());
+    let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
+        match &budget {
+            Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
+            None => d,
+        }
+    };
     // The http service has each redirect hop decided by the same live policy.
-    let decider: Arc<dyn Decider> = Arc::new(LiveDecider(Arc::clone(&live)));
+    let decider: Arc<dyn Decider> = Arc::from(budgeted(Box::new(LiveDecider(Arc::clone(&live)))));
     let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
     let http =
         HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
@@ -196,7 +215,7 @@ pub fn open_gate(cfg: &GateConfig) -> Result<OpenedGate, SetupError> {
         services.add(Box::new(svc));
     }
     let gate = Arc::new(Gate::new(
-        Box::new(LiveDecider(Arc::clone(&live))),
+        budgeted(Box::new(LiveDecider(Arc::clone(&live)))),
         services,
         Arc::clone(&log),
         cfg.limits,

@@ -1,0 +1,150 @@
+//! `ironvmm run`: `boot` for CI. The same code path (`boot::launch`), but it never
+//! waits for a person: every ask is denied unless an answers file decides it, the
+//! run has limits, and at the end it writes what CI reads (the JSON run report, a
+//! JUnit file, a Markdown step summary) from the closed audit log. See docs/runner.md.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map};
+
+use super::boot::{launch, BootArgs, Launched, Mode};
+use crate::exit;
+use crate::gate::budget::CallBudget;
+use crate::report::{junit, summary, ExitInfo, RunReport};
+use ironvmm_seccomp::Setting;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: BootArgs,
+    /// Write the JSON run report here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Write a JUnit XML file here: one failing test case per denied call.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Append a Markdown summary here [default: $GITHUB_STEP_SUMMARY when set].
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+    /// Most tool calls the VM may make; the next one is denied and the VM stops.
+    #[arg(long, value_name = "N")]
+    pub max_calls: Option<u64>,
+    /// Most bytes of call arguments the VM may send out, all calls together; past
+    /// it the call is denied and the VM stops.
+    #[arg(long, value_name = "BYTES")]
+    pub max_egress_bytes: Option<u64>,
+}
+
+pub fn run(a: RunArgs) -> u8 {
+    let budget = CallBudget::new(a.max_calls, a.max_egress_bytes);
+    let mut flags = Map::new();
+    flags.insert("max_calls".into(), json!(a.max_calls));
+    flags.insert("max_egress_bytes".into(), json!(a.max_egress_bytes));
+    flags.insert(
+        "timeout_ms".into(),
+        json!(a.vm.timeout.map(|t| t.as_millis() as u64)),
+    );
+    // Nobody answers in CI: asks are denied unless --answers (or an explicit
+    // --approver) decides them (the approvals module, `run_mode`).
+    let approver = a.vm.approver.approver.clone().unwrap_or_else(|| {
+        if a.vm.approver.answers.is_some() {
+            "answers"
+        } else {
+            "deny"
+        }
+        .into()
+    });
+    flags.insert("approver".into(), json!(approver));
+    let mode = Mode {
+        name: "run",
+        interactive: false,
+        budget: Some(budget),
+        flags,
+        seccomp: Setting::On,
+    };
+    let launched = launch(&a.vm, &mode);
+    let outputs = Outputs::from_args(&a);
+    match write_outputs(&launched, &outputs) {
+        Ok(()) => launched.code,
+        Err(e) => {
+            eprintln!("ironvmm run: {e}");
+            // CI must not read success from a run whose report is missing.
+            if launched.code == 0 {
+                exit::VMM_ERROR
+            } else {
+                launched.code
+            }
+        }
+    }
+}
+
+/// Where the run's account goes.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub report: Option<PathBuf>,
+    pub junit: Option<PathBuf>,
+    pub summary: Option<PathBuf>,
+}
+
+impl Outputs {
+    fn from_args(a: &RunArgs) -> Outputs {
+        let step_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        Outputs {
+            report: a.report.clone(),
+            junit: a.junit.clone(),
+            summary: a.summary.clone().or(step_summary),
+        }
+    }
+}
+
+/// Builds the report from the closed audit log and writes every output asked for,
+/// then the short account on stderr. Every output is attempted; the first failure
+/// is returned.
+pub fn write_outputs(l: &Launched, o: &Outputs) -> Result<(), String> {
+    let duration_ms = l.started.elapsed().as_millis() as u64;
+    let exit = ExitInfo {
+        kind: l.kind,
+        code: l.code,
+    };
+    let report = match &l.audit_path {
+        Some(path) if path.exists() => {
+            RunReport::from_audit(path, exit, duration_ms).map_err(|e| e.to_string())?
+        }
+        _ => RunReport::without_log(&l.vm, exit, duration_ms),
+    };
+    let mut first_err = None;
+    let mut keep = |r: Result<(), String>| {
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    };
+    if let Some(p) = &o.report {
+        keep(write_new(p, "--report", report.to_json().as_bytes()));
+    }
+    if let Some(p) = &o.junit {
+        keep(write_new(p, "--junit", junit::render(&report).as_bytes()));
+    }
+    if let Some(p) = &o.summary {
+        let md = summary::markdown(&report, l.why.as_deref());
+        keep(append(p, "--summary", md.as_bytes()));
+    }
+    eprint!("{}", summary::stderr_lines(&report));
+    first_err.map_or(Ok(()), Err)
+}
+
+fn write_new(path: &Path, what: &str, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The step summary is shared by every step of a job: append, never truncate.
+fn append(path: &Path, what: &str, bytes: &[u8]) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))
+}
