@@ -52,6 +52,13 @@ fn list_allow_deny_and_watch() {
 
     let a = ask(&hub, 10, "/workspace/a");
     let b = ask(&hub, 11, "/workspace/b");
+    // The watcher may subscribe after the asks (it gets them replayed as pending),
+    // but it must have subscribed before they are answered, or it would see neither.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let v: Value = wrx.recv_timeout(Duration::from_secs(60)).unwrap();
+        seen.push(format!("{} {}", v["event"].as_str().unwrap(), v["id"]));
+    }
     let listed = socket::request(&path, &json!({"op": "list"})).unwrap();
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert_eq!(listed[0]["event"], "ask");
@@ -105,9 +112,8 @@ fn list_allow_deny_and_watch() {
     );
 
     // the watcher saw both asks and both answers, in order
-    let mut seen = Vec::new();
     while seen.len() < 4 {
-        let v: Value = wrx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let v: Value = wrx.recv_timeout(Duration::from_secs(60)).unwrap();
         seen.push(format!("{} {}", v["event"].as_str().unwrap(), v["id"]));
     }
     assert_eq!(
