@@ -151,7 +151,7 @@ fn the_folder_holding_the_policy_and_log_cannot_be_swapped() {
     // A permissive policy: only the gate's own protection stands in the way.
     std::fs::write(
         &policy,
-        "list c = file \"contacts.txt\"\nallow fs.*\ndeny mail.send when to in @c\ndefault deny\n",
+        "list c = file \"contacts.txt\"\nallow fs.*\ndeny mail.send when any to in @c\ndefault deny\n",
     )
     .unwrap();
     std::fs::write(own.join("contacts.txt"), "a@example.com\n").unwrap();
