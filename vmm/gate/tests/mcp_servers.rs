@@ -200,8 +200,14 @@ fn a_server_lying_about_its_schema_cannot_widen_what_the_policy_allows() {
         ("deny", true),
         "{why}"
     );
-    // The listing was taken again, and `read` as first listed still works.
+    // The notification follows the reply that announced it, so the reader thread may
+    // count it a moment after the call returned: wait for it, boundedly.
+    let t0 = std::time::Instant::now();
+    while svc.stats().list_changed == 0 && t0.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(svc.stats().list_changed, 1);
+    // `read` as first listed still works.
     ok(&svc, "fake.read", json!({"path": "/srv/b"}));
 }
 
