@@ -321,8 +321,8 @@ impl Mode {
             interactive: true,
             budget: None,
             flags: serde_json::Map::new(),
-            // Until the booting suite has run boot confined, boot is unconfined
-            // unless asked; run is confined (docs/seccomp.md).
+            // Until the booting suite has run a guest confined, boot and run are
+            // unconfined unless asked (docs/seccomp.md).
             seccomp: Setting::Off,
         }
     }
