@@ -217,7 +217,7 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
             g.write(p, 1, chunk, &Layout::Joined);
         }
     }
-    // Steady state: every connection holds 64 calls whose replies nobody reads,
+    // Filling up: every connection holds up to 64 calls whose replies nobody reads,
     // except that the VM's bound of 256 leaves the fifth one short.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while fx.gate.in_flight() < 256 {
@@ -228,8 +228,17 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
         );
         g.wait_wake(std::time::Duration::from_millis(100));
     }
-    g.wait_wake(std::time::Duration::from_millis(300));
-    assert_eq!(fx.gate.in_flight(), 256, "the VM's bound");
+    // Held there: replies that move into the device's output free their slots, so
+    // the count may dip while the pool drains, but it never passes the VM's bound.
+    let settle = std::time::Instant::now() + std::time::Duration::from_millis(300);
+    while std::time::Instant::now() < settle {
+        assert!(
+            fx.gate.in_flight() <= 256,
+            "{} in flight",
+            fx.gate.in_flight()
+        );
+        g.wait_wake(std::time::Duration::from_millis(20));
+    }
     let dev = ironvmm::devices::virtio_mmio::lock(&g.dev);
     let cfg = dev.config().clone();
     for p in conns {
