@@ -4,6 +4,10 @@
 //! `net.http` and be checked against the builtin catalog. No service serves them
 //! yet, so the gate denies every such call as an unknown tool (fail closed).
 
+pub mod body;
+pub mod head;
+pub mod pipe;
+
 use serde_json::json;
 
 use super::{ToolSpec, DEFAULT_REPLY_CAP};
