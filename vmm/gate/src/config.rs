@@ -214,12 +214,35 @@ pub struct HttpSecret {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Address ranges the SSRF guard lets through for `net.*`.
     #[serde(default)]
     pub allow_addresses: Vec<String>,
+    /// Seconds without a byte either way that end an exchange or a tunnel.
+    #[serde(default = "default_net_timeout")]
+    pub timeout_secs: u64,
+    /// Guest connections to the proxy port served at once.
+    #[serde(default = "default_net_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            allow_addresses: Vec::new(),
+            timeout_secs: default_net_timeout(),
+            max_connections: default_net_connections(),
+        }
+    }
+}
+
+fn default_net_timeout() -> u64 {
+    60
+}
+fn default_net_connections() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -295,11 +318,16 @@ const MCP: &[(&str, Shape)] = &[
     ("timeout_secs", Shape::Value),
     ("roles", Shape::Opaque),
 ];
+const NET: &[(&str, Shape)] = &[
+    ("allow_addresses", Shape::Value),
+    ("timeout_secs", Shape::Value),
+    ("max_connections", Shape::Value),
+];
 const TOP: &[(&str, Shape)] = &[
     ("workspace", Shape::Table(&[("dir", Shape::Value)])),
     ("mail", Shape::Table(MAIL)),
     ("http", Shape::Table(HTTP)),
-    ("net", Shape::Table(&[("allow_addresses", Shape::Value)])),
+    ("net", Shape::Table(NET)),
     ("mcp", Shape::TableArray(MCP)),
     ("llm", Shape::Opaque),
     ("lists", Shape::Opaque),

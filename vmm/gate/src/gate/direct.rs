@@ -75,7 +75,7 @@ impl Gate {
     /// Writes a denial decided before the policy (a request the transport refuses
     /// on its own, such as a Host header that disagrees with the URL), so it is
     /// audited like every other decision.
-    pub fn deny_direct(&self, conn: &str, call: &Call, reason: &str) -> Ruling {
+    pub fn deny_direct(&self, conn: &str, call: &Call, reason: &str) {
         let record = DecisionRecord {
             conn,
             rpc_id: &Value::Null,
@@ -89,8 +89,8 @@ impl Gate {
             reason,
             policy_ns: 0,
         };
+        // A failed log denies everything from now on; this request is refused anyway.
         let _ = self.audit.decision(&record);
-        Ruling::denied(None, DecidedBy::Invariant, reason)
     }
 
     /// Writes the outcome of a call decided directly: how its exchange ended, the

@@ -18,6 +18,7 @@ use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::http::HttpService;
 use crate::services::mail::MailService;
 use crate::services::mcp_servers::{McpService, ServerSpec};
+use crate::services::net::NetService;
 use crate::services::Services;
 use ironvmm_wire::exit;
 
@@ -56,6 +57,8 @@ pub struct OpenedGate {
     pub live: Arc<LivePolicy>,
     /// Policy warnings, already formatted (empty when none).
     pub warnings: String,
+    /// Network egress (vsock port 2), decided by this gate.
+    pub net: Arc<NetService>,
 }
 
 /// Why the gate could not be built: the exit code (125 or 127) and the message.
@@ -199,6 +202,7 @@ pub fn open_gate_with(
     // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
     // the http service's redirect hops included.
     let budget = budget.filter(|b| b.is_limited());
+    let net_budget = budget.clone();
     let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
         match &budget {
             Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
@@ -220,8 +224,11 @@ pub fn open_gate_with(
         Arc::clone(&log),
         cfg.limits,
     ));
+    let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget)
+        .map_err(|e| fail(exit::VMM_ERROR, e))?;
     Ok(OpenedGate {
         gate,
+        net,
         audit: log,
         audit_path,
         live,

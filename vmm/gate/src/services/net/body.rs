@@ -185,7 +185,12 @@ impl<F: FnMut(usize) -> Result<(), String>> Copier<F> {
     }
 
     /// Copies exactly `n` bytes.
-    fn exact<R: Read, W: Write>(&mut self, n: u64, src: &mut R, dst: &mut W) -> Result<(), BodyError> {
+    fn exact<R: Read, W: Write>(
+        &mut self,
+        n: u64,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Result<(), BodyError> {
         let mut left = n;
         while left > 0 {
             let want = left.min(self.buf.len() as u64) as usize;
@@ -307,7 +312,10 @@ mod tests {
             h(&[("Content-Length", "+5")]),
             h(&[("Content-Length", "5"), ("Transfer-Encoding", "chunked")]),
             h(&[("Transfer-Encoding", "gzip, chunked")]),
-            h(&[("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")]),
+            h(&[
+                ("Transfer-Encoding", "chunked"),
+                ("Transfer-Encoding", "chunked"),
+            ]),
         ] {
             assert!(request_framing(&bad).is_err(), "{bad:?}");
         }

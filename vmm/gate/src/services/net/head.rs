@@ -247,7 +247,10 @@ pub fn parse_response(head: &[u8]) -> Result<ResponseHead, HeadError> {
         .filter(|s| (100..600).contains(s) && status.len() == 3)
         .ok_or_else(|| bad("the status is not three digits"))?;
     let reason = parts.next().unwrap_or_default();
-    if reason.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+    if reason
+        .bytes()
+        .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
         return Err(bad("a control character in the reason"));
     }
     Ok(ResponseHead {
@@ -287,7 +290,8 @@ mod tests {
 
     #[test]
     fn a_request_head_parses() {
-        let raw = b"\r\nGET http://a.example/x?y HTTP/1.1\r\nHost: a.example\r\nX-A:  b \r\n\r\nbody";
+        let raw =
+            b"\r\nGET http://a.example/x?y HTTP/1.1\r\nHost: a.example\r\nX-A:  b \r\n\r\nbody";
         let head = read(raw, 1024).unwrap().unwrap();
         let r = parse_request(&head).unwrap();
         assert_eq!(r.method, "GET");
@@ -304,7 +308,10 @@ mod tests {
             Err(HeadError::TooLarge { limit: 50 })
         ));
         assert!(read(b"", 50).unwrap().is_none());
-        assert!(matches!(read(b"GET / HTTP/1.1\r\n", 50), Err(HeadError::Truncated)));
+        assert!(matches!(
+            read(b"GET / HTTP/1.1\r\n", 50),
+            Err(HeadError::Truncated)
+        ));
         for bad in [
             &b"GET  / HTTP/1.1\r\n\r\n"[..],
             b"GET / HTTP/2\r\n\r\n",
@@ -317,7 +324,11 @@ mod tests {
             b"\xff\xfe / HTTP/1.1\r\n\r\n",
         ] {
             let head = read(bad, 1024).unwrap().unwrap();
-            assert!(parse_request(&head).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_request(&head).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X{i}: v\r\n")).collect();
         let head = format!("GET / HTTP/1.1\r\n{many}\r\n");

@@ -169,9 +169,7 @@ impl Read for PipeReader {
             return Ok(0);
         }
         let deadline = Instant::now() + self.timeout;
-        let mut st = self
-            .pipe
-            .wait_for(deadline, |s| !s.to_host.is_empty())?;
+        let mut st = self.pipe.wait_for(deadline, |s| !s.to_host.is_empty())?;
         let n = st.to_host.len().min(buf.len());
         buf[..n].copy_from_slice(&st.to_host[..n]);
         st.to_host.drain(..n);
