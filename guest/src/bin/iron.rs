@@ -5,6 +5,7 @@
 //!   iron mcp                           an MCP stdio server relaying to the gate
 //!   iron bench [-n N] [-c C] [--tool T --args JSON]
 //!   iron send [--port P] [--no-read SECS]   raw bytes, for testing the gate itself
+//!   iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]   the HTTP proxy relay
 //!
 //! It connects to vsock CID 2 port 1, or to `$IRON_GATE` (`unix:PATH`,
 //! `vsock:PORT`, `vsock:CID:PORT`).
@@ -21,6 +22,7 @@ use ironvmm_guest::rpc::{
     MAX_LINE,
 };
 use ironvmm_guest::stats::summarize;
+use ironvmm_guest::{HOST_CID, NET_PORT};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage:
@@ -33,6 +35,10 @@ const USAGE: &str = "usage:
                                      raw bytes from stdin to the gate, replies to stdout
                                      (for testing the gate's framing; --no-read holds the
                                      connection open without reading for SECS)
+  iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]
+                                     relay TCP connections (default 127.0.0.1:3128) to the
+                                     host's network egress port (vsock CID 2 port 2); the
+                                     host decides every request. ironinit starts it
 The gate is vsock CID 2 port 1, or $IRON_GATE (unix:PATH | vsock:PORT | vsock:CID:PORT).
 Exit codes: 0 ok, 3 denied, 4 tool or protocol error (and bad usage), 5 gate unreachable.";
 
@@ -57,6 +63,7 @@ fn main() -> ExitCode {
         "mcp" => mcp(&addr),
         "bench" => bench(&addr, rest),
         "send" => send(&addr, rest),
+        "proxy" => proxy(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -438,6 +445,52 @@ fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
                 eprintln!("iron: connection reset: {e}");
                 return ExitCode::from(EXIT_ERROR);
             }
+        }
+    }
+}
+
+/// Relays TCP connections to the host's port 2 until killed.
+fn proxy(args: &[String]) -> ExitCode {
+    let mut listen = ironvmm_guest::proxy::LISTEN.to_string();
+    let mut fd: Option<i32> = None;
+    let mut to = GateAddr::Vsock {
+        cid: HOST_CID,
+        port: NET_PORT,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--listen", Some(v)) => listen = v.clone(),
+            ("--listen-fd", Some(v)) => match v.parse() {
+                Ok(n) if n > 2 => fd = Some(n),
+                _ => return usage_error("--listen-fd needs a descriptor number above 2"),
+            },
+            ("--to", Some(v)) => match GateAddr::parse(v) {
+                Ok(t) => to = t,
+                Err(e) => return usage_error(&e),
+            },
+            (other, _) => {
+                return usage_error(&format!("proxy: {other:?} needs a value or is unknown"))
+            }
+        }
+    }
+    let listener = match fd {
+        // SAFETY: ironinit passes a listening socket it opened for us and no
+        // longer uses; nothing else in this process owns the descriptor.
+        Some(fd) => unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        None => match std::net::TcpListener::bind(&listen) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("iron proxy: cannot listen on {listen}: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        },
+    };
+    match ironvmm_guest::proxy::serve(listener, to) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("iron proxy: {e}");
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
