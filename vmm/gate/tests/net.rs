@@ -657,3 +657,97 @@ fn the_connection_bound_refuses_more_connections() {
     }
     assert!(tg.net.accept("net:x#4".into(), Arc::new(|| {})).is_some());
 }
+
+/// Serves port 2 on a host TCP port, standing in for the vsock device and
+/// `iron proxy` (a byte relay): each TCP connection becomes one `NetStream`.
+fn tcp_front(tg: &TestGate) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let net = Arc::clone(&tg.net);
+    thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let s = net.accept("net:tcp".into(), Arc::new(|| {})).unwrap();
+            let s = Arc::new(Mutex::new(s));
+            let (mut rd, s2) = (tcp.try_clone().unwrap(), Arc::clone(&s));
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = rd.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut data = &buf[..n];
+                    while !data.is_empty() {
+                        let mut st = s2.lock().unwrap();
+                        let k = st.input_room().min(data.len());
+                        if st.finished() {
+                            return;
+                        }
+                        if k > 0 {
+                            st.on_data(&data[..k], &mut Vec::new()).unwrap();
+                            data = &data[k..];
+                        }
+                        drop(st);
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            });
+            thread::spawn(move || {
+                let mut tcp = tcp;
+                loop {
+                    let mut out = Vec::new();
+                    let mut st = s.lock().unwrap();
+                    st.poll(&mut out);
+                    let done = st.finished();
+                    drop(st);
+                    if tcp.write_all(&out).is_err() || done {
+                        let _ = tcp.shutdown(std::net::Shutdown::Both);
+                        s.lock().unwrap().on_close();
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    port
+}
+
+/// The client the guest image has: busybox wget, through the proxy.
+#[test]
+fn busybox_wget_goes_through_the_proxy() {
+    if !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!("SKIPPED: no /bin/busybox (apt-get install busybox-static)");
+        return;
+    }
+    let srv = Server::start();
+    let tg = loopback_gate();
+    let proxy = tcp_front(&tg);
+    let wget = |path: &str| {
+        std::process::Command::new("/bin/busybox")
+            .args(["wget", "-q", "-O", "-", &srv.url(path)])
+            .env_clear()
+            .env("http_proxy", format!("http://127.0.0.1:{proxy}"))
+            .output()
+            .unwrap()
+    };
+    let ok = wget("/hello");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(ok.stdout, b"hello from /hello");
+    let denied = wget("/denied");
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let d = decisions(&tg);
+    assert_eq!(d.len(), 2);
+    assert_eq!(
+        (d[0]["decision"].as_str(), d[1]["decision"].as_str()),
+        (Some("allow"), Some("deny"))
+    );
+}
