@@ -561,6 +561,7 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
     use std::io::Write as _;
     use std::sync::{Arc, Mutex};
     let dir = scratch("net");
+    loopback_up();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -617,6 +618,9 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
         |_, _| {},
     );
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let recs = audit_records(dir.path());
+    let log: Vec<String> = recs.iter().skip(1).map(|r| r.to_string()).collect();
+    let out = format!("{out}\naudit:\n{}", log.join("\n"));
     assert!(out.contains("proxy=http://127.0.0.1:3128"), "{out}");
     assert!(out.contains("net says hello"), "{out}");
     assert!(out.contains("allowed-exit=0"), "{out}");
@@ -627,7 +631,6 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
         ["GET /allowed/page HTTP/1.1".to_string()],
         "the server saw only the allowed request"
     );
-    let recs = audit_records(dir.path());
     let net: Vec<_> = recs.iter().filter(|r| r["tool"] == "net.http").collect();
     assert_eq!(net.len(), 2, "{net:?}");
     assert_eq!(
@@ -648,4 +651,26 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
         .find(|r| r["kind"] == "outcome" && r["decision_seq"] == net[0]["seq"])
         .expect("the allowed request's outcome");
     assert_eq!(outcome["status"], "ok");
+}
+
+/// Brings `lo` up: the software KVM host's Linux starts with it down, and the
+/// test's server listens there. Natively it is up already (and this, unprivileged,
+/// changes nothing).
+fn loopback_up() {
+    // SAFETY: socket, ioctl and close on a descriptor owned here; ifreq is plain data.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        libc::close(fd);
+    }
 }
