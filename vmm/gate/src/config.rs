@@ -581,5 +581,21 @@ mod tests {
         assert_eq!(c.http.secret[0].host, "api.github.com");
         assert!(!c.http_allowed().is_empty());
         assert!(c.llm.is_some());
+        assert_eq!((c.net.timeout_secs, c.net.max_connections), (60, 32));
+    }
+
+    #[test]
+    fn net_keys_are_checked() {
+        let e = Config::parse(
+            "[net]
+timeout = 3
+",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown key `net.timeout`"), "{e}");
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.net.timeout_secs, 60);
     }
 }
