@@ -751,3 +751,88 @@ fn busybox_wget_goes_through_the_proxy() {
         (Some("allow"), Some("deny"))
     );
 }
+
+/// The VM ending cuts open tunnels and waiting requests; each is audited first.
+#[test]
+fn shutdown_cuts_tunnels_and_waiting_requests_and_audits_them() {
+    let srv = Server::start();
+    let port = echo_server();
+    let tg = TestGate::new(
+        POLICY,
+        "[net]\nallow_addresses = [\"127.0.0.1/32\"]\ntimeout_secs = 600\n",
+    );
+    let mut tunnel = Guest::connect(&tg);
+    tunnel.send(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhi").as_bytes());
+    tunnel.wait(|o| o.ends_with(b"hi"));
+    let mut waiting = Guest::connect(&tg);
+    waiting.send(&get(&srv.url("/never"), &format!("127.0.0.1:{}", srv.port)));
+    let deadline = Instant::now() + DEADLINE;
+    while srv.lines().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the server"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(tg.net.shutdown(DEADLINE), 0);
+    let d = decisions(&tg);
+    assert_eq!(d.len(), 2);
+    for r in &d {
+        assert!(outcome_of(&tg, &r["seq"]).is_some(), "no outcome for {r}");
+    }
+    let t = outcome_of(&tg, &d[0]["seq"]).unwrap();
+    assert_eq!(
+        (t["sent"].as_u64(), t["received"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
+
+/// Tunnel bytes from the guest are charged to `--max-egress-bytes`: past it the
+/// tunnel is cut, and its outcome says why.
+#[test]
+fn tunnel_bytes_are_charged_to_the_egress_budget() {
+    use ironvmm_gate::config::NetConfig;
+    use ironvmm_gate::gate::budget::CallBudget;
+    use ironvmm_gate::services::net::NetService;
+    let port = echo_server();
+    let tg = loopback_gate();
+    let budget = CallBudget::new(None, Some(100_000));
+    let cfg = NetConfig {
+        allow_addresses: vec!["127.0.0.1/32".into()],
+        ..NetConfig::default()
+    };
+    let net = NetService::new(Arc::clone(&tg.gate), &cfg, Some(Arc::clone(&budget))).unwrap();
+    let s = net.accept("net:budget".into(), Arc::new(|| {})).unwrap();
+    let mut g = Guest {
+        s,
+        out: Vec::new(),
+        peak: 0,
+    };
+    g.send(format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes());
+    g.wait(|o| o.ends_with(b"\r\n\r\n"));
+    // More than the budget, as long as the stream takes it: it ends once cut.
+    let mut left = 300 * 1024;
+    let deadline = Instant::now() + DEADLINE;
+    while left > 0 && !g.s.finished() {
+        let n = g.s.input_room().min(left).min(16 * 1024);
+        if n > 0 {
+            g.s.on_data(&vec![b'e'; n], &mut g.out).unwrap();
+            left -= n;
+        }
+        g.pump();
+        assert!(Instant::now() < deadline, "never cut");
+        thread::sleep(Duration::from_millis(1));
+    }
+    g.wait_end();
+    let d = decisions(&tg);
+    let o = wait_outcome(&tg, &d[0]["seq"]);
+    assert!(
+        o["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--max-egress-bytes"),
+        "{o}"
+    );
+    assert!(o["sent"].as_u64().unwrap() <= 100_000, "{o}");
+    assert!(budget.reached().is_some());
+}

@@ -460,8 +460,14 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
     // Every way out after this point writes the close record first.
+    let net = Arc::clone(&opened.net);
     let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
         let out = stop(out, code, kind, why);
+        // Requests and tunnels of port 2 are cut, and audited, before the close record.
+        let cut = net.shutdown(std::time::Duration::from_secs(5));
+        if cut > 0 {
+            eprintln!("ironvmm: {cut} network relay thread(s) still running at exit");
+        }
         // Calls still running finish and are audited before the close record.
         let stuck = gate.shutdown();
         if stuck > 0 {

@@ -21,9 +21,11 @@ pub mod pipe;
 mod relay;
 pub mod route;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -78,6 +80,19 @@ pub struct NetService {
     budget: Option<Arc<CallBudget>>,
     max_connections: usize,
     live: Arc<AtomicUsize>,
+    /// The relays running, so `shutdown` can cut them: their pipes, and the
+    /// server connection each has open.
+    running: Mutex<HashMap<u64, Running>>,
+    next_relay: AtomicU64,
+}
+
+struct Running {
+    pipe: Arc<Pipe>,
+    upstream: Option<TcpStream>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl NetService {
@@ -101,7 +116,49 @@ impl NetService {
             budget: budget.filter(|b| b.is_limited()),
             max_connections: cfg.max_connections.max(1),
             live: Arc::new(AtomicUsize::new(0)),
+            running: Mutex::new(HashMap::new()),
+            next_relay: AtomicU64::new(0),
         }))
+    }
+
+    /// Cuts every connection (the VM is ending): exchanges and tunnels in progress
+    /// end and write their outcomes. Waits up to `wait` for their threads; returns
+    /// how many are still running.
+    pub fn shutdown(&self, wait: Duration) -> usize {
+        for r in lock(&self.running).values() {
+            r.pipe.guest_closed();
+            if let Some(s) = &r.upstream {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        let deadline = Instant::now() + wait;
+        while self.live() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.live()
+    }
+
+    fn register(&self, pipe: &Arc<Pipe>) -> u64 {
+        let id = self.next_relay.fetch_add(1, Ordering::Relaxed);
+        lock(&self.running).insert(
+            id,
+            Running {
+                pipe: Arc::clone(pipe),
+                upstream: None,
+            },
+        );
+        id
+    }
+
+    /// The server connection relay `id` uses now (`shutdown` cuts it).
+    fn set_upstream(&self, id: u64, s: Option<&TcpStream>) {
+        if let Some(r) = lock(&self.running).get_mut(&id) {
+            r.upstream = s.and_then(|s| s.try_clone().ok());
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        lock(&self.running).remove(&id);
     }
 
     /// Connections being served now (their relay threads running).
@@ -127,10 +184,12 @@ impl NetService {
             return None;
         }
         let pipe = Pipe::new(wake);
+        let id = self.register(&pipe);
         let relay = relay::Relay {
             svc: Arc::clone(self),
             conn: conn.clone(),
             pipe: Arc::clone(&pipe),
+            id,
         };
         let live = Arc::clone(&self.live);
         let spawned = std::thread::Builder::new()
@@ -150,6 +209,7 @@ impl NetService {
             Ok(_) => Some(NetStream { pipe, conn }),
             Err(e) => {
                 self.live.fetch_sub(1, Ordering::AcqRel);
+                self.unregister(id);
                 log::warn!("net: {conn} refused: cannot start its thread: {e}");
                 None
             }

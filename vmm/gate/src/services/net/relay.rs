@@ -45,6 +45,8 @@ pub(super) struct Relay {
     pub svc: Arc<NetService>,
     pub conn: String,
     pub pipe: Arc<Pipe>,
+    /// Its entry in the service's table of running relays.
+    pub id: u64,
 }
 
 impl Relay {
@@ -59,6 +61,7 @@ impl Relay {
         );
         while let Next::Another = self.one(&mut guest) {}
         self.pipe.finish();
+        self.svc.unregister(self.id);
     }
 
     fn writer(&self) -> PipeWriter {
@@ -146,6 +149,11 @@ impl Relay {
         for a in &addrs {
             match TcpStream::connect_timeout(a, self.svc.connect_timeout) {
                 Ok(s) => {
+                    self.svc.set_upstream(self.id, Some(&s));
+                    if self.pipe.is_guest_gone() {
+                        // Cut while connecting (the VM is ending).
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
                     let _ = s.set_read_timeout(Some(self.svc.idle));
                     let _ = s.set_write_timeout(Some(self.svc.idle));
                     let _ = s.set_nodelay(true);
