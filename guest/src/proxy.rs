@@ -47,7 +47,7 @@ pub fn serve(listener: TcpListener, to: GateAddr) -> io::Result<()> {
 }
 
 /// Copies one connection both ways until both sides have ended, passing each
-/// half-close on.
+/// half-close on. `Err` only when the host cannot be reached.
 pub fn relay(tcp: TcpStream, to: &GateAddr) -> io::Result<()> {
     let host = to.connect()?;
     let (mut tcp_in, mut host_out) = (tcp.try_clone()?, host.try_clone()?);
@@ -58,14 +58,14 @@ pub fn relay(tcp: TcpStream, to: &GateAddr) -> io::Result<()> {
     })?;
     let (mut host_in, mut tcp_out) = (host, tcp);
     let down = copy(&mut host_in, &mut tcp_out);
-    let _ = tcp_out.shutdown(Shutdown::Write);
-    if down.is_err() {
-        // The host reset the stream: the client's request side is over too.
-        let _ = tcp_out.shutdown(Shutdown::Both);
-        let _ = host_in.shutdown(Shutdown::Both);
-    }
-    let up = up.join().unwrap_or(Ok(0));
-    down.and(up).map(|_| ())
+    // The host has ended the exchange (it takes nothing more once it has): the
+    // client gets its end of stream, and the other direction stops too.
+    let _ = tcp_out.shutdown(Shutdown::Both);
+    let _ = host_in.shutdown(Shutdown::Both);
+    // A side that stopped early (the host refused a request and closed while the
+    // client still sent) is how exchanges end, not an error worth a console line.
+    let _ = (down, up.join());
+    Ok(())
 }
 
 fn copy<R: Read, W: Write>(from: &mut R, to: &mut W) -> io::Result<u64> {

@@ -39,8 +39,10 @@ pub fn route(head: &RequestHead) -> Result<Route, RouteError> {
     if t.starts_with('/') {
         return Err(RouteError::Origin(t.chars().take(200).collect()));
     }
-    let url = url::Url::parse(t)
+    let mut url = url::Url::parse(t)
         .map_err(|e| RouteError::BadUrl(t.chars().take(200).collect(), e.to_string()))?;
+    // A fragment never reaches a server: the policy decides on what does.
+    url.set_fragment(None);
     match url.scheme() {
         "http" => {}
         "https" => return Err(RouteError::Https(url.host_str().unwrap_or_default().into())),
