@@ -836,3 +836,57 @@ fn tunnel_bytes_are_charged_to_the_egress_budget() {
     assert!(o["sent"].as_u64().unwrap() <= 100_000, "{o}");
     assert!(budget.reached().is_some());
 }
+
+/// An `ask` rule holds the request until the approver answers, and both records
+/// are written as for a tool call.
+#[test]
+fn an_asked_request_waits_for_the_approver() {
+    use ironvmm_gate::gate::approver::{Answer, AnswerSink, Answerer, Approver, AskRequest};
+    use ironvmm_gate::gate::DecidedBy;
+    struct Yes;
+    impl Approver for Yes {
+        fn ask(&self, _req: AskRequest, done: AnswerSink) {
+            // Answered from another thread, later, as a person would.
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(50));
+                done(Answer {
+                    allow: true,
+                    answerer: Answerer {
+                        by: DecidedBy::User,
+                        channel: "test".into(),
+                        who: None,
+                    },
+                    reason: "fine".into(),
+                })
+            });
+        }
+    }
+    let srv = Server::start();
+    let tg = TestGate::new("version 1\nask net.http \"ask me\"\n", LOOPBACK);
+    let host = format!("127.0.0.1:{}", srv.port);
+    let mut g = Guest::connect(&tg);
+    g.send(&get(&srv.url("/first"), &host));
+    // Nobody to answer yet (the default approver denies every ask).
+    assert_eq!(g.response().0, 403);
+    tg.gate.set_approver(Arc::new(Yes));
+    let mut g = Guest::connect(&tg);
+    g.send(&get(&srv.url("/second"), &host));
+    let (status, _, body) = g.response();
+    assert_eq!((status, body.as_slice()), (200, &b"hello from /second"[..]));
+    let d = decisions(&tg);
+    let kinds: Vec<_> = d
+        .iter()
+        .map(|r| (r["decision"].as_str().unwrap(), r["asked"] == true))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ask", false),
+            ("deny", true),
+            ("ask", false),
+            ("allow", true)
+        ]
+    );
+    assert_eq!(d[3]["ask_seq"], d[2]["seq"]);
+    assert_eq!(d[3]["channel"], "test");
+}
