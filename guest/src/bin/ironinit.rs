@@ -319,6 +319,7 @@ fn start_proxy() {
     }
     let started = Command::new("/bin/iron")
         .args(["proxy", "--listen-fd", &fd.to_string()])
+        .stdin(std::process::Stdio::null())
         .env_clear()
         .env("PATH", ironvmm_guest::agent::DEFAULT_PATH)
         .spawn();
