@@ -113,6 +113,18 @@ pub enum Ending {
     Error(String),
 }
 
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Ending::Done(_) => write!(f, "the model finished"),
+            Ending::ModelDenied(why) => write!(f, "the gate refused a model turn: {why}"),
+            Ending::Denials(n) => write!(f, "stopped after {n} denied calls in a row"),
+            Ending::Steps(n) => write!(f, "stopped after {n} model turns (--max-steps)"),
+            Ending::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 impl Ending {
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -134,6 +146,16 @@ pub fn function_name(tool: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The tool a model means by a function `tools/list` did not offer (a model that
+/// follows instructions in its input asks for tools it was not shown, and the gate
+/// must be the one to refuse them): `mail_purge` is `mail.purge`.
+pub fn unlisted_tool(f: &str) -> String {
+    if f.contains('.') {
+        return f.to_string();
+    }
+    f.replacen('_', ".", 1)
 }
 
 /// The gate's tools as OpenAI function tools, and the map back to tool names.
@@ -275,7 +297,7 @@ pub fn run(client: &mut Client, o: &AgentOptions, out: &mut dyn Write) -> Ending
                 .iter()
                 .find(|(fname, name)| fname == f || name == f)
                 .map(|(_, n)| n.clone())
-                .unwrap_or_else(|| f.to_string());
+                .unwrap_or_else(|| unlisted_tool(f));
             let raw = c["function"]["arguments"].as_str().unwrap_or("{}");
             let (text, denied) = match serde_json::from_str::<Value>(raw) {
                 Ok(args @ Value::Object(_)) => {
@@ -349,6 +371,8 @@ mod tests {
         assert_eq!(tools.len(), 1);
         assert_eq!(tools[0]["function"]["name"], "mail_read");
         assert_eq!(names, [("mail_read".into(), "mail.read".into())]);
+        assert_eq!(unlisted_tool("mail_purge"), "mail.purge");
+        assert_eq!(unlisted_tool("files.read_text"), "files.read_text");
     }
 
     #[test]

@@ -157,7 +157,7 @@ fn agent(addr: &GateAddr, args: &[String]) -> ExitCode {
     match &ending {
         agent_loop::Ending::Done(_) => {}
         agent_loop::Ending::Error(e) => eprintln!("iron agent: {e}"),
-        other => eprintln!("iron agent: stopped: {other:?}"),
+        other => eprintln!("iron agent: {other}"),
     }
     ExitCode::from(ending.exit_code())
 }

@@ -33,6 +33,9 @@ pub const MAX_RESPONSE: usize = 640 * 1024;
 /// The reply cap: the response plus the usage and budget figures.
 pub const REPLY_CAP: usize = 700 * 1024;
 
+/// Below this many tokens left, a call's answer is held to what is left.
+const SMALL_REMAINDER: u64 = 4096;
+
 /// Fields of the guest's request passed on to the provider, besides `model` and
 /// `messages`. Anything else is refused by the schema.
 const PASSED: [&str; 8] = [
@@ -55,15 +58,16 @@ pub fn tool_specs() -> Vec<ToolSpec> {
                 "provider": {"type": "string", "maxLength": 64},
                 "model": {"type": "string", "maxLength": 256},
                 "path": {"type": "string", "maxLength": 4096},
-                "messages": {"type": "array", "maxItems": 4096, "items": {"type": "object"}},
-                "tools": {"type": "array", "maxItems": 512, "items": {"type": "object"}},
+                "messages": {"type": "array", "maxItems": 4096, "items": {"type": "object", "additionalProperties": true}},
+                "tools": {"type": "array", "maxItems": 512,
+                          "items": {"type": "object", "additionalProperties": true}},
                 "tool_choice": {},
                 "max_tokens": {"type": "integer", "minimum": 1},
                 "temperature": {"type": "number", "minimum": 0, "maximum": 2},
                 "top_p": {"type": "number", "minimum": 0, "maximum": 1},
                 "stop": {"type": "array", "maxItems": 16, "items": {"type": "string"}},
                 "seed": {"type": "integer"},
-                "response_format": {"type": "object"},
+                "response_format": {"type": "object", "additionalProperties": true},
                 "parallel_tool_calls": {"type": "boolean"}},
             "additionalProperties": false}),
         roles: &[],
@@ -184,8 +188,8 @@ impl LlmBudget {
 struct Provider {
     name: String,
     endpoint: url::Url,
-    /// `Bearer <key>`, read from the environment at start.
-    authorization: Option<String>,
+    /// `Bearer <key>`, read from the environment at start; Err: why there is none.
+    authorization: Result<Option<String>, String>,
     key: Option<String>,
     agent: ureq::Agent,
     timeout: Duration,
@@ -196,12 +200,6 @@ struct Provider {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LlmSetupError {
-    #[error("llm.providers[{index}] ({name}): the environment variable {env} is not set")]
-    MissingKey {
-        index: usize,
-        name: String,
-        env: String,
-    },
     #[error("llm.providers[{index}] ({name}): {message}")]
     Invalid {
         index: usize,
@@ -217,8 +215,7 @@ pub struct LlmService {
 }
 
 impl LlmService {
-    /// Reads the keys from the environment now: a missing one is an error at start,
-    /// not an unauthenticated request later. Every served call is written to
+    /// Reads the keys from the environment now. Every served call is written to
     /// `audit` with its usage and the budget's totals.
     pub fn new(
         c: &LlmServiceConfig,
@@ -244,21 +241,19 @@ impl LlmService {
             name: p.name.clone(),
             message,
         };
+        // A key that is not set is named when the provider is called (the example
+        // configuration lists providers the owner may not use), never sent without.
         let key = match &p.api_key_env {
-            Some(env) => {
-                let k = std::env::var(env).map_err(|_| LlmSetupError::MissingKey {
-                    index,
-                    name: p.name.clone(),
-                    env: env.clone(),
-                })?;
-                if k.is_empty() || k.contains(['\r', '\n', '\0']) {
-                    return Err(invalid(format!(
-                        "the key in {env} is empty or has a line break"
-                    )));
-                }
-                Some(k)
-            }
-            None => None,
+            Some(env) => match std::env::var(env) {
+                Ok(k) if !k.is_empty() && !k.contains(['\r', '\n', '\0']) => Ok(Some(k)),
+                Ok(_) => Err(format!(
+                    "the key in {env} on the host is empty or has a line break"
+                )),
+                Err(_) => Err(format!(
+                    "the environment variable {env} is not set on the host"
+                )),
+            },
+            None => Ok(None),
         };
         let base = p.base_url.trim_end_matches('/');
         let endpoint = url::Url::parse(&format!("{base}/chat/completions"))
@@ -281,8 +276,8 @@ impl LlmService {
         Ok(Provider {
             name: p.name.clone(),
             endpoint,
-            authorization: key.as_ref().map(|k| format!("Bearer {k}")),
-            key,
+            authorization: key.clone().map(|k| k.map(|k| format!("Bearer {k}"))),
+            key: key.ok().flatten(),
             agent,
             timeout,
             price_in: p.input_usd_per_mtok.unwrap_or(0.0),
@@ -335,17 +330,24 @@ impl LlmService {
                 body.insert(k.into(), v.clone());
             }
         }
-        // One call cannot spend far past the token budget: its answer is held to what is left.
+        // One call cannot spend far past the token budget: its answer is held to what
+        // is left (asked for or not, once little is left: models refuse a max_tokens
+        // above their own limit, so a large remainder is not sent).
         let asked = args.get("max_tokens").and_then(Value::as_u64);
         let max_tokens = match (asked, self.budget.tokens_left()) {
             (Some(a), Some(left)) => Some(a.min(left.max(1))),
-            (a, left) => a.or(left.map(|l| l.max(1))),
+            (None, Some(left)) if left < SMALL_REMAINDER => Some(left.max(1)),
+            (a, _) => a,
         };
         if let Some(m) = max_tokens {
             body.insert("max_tokens".into(), m.into());
         }
         body.insert("stream".into(), false.into());
 
+        let authorization = p
+            .authorization
+            .as_ref()
+            .map_err(|why| ToolError::new("missing_key", format!("provider {}: {why}", p.name)))?;
         self.budget
             .begin_step()
             .map_err(|why| ToolError::new("budget_spent", why))?;
@@ -355,7 +357,7 @@ impl LlmService {
             .request_url("POST", &p.endpoint)
             .timeout(p.timeout)
             .set("Content-Type", "application/json");
-        if let Some(a) = &p.authorization {
+        if let Some(a) = authorization {
             req = req.set("Authorization", a);
         }
         let sent = Value::Object(body).to_string();
