@@ -229,6 +229,7 @@ fn story(
         .unwrap();
 
     // SIGTERM: the gate writes its close record.
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
     unsafe { libc::kill(gate.0.id() as i32, libc::SIGTERM) };
     let _ = gate.0.wait();
     drop(model);
