@@ -556,4 +556,72 @@ mod tests {
         );
         assert_eq!((u.total(), u.estimated), (10, false));
     }
+
+    fn service(base_url: &str, allow_loopback: bool, key_env: Option<&str>) -> LlmService {
+        let c = LlmServiceConfig {
+            providers: vec![LlmProviderConfig {
+                name: "p".into(),
+                base_url: base_url.into(),
+                api_key_env: key_env.map(str::to_string),
+                allow_loopback,
+                timeout_secs: 5,
+                input_usd_per_mtok: None,
+                output_usd_per_mtok: None,
+            }],
+            budget: LlmBudgetConfig::default(),
+        };
+        LlmService::new(&c, LlmBudget::new(c.budget.clone()), None).unwrap()
+    }
+
+    fn chat_args() -> Value {
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    #[test]
+    fn loopback_needs_allow_loopback() {
+        // A listener that would answer, so only the guard can stop the call.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://127.0.0.1:{}/v1", l.local_addr().unwrap().port());
+        let e = service(&url, false, None)
+            .call("llm.chat", &chat_args())
+            .unwrap_err();
+        assert_eq!(e.kind, "blocked_address", "{}", e.message);
+        assert!(e.message.contains("loopback"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        let s = service(
+            "https://api.example.invalid/v1",
+            false,
+            Some("IRONVMM_TEST_UNSET_KEY_7f3a"),
+        );
+        let e = s.call("llm.chat", &chat_args()).unwrap_err();
+        assert_eq!(e.kind, "missing_key");
+        assert!(
+            e.message.contains("IRONVMM_TEST_UNSET_KEY_7f3a"),
+            "{}",
+            e.message
+        );
+        let e = s
+            .call(
+                "llm.chat",
+                &json!({"provider": "q", "model": "m", "messages": []}),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind, "unknown_provider");
+        let e = s
+            .call(
+                "llm.chat",
+                &json!({"provider": "p", "model": "m", "path": "/v1/x"}),
+            )
+            .unwrap_err();
+        assert!(e.message.contains("model route"), "{}", e.message);
+        let e = s
+            .call("llm.chat", &json!({"model": "m", "messages": []}))
+            .unwrap_err();
+        assert!(e.message.starts_with("messages"), "{}", e.message);
+        // Nothing was sent, so no step was spent.
+        assert_eq!(s.budget().spent().steps, 0);
+    }
 }
