@@ -28,6 +28,27 @@ fn kernel() -> PathBuf {
     )
 }
 
+/// The software KVM host's init leaves the loopback interface down; the model and
+/// SMTP servers of this test live on it (the VMM reaches them from the host side).
+fn loopback_up() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    if TcpStream::connect(l.local_addr().unwrap()).is_ok() {
+        return;
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new("ifconfig")
+            .args(["lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        up,
+        "the loopback interface is down and could not be brought up"
+    );
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
@@ -207,6 +228,7 @@ fn the_inbox_story_in_a_booted_guest() {
         .tempdir()
         .unwrap();
     let d = dir.path();
+    loopback_up();
     for f in ["agent.rules", "contacts.txt", "contacts.vcf"] {
         std::fs::copy(example().join(f), d.join(f)).unwrap();
     }
