@@ -2,6 +2,7 @@
 //!
 //!   iron call [--json] TOOL [JSON|-]   one tools/call; exit 0 ok, 3 denied, 4 error, 5 unreachable
 //!   iron list                          the tools the policy could allow
+//!   iron agent [--model M] TASK...     a tool-using agent; its model is llm.chat
 //!   iron mcp                           an MCP stdio server relaying to the gate
 //!   iron bench [-n N] [-c C] [--tool T --args JSON]
 //!   iron send [--port P] [--no-read SECS]   raw bytes, for testing the gate itself
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use ironvmm_guest::agent_loop;
 use ironvmm_guest::conn::GateAddr;
 use ironvmm_guest::rpc::{
     read_line_limited, tool_output, CallError, Client, EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE,
@@ -28,6 +30,12 @@ use serde_json::{json, Value};
 const USAGE: &str = "usage:
   iron call [--json] TOOL [JSON|-]   call a tool (JSON arguments, '-' reads them from stdin)
   iron list                          list the tools the policy could allow
+  iron agent [--model M] [--provider P] [--max-steps N] [--max-denials N]
+             [--max-tokens N] [--system TEXT] TASK...
+                                     a tool-using agent: every model turn is an llm.chat
+                                     call, every tool call is decided; prints its transcript
+                                     (model: $IRON_AGENT_MODEL; exit 0 done, 3 stopped by
+                                     denials or the model budget, 4 error, 5 no gate)
   iron mcp                           MCP stdio server relaying to the gate
   iron bench [-n N] [-c C] [--tool T --args JSON]
                                      N calls over C connections (default: 1000 pings on 1)
@@ -60,6 +68,7 @@ fn main() -> ExitCode {
     match sub.as_str() {
         "call" => call(&addr, rest),
         "list" => list(&addr),
+        "agent" => agent(&addr, rest),
         "mcp" => mcp(&addr),
         "bench" => bench(&addr, rest),
         "send" => send(&addr, rest),
@@ -140,6 +149,24 @@ fn print_text(text: &str) {
         let _ = out.write_all(b"\n");
     }
     let _ = out.flush();
+}
+
+fn agent(addr: &GateAddr, args: &[String]) -> ExitCode {
+    let opts = match agent_loop::parse_args(args, &|k| std::env::var(k).ok()) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&format!("agent: {e}")),
+    };
+    let mut client = match connect(addr) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let ending = agent_loop::run(&mut client, &opts, &mut io::stdout().lock());
+    match &ending {
+        agent_loop::Ending::Done(_) => {}
+        agent_loop::Ending::Error(e) => eprintln!("iron agent: {e}"),
+        other => eprintln!("iron agent: {other}"),
+    }
+    ExitCode::from(ending.exit_code())
 }
 
 fn list(addr: &GateAddr) -> ExitCode {

@@ -527,6 +527,16 @@ impl AuditLog {
         Ok(seq)
     }
 
+    /// Writes a record of a service's own `kind` (`llm`: a model call's usage and
+    /// the budget spent), not synced on its own, like an outcome.
+    pub fn note(&self, kind: &'static str, fields: Map<String, Value>) -> Result<u64, AuditError> {
+        let seq = self.shared.append(kind, |m| m.extend(fields), |_| {})?;
+        if self.shared.mode == SyncMode::Batch {
+            self.shared.mark_dirty();
+        }
+        Ok(seq)
+    }
+
     /// Writes the `close` record with the counts and the exit status, syncs, and
     /// stops the flusher. Returns the final hash (for `--head` and the run report).
     /// A second call returns the same hash without writing.
