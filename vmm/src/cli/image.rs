@@ -10,7 +10,7 @@ use ironvmm_wire::text::{escape, MAX_FIELD};
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
     /// Build guest.img: manifest.json, the kernel and an initramfs with ironinit,
-    /// iron, busybox and the --add files.
+    /// iron, busybox, the --rootfs tree and the --add files.
     Build(Box<BuildArgs>),
     /// Print an image's manifest and its members (name, size, SHA-256).
     Inspect(InspectArgs),
@@ -21,6 +21,10 @@ pub struct BuildArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage (scripts/build-kernel.sh prints its path).
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
+    /// A root file system for the guest: a directory, or a .tar / .tar.gz. ironinit,
+    /// iron, busybox and the manifest are added; --add files go on top.
+    #[arg(long, value_name = "DIR|TAR")]
+    pub rootfs: Option<PathBuf>,
     /// Put a host file or directory (recursively) into the guest at DST.
     #[arg(long = "add", value_name = "SRC:DST")]
     pub adds: Vec<String>,
@@ -146,6 +150,7 @@ fn build_cmd(a: BuildArgs) -> Result<(), String> {
     };
     let opts = BuildOptions {
         kernel: a.kernel,
+        rootfs: a.rootfs,
         adds,
         manifest,
         busybox: a.busybox,

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::kernel::{check_static_elf, kernel_kind, KernelKind};
+use super::rootfs::rootfs_tree;
 use super::tree::{guest_key, Tree};
 use super::{write_image, BuildError, Manifest, GUEST_MANIFEST_PATH};
 
@@ -22,6 +23,8 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub kernel: PathBuf,
+    /// `--rootfs DIR|TAR`: the user's root file system, laid under the `--add` files.
+    pub rootfs: Option<PathBuf>,
     /// `--add SRC:DST`, in order.
     pub adds: Vec<(PathBuf, String)>,
     pub manifest: Manifest,
@@ -178,17 +181,18 @@ pub fn initramfs_tree(opts: &BuildOptions) -> Result<(Tree, usize), BuildError> 
         base.add_symlink(a, "/bin/busybox")?;
     }
 
+    if let Some(src) = &opts.rootfs {
+        let rootfs = rootfs_tree(src, half_mem(&opts.manifest))?;
+        refuse_reserved(&rootfs, &format!("--rootfs {}", src.display()))?;
+        base.merge(rootfs)
+            .map_err(|e| BuildError::Invalid(format!("--rootfs {}: {e}", src.display())))?;
+    }
+
     let mut user = Tree::new();
     for (src, dst) in &opts.adds {
         user.add_host(src, dst)?;
     }
-    for r in RESERVED {
-        if user.contains(r) {
-            return Err(BuildError::Invalid(format!(
-                "--add cannot replace {r}: the image builder puts it there"
-            )));
-        }
-    }
+    refuse_reserved(&user, "--add")?;
     base.merge(user)?;
 
     base.add_bytes("/init", 0o755, ironinit)?;
@@ -203,6 +207,21 @@ pub fn initramfs_tree(opts: &BuildOptions) -> Result<(Tree, usize), BuildError> 
         }
     }
     Ok((base, applets.len()))
+}
+
+/// The paths the builder owns stay the builder's: `/init` is ironinit.
+fn refuse_reserved(t: &Tree, source: &str) -> Result<(), BuildError> {
+    match RESERVED.iter().find(|r| t.contains(r)) {
+        Some(r) => Err(BuildError::Invalid(format!(
+            "{source} cannot replace {r}: the image builder puts it there"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The initramfs may take at most half of guest memory (the rest is for the agent).
+fn half_mem(m: &Manifest) -> u64 {
+    (m.mem_mib as u64) << 19
 }
 
 /// Parses one `--add SRC:DST`; DST must be an absolute guest path.
@@ -230,8 +249,7 @@ pub fn build_image(opts: &BuildOptions, out: &Path) -> Result<BuildSummary, Buil
         ))
     })?;
     let (tree, applets) = initramfs_tree(opts)?;
-    let half_mem = (opts.manifest.mem_mib as u64) << 19;
-    if tree.estimated_cpio_bytes() > half_mem {
+    if tree.estimated_cpio_bytes() > half_mem(&opts.manifest) {
         return Err(BuildError::Invalid(format!(
             "the initramfs needs about {} MiB, more than half of the guest's {} MiB; \
              raise --mem or add less",

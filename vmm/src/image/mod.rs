@@ -9,6 +9,7 @@
 //! - `kernel`   header checks: vmlinux/bzImage, static ELF
 //! - `reader`   tar → [`GuestImage`], with errors naming what is wrong
 //! - `writer`   tar writer
+//! - `rootfs`   `--rootfs DIR|TAR` → tree, strict about hostile archives
 //! - `build`    the initramfs layout and guest binaries for `image build`
 //! - `copy_in`  the appended `--copy-in` archive
 
@@ -18,6 +19,7 @@ pub mod cpio;
 pub mod kernel;
 pub mod manifest;
 pub mod reader;
+pub mod rootfs;
 pub mod tree;
 pub mod writer;
 

@@ -122,6 +122,14 @@ impl Tree {
         total
     }
 
+    /// The bytes of an in-memory file at `path` (a tar hard link copies them).
+    pub fn file_bytes(&self, path: &str) -> Option<&[u8]> {
+        match &self.nodes.get(&guest_key(path).ok()?)?.node {
+            Node::File(Source::Bytes(b)) => Some(b),
+            _ => None,
+        }
+    }
+
     pub fn add_dir(&mut self, path: &str, perm: u32) -> Result<(), BuildError> {
         self.insert(guest_key(path)?, perm, 0, Node::Dir)
     }
