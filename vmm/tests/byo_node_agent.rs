@@ -167,3 +167,65 @@ fn node_agent_reaches_the_gate_through_iron_mcp() {
         ]
     );
 }
+
+/// The image scripts/byo-node-image.sh built (it needs the npm registry, so it is
+/// built before the booting run): `$IRONVMM_BYO_NODE_IMAGE`, else its default path.
+fn byo_node_image() -> PathBuf {
+    let p = std::env::var_os("IRONVMM_BYO_NODE_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/byo-node/guest-node.img")
+        });
+    assert!(
+        p.is_file(),
+        "{} is missing: build it with scripts/byo-node-image.sh --kernel K -o {} \
+         (or set IRONVMM_BYO_NODE_IMAGE)",
+        p.display(),
+        p.display()
+    );
+    p
+}
+
+#[test]
+#[ignore = "boots a guest: run through scripts/kvm-host/cargo-test.sh after scripts/byo-node-image.sh"]
+fn node_agent_in_a_guest_reaches_the_hosts_tools() {
+    let img = byo_node_image();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("p.rules"), POLICY).unwrap();
+    std::fs::create_dir(d.join("ws")).unwrap();
+    std::fs::write(d.join("ws/hello.txt"), "hello from the host\n").unwrap();
+    let audit = d.join("audit.jsonl");
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .arg("boot")
+        .arg("--policy")
+        .arg(d.join("p.rules"))
+        .arg("--workspace")
+        .arg(d.join("ws"))
+        .arg("--audit")
+        .arg(&audit)
+        .args(["--timeout", "600s"])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    // The agent's one JSON line, among the console's other lines.
+    let line = out
+        .lines()
+        .find_map(|l| l.find("{\"node\":").map(|i| &l[i..]))
+        .unwrap_or_else(|| panic!("no agent summary in:\n{out}\n{err}"));
+    let s: Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(s["node"], "v26.10.0");
+    assert_eq!(s["tools"], serde_json::json!(["fs.read", "fs.stat"]));
+    assert_eq!(s["structured"]["content"], "hello from the host\n");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .any(|r| r["kind"] == "decision" && r["tool"] == "fs.read" && r["decision"] == "allow"),
+        "{log}"
+    );
+}
