@@ -171,6 +171,34 @@ fn archive(d: &Path, name: &str, entries: &[Vec<u8>]) -> std::path::PathBuf {
 }
 
 #[test]
+fn a_pax_global_header_and_a_symlinked_root_folder_are_fine() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let p = archive(
+        d.path(),
+        "git-archive.tar",
+        &[
+            raw_entry(
+                "pax_global_header",
+                tar::EntryType::XGlobalHeader,
+                "",
+                b"52 comment=0123456789012345678901234567890123456789\n",
+            ),
+            raw_entry("srv/", tar::EntryType::Directory, "", b""),
+            raw_entry("srv/a.txt", tar::EntryType::Regular, "", b"a"),
+        ],
+    );
+    ok(&build(d.path(), &p, &[]));
+    let (_, e) = entries(d.path());
+    assert!(e.iter().any(|e| e.name_str() == "srv/a.txt"));
+    assert!(!e.iter().any(|e| e.name_str().contains("pax")));
+
+    std::os::unix::fs::symlink(d.path().join("root"), d.path().join("root-link")).unwrap();
+    ok(&build(d.path(), &d.path().join("root-link"), &[]));
+    check_image(d.path());
+}
+
+#[test]
 fn hostile_archives_are_refused_by_entry() {
     use tar::EntryType::{Block, Char, Directory, Fifo, Link, Regular, Symlink};
     let d = tempfile::tempdir().unwrap();

@@ -24,7 +24,9 @@ pub fn rootfs_tree(src: &Path, max_bytes: u64) -> Result<Tree, BuildError> {
     let meta = std::fs::metadata(src).map_err(|e| BuildError::io(src, e))?;
     let mut tree = Tree::new();
     if meta.is_dir() {
-        tree.add_host(src, "/")?;
+        // The root itself may be a symlink to the folder (the tree keeps links as links).
+        let real = std::fs::canonicalize(src).map_err(|e| BuildError::io(src, e))?;
+        tree.add_host(&real, "/")?;
         return Ok(tree);
     }
     if !meta.is_file() {
@@ -75,6 +77,10 @@ fn read_tar<R: Read>(r: R, src: &Path, max_bytes: u64, tree: &mut Tree) -> Resul
     let mut files: HashMap<String, u32> = HashMap::new();
     for entry in ar.entries().map_err(io)? {
         let mut entry = entry.map_err(|e| invalid(src, format!("reading the archive: {e}")))?;
+        // A pax global header (git archive writes one) is metadata, not a file.
+        if entry.header().entry_type() == EntryType::XGlobalHeader {
+            continue;
+        }
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let bad = |why: String| invalid(src, format!("entry {shown:?}: {why}"));
