@@ -1,6 +1,7 @@
 //! `ironvmm tools [--json] [--config FILE]`: the catalog of the services compiled
 //! into ironvmm, plus, with `--config`, the tools of its `[[mcp]]` servers (started
-//! to list them, then stopped).
+//! to list them, then stopped). Each tool is shown with its reply cap: the most
+//! bytes of structured result one call may return.
 
 use std::path::PathBuf;
 
@@ -53,10 +54,24 @@ pub fn run(args: ToolsArgs) -> u8 {
         let width = specs.iter().map(|s| s.name.len()).max().unwrap_or(0);
         let mut s = String::new();
         for spec in &specs {
-            s.push_str(&format!("{:<width$}  {}\n", spec.name, spec.description));
+            s.push_str(&format!(
+                "{:<width$}  {:>9}  {}\n",
+                spec.name,
+                size(spec.reply_cap),
+                spec.description
+            ));
         }
         s
     };
     super::output::write_all(text.as_bytes());
     0
+}
+
+/// A reply cap for people: whole KiB or MiB when it is one, else bytes.
+fn size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
 }
