@@ -694,6 +694,9 @@ default deny
         &config,
         &[],
         r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
 iron call mail.list '{}'; echo "list=$?"
 iron call mail.read '{"id":"INBOX/1733000000.M1P1.example"}'; echo "read=$?"
 iron call mail.move '{"id":"INBOX/1733000100.M2P1.example","folder":"Archive"}'; echo "move=$?"
@@ -804,6 +807,9 @@ fn service_e2e_http_from_a_guest_against_a_loopback_server() {
     let policy = "version 1\nallow http.fetch when host(url) == \"127.0.0.1\"\ndefault deny\n";
     let script = format!(
         r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
 iron call http.fetch '{{"url":"http://127.0.0.1:{port}/hello"}}'; echo "fetch=$?"
 iron call http.fetch '{{"url":"http://127.0.0.1:{port}/elsewhere"}}' 2>&1 | sed 's/^/redirect_out=/'
 iron call http.fetch '{{"url":"http://127.0.0.1:{port}/elsewhere"}}' >/dev/null 2>&1; echo "redirect=$?"
