@@ -864,3 +864,83 @@ exit 0
         "default"
     );
 }
+
+/// An MCP server over stdio in busybox sh (the software KVM host has neither node
+/// nor Python): one tool, `read_note(path)`, answered with a fixed text. Every line
+/// it receives is appended to the file named by its first argument.
+const SH_MCP_SERVER: &str = r#"#!/bin/sh
+log=$1
+while IFS= read -r line; do
+    printf '%s\n' "$line" >>"$log"
+    id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9][0-9]*\).*/\1/p')
+    case "$line" in
+    *'"method":"initialize"'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"notes","version":"1"}}}\n' "$id" ;;
+    *'"method":"tools/list"'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"read_note","description":"Read a note","inputSchema":{"type":"object","properties":{"path":{"type":"string"}},"required":["path"],"additionalProperties":false}}]}}\n' "$id" ;;
+    *'"method":"tools/call"'*)
+        path=$(printf '%s' "$line" | sed -n 's/.*"path":"\([^"]*\)".*/\1/p')
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"note %s: buy milk"}]}}\n' "$id" "$path" ;;
+    *'"id":'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{}}\n' "$id" ;;
+    esac
+done
+"#;
+
+/// An owner's MCP server ([[mcp]]) from a booted guest: its tool is served as
+/// `notes.read_note`, decided by the policy with the configured `path` role (so a
+/// `..` climb is normalised and denied), and only allowed calls reach the server.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn service_e2e_mcp_server_from_a_guest() {
+    let tmp = scratch("mcp-server");
+    let dir = tmp.path();
+    std::fs::write(dir.join("notes-server.sh"), SH_MCP_SERVER).unwrap();
+    let seen = dir.join("server-saw.jsonl");
+    let config = format!(
+        "[[mcp]]\nname = \"notes\"\ncommand = \"sh\"\nargs = [{:?}, {:?}]\ntimeout_secs = 60\n\
+         [mcp.roles]\n\"read_note.path\" = \"path\"\n",
+        dir.join("notes-server.sh").display().to_string(),
+        seen.display().to_string()
+    );
+    let policy =
+        "version 1\nallow notes.read_note when path under \"/home/ada/notes\"\ndefault deny\n";
+    let (o, out, err) = boot_with_services(
+        dir,
+        policy,
+        &config,
+        &[],
+        r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
+iron call notes.read_note '{"path":"/home/ada/notes/todo.txt"}'; echo "note=$?"
+iron call notes.read_note '{"path":"/home/ada/notes/../../../etc/shadow"}' 2>/dev/null; echo "climb=$?"
+iron call notes.read_note '{"path":"/etc/shadow"}' 2>/dev/null; echo "outside=$?"
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(marker(&out, "note"), "0", "{out}\n{err}");
+    assert!(
+        out.contains("note /home/ada/notes/todo.txt: buy milk"),
+        "{out}"
+    );
+    assert_eq!(marker(&out, "climb"), "3", "{out}");
+    assert_eq!(marker(&out, "outside"), "3", "{out}");
+    // The server saw the one allowed call, under its own tool name, and nothing else.
+    let saw = std::fs::read_to_string(&seen).unwrap();
+    let calls: Vec<&str> = saw.lines().filter(|l| l.contains("tools/call")).collect();
+    assert_eq!(calls.len(), 1, "{saw}");
+    assert!(
+        calls[0].contains("\"name\":\"read_note\"") && calls[0].contains("todo.txt"),
+        "{saw}"
+    );
+    assert!(!saw.contains("shadow"), "{saw}");
+    let recs = audit_records(dir);
+    decision_for(&recs, "notes.read_note", "todo.txt", "allow");
+    assert_eq!(
+        decision_for(&recs, "notes.read_note", "/etc/shadow", "deny")["decided_by"],
+        "default"
+    );
+}
