@@ -91,7 +91,7 @@ fn run_agent_with(
         .arg(dir.join("ws"))
         .arg("--audit")
         .arg(dir.join("audit.jsonl"))
-        .args(["--audit-sync", "batch", "--timeout", "600s"])
+        .args(["--audit-sync", "batch", "--timeout", "1200s"])
         .args(boot_args)
         .arg(&img)
         .stdout(Stdio::piped())
