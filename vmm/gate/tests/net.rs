@@ -1198,10 +1198,16 @@ fn a_spent_model_budget_is_a_clean_denial() {
         &format!("Authorization: Bearer {DUMMY_KEY}"),
         r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#,
     );
+    // A client that waits for leave to send its body is given it at once.
     let mut g = Guest::connect(&tg);
-    g.send(&req);
+    let body = r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#;
+    g.send(&model_post("/llm/local/chat/completions", "Expect: 100-continue", body)[..]);
     g.wait_end();
-    assert!(g.out.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let text = String::from_utf8_lossy(&g.out).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{text}"
+    );
     let mut g = Guest::connect(&tg);
     g.send(&req);
     let (status, _, body) = g.response();

@@ -13,8 +13,9 @@
 //!   is spent, the gate denies `llm.chat` (`decided_by: limit`, see
 //!   `gate::budget::LlmBudgeted`).
 //! - `{provider, model, path}` is also the shape the guest proxy's model route
-//!   (`/llm/<provider>/…`) is decided as; that route is served by the proxy, so a
-//!   tool call carrying `path` and no `messages` is refused here.
+//!   (`/llm/<provider>/…`) is decided as. The proxy (`net::model`) sends its
+//!   requests through `send_route` here, with the same keys and budget; a tool call
+//!   carrying `path` and no `messages` is refused.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};

@@ -21,6 +21,9 @@ use crate::services::llm::{RouteRequest, UsageMeter};
 /// tools fits; a body past it is refused, not truncated).
 pub const MAX_MODEL_BODY: usize = 8 * 1024 * 1024;
 
+/// As `llm.chat`'s schema has it: the name is written to the audit log.
+const MAX_MODEL_NAME: usize = 256;
+
 /// Response headers the host writes itself (the framing to the guest is its own).
 const REFRAMED: [&str; 3] = ["content-length", "transfer-encoding", "connection"];
 
@@ -36,6 +39,17 @@ impl Relay {
             Ok(f) => f,
             Err(e) => return self.answer(400, "Bad Request", &e.to_string()),
         };
+        // The body is read before the decision (the model is in it): a client
+        // waiting for leave to send it gets it now.
+        if head.headers.has_token("expect", "100-continue")
+            && framing != body::Framing::Empty
+            && self
+                .writer()
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .is_err()
+        {
+            return Next::Close;
+        }
         let mut req_body = Vec::new();
         let mut total = 0usize;
         let too_large = format!("a model request body is limited to {MAX_MODEL_BODY} bytes");
@@ -58,6 +72,13 @@ impl Relay {
         let model = serde_json::from_slice::<Value>(&req_body)
             .ok()
             .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string));
+        if model.as_ref().is_some_and(|m| m.len() > MAX_MODEL_NAME) {
+            return self.answer(
+                400,
+                "Bad Request",
+                &format!("the body's \"model\" is over {MAX_MODEL_NAME} bytes"),
+            );
+        }
         let mut args = Map::new();
         args.insert("provider".into(), provider.into());
         if let Some(m) = &model {
