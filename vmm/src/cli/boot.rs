@@ -217,6 +217,8 @@ struct Payload {
     cmdline: String,
     mem_mib: u64,
     cpus: u8,
+    /// The image runs the guest's HTTP proxy: port 2 is served.
+    proxy: bool,
 }
 
 impl Payload {
@@ -273,6 +275,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
             cmdline: a.cmdline.clone(),
             mem_mib: 128,
             cpus: 1,
+            proxy: false,
         });
     }
     let path = a
@@ -286,6 +289,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
         mem_mib: u64::from(m.mem_mib),
         cpus: u8::try_from(m.cpus).unwrap_or(u8::MAX),
         files: (Vec::new(), Vec::new()),
+        proxy: m.proxy,
         image: Some(Arc::new(img)),
     })
 }
@@ -505,6 +509,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
     };
     // The kernel and initramfs are in guest memory: the image's bytes can go.
+    let proxy = p.proxy;
     drop(p);
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
@@ -536,8 +541,14 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
     // Every way out after this point writes the close record first.
+    let net = Arc::clone(&opened.net);
     let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
         let out = stop(out, code, kind, why);
+        // Requests and tunnels of port 2 are cut, and audited, before the close record.
+        let cut = net.shutdown(std::time::Duration::from_secs(5));
+        if cut > 0 {
+            eprintln!("ironvmm: {cut} network relay thread(s) still running at exit");
+        }
         // Calls still running finish and are audited before the close record.
         let stuck = gate.shutdown();
         if stuck > 0 {
@@ -601,7 +612,11 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         event_idx: !a.no_event_idx,
         ..VsockConfig::default()
     };
-    let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
+    let mut ports = GatePorts::new(gate.clone());
+    if proxy {
+        ports = ports.with_net(Arc::clone(&opened.net));
+    }
+    let vsock_entry = match vm.attach_vsock(vsock, Box::new(ports)) {
         Ok(entry) => entry,
         Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
