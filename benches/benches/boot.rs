@@ -159,7 +159,14 @@ fn image_for_both(bin: &Path, kernel: &Path, cmd: &str, img: &Path, work: &Path)
 fn main() {
     if !inside_kvm_host() {
         let why = rerun_in_kvm_host(&["--with-qemu"]);
-        println!("{}", vm_skipped_line("boot bench", &why));
+        println!(
+            "{}",
+            vm_skipped_line(
+                "boot bench",
+                &why,
+                "Every figure of this bench needs VMs: none."
+            )
+        );
         return;
     }
     let root = workspace_root();

@@ -256,7 +256,14 @@ fn main() {
         // Two vCPUs: the image is hashed beside the VM being built, and N VMMs
         // share the host.
         let why = rerun_in_kvm_host(&["--mem", "3G", "--cpus", "2"]);
-        println!("{}", vm_skipped_line("density bench", &why));
+        println!(
+            "{}",
+            vm_skipped_line(
+                "density bench",
+                &why,
+                "Every figure of this bench needs VMs: none."
+            )
+        );
         return;
     }
     let root = workspace_root();

@@ -301,11 +301,17 @@ fn main() {
             .collect();
         std::fs::write(work.join("ws/big.bin"), big).unwrap();
         if host_only_run {
-            println!("{}", vm_skipped_line("rpc bench", "--host-only"));
+            println!(
+                "{}",
+                vm_skipped_line("rpc bench", "--host-only", "Only the host-only half runs.")
+            );
             return host_only(&root, work);
         }
         let why = rerun_in_kvm_host(&["--mem", "3G"]);
-        println!("{}", vm_skipped_line("rpc bench", &why));
+        println!(
+            "{}",
+            vm_skipped_line("rpc bench", &why, "Only the host-only half runs.")
+        );
         return host_only(&root, work);
     }
 

@@ -108,9 +108,10 @@ pub fn rerun_in_kvm_host(host_args: &[&str]) -> String {
 /// kvm-host.sh's status when the software host could not be set up or started.
 const HOST_FAILED: i32 = 125;
 
-/// The line a bench prints when its VM part does not run.
-pub fn vm_skipped_line(bench: &str, why: &str) -> String {
-    format!("{bench}: VM PART SKIPPED: {why}. Only the host-only figures below.")
+/// The line a bench prints when its VM part does not run; `then` says what it
+/// does instead.
+pub fn vm_skipped_line(bench: &str, why: &str, then: &str) -> String {
+    format!("{bench}: VM PART SKIPPED: {why}. {then}")
 }
 
 /// Median of a sample set (sorted in place). `None` for an empty set.
