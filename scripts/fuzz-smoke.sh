@@ -6,7 +6,9 @@
 #   scripts/fuzz-smoke.sh [SECONDS]          the CI smoke (60 s per target)
 #   scripts/fuzz-smoke.sh 600 frame_rpc      one target, 10 minutes
 # Needs cargo-fuzz (cargo install cargo-fuzz) and a nightly toolchain, or stable
-# with RUSTC_BOOTSTRAP=1 (set here when no nightly is installed).
+# with RUSTC_BOOTSTRAP=1 (set here when no nightly is installed). The sanitized builds
+# go to FUZZ_TARGET_DIR (default ~/.cache/ironvmm/fuzz-target), outside the clone, so
+# that a fresh clone on the same machine rebuilds only what changed.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -33,11 +35,14 @@ targets=(
     "policy:parse_eval:fuzz/seeds"
 )
 
+target_dir=${FUZZ_TARGET_DIR:-$HOME/.cache/ironvmm/fuzz-target}
+mkdir -p "$target_dir"
+
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for dir in vmm policy; do
     say "building the $dir fuzz targets"
-    (cd "$dir" && "${fuzz[@]}" build -O >&2)
+    (cd "$dir" && "${fuzz[@]}" build -O --target-dir "$target_dir/$dir" >&2)
 done
 
 pids=()
@@ -47,7 +52,7 @@ for t in "${targets[@]}"; do
     [ -n "$only" ] && [ "$only" != "$name" ] && continue
     mkdir -p "$scratch/$name"
     say "$name: ${secs}s"
-    (cd "$dir" && exec "${fuzz[@]}" run -O "$name" "$scratch/$name" "$seeds" -- \
+    (cd "$dir" && exec "${fuzz[@]}" run -O --target-dir "$target_dir/$dir" "$name" "$scratch/$name" "$seeds" -- \
         -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \
         -print_final_stats=1) >"$scratch/$name.log" 2>&1 &
     pids+=("$!")

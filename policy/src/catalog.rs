@@ -29,6 +29,10 @@
 //! owner's, configured without `roles`). Its arguments are then compared literally,
 //! and `policy check` warns of every rule whose conditions read them.
 //!
+//! `replyCap` (optional, a positive integer): the most bytes of structured result a
+//! call of the tool may return; the VMM replaces a larger one by a `reply_too_large`
+//! tool error. The engine does not read it; `ironvmm tools --json` shows it.
+//!
 //! `groups` (optional) names arguments that hold the same kind of thing in different
 //! places: `{"recipients": ["to", "cc", "bcc"]}` on `mail.send`, `{"ends": ["from",
 //! "to"]}` on `fs.move`. The engine does not read them; the policy compiler derives
@@ -98,6 +102,8 @@ pub struct Tool {
     pub groups: BTreeMap<String, Vec<String>>,
     /// `false`: the roles of the arguments are unknown, not merely absent.
     pub roles_known: bool,
+    /// `replyCap`: most bytes of structured result a call may return (the VMM's).
+    pub reply_cap: Option<u64>,
     pub(crate) schema: Schema,
 }
 
@@ -124,6 +130,7 @@ impl Tool {
             aliases: BTreeMap::new(),
             groups: BTreeMap::new(),
             roles_known: true,
+            reply_cap: None,
             schema,
         })
     }
@@ -309,6 +316,9 @@ impl Catalog {
                 if !t.roles_known {
                     v["rolesKnown"] = Value::Bool(false);
                 }
+                if let Some(cap) = t.reply_cap {
+                    v["replyCap"] = json!(cap);
+                }
                 v
             })
             .collect();
@@ -329,6 +339,7 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
             "aliases",
             "groups",
             "rolesKnown",
+            "replyCap",
         ]
         .contains(&k.as_str())
     }) {
@@ -372,6 +383,17 @@ fn tool_from_json(v: &Value) -> Result<Tool, CatalogError> {
                 "`{name}`: `rolesKnown` must be a boolean"
             )))
         }
+    }
+    match o.get("replyCap") {
+        None => {}
+        Some(c) => match c.as_u64().filter(|&c| c > 0) {
+            Some(c) => tool.reply_cap = Some(c),
+            None => {
+                return Err(CatalogError(format!(
+                    "`{name}`: `replyCap` must be a positive integer (bytes)"
+                )))
+            }
+        },
     }
     if let Some(a) = o.get("aliases") {
         let a = a.as_object().ok_or(CatalogError(format!(
@@ -431,6 +453,20 @@ mod tests {
         let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
         assert!(!again.tool("files.read").unwrap().roles_known);
         assert!(Catalog::from_json(r#"{"tools":[{"name":"a.b","rolesKnown":1}]}"#).is_err());
+        let c = Catalog::from_json(r#"{"tools":[{"name":"a.b","replyCap":1024}]}"#).unwrap();
+        let again = Catalog::from_json(&c.to_json().to_string()).unwrap();
+        assert_eq!(again.tool("a.b").unwrap().reply_cap, Some(1024));
+        for bad in ["0", "-1", "\"1k\"", "1.5"] {
+            let e = Catalog::from_json(&format!(
+                r#"{{"tools":[{{"name":"a.b","replyCap":{bad}}}]}}"#
+            ))
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("`replyCap` must be a positive integer"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -375,7 +375,7 @@ impl Cx<'_> {
                     f,
                     r.pattern_span,
                     format!(
-                        "{}{}: no argument roles are known (give them with `roles` in the [[mcp]] table): \
+                        "{}{}: no argument roles are known (give them with `roles` in the [[mcp]] table; `ironvmm policy annotate` proposes them): \
                          arguments are compared literally, not normalised as paths, URLs, hosts or addresses, \
                          and the protected paths are not checked against them",
                         names.collect::<Vec<_>>().join(", "),

@@ -56,6 +56,10 @@ if [ -d /.kvm-host/root ]; then
     cp -a /.kvm-host/root/. / || die "cannot copy COMMAND's files into the host"
 fi
 
+# Loopback up: tests run their counterparts (an SMTP server, an HTTP server) on
+# 127.0.0.1 inside the host, next to the VMM that reaches them.
+ip link set lo up 2>/dev/console || die "cannot bring the loopback interface up"
+
 [ -c /dev/kvm ] || die "/dev/kvm is missing: kvm-amd did not load (dmesg: $(dmesg | grep -i -E 'kvm|svm' | tail -n 3))"
 # Give the VMMs inside the rights they would have outside.
 chmod 666 /dev/kvm

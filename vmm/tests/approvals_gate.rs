@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "../gate/tests/common/smtp.rs"]
+mod smtp;
+
 const POLICY: &str = "version 1
 allow fs.read when path under \"/workspace\"
 ask   fs.write when path under \"/workspace\" \"writes need a yes\"
@@ -70,17 +73,7 @@ impl Fixture {
         c
     }
     fn approvals(&self, args: &[&str]) -> Vec<Value> {
-        let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .arg("approvals")
-            .args(args)
-            .arg("--json")
-            .env("XDG_RUNTIME_DIR", &self.run)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        approvals(&self.run, args)
     }
     fn audit_path(&self) -> PathBuf {
         self.dir
@@ -150,11 +143,30 @@ impl Client {
     }
 }
 
+/// `ironvmm approvals ARGS --json` against the gates under the runtime dir `run`.
+fn approvals(run: &Path, args: &[&str]) -> Vec<Value> {
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .arg("approvals")
+        .args(args)
+        .arg("--json")
+        .env("XDG_RUNTIME_DIR", run)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn pending(f: &Fixture, n: usize) -> Vec<Value> {
+    pending_at(&f.run, n)
+}
+
+/// Waits (60 s at most) until exactly `n` asks are pending; returns them.
+fn pending_at(run: &Path, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let asks: Vec<Value> = f
-            .approvals(&["list"])
+        let asks: Vec<Value> = approvals(run, &["list"])
             .into_iter()
             .filter(|v| v["event"] == "ask")
             .collect();
@@ -340,4 +352,170 @@ fn in_ci_every_ask_resolves_at_once() {
         err.contains("ci.answers:2") && err.contains("only `allow` and `deny`"),
         "{err}"
     );
+}
+
+/// Copies a directory tree (the example's Maildir) into `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// The reply to the call `id`, reading past nothing else (each client has one call
+/// in flight at a time here, but a parked call may be overtaken).
+fn reply_to(c: &mut Client, id: u64) -> Value {
+    let r = c.recv();
+    assert_eq!(r["id"].as_u64(), Some(id), "{r}");
+    r
+}
+
+/// Issue #11's "done when", with the real mail service under the example inbox
+/// policy (examples/inbox/p.rules: contacts allowed, anyone else asked): a send to a
+/// stranger parks alone while a send to a contact, reads and a denied purge on
+/// other connections complete and are audited; allowed, the parked send really
+/// reaches the SMTP server; a second stranger, denied, never does.
+#[test]
+fn under_the_inbox_policy_a_send_to_a_stranger_parks_alone_and_is_answered() {
+    let d = tempfile::tempdir().unwrap();
+    let Some(srv) = smtp::smtp_server(d.path()) else {
+        return;
+    };
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/inbox");
+    for f in ["p.rules", "contacts.txt"] {
+        std::fs::copy(example.join(f), d.path().join(f)).unwrap();
+    }
+    copy_tree(&example.join("Maildir"), &d.path().join("Maildir"));
+    std::fs::write(
+        d.path().join("ironvmm.toml"),
+        format!(
+            "[mail]\nbackend = \"maildir\"\nmaildir = \"Maildir\"\nfrom = \"Ada <ada@example.org>\"\n\
+             [mail.smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"plain\"\ntimeout_secs = 30\n",
+            srv.port
+        ),
+    )
+    .unwrap();
+    let run = d.path().join("run");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(run.join("ironvmm"))
+        .unwrap();
+    let sock = d.path().join("gate.sock");
+    let audit = d.path().join("audit.jsonl");
+    let _g = Gate(
+        Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+            .arg("gate")
+            .arg("--policy")
+            .arg(d.path().join("p.rules"))
+            .arg("--config")
+            .arg(d.path().join("ironvmm.toml"))
+            .arg("--audit")
+            .arg(&audit)
+            .arg("--listen")
+            .arg(&sock)
+            .args(["--approver", "socket"])
+            .env("XDG_RUNTIME_DIR", &run)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let send = |to: &str, subject: &str| json!({"to": [to], "subject": subject, "body": "Are you free on Friday?"});
+
+    // A stranger: the example's `ask mail.send` line parks it.
+    let mut asker = Client::connect(&sock);
+    let parked = asker.call(
+        "mail.send",
+        send("mallory@example.net", "To a stranger, asked"),
+    );
+    let asks = pending_at(&run, 1);
+    assert_eq!(asks[0]["tool"], "mail.send", "{asks:?}");
+    assert_eq!(asks[0]["args"]["to"], json!(["mallory@example.net"]));
+
+    // Meanwhile, on other connections and on the asking one, everything else flows.
+    let mut other = Client::connect(&sock);
+    let mut reader = Client::connect(&sock);
+    let to_alice = other.call("mail.send", send("alice@example.com", "To a contact"));
+    let listed = reader.call("mail.list", json!({"folder": "INBOX"}));
+    let r = reply_to(&mut reader, listed);
+    let first = r["result"]["structuredContent"]["messages"][0]["id"].clone();
+    assert!(first.is_string(), "{r}");
+    let read = reader.call("mail.read", json!({"id": first}));
+    assert_eq!(reply_to(&mut reader, read)["result"]["isError"], false);
+    let purge = reader.call("mail.purge", json!({"id": first}));
+    let r = reply_to(&mut reader, purge);
+    assert_eq!(r["result"]["structuredContent"]["decision"], "deny", "{r}");
+    let r = reply_to(&mut other, to_alice);
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    let search = asker.call("mail.search", json!({"query": "lunch"}));
+    assert_eq!(reply_to(&mut asker, search)["result"]["isError"], false);
+    let got = smtp::received(&srv.inbox);
+    assert_eq!(got.len(), 1, "only the contact's mail is out: {got:?}");
+    assert!(got[0].contains("To: alice@example.com"), "{}", got[0]);
+    assert_eq!(pending_at(&run, 1)[0]["id"], asks[0]["id"], "still parked");
+
+    // The owner allows it from another shell: it is really delivered.
+    let r = approvals(&run, &["allow", &asks[0]["id"].to_string()]);
+    assert_eq!(r.last().unwrap()["event"], "decided", "{r:?}");
+    let r = reply_to(&mut asker, parked);
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    assert_eq!(r["result"]["structuredContent"]["sent"], true, "{r}");
+    let got = smtp::received(&srv.inbox);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().any(|m| m.contains("To: mallory@example.net")));
+
+    // Another stranger, denied: the agent is told, the server never hears of it.
+    let second = other.call("mail.send", send("eve@example.net", "Denied"));
+    let asks = pending_at(&run, 1);
+    assert_eq!(asks[0]["args"]["to"], json!(["eve@example.net"]));
+    let r = approvals(&run, &["deny", &asks[0]["id"].to_string()]);
+    assert_eq!(r.last().unwrap()["event"], "decided", "{r:?}");
+    let r = reply_to(&mut other, second);
+    assert_eq!(r["result"]["structuredContent"]["decision"], "deny", "{r}");
+    assert_eq!(smtp::received(&srv.inbox).len(), 2);
+
+    // The audit log holds every step: the contact's send allowed by its rule and
+    // served, the purge denied, each ask parked and then answered by the owner.
+    let recs: Vec<Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let decision = |to: &str, d: &str| {
+        recs.iter()
+            .find(|r| {
+                r["kind"] == "decision" && r["args"]["to"] == json!([to]) && r["decision"] == d
+            })
+            .unwrap_or_else(|| panic!("no {d} decision for {to}: {recs:?}"))
+    };
+    let alice = decision("alice@example.com", "allow");
+    assert_eq!(alice["decided_by"], "rule", "{alice}");
+    assert!(recs.iter().any(|r| r["kind"] == "outcome"
+        && r["decision_seq"] == alice["seq"]
+        && r["status"] == "ok"));
+    assert!(recs
+        .iter()
+        .any(|r| r["kind"] == "decision" && r["tool"] == "mail.purge" && r["decision"] == "deny"));
+    for (to, answer) in [
+        ("mallory@example.net", "allow"),
+        ("eve@example.net", "deny"),
+    ] {
+        let ask = decision(to, "ask");
+        let a = decision(to, answer);
+        assert_eq!(
+            (&a["asked"], &a["ask_seq"], &a["decided_by"], &a["channel"]),
+            (&json!(true), &ask["seq"], &json!("user"), &json!("socket")),
+            "{a}"
+        );
+    }
+    let served = decision("mallory@example.net", "allow");
+    assert!(recs.iter().any(|r| r["kind"] == "outcome"
+        && r["decision_seq"] == served["seq"]
+        && r["status"] == "ok"));
 }

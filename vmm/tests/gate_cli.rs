@@ -407,6 +407,26 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
         cat["tools"][5]["roles"],
         json!({"from": "tree", "to": "tree"})
     );
+    // Every tool shows its reply cap, in bytes.
+    let cap = |name: &str| {
+        cat["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap()["replyCap"]
+            .as_u64()
+    };
+    assert_eq!(cap("fs.read"), Some(768 * 1024));
+    assert_eq!(cap("http.fetch"), Some(900 * 1024));
+    assert!(names.iter().all(|n| cap(n).is_some_and(|c| c > 0)));
+    let text = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .arg("tools")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    let fetch = text.lines().find(|l| l.starts_with("http.fetch ")).unwrap();
+    assert!(fetch.contains(" 900 KiB "), "{text}");
     let file = e.dir.path().join("catalog.json");
     std::fs::write(&file, &out.stdout).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))

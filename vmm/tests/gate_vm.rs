@@ -91,7 +91,7 @@ fn run_agent_with(
         .arg(dir.join("ws"))
         .arg("--audit")
         .arg(dir.join("audit.jsonl"))
-        .args(["--audit-sync", "batch", "--timeout", "600s"])
+        .args(["--audit-sync", "batch", "--timeout", "1200s"])
         .args(boot_args)
         .arg(&img)
         .stdout(Stdio::piped())
@@ -297,19 +297,26 @@ fn hostile_frames_get_errors_and_the_gate_keeps_serving() {
     let tmp = scratch("hostile");
     let dir = tmp.path();
     std::fs::write(dir.join("ws/ok.txt"), "still fine\n").unwrap();
-    // While the flood holds: the device thread's CPU time and the VMM's memory.
-    let mut holding: Option<(Instant, Duration, u64)> = None;
+    // While the flood holds: the device thread's CPU time and the VMM's memory. Under
+    // emulation on a loaded machine the flood may still be arriving when the guest
+    // says it holds, so the device is watched in 1 s windows until one is quiet
+    // (the guest sleeps meanwhile); a spinning thread never has a quiet window.
+    let mut rss_before: Option<u64> = None;
     let mut held: Option<(Duration, Duration, u64, u64)> = None;
     let watch = |line: &str, pid: u32| match line {
-        "flood_holding" => holding = Some((Instant::now(), vsock_thread_cpu(pid), rss_kib(pid))),
+        "flood_holding" => rss_before = Some(rss_kib(pid)),
         "flood_still_holding" => {
-            let (t0, cpu0, rss0) = holding.expect("flood_holding came first");
-            held = Some((
-                t0.elapsed(),
-                vsock_thread_cpu(pid) - cpu0,
-                rss0,
-                rss_kib(pid),
-            ));
+            let rss0 = rss_before.expect("flood_holding came first");
+            let give_up = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (t0, cpu0) = (Instant::now(), vsock_thread_cpu(pid));
+                std::thread::sleep(Duration::from_secs(1));
+                let window = (t0.elapsed(), vsock_thread_cpu(pid) - cpu0);
+                held = Some((window.0, window.1, rss0, rss_kib(pid)));
+                if window.1 < window.0 / 4 || Instant::now() > give_up {
+                    break;
+                }
+            }
         }
         _ => {}
     };
@@ -333,6 +340,8 @@ sleep 2
 echo flood_holding
 sleep 5
 echo flood_still_holding
+# The host watches the device while this sleeps.
+sleep 25
 iron call fs.read '{"path":"/workspace/ok.txt"}'; echo "after_rc=$?"
 kill $flood 2>/dev/null
 exit 0
@@ -673,4 +682,413 @@ fn loopback_up() {
         }
         libc::close(fd);
     }
+}
+
+/// Builds an image running `script` and boots it under `policy` with the services
+/// of `config` (ironvmm.toml text), the workspace `dir/ws` and `env` set for the VMM.
+fn boot_with_services(
+    dir: &Path,
+    policy: &str,
+    config: &str,
+    env: &[(&str, &str)],
+    script: &str,
+) -> (Output, String, String) {
+    std::fs::write(dir.join("p.rules"), policy).unwrap();
+    std::fs::write(dir.join("ironvmm.toml"), config).unwrap();
+    std::fs::write(dir.join("agent.sh"), script).unwrap();
+    let img = dir.join("agent.img");
+    let o = Command::new(ironvmm())
+        .args(["image", "build", "--kernel"])
+        .arg(kernel())
+        .arg("--add")
+        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
+        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(ironvmm())
+        .arg("boot")
+        .arg("--policy")
+        .arg(dir.join("p.rules"))
+        .arg("--config")
+        .arg(dir.join("ironvmm.toml"))
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"))
+        .args(["--audit-sync", "batch", "--timeout", "600s"])
+        .arg(&img)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    (o, out, err)
+}
+
+/// The first decision record for `tool` whose arguments contain `needle`.
+fn decision_for<'a>(
+    recs: &'a [serde_json::Value],
+    tool: &str,
+    needle: &str,
+    decision: &str,
+) -> &'a serde_json::Value {
+    recs.iter()
+        .find(|r| {
+            r["kind"] == "decision"
+                && r["tool"] == tool
+                && r["decision"] == decision
+                && r["args"].to_string().contains(needle)
+        })
+        .unwrap_or_else(|| panic!("no {decision} decision for {tool} {needle}: {recs:?}"))
+}
+
+/// What the SMTP sink received: each message's recipients and data.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(Vec<String>, String)>>>;
+
+/// An SMTP server on the host's loopback, small enough to live here: the software
+/// KVM host has no Python for aiosmtpd. It keeps each message's envelope recipients
+/// and data.
+fn smtp_sink() -> (u16, Received) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = std::sync::Arc::clone(&got);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let store = std::sync::Arc::clone(&store);
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                let _ = w.write_all(b"220 sink ESMTP\r\n");
+                let mut rcpt = Vec::new();
+                let mut line = String::new();
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let cmd = line.to_ascii_uppercase();
+                    let reply: &[u8] = if cmd.starts_with("EHLO") {
+                        b"250-sink\r\n250 8BITMIME\r\n"
+                    } else if cmd.starts_with("RCPT TO:") {
+                        rcpt.push(line[8..].trim().to_string());
+                        b"250 OK\r\n"
+                    } else if cmd.starts_with("DATA") {
+                        let _ = w.write_all(b"354 go on\r\n");
+                        let mut data = String::new();
+                        let mut l = String::new();
+                        while r.read_line(&mut l).unwrap_or(0) > 0 && l != ".\r\n" {
+                            data.push_str(&l);
+                            l.clear();
+                        }
+                        store
+                            .lock()
+                            .unwrap()
+                            .push((std::mem::take(&mut rcpt), data));
+                        b"250 queued\r\n"
+                    } else if cmd.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 OK\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+/// The mail service from a booted guest, over a host Maildir (the example inbox)
+/// and an SMTP server on loopback: the guest lists, reads, archives and sends to a
+/// contact; a purge is denied by its rule and a send to a stranger (an `ask`, with
+/// no one to answer under `boot`) is denied; the host's Maildir and the SMTP server
+/// show exactly the allowed effects, and the audit log every decision.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn service_e2e_mail_from_a_guest_over_a_maildir_and_smtp() {
+    let tmp = scratch("mail");
+    let dir = tmp.path();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/inbox");
+    let md = dir.join("Maildir");
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(md.join(sub)).unwrap();
+    }
+    for f in ["1733000000.M1P1.example:2,S", "1733000100.M2P1.example:2,"] {
+        std::fs::copy(example.join("Maildir/cur").join(f), md.join("cur").join(f)).unwrap();
+    }
+    std::fs::copy(example.join("contacts.txt"), dir.join("contacts.txt")).unwrap();
+    let (port, sent) = smtp_sink();
+    let config = format!(
+        "[mail]\nbackend = \"maildir\"\nmaildir = \"Maildir\"\nfrom = \"Ada <ada@example.org>\"\n\
+         [mail.smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"plain\"\ntimeout_secs = 60\n"
+    );
+    let policy = r#"version 1
+list contacts = file "contacts.txt"
+allow mail.list
+allow mail.read
+allow mail.move when folder == "Archive"
+deny  mail.purge "never delete anything permanently"
+allow mail.send when all to in @contacts and not exists cc and not exists bcc "contacts"
+ask   mail.send "a stranger: ask me first"
+default deny
+"#;
+    let (o, out, err) = boot_with_services(
+        dir,
+        policy,
+        &config,
+        &[],
+        r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
+iron call mail.list '{}'; echo "list=$?"
+iron call mail.read '{"id":"INBOX/1733000000.M1P1.example"}'; echo "read=$?"
+iron call mail.move '{"id":"INBOX/1733000100.M2P1.example","folder":"Archive"}'; echo "move=$?"
+iron call mail.purge '{"id":"INBOX/1733000000.M1P1.example"}' 2>/dev/null; echo "purge=$?"
+iron call mail.send '{"to":["alice@example.com"],"subject":"Sent from the guest","body":"Noon works."}'; echo "send=$?"
+iron call mail.send '{"to":["mallory@example.net"],"subject":"Leak","body":"everything"}' 2>/dev/null; echo "stranger=$?"
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    for (m, rc) in [
+        ("list", "0"),
+        ("read", "0"),
+        ("move", "0"),
+        ("purge", "3"),
+        ("send", "0"),
+        ("stranger", "3"),
+    ] {
+        assert_eq!(marker(&out, m), rc, "{m}: {out}\n{err}");
+    }
+    assert!(out.contains("Lunch on Friday?"), "{out}");
+    assert!(out.contains("Are you free for lunch"), "{out}");
+    // The host's mailbox: archived, the purge target still there, a copy in Sent.
+    assert!(md.join(".Archive/cur/1733000100.M2P1.example:2,").is_file());
+    assert!(md.join("cur/1733000000.M1P1.example:2,S").is_file());
+    assert_eq!(md.join(".Sent/cur").read_dir().unwrap().count(), 1);
+    // The SMTP server got the contact's message, and only it.
+    let sent = sent.lock().unwrap();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0.len(), 1, "{sent:?}");
+    assert!(sent[0].0[0].contains("alice@example.com"), "{sent:?}");
+    assert!(
+        sent[0].1.contains("Subject: Sent from the guest"),
+        "{}",
+        sent[0].1
+    );
+    assert!(sent[0].1.contains("Noon works."), "{}", sent[0].1);
+
+    let recs = audit_records(dir);
+    assert_eq!(
+        decision_for(&recs, "mail.purge", "1733000000", "deny")["decided_by"],
+        "rule"
+    );
+    assert_eq!(
+        decision_for(&recs, "mail.send", "alice@example.com", "allow")["rule"],
+        7
+    );
+    decision_for(&recs, "mail.send", "mallory@example.net", "ask");
+    assert_eq!(
+        decision_for(&recs, "mail.send", "mallory@example.net", "deny")["decided_by"],
+        "non-interactive"
+    );
+    let v = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("audit.jsonl"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+}
+
+/// http.fetch from a booted guest against an HTTP server on the host's loopback
+/// (let through the SSRF guard by the configuration): an allowed page comes back
+/// with the host-side secret added on the way out and never seen by the guest; a
+/// redirect to a host the policy does not allow is decided again and refused; a
+/// fetch of that host is denied outright.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn service_e2e_http_from_a_guest_against_a_loopback_server() {
+    use std::io::Write;
+    let tmp = scratch("http");
+    let dir = tmp.path();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heads = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut head = String::new();
+            let mut l = String::new();
+            while r.read_line(&mut l).unwrap_or(0) > 0 && l != "\r\n" {
+                head.push_str(&l);
+                l.clear();
+            }
+            let (status, extra, body) = if head.starts_with("GET /hello ") {
+                ("200 OK", String::new(), "hello from the host's web\n")
+            } else if head.starts_with("GET /elsewhere ") {
+                (
+                    "302 Found",
+                    format!("Location: http://localhost:{port}/hello\r\n"),
+                    "",
+                )
+            } else {
+                ("404 Not Found", String::new(), "no\n")
+            };
+            heads.lock().unwrap().push(head);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    const SECRET: &str = "host-token-that-never-enters-the-guest";
+    let config = "[http]\ntimeout_secs = 60\nallow_addresses = [\"127.0.0.1/32\"]\n\
+        [[http.secret]]\nhost = \"127.0.0.1\"\nheader = \"Authorization\"\nprefix = \"Bearer \"\n\
+        value_env = \"IRONVMM_TEST_HTTP_TOKEN\"\n";
+    let policy = "version 1\nallow http.fetch when host(url) == \"127.0.0.1\"\ndefault deny\n";
+    let script = format!(
+        r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
+iron call http.fetch '{{"url":"http://127.0.0.1:{port}/hello"}}'; echo "fetch=$?"
+iron call http.fetch '{{"url":"http://127.0.0.1:{port}/elsewhere"}}' 2>&1 | sed 's/^/redirect_out=/'
+iron call http.fetch '{{"url":"http://127.0.0.1:{port}/elsewhere"}}' >/dev/null 2>&1; echo "redirect=$?"
+iron call http.fetch '{{"url":"http://localhost:{port}/hello"}}' 2>/dev/null; echo "other_host=$?"
+env | grep -c host-token | sed 's/^/secret_in_env=/'
+exit 0
+"#
+    );
+    let (o, out, err) = boot_with_services(
+        dir,
+        policy,
+        config,
+        &[("IRONVMM_TEST_HTTP_TOKEN", SECRET)],
+        &script,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(marker(&out, "fetch"), "0", "{out}\n{err}");
+    assert!(out.contains("hello from the host's web"), "{out}");
+    assert_eq!(marker(&out, "redirect"), "4", "a tool error: {out}");
+    assert!(
+        out.contains(&format!("redirect to http://localhost:{port}/hello denied")),
+        "{out}"
+    );
+    assert_eq!(marker(&out, "other_host"), "3", "{out}");
+    assert_eq!(marker(&out, "secret_in_env"), "0");
+    assert!(!out.contains(SECRET), "the secret reached the guest: {out}");
+    // The server: the secret on the allowed request; never a request to /hello by
+    // way of the refused redirect (one /hello, the first fetch's).
+    let heads = seen.lock().unwrap();
+    let hello: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("GET /hello "))
+        .collect();
+    assert_eq!(hello.len(), 1, "{heads:?}");
+    assert!(
+        hello[0].contains(&format!("Bearer {SECRET}")),
+        "{}",
+        hello[0]
+    );
+    let recs = audit_records(dir);
+    let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    assert!(!text.contains(SECRET), "the secret is in the audit log");
+    decision_for(&recs, "http.fetch", "/hello", "allow");
+    assert!(recs.iter().any(|r| r["kind"] == "decision"
+        && r["conn"] == "followup"
+        && r["decision"] == "deny"
+        && r["args"]["url"]
+            .as_str()
+            .is_some_and(|u| u.contains("localhost"))));
+    assert_eq!(
+        decision_for(&recs, "http.fetch", "localhost", "deny")["decided_by"],
+        "default"
+    );
+}
+
+/// An MCP server over stdio in busybox sh (the software KVM host has neither node
+/// nor Python): one tool, `read_note(path)`, answered with a fixed text. Every line
+/// it receives is appended to the file named by its first argument.
+const SH_MCP_SERVER: &str = r#"#!/bin/sh
+log=$1
+while IFS= read -r line; do
+    printf '%s\n' "$line" >>"$log"
+    id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9][0-9]*\).*/\1/p')
+    case "$line" in
+    *'"method":"initialize"'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"notes","version":"1"}}}\n' "$id" ;;
+    *'"method":"tools/list"'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"read_note","description":"Read a note","inputSchema":{"type":"object","properties":{"path":{"type":"string"}},"required":["path"],"additionalProperties":false}}]}}\n' "$id" ;;
+    *'"method":"tools/call"'*)
+        path=$(printf '%s' "$line" | sed -n 's/.*"path":"\([^"]*\)".*/\1/p')
+        printf '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"note %s: buy milk"}]}}\n' "$id" "$path" ;;
+    *'"id":'*)
+        printf '{"jsonrpc":"2.0","id":%s,"result":{}}\n' "$id" ;;
+    esac
+done
+"#;
+
+/// An owner's MCP server ([[mcp]]) from a booted guest: its tool is served as
+/// `notes.read_note`, decided by the policy with the configured `path` role (so a
+/// `..` climb is normalised and denied), and only allowed calls reach the server.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn service_e2e_mcp_server_from_a_guest() {
+    let tmp = scratch("mcp-server");
+    let dir = tmp.path();
+    std::fs::write(dir.join("notes-server.sh"), SH_MCP_SERVER).unwrap();
+    let seen = dir.join("server-saw.jsonl");
+    let config = format!(
+        "[[mcp]]\nname = \"notes\"\ncommand = \"sh\"\nargs = [{:?}, {:?}]\ntimeout_secs = 60\n\
+         [mcp.roles]\n\"read_note.path\" = \"path\"\n",
+        dir.join("notes-server.sh").display().to_string(),
+        seen.display().to_string()
+    );
+    let policy =
+        "version 1\nallow notes.read_note when path under \"/home/ada/notes\"\ndefault deny\n";
+    let (o, out, err) = boot_with_services(
+        dir,
+        policy,
+        &config,
+        &[],
+        r#"
+# Under the software KVM host the VMM's code comes over 9p on first use, which can
+# outlast the guest kernel's 2 s vsock connect timeout: wait for the gate first.
+for i in 1 2 3 4 5 6 7 8 9 10; do iron list >/dev/null 2>&1 && break; sleep 1; done
+iron call notes.read_note '{"path":"/home/ada/notes/todo.txt"}'; echo "note=$?"
+iron call notes.read_note '{"path":"/home/ada/notes/../../../etc/shadow"}' 2>/dev/null; echo "climb=$?"
+iron call notes.read_note '{"path":"/etc/shadow"}' 2>/dev/null; echo "outside=$?"
+exit 0
+"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+    assert_eq!(marker(&out, "note"), "0", "{out}\n{err}");
+    assert!(
+        out.contains("note /home/ada/notes/todo.txt: buy milk"),
+        "{out}"
+    );
+    assert_eq!(marker(&out, "climb"), "3", "{out}");
+    assert_eq!(marker(&out, "outside"), "3", "{out}");
+    // The server saw the one allowed call, under its own tool name, and nothing else.
+    let saw = std::fs::read_to_string(&seen).unwrap();
+    let calls: Vec<&str> = saw.lines().filter(|l| l.contains("tools/call")).collect();
+    assert_eq!(calls.len(), 1, "{saw}");
+    assert!(
+        calls[0].contains("\"name\":\"read_note\"") && calls[0].contains("todo.txt"),
+        "{saw}"
+    );
+    assert!(!saw.contains("shadow"), "{saw}");
+    let recs = audit_records(dir);
+    decision_for(&recs, "notes.read_note", "todo.txt", "allow");
+    assert_eq!(
+        decision_for(&recs, "notes.read_note", "/etc/shadow", "deny")["decided_by"],
+        "default"
+    );
 }

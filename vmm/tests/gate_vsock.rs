@@ -272,7 +272,7 @@ fn port_2_relays_to_the_net_service_and_ends_cleanly() {
     use ironvmm::config::NetConfig;
     use ironvmm::services::net::NetService;
     let fx = Fixture::new();
-    let net = NetService::new(fx.gate.clone(), &NetConfig::default(), None).unwrap();
+    let net = NetService::new(fx.gate.clone(), &NetConfig::default(), None, None).unwrap();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let listener = GatePorts::new(fx.gate.clone()).with_net(net);
     let mut g = Guest::with_listener(

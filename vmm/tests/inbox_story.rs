@@ -7,7 +7,7 @@
 //! Asserted on the Maildir, the mail the SMTP server received, the audit log, and
 //! the model server's own log (it checks the host sent the real key).
 
-#[path = "../gate/tests/smtp/mod.rs"]
+#[path = "../gate/tests/common/smtp.rs"]
 mod smtp;
 
 use std::collections::BTreeSet;

@@ -290,3 +290,75 @@ fn refine_0_without_a_yes_and_3_without_a_model_answer() {
         before
     );
 }
+
+/// `policy annotate --config`: the [[mcp]] server is started to list its tools, the
+/// model is asked about those without roles only (here all but `read`, which the
+/// configuration gives), and the checked proposal is printed for review under the
+/// mapped names the configuration uses; ironvmm.toml is left as it was.
+#[test]
+fn annotate_proposes_roles_for_an_mcp_servers_tools_and_changes_nothing() {
+    let dir = inputs();
+    let fake = root().join("vmm/gate/tests/mcp_fake_server.py");
+    let config = format!(
+        "[llm]\nmax_retries = 1\nretry_base_ms = 10\nretry_max_ms = 50\ntimeout_secs = 60\n\n\
+         [[mcp]]\nname = \"fake\"\ncommand = \"python3\"\nargs = [{:?}, \"paginate\"]\n\
+         [mcp.roles]\n\"read.path\" = \"path\"\n",
+        fake.display().to_string()
+    );
+    std::fs::write(dir.path().join("ironvmm.toml"), &config).unwrap();
+    let server = ScriptedServer::start();
+    let mut tools: Vec<serde_json::Value> = [
+        "fake.echo",
+        "fake.crash",
+        "fake.hang",
+        "fake.big",
+        "fake.fail",
+        "fake.env",
+    ]
+    .iter()
+    .map(|t| json!({"tool": t, "roles": {}}))
+    .collect();
+    tools.push(json!({"tool": "fake.getinfo", "roles": {"path": {"role": "path", "why": "the file described"}}}));
+    let answer = json!({ "tools": tools });
+    server.answers("annotate", &[&answer.to_string()]);
+    let out = ironvmm(
+        dir.path(),
+        Some(&server),
+        &[
+            "policy",
+            "annotate",
+            "--config",
+            "ironvmm.toml",
+            "--cache-dir",
+            "cache",
+        ],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let asked = server.requests()[0].last_user();
+    assert!(asked.contains("fake.getinfo"), "{asked}");
+    assert!(
+        !asked.contains("fake.read"),
+        "`read` has its roles: {asked}"
+    );
+    assert!(
+        stdout.contains("[[mcp]]\nname = \"fake\"\n[mcp.roles]\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"getinfo.path\" = \"path\"  # the file described\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("# echo: no argument holds"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ironvmm.toml")).unwrap(),
+        config
+    );
+    // Neither a catalog nor a configuration: exit 2, saying what to give.
+    let out = ironvmm(dir.path(), Some(&server), &["policy", "annotate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}

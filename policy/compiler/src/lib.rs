@@ -5,6 +5,7 @@
 //! run offline. See docs/policy-compiler.md.
 
 pub mod against;
+pub mod annotate;
 pub mod answer;
 pub mod ask;
 pub mod cache;

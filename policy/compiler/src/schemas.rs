@@ -73,6 +73,14 @@ pub fn for_step(step: &str) -> Option<Value> {
             }, "required": ["scenario", "fault", "why"]}}},
             "required": ["judgements"]})
         }
+        "annotate" => json!({"type": "object", "properties": {"tools": {"type": "array", "items": {
+            "type": "object", "properties": {
+                "tool": {"type": "string"},
+                "roles": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                    "role": {"type": "string", "enum": ["path", "tree", "url", "host", "email"]},
+                    "why": {"type": "string"}}, "required": ["role"]}}
+            }, "required": ["tool", "roles"]}}},
+            "required": ["tools"]}),
         "refine" => json!({"type": "object", "properties": {
             "constitution": {"type": "string"},
             "changes": {"type": "array", "items": {"type": "object", "properties": {
@@ -97,6 +105,7 @@ mod tests {
             "recheck",
             "judge",
             "refine",
+            "annotate",
         ] {
             let s = for_step(step).unwrap();
             assert_eq!(s["type"], "object", "{step}");

@@ -2,20 +2,17 @@
 //! mail sent to a real SMTP server on loopback (Python's aiosmtpd, started here).
 
 mod common;
-#[path = "smtp/mod.rs"]
-mod smtp;
 
 use std::fs;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
+use common::smtp::{received, skip, smtp_server};
 use common::{error_kind, is_denied, TestGate};
 use serde_json::{json, Value};
-use smtp::{received, smtp_server};
 
 const POLICY: &str = r#"version 1
 list contacts = file "contacts.vcf"
@@ -329,10 +326,6 @@ impl Drop for Dovecot {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
-}
-
-fn skip(why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
 fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {

@@ -801,7 +801,7 @@ fn tunnel_bytes_are_charged_to_the_egress_budget() {
         allow_addresses: vec!["127.0.0.1/32".into()],
         ..NetConfig::default()
     };
-    let net = NetService::new(Arc::clone(&tg.gate), &cfg, Some(Arc::clone(&budget))).unwrap();
+    let net = NetService::new(Arc::clone(&tg.gate), &cfg, Some(Arc::clone(&budget)), None).unwrap();
     let s = net.accept("net:budget".into(), Arc::new(|| {})).unwrap();
     let mut g = Guest {
         s,
@@ -889,4 +889,333 @@ fn an_asked_request_waits_for_the_approver() {
     );
     assert_eq!(d[3]["ask_seq"], d[2]["seq"]);
     assert_eq!(d[3]["channel"], "test");
+}
+
+// The model route: `/llm/<provider>/…` decided as `llm.chat` and sent on with the
+// host's key, against a scripted provider on loopback.
+
+const ROUTE_KEY_ENV: &str = "IRONVMM_TEST_ROUTE_KEY";
+const ROUTE_KEY: &str = "sk-real-host-key-5b1e90c4";
+const DUMMY_KEY: &str = "dummy-guest-key";
+
+const LLM_POLICY: &str = r#"version 1
+deny llm.chat when model matches "forbidden*" "no forbidden models"
+allow llm.chat "the model"
+default deny
+"#;
+
+/// A scripted provider: `/v1/chat/completions` answers JSON with usage and echoes
+/// the Authorization it got (so the test sees the key is redacted on the way
+/// back); with `"stream": true` it sends one SSE event, waits for `release`, then
+/// the last event with usage. Records what it saw.
+struct Provider {
+    port: u16,
+    seen: Seen,
+    release: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Provider {
+    fn start() -> Provider {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Seen = Arc::default();
+        let (release, wait) = std::sync::mpsc::sync_channel::<()>(4);
+        let wait = Arc::new(Mutex::new(wait));
+        let s = Arc::clone(&seen);
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (s, wait) = (Arc::clone(&s), Arc::clone(&wait));
+                thread::spawn(move || answer_model(stream, &s, &wait));
+            }
+        });
+        Provider {
+            port,
+            seen,
+            release,
+        }
+    }
+
+    fn config(&self, budget: &str) -> String {
+        format!(
+            "[[llm.providers]]\nname = \"local\"\nbase_url = \"http://127.0.0.1:{}/v1\"\napi_key_env = \"{ROUTE_KEY_ENV}\"\nallow_loopback = true\ntimeout_secs = 120\n\n[llm.budget]\n{budget}\n",
+            self.port
+        )
+    }
+
+    fn headers(&self, i: usize) -> std::collections::HashMap<String, String> {
+        self.seen.lock().unwrap()[i].1.iter().cloned().collect()
+    }
+}
+
+fn answer_model(stream: TcpStream, seen: &Seen, wait: &Mutex<std::sync::mpsc::Receiver<()>>) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    let auth = headers
+        .iter()
+        .find(|(k, _)| k == "authorization" || k == "x-api-key")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    seen.lock()
+        .unwrap()
+        .push((line.trim_end().to_string(), headers));
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut out = stream;
+    if req["stream"] == true {
+        let chunk = |out: &mut TcpStream, s: &str| {
+            let _ = write!(out, "{:x}\r\n{s}\r\n", s.len());
+            let _ = out.flush();
+        };
+        let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+        chunk(
+            &mut out,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"first\"}}]}\n\n",
+        );
+        // The rest only once the guest has the first event: it arrived alone.
+        let _ = wait.lock().unwrap().recv_timeout(DEADLINE);
+        chunk(&mut out, "data: {\"choices\":[{\"delta\":{\"content\":\"second\"}}],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n");
+        let _ = out.write_all(b"0\r\n\r\n");
+        return;
+    }
+    let reply = serde_json::json!({
+        "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5},
+        "echo": auth,
+    })
+    .to_string();
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Echo: {auth}\r\n\r\n{reply}",
+        reply.len()
+    );
+}
+
+fn model_gate(p: &Provider, budget: &str) -> TestGate {
+    static KEY: std::sync::Once = std::sync::Once::new();
+    KEY.call_once(|| std::env::set_var(ROUTE_KEY_ENV, ROUTE_KEY));
+    TestGate::new(LLM_POLICY, &p.config(budget))
+}
+
+fn model_post(target: &str, auth: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {target} HTTP/1.1\r\nHost: 127.0.0.1:3128\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The data of a chunked body.
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    loop {
+        let eol = find(b, b"\r\n").expect("a chunk size line");
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap(), 16).unwrap();
+        if n == 0 {
+            return data;
+        }
+        data.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+fn llm_records(tg: &TestGate) -> Vec<Value> {
+    tg.records()
+        .into_iter()
+        .filter(|r| r["kind"] == "llm")
+        .collect()
+}
+
+#[test]
+fn the_model_route_sends_the_hosts_key_and_never_hands_it_back() {
+    let p = Provider::start();
+    let tg = model_gate(&p, "tokens = 100000");
+    let mut g = Guest::connect(&tg);
+    g.send(&model_post(
+        "/llm/local/chat/completions",
+        &format!("Authorization: Bearer {DUMMY_KEY}"),
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#,
+    ));
+    g.wait_end();
+    let text = String::from_utf8_lossy(&g.out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    let end = find(&g.out, b"\r\n\r\n").unwrap() + 4;
+    let body: Value = serde_json::from_slice(&dechunk(&g.out[end..])).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "hi");
+    // The provider got the real key, not the dummy; the guest sees neither key.
+    assert_eq!(
+        p.seen.lock().unwrap()[0].0,
+        "POST /v1/chat/completions HTTP/1.1"
+    );
+    let h = p.headers(0);
+    assert_eq!(h["authorization"], format!("Bearer {ROUTE_KEY}"));
+    assert!(!format!("{h:?}").contains(DUMMY_KEY), "{h:?}");
+    assert_eq!(body["echo"], "Bearer [redacted]");
+    assert!(!text.contains(ROUTE_KEY), "{text}");
+    // Decided as llm.chat, its usage spent and audited; the key in no record.
+    let d = decisions(&tg);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["tool"], "llm.chat");
+    assert_eq!(
+        d[0]["args"],
+        serde_json::json!({"provider": "local", "model": "gpt-test", "path": "/chat/completions"})
+    );
+    assert_eq!(d[0]["decision"], "allow");
+    let o = wait_outcome(&tg, &d[0]["seq"]);
+    assert_eq!(o["status"], "ok", "{o}");
+    let l = llm_records(&tg);
+    assert_eq!(l[0]["usage"]["total_tokens"], 12, "{}", l[0]);
+    assert_eq!(l[0]["usage"]["estimated"], false);
+    assert_eq!(l[0]["budget"]["spent"]["steps"], 1);
+    assert!(!tg.audit_text().contains(ROUTE_KEY));
+
+    // Absolute form (a client's proxy settings) with Anthropic's header: the key
+    // goes in x-api-key, and no Authorization is made up.
+    let mut g = Guest::connect(&tg);
+    g.send(&model_post(
+        "http://127.0.0.1:3128/llm/local/messages?beta=true",
+        &format!("x-api-key: {DUMMY_KEY}"),
+        r#"{"model":"claude-test","messages":[]}"#,
+    ));
+    g.wait_end();
+    let text = String::from_utf8_lossy(&g.out).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains("X-Echo: [redacted]\r\n") || text.contains("x-echo: [redacted]\r\n"),
+        "{text}"
+    );
+    assert!(!text.contains(ROUTE_KEY), "{text}");
+    assert_eq!(
+        p.seen.lock().unwrap()[1].0,
+        "POST /v1/messages?beta=true HTTP/1.1"
+    );
+    let h = p.headers(1);
+    assert_eq!(h["x-api-key"], ROUTE_KEY);
+    assert!(!h.contains_key("authorization"), "{h:?}");
+    assert_eq!(decisions(&tg)[1]["args"]["path"], "/messages?beta=true");
+    assert!(!tg.audit_text().contains(ROUTE_KEY));
+}
+
+#[test]
+fn a_streamed_model_answer_passes_through_as_it_comes() {
+    let p = Provider::start();
+    let tg = model_gate(&p, "tokens = 100000");
+    let mut g = Guest::connect(&tg);
+    g.send(&model_post(
+        "/llm/local/chat/completions",
+        &format!("Authorization: Bearer {DUMMY_KEY}"),
+        r#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    ));
+    // The first event reaches the guest while the provider still holds the rest.
+    g.wait(|o| find(o, b"first").is_some());
+    assert!(!g.s.finished());
+    assert!(find(&g.out, b"second").is_none());
+    let text = String::from_utf8_lossy(&g.out).into_owned();
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{text}"
+    );
+    p.release.send(()).unwrap();
+    g.wait_end();
+    let end = find(&g.out, b"\r\n\r\n").unwrap() + 4;
+    let events = String::from_utf8(dechunk(&g.out[end..])).unwrap();
+    assert!(
+        events.contains("\"second\"") && events.ends_with("data: [DONE]\n\n"),
+        "{events}"
+    );
+    let d = decisions(&tg);
+    wait_outcome(&tg, &d[0]["seq"]);
+    // The usage the stream reported is what was spent.
+    let l = llm_records(&tg);
+    assert_eq!(l[0]["usage"]["total_tokens"], 13, "{}", l[0]);
+    assert_eq!(l[0]["usage"]["estimated"], false);
+}
+
+#[test]
+fn a_denied_model_is_403_naming_the_rule_and_audited() {
+    let p = Provider::start();
+    let tg = model_gate(&p, "tokens = 100000");
+    let mut g = Guest::connect(&tg);
+    g.send(&model_post(
+        "/llm/local/chat/completions",
+        &format!("Authorization: Bearer {DUMMY_KEY}"),
+        r#"{"model":"forbidden-9","messages":[]}"#,
+    ));
+    let (status, _, body) = g.response();
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("rule 2") && body.contains("no forbidden models"),
+        "{body}"
+    );
+    assert!(
+        p.seen.lock().unwrap().is_empty(),
+        "the provider was reached"
+    );
+    let d = decisions(&tg);
+    assert_eq!(
+        (d[0]["tool"].as_str(), d[0]["decision"].as_str()),
+        (Some("llm.chat"), Some("deny"))
+    );
+    assert_eq!(d[0]["args"]["model"], "forbidden-9");
+    // An unknown provider is refused by name, after its decision.
+    let mut g = Guest::connect(&tg);
+    g.send(&model_post(
+        "/llm/nosuch/chat/completions",
+        "X: 1",
+        r#"{"model":"m"}"#,
+    ));
+    let (status, _, body) = g.response();
+    assert_eq!(status, 404);
+    assert!(String::from_utf8_lossy(&body).contains("\"nosuch\""));
+    assert!(!tg.audit_text().contains(ROUTE_KEY));
+}
+
+#[test]
+fn a_spent_model_budget_is_a_clean_denial() {
+    let p = Provider::start();
+    let tg = model_gate(&p, "steps = 1");
+    let req = model_post(
+        "/llm/local/chat/completions",
+        &format!("Authorization: Bearer {DUMMY_KEY}"),
+        r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    // A client that waits for leave to send its body is given it at once.
+    let mut g = Guest::connect(&tg);
+    let body = r#"{"model":"gpt-test","messages":[{"role":"user","content":"hi"}]}"#;
+    g.send(&model_post("/llm/local/chat/completions", "Expect: 100-continue", body)[..]);
+    g.wait_end();
+    let text = String::from_utf8_lossy(&g.out).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"),
+        "{text}"
+    );
+    let mut g = Guest::connect(&tg);
+    g.send(&req);
+    let (status, _, body) = g.response();
+    let body = String::from_utf8(body).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("steps 1 of 1"), "{body}");
+    assert_eq!(p.seen.lock().unwrap().len(), 1);
+    let d = decisions(&tg);
+    assert_eq!(d[1]["decision"], "deny");
+    assert_eq!(d[1]["decided_by"], "limit");
 }

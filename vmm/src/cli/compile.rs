@@ -80,6 +80,40 @@ pub struct RefineArgs {
     pub flags: CompileFlags,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct AnnotateArgs {
+    /// The catalog whose tools without roles (`"rolesKnown": false`) to annotate.
+    /// Default: the builtin tools and those of the [[mcp]] servers of --config (started
+    /// to list them, then stopped).
+    #[arg(long, value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+    /// ironvmm.toml: its [[mcp]] servers, [llm] and [compile] tables.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write the proposal here instead of to stdout. ironvmm.toml is never changed.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Use only cached answers; fail if one is missing.
+    #[arg(long)]
+    pub offline: bool,
+    /// The answer cache. Default: `cache_dir` of [compile], else
+    /// $XDG_CACHE_HOME/ironvmm/annotate (~/.cache/ironvmm/annotate).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// `openai` (any OpenAI-compatible server) or `anthropic`.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// The model name, as the provider spells it.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// e.g. http://127.0.0.1:11434/v1 for Ollama.
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Repairs of a wrong answer. Default 3.
+    #[arg(long, value_name = "N")]
+    pub max_repairs: Option<u32>,
+}
+
 fn parse_list(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((n, f)) if !n.is_empty() && !f.is_empty() => Ok((n.to_string(), PathBuf::from(f))),
@@ -198,4 +232,62 @@ pub fn check_against(rules: &Path, constitution: &Path, catalog: Option<&str>) -
         );
     }
     1
+}
+
+/// `ironvmm policy annotate`: roles proposed for the tools that have none, printed
+/// (or written to -o) for the owner to review; see docs/policy-compiler.md.
+pub fn run_annotate(a: AnnotateArgs) -> u8 {
+    let (name, text) = match (&a.catalog, &a.config) {
+        (Some(p), _) => match std::fs::read_to_string(p) {
+            Ok(t) => (p.display().to_string(), t),
+            Err(e) => {
+                eprintln!("ironvmm policy annotate: the catalog {}: {e}", p.display());
+                return 2;
+            }
+        },
+        (None, Some(cfg)) => match super::tools::start_servers(cfg) {
+            Ok(servers) => (
+                format!("the [[mcp]] servers of {}", cfg.display()),
+                super::tools::catalog_json(&servers).to_string(),
+            ),
+            Err(e) => {
+                eprintln!("ironvmm policy annotate: {e}");
+                return 2;
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "ironvmm policy annotate: give --config ironvmm.toml (its [[mcp]] servers) or --catalog FILE"
+            );
+            return 2;
+        }
+    };
+    let default_cache_dir = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("ironvmm").join("annotate"))
+        .unwrap_or_else(|| PathBuf::from("ironvmm-annotate.cache"));
+    let args = ironvmm_policy_compiler::annotate::AnnotateArgs {
+        catalog_name: name,
+        catalog_text: text,
+        config: a.config,
+        cache_dir: a.cache_dir,
+        default_cache_dir,
+        offline: a.offline,
+        llm: LlmSettings {
+            provider: a.provider,
+            model: a.model,
+            base_url: a.base_url,
+            ..Default::default()
+        },
+        max_repairs: a.max_repairs,
+        output: a.out,
+    };
+    ironvmm_policy_compiler::annotate::run(
+        &args,
+        &process_env,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )
 }

@@ -35,6 +35,8 @@ pub enum PolicyCommand {
     Compile(Box<super::compile::CompileArgs>),
     /// Propose edits to the English from the audit log; recompile on acceptance.
     Refine(Box<super::compile::RefineArgs>),
+    /// Propose argument roles for tools that have none (the owner's MCP servers), for review.
+    Annotate(Box<super::compile::AnnotateArgs>),
 }
 
 /// The policy and what it is loaded with.
@@ -130,6 +132,7 @@ pub fn run(cmd: PolicyCommand) -> u8 {
         PolicyCommand::Learned(a) => learned_cmd(a),
         PolicyCommand::Compile(a) => super::compile::run_compile(*a),
         PolicyCommand::Refine(a) => super::compile::run_refine(*a),
+        PolicyCommand::Annotate(a) => super::compile::run_annotate(*a),
     }
 }
 

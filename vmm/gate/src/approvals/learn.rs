@@ -10,8 +10,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ironvmm_policy::learned::{self, Header};
-use ironvmm_policy::{Call, DecidedBy, Decision, Policy, Role, Sources, Verdict};
+use ironvmm_policy::{DecidedBy, Decision, Role, Verdict};
+use ironvmm_policy_compiler::learned_check::{
+    changed_scenarios, parse_scenarios, with_entry, Base, Change, LearnedCheckError, TestCase,
+};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -79,31 +81,9 @@ pub enum LearnError {
     Audit(String),
 }
 
-/// A scenario whose decision a candidate rule would change.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Conflict {
-    /// The line in the scenarios file.
-    pub line: usize,
-    pub call: Value,
-    pub expect: Verdict,
-    pub before: Verdict,
-    pub after: Verdict,
-    pub note: Option<String>,
-}
-
-impl std::fmt::Display for Conflict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "scenario line {}: {} would be {} instead of {} (expected {})",
-            self.line, self.call, self.after, self.before, self.expect
-        )?;
-        if let Some(n) = &self.note {
-            write!(f, " — {n}")?;
-        }
-        Ok(())
-    }
-}
+/// A scenario whose decision a candidate rule would change (the compiler's check,
+/// the one place scenarios are decided for a learned rule).
+pub type Conflict = Change;
 
 /// A rule ready to be written, and what it would change.
 #[derive(Debug, Clone, Serialize)]
@@ -162,20 +142,25 @@ impl Learner {
         let refines = req.rule.ok_or(LearnError::NoAskRule)?;
         let tool = self.live.catalog().and_then(|c| c.tool(&req.tool));
         let rule = rule_text(&req.tool, &req.args, allow, scope, tool)?;
-        let header = Header {
-            seq: req.ask_seq,
-            refines,
-        };
         let old_text = read_opt(self.learned_path())?;
-        let mut new_text = old_text.clone();
-        if !new_text.is_empty() && !new_text.ends_with('\n') {
-            new_text.push('\n');
-        }
-        new_text.push_str(&learned::render_entry(header, &rule));
+        let new_text = with_entry(Some(&old_text), req.ask_seq, refines, &rule);
 
-        let before = self.fresh(Some(&old_text))?;
-        let after = self.fresh(Some(&new_text))?;
+        let ppath = self.live.policy_path();
+        let rules = std::fs::read_to_string(ppath).map_err(|e| LearnError::Io {
+            path: ppath.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let current = self.live.current();
+        let protected: Vec<&str> = current.protected_paths().collect();
+        let base = Base {
+            rules: &rules,
+            rules_path: ppath,
+            learned: Some(&old_text),
+            catalog: self.live.catalog(),
+            protected: &protected,
+        };
         // The answered call itself must now be decided by the new rule.
+        let after = base.load(Some(&new_text)).map_err(invalid)?;
         let d = after.decide_parts(&req.tool, &req.args);
         let want = if allow { Verdict::Allow } else { Verdict::Deny };
         if d.by != DecidedBy::Learned || d.verdict != want {
@@ -185,7 +170,10 @@ impl Learner {
                 reason: d.reason.into_owned(),
             });
         }
-        let conflicts = self.conflicts(&before, &after)?;
+        let conflicts = match self.scenarios()? {
+            Some(s) => changed_scenarios(&base, &s, &rule, refines).map_err(invalid)?,
+            None => Vec::new(),
+        };
         Ok(Candidate {
             rule,
             scope,
@@ -227,39 +215,11 @@ impl Learner {
         })
     }
 
-    /// The policy with `learned` text, loaded afresh (its own limit counters, so
-    /// running the scenarios never touches the VM's).
-    fn fresh(&self, learned: Option<&str>) -> Result<Policy, LearnError> {
-        let ppath = self.live.policy_path();
-        let text = std::fs::read_to_string(ppath).map_err(|e| LearnError::Io {
-            path: ppath.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let name = ppath.display().to_string();
-        let lname = self.learned_path().display().to_string();
-        let base = ppath.parent().filter(|p| !p.as_os_str().is_empty());
-        let src = Sources {
-            policy: &text,
-            name: &name,
-            base_dir: Some(base.unwrap_or(Path::new("."))),
-            learned: learned
-                .filter(|t| !t.is_empty())
-                .map(|t| (t, lname.as_str())),
-        };
-        let loaded = Policy::from_sources(&src, self.live.catalog())
-            .map_err(|d| LearnError::Invalid(d.to_string()))?;
-        let mut p = loaded.policy;
-        for path in self.live.current().protected_paths() {
-            p.add_protected_path(path);
-        }
-        Ok(p)
-    }
-
-    /// Scenarios decided differently by `after` than by `before`.
-    fn conflicts(&self, before: &Policy, after: &Policy) -> Result<Vec<Conflict>, LearnError> {
+    /// The policy's scenarios, when it has a p.scenarios.jsonl.
+    fn scenarios(&self) -> Result<Option<Vec<TestCase>>, LearnError> {
         let text = match std::fs::read_to_string(&self.scenarios) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
                 return Err(LearnError::Io {
                     path: self.scenarios.display().to_string(),
@@ -267,60 +227,24 @@ impl Learner {
                 })
             }
         };
-        let path = self.scenarios.display().to_string();
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let t = line.trim();
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            let bad = |message: String| LearnError::BadScenario {
-                path: path.clone(),
-                line: i + 1,
+        parse_scenarios(&text).map(Some).map_err(|e| match e {
+            LearnedCheckError::Scenario { line, message } => LearnError::BadScenario {
+                path: self.scenarios.display().to_string(),
+                line,
                 message,
-            };
-            let v: Value = serde_json::from_str(t).map_err(|e| bad(e.to_string()))?;
-            let expect = v
-                .get("expect")
-                .and_then(Value::as_str)
-                .and_then(Verdict::parse)
-                .ok_or_else(|| bad("`expect` must be \"allow\", \"deny\" or \"ask\"".into()))?;
-            let mut cv = v
-                .get("call")
-                .cloned()
-                .ok_or_else(|| bad("missing `call`".into()))?;
-            let at = cv
-                .as_object_mut()
-                .and_then(|o| o.remove("at"))
-                .and_then(|a| a.as_str().map(str::to_string));
-            let call = Call::from_json(&cv).map_err(|e| bad(e.to_string()))?;
-            let at_ms = match at {
-                Some(a) => Some(rfc3339_ms(&a).ok_or_else(|| bad(format!("bad `at`: {a}")))?),
-                None => None,
-            };
-            let decide = |p: &Policy| match at_ms {
-                Some(ms) => p.decide_at(&call, ms),
-                None => p.decide(&call),
-            };
-            let (b, a) = (decide(before), decide(after));
-            if b.verdict != a.verdict {
-                out.push(Conflict {
-                    line: i + 1,
-                    call: cv,
-                    expect,
-                    before: b.verdict,
-                    after: a.verdict,
-                    note: v.get("note").and_then(Value::as_str).map(str::to_string),
-                });
-            }
-        }
-        Ok(out)
+            },
+            e => invalid(e),
+        })
     }
 }
 
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+/// A policy that does not load (before or with the candidate), or a scenario the
+/// check could not decide.
+fn invalid(e: LearnedCheckError) -> LearnError {
+    match e {
+        LearnedCheckError::Load { diagnostics, .. } => LearnError::Invalid(diagnostics),
+        e => LearnError::Invalid(e.to_string()),
+    }
 }
 
 fn read_opt(path: &Path) -> Result<String, LearnError> {

@@ -60,6 +60,8 @@ pub struct OpenedGate {
     pub warnings: String,
     /// Network egress (vsock port 2), decided by this gate.
     pub net: Arc<NetService>,
+    /// The run's `[llm.budget]`, spent by `llm.chat` and the proxy's model route alike.
+    pub llm_budget: Arc<LlmBudget>,
 }
 
 /// Why the gate could not be built: the exit code (125 or 127) and the message.
@@ -284,14 +286,19 @@ impl PreparedGate {
         let http =
             HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
         services.add(Box::new(http));
+        // One service for the tool and the proxy's model route: one set of keys, one budget.
+        let mut llm = None;
         if !cfg.config.llm_service.providers.is_empty() {
-            let llm = LlmService::new(
-                &cfg.config.llm_service,
-                Arc::clone(&llm_budget),
-                Some(Arc::clone(&log)),
-            )
-            .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
-            services.add(Box::new(llm));
+            let svc = Arc::new(
+                LlmService::new(
+                    &cfg.config.llm_service,
+                    Arc::clone(&llm_budget),
+                    Some(Arc::clone(&log)),
+                )
+                .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?,
+            );
+            services.add(Box::new(Arc::clone(&svc)));
+            llm = Some(svc);
         }
         for svc in mcp {
             services.add(Box::new(svc));
@@ -302,11 +309,12 @@ impl PreparedGate {
             Arc::clone(&log),
             cfg.limits,
         ));
-        let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget)
+        let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget, llm)
             .map_err(|e| fail(exit::VMM_ERROR, e))?;
         Ok(OpenedGate {
             gate,
             net,
+            llm_budget,
             audit: log,
             audit_path,
             live,

@@ -13,8 +13,9 @@
 //!   is spent, the gate denies `llm.chat` (`decided_by: limit`, see
 //!   `gate::budget::LlmBudgeted`).
 //! - `{provider, model, path}` is also the shape the guest proxy's model route
-//!   (`/llm/<provider>/…`) is decided as; that route is served by the proxy, so a
-//!   tool call carrying `path` and no `messages` is refused here.
+//!   (`/llm/<provider>/…`) is decided as. The proxy (`net::model`) sends its
+//!   requests through `send_route` here, with the same keys and budget; a tool call
+//!   carrying `path` and no `messages` is refused.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -187,6 +188,8 @@ impl LlmBudget {
 /// One provider as the service uses it.
 struct Provider {
     name: String,
+    /// `base_url` without its trailing `/`: the model route appends the guest's path.
+    base: String,
     endpoint: url::Url,
     /// `Bearer <key>`, read from the environment at start; Err: why there is none.
     authorization: Result<Option<String>, String>,
@@ -275,6 +278,7 @@ impl LlmService {
             .build();
         Ok(Provider {
             name: p.name.clone(),
+            base: base.to_string(),
             endpoint,
             authorization: key.clone().map(|k| k.map(|k| format!("Bearer {k}"))),
             key: key.ok().flatten(),
@@ -458,6 +462,23 @@ fn read_capped(r: ureq::Response) -> Result<String, ToolError> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// The tokens a response (or one streamed event) reports: OpenAI's
+/// `prompt_tokens`/`completion_tokens`, or Anthropic's `input_tokens`/`output_tokens`
+/// (in `usage`, or in `message.usage` of a stream's `message_start`).
+fn reported(v: &Value) -> (Option<u64>, Option<u64>) {
+    let u = if v["usage"].is_object() {
+        &v["usage"]
+    } else {
+        &v["message"]["usage"]
+    };
+    (
+        u["prompt_tokens"].as_u64().or(u["input_tokens"].as_u64()),
+        u["completion_tokens"]
+            .as_u64()
+            .or(u["output_tokens"].as_u64()),
+    )
+}
+
 /// Tokens of one call: the provider's `usage`, or an estimate (4 bytes a token)
 /// when it gives none, so that a silent provider still spends the budget.
 struct Usage {
@@ -468,8 +489,7 @@ struct Usage {
 
 impl Usage {
     fn of(response: &Value, sent_bytes: usize) -> Usage {
-        let u = &response["usage"];
-        match (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64()) {
+        match reported(response) {
             (Some(prompt), Some(completion)) => Usage {
                 prompt,
                 completion,
@@ -490,6 +510,349 @@ impl Usage {
     fn to_json(&self) -> Value {
         json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
                "total_tokens": self.total(), "estimated": self.estimated})
+    }
+}
+
+/// Guest headers never sent on by the model route: its credentials (a dummy key,
+/// replaced by the host's), and what the host's own request frames itself.
+const ROUTE_DROPPED: [&str; 7] = [
+    "authorization",
+    "x-api-key",
+    "proxy-authorization",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "accept-encoding",
+];
+
+/// One request of the guest proxy's model route (`/llm/<provider>/<rest>`), decided
+/// and about to be sent on by the host.
+pub struct RouteRequest<'a> {
+    pub provider: &'a str,
+    /// The body's `model`, for the audit record ("" when it names none).
+    pub model: &'a str,
+    pub method: &'a str,
+    /// What follows `/llm/<provider>` in the guest's target (`/chat/completions`).
+    pub rest: &'a str,
+    /// The guest's end-to-end headers.
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+}
+
+/// The provider's answer, its body still to be read (it may be a stream).
+pub struct RouteResponse {
+    pub status: u16,
+    pub reason: String,
+    /// End-to-end headers as ureq gives them (decompression already undone).
+    pub headers: Vec<(String, String)>,
+    pub body: Box<dyn Read + Send>,
+}
+
+/// Why the model route could not send a request on.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no provider {0:?} in ironvmm.toml [[llm.providers]] (configured: {1:?})")]
+    UnknownProvider(String, Vec<String>),
+    #[error("{0:?} is not a path under the provider's base_url")]
+    BadPath(String),
+    #[error("provider {0}: {1}")]
+    MissingKey(String, String),
+    #[error("{0}")]
+    Budget(String),
+    #[error("provider {0}: {1}")]
+    Blocked(String, String),
+    #[error("provider {0}: {1}")]
+    Transport(String, String),
+}
+
+impl RouteError {
+    /// The status the guest is answered with.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            RouteError::UnknownProvider(..) => (404, "Not Found"),
+            RouteError::BadPath(_) => (400, "Bad Request"),
+            RouteError::Budget(_) | RouteError::Blocked(..) => (403, "Forbidden"),
+            RouteError::MissingKey(..) | RouteError::Transport(..) => (502, "Bad Gateway"),
+        }
+    }
+}
+
+impl LlmService {
+    /// Sends one model-route request to its provider with the host's key in place
+    /// of whatever credentials the guest sent (`x-api-key` when the guest used that
+    /// header, as Anthropic's clients do; `Authorization: Bearer` otherwise). Takes
+    /// a step of the budget. The caller relays the response and then calls
+    /// `account_route`.
+    pub fn send_route(&self, r: &RouteRequest) -> Result<RouteResponse, RouteError> {
+        let p = self
+            .providers
+            .iter()
+            .find(|p| p.name == r.provider)
+            .ok_or_else(|| {
+                RouteError::UnknownProvider(
+                    r.provider.to_string(),
+                    self.providers.iter().map(|p| p.name.clone()).collect(),
+                )
+            })?;
+        let url = route_url(&p.base, r.rest)?;
+        let key = match &p.authorization {
+            Ok(_) => p.key.as_deref(),
+            Err(why) => return Err(RouteError::MissingKey(p.name.clone(), why.clone())),
+        };
+        self.budget.begin_step().map_err(RouteError::Budget)?;
+        let t0 = Instant::now();
+        let mut req = p
+            .agent
+            .request_url(r.method, &url)
+            .timeout(p.timeout)
+            // A stream must pass through as it comes, not wait in a decompressor.
+            .set("Accept-Encoding", "identity");
+        let mut x_api_key = false;
+        for (name, value) in r.headers {
+            let lower = name.to_ascii_lowercase();
+            if lower == "x-api-key" {
+                x_api_key = true;
+            }
+            if !ROUTE_DROPPED.contains(&lower.as_str()) {
+                req = req.set(name, value);
+            }
+        }
+        if let Some(k) = key {
+            req = if x_api_key {
+                req.set("x-api-key", k)
+            } else {
+                req.set("Authorization", &format!("Bearer {k}"))
+            };
+        }
+        let resp = match req.send_bytes(r.body) {
+            Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+            Err(ureq::Error::Transport(t)) => {
+                let why = t.to_string();
+                // The step was taken: a model that cannot be reached still costs a turn.
+                self.record(p, r.model, None, 0.0, t0, Some(&why));
+                return Err(if why.contains("ssrf guard") {
+                    RouteError::Blocked(p.name.clone(), why)
+                } else {
+                    RouteError::Transport(p.name.clone(), why)
+                });
+            }
+        };
+        let headers = resp
+            .headers_names()
+            .into_iter()
+            .flat_map(|n| {
+                resp.all(&n)
+                    .into_iter()
+                    .map(|v| (n.clone(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Ok(RouteResponse {
+            status: resp.status(),
+            reason: resp.status_text().to_string(),
+            headers,
+            body: Box::new(resp.into_reader()),
+        })
+    }
+
+    /// Spends what one model-route exchange used and writes its `llm` audit record.
+    pub fn account_route(
+        &self,
+        provider: &str,
+        model: &str,
+        meter: UsageMeter,
+        t0: Instant,
+        error: Option<&str>,
+    ) {
+        let Some(p) = self.providers.iter().find(|p| p.name == provider) else {
+            return;
+        };
+        let usage = meter.usage();
+        let cost = (usage.prompt as f64 * p.price_in + usage.completion as f64 * p.price_out) / 1e6;
+        self.budget.spend(usage.total(), cost);
+        self.record(p, model, Some(&usage), cost, t0, error);
+    }
+
+    /// A redactor of `provider`'s key, for what the provider sends back.
+    pub fn redactor(&self, provider: &str) -> Redactor {
+        Redactor {
+            key: self
+                .providers
+                .iter()
+                .find(|p| p.name == provider)
+                .and_then(|p| p.key.clone())
+                .map(String::into_bytes),
+            held: Vec::new(),
+        }
+    }
+}
+
+/// `base` + `rest`, refused unless it stays under `base` (no `..` out of it, no
+/// other host).
+fn route_url(base: &str, rest: &str) -> Result<url::Url, RouteError> {
+    let bad = || RouteError::BadPath(rest.chars().take(200).collect());
+    if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+        || rest.contains(['\\', '#'])
+        || rest.chars().any(char::is_control)
+    {
+        return Err(bad());
+    }
+    let base_url = url::Url::parse(base).map_err(|_| bad())?;
+    let url = url::Url::parse(&format!("{base}{rest}")).map_err(|_| bad())?;
+    let under = url.origin() == base_url.origin()
+        && (url.path() == base_url.path()
+            || url
+                .path()
+                .starts_with(&format!("{}/", base_url.path().trim_end_matches('/'))));
+    if !under {
+        return Err(bad());
+    }
+    Ok(url)
+}
+
+/// Holds back nothing but what could be the start of the key, so a stream passes
+/// through as it comes and the key never does, even split across reads.
+pub struct Redactor {
+    key: Option<Vec<u8>>,
+    held: Vec<u8>,
+}
+
+impl Redactor {
+    /// What of `data` (after what was held) may be sent now.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        let Some(key) = &self.key else {
+            return data.to_vec();
+        };
+        self.held.extend_from_slice(data);
+        let mut out = Vec::with_capacity(self.held.len());
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i..].starts_with(key) {
+                out.extend_from_slice(b"[redacted]");
+                i += key.len();
+            } else if key.starts_with(&self.held[i..]) {
+                // The rest may be the key's beginning: wait for more.
+                break;
+            } else {
+                out.push(self.held[i]);
+                i += 1;
+            }
+        }
+        self.held.drain(..i);
+        out
+    }
+
+    /// What is left at the end (a prefix of the key, never the key).
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Reads the usage a response reports as it passes: each `data:` event of a
+/// stream (`text/event-stream`), or the whole JSON body otherwise (up to
+/// `MAX_RESPONSE`). With none reported, the tokens are estimated from the bytes,
+/// so a silent provider still spends the budget.
+pub struct UsageMeter {
+    sse: bool,
+    sent: usize,
+    received: u64,
+    buf: Vec<u8>,
+    overflow: bool,
+    prompt: Option<u64>,
+    completion: Option<u64>,
+}
+
+/// Longest SSE line looked into for usage (longer ones pass through unread).
+const MAX_EVENT_LINE: usize = 256 * 1024;
+
+impl UsageMeter {
+    /// `content_type` of the response; `sent` the request's body bytes.
+    pub fn new(content_type: Option<&str>, sent: usize) -> UsageMeter {
+        UsageMeter {
+            sse: content_type.is_some_and(|c| {
+                c.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            }),
+            sent,
+            received: 0,
+            buf: Vec::new(),
+            overflow: false,
+            prompt: None,
+            completion: None,
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        self.received += data.len() as u64;
+        if !self.sse {
+            if self.overflow || self.buf.len() + data.len() > MAX_RESPONSE {
+                // Too large to read for usage: the estimate stands.
+                self.overflow = true;
+                self.buf = Vec::new();
+            } else {
+                self.buf.extend_from_slice(data);
+            }
+            return;
+        }
+        for &b in data {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.buf);
+                self.event_line(&line);
+            } else if self.buf.len() < MAX_EVENT_LINE {
+                self.buf.push(b);
+            }
+        }
+    }
+
+    fn event_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+            self.note(&v);
+        }
+    }
+
+    /// Streams report usage in pieces (Anthropic's input in the first event, the
+    /// output so far in later ones): the largest of each counts.
+    fn note(&mut self, v: &Value) {
+        let (p, c) = reported(v);
+        self.prompt = self.prompt.max(p);
+        self.completion = self.completion.max(c);
+    }
+
+    fn usage(mut self) -> Usage {
+        if !self.sse && !self.buf.is_empty() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+                self.note(&v);
+            }
+        } else if self.sse && !self.buf.is_empty() {
+            let line = std::mem::take(&mut self.buf);
+            self.event_line(&line);
+        }
+        match (self.prompt, self.completion) {
+            (Some(prompt), Some(completion)) => Usage {
+                prompt,
+                completion,
+                estimated: false,
+            },
+            _ => Usage {
+                prompt: (self.sent as u64).div_ceil(4),
+                completion: self.received.div_ceil(4),
+                estimated: true,
+            },
+        }
+    }
+}
+
+impl Service for Arc<LlmService> {
+    fn tools(&self) -> Vec<ToolSpec> {
+        tool_specs()
+    }
+
+    fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {
+        LlmService::call(self, tool, args)
     }
 }
 
@@ -544,6 +907,54 @@ mod tests {
             ..Default::default()
         });
         assert!(b.exhausted().unwrap().contains("wall_secs"));
+    }
+
+    #[test]
+    fn the_key_is_redacted_even_split_across_reads() {
+        let mut r = Redactor {
+            key: Some(b"sk-secret".to_vec()),
+            held: Vec::new(),
+        };
+        let mut out = r.push(b"data: sk-se");
+        // Nothing but what may begin the key is held back.
+        assert_eq!(out, b"data: ");
+        out.extend(r.push(b"cret!\n\n"));
+        out.extend(r.push(b"sk-s"));
+        out.extend(r.finish());
+        assert_eq!(out, b"data: [redacted]!\n\nsk-s");
+        assert_eq!(r.push(b"event\n"), b"event\n");
+    }
+
+    #[test]
+    fn route_paths_stay_under_the_base_url() {
+        let base = "https://api.example/v1";
+        assert_eq!(
+            route_url(base, "/chat/completions?x=1").unwrap().as_str(),
+            "https://api.example/v1/chat/completions?x=1"
+        );
+        for bad in [
+            "/../admin",
+            "/%2e%2e/admin",
+            "@evil.example/",
+            "\\x",
+            "/a/../../b",
+        ] {
+            assert!(route_url(base, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn streamed_usage_is_read_from_its_events() {
+        let mut m = UsageMeter::new(Some("text/event-stream; charset=utf-8"), 40);
+        m.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        m.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_");
+        m.feed(b"tokens\":15}}\n\n");
+        let u = m.usage();
+        assert_eq!((u.prompt, u.completion, u.estimated), (25, 15, false));
+        let mut m = UsageMeter::new(Some("text/event-stream"), 40);
+        m.feed(b"data: {\"choices\":[]}\n\n");
+        let u = m.usage();
+        assert!(u.estimated && u.prompt == 10);
     }
 
     #[test]

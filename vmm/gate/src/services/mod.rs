@@ -49,6 +49,7 @@ impl ToolSpec {
             "description": self.description,
             "inputSchema": self.input_schema,
             "roles": roles,
+            "replyCap": self.reply_cap,
         });
         if !self.aliases.is_empty() {
             let aliases: Map<String, Value> = self

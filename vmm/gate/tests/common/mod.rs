@@ -2,6 +2,8 @@
 //! log), driven with JSON-RPC frames, for the service tests.
 #![allow(dead_code)]
 
+pub mod smtp;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

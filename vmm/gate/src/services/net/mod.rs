@@ -5,7 +5,8 @@
 //!
 //! - `head`   HTTP/1.1 request and response heads, bounded and strict
 //! - `body`   where a body ends; chunked bodies re-framed by the host
-//! - `route`  a request's target: `CONNECT`, an `http://` URL, or a path
+//! - `route`  a request's target: `CONNECT`, an `http://` URL, or the model route
+//! - `model`  the model route: `/llm/<provider>/…` sent on with the host's key
 //! - `pipe`   the bounded, never-blocking hand-over with the vsock device thread
 //! - `relay`  one connection's thread: decide each request, connect (SSRF guard),
 //!   relay; tunnels
@@ -13,10 +14,12 @@
 //! Each plain-HTTP request is decided as `net.http {method, url}`, each `CONNECT`
 //! once as `net.connect {host, port}`, through the gate's own decider and audit
 //! log (`Gate::decide_direct`). `net.*` are not served as `tools/call`s: on port 1
-//! they are unknown tools.
+//! they are unknown tools. A request of the model route is decided as `llm.chat
+//! {provider, model, path}` and spends the run's `[llm.budget]`.
 
 pub mod body;
 pub mod head;
+mod model;
 pub mod pipe;
 mod relay;
 pub mod route;
@@ -35,6 +38,7 @@ use crate::config::NetConfig;
 use crate::gate::budget::CallBudget;
 use crate::gate::inflight::Wake;
 use crate::gate::Gate;
+use crate::services::llm::LlmService;
 use pipe::Pipe;
 
 /// Most bytes for the guest moved per `poll`: the device's own backlog bound
@@ -78,6 +82,8 @@ pub struct NetService {
     idle: Duration,
     connect_timeout: Duration,
     budget: Option<Arc<CallBudget>>,
+    /// The model route's provider and keys; None: no `[[llm.providers]]`.
+    llm: Option<Arc<LlmService>>,
     max_connections: usize,
     live: Arc<AtomicUsize>,
     /// The relays running, so `shutdown` can cut them: their pipes, and the
@@ -97,11 +103,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl NetService {
     /// `budget`: the run's `--max-egress-bytes`, which request bodies and tunnel
-    /// bytes from the guest are charged to.
+    /// bytes from the guest are charged to. `llm`: the service the model route
+    /// sends through (sharing its budget).
     pub fn new(
         gate: Arc<Gate>,
         cfg: &NetConfig,
         budget: Option<Arc<CallBudget>>,
+        llm: Option<Arc<LlmService>>,
     ) -> Result<Arc<NetService>, String> {
         let mut allowed = Vec::new();
         for a in &cfg.allow_addresses {
@@ -114,6 +122,7 @@ impl NetService {
             idle,
             connect_timeout: idle.min(Duration::from_secs(30)),
             budget: budget.filter(|b| b.is_limited()),
+            llm,
             max_connections: cfg.max_connections.max(1),
             live: Arc::new(AtomicUsize::new(0)),
             running: Mutex::new(HashMap::new()),

@@ -24,7 +24,7 @@ use crate::gate::direct::{DirectOutcome, Ruling};
 use crate::gate::Call;
 
 /// What comes after one exchange.
-enum Next {
+pub(super) enum Next {
     /// The connection is kept alive: read the next request head.
     Another,
     Close,
@@ -64,7 +64,7 @@ impl Relay {
         self.svc.unregister(self.id);
     }
 
-    fn writer(&self) -> PipeWriter {
+    pub(super) fn writer(&self) -> PipeWriter {
         PipeWriter {
             pipe: Arc::clone(&self.pipe),
             timeout: self.svc.idle,
@@ -72,7 +72,7 @@ impl Relay {
     }
 
     /// An answer made by the host (an error, a denial); the connection closes after it.
-    fn answer(&self, status: u16, reason: &str, text: &str) -> Next {
+    pub(super) fn answer(&self, status: u16, reason: &str, text: &str) -> Next {
         let body = format!("ironvmm: {text}\n");
         let msg = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -99,12 +99,13 @@ impl Relay {
         match route(&head) {
             Ok(Route::Connect { host, port }) => self.tunnel(guest, &host, port),
             Ok(Route::Http(url)) => self.http(guest, &head, url),
+            Ok(Route::Llm { provider, rest }) => self.model(guest, &head, &provider, &rest),
             Err(e) => self.answer(400, "Bad Request", &e.to_string()),
         }
     }
 
     /// Decides `call`; a denial is answered 403 naming the rule.
-    fn decide(&self, call: &Call, what: &str) -> Result<u64, Next> {
+    pub(super) fn decide(&self, call: &Call, what: &str) -> Result<u64, Next> {
         match self.svc.gate.decide_direct(&self.conn, call) {
             Ruling::Allowed { seq } => Ok(seq),
             Ruling::Denied { rule, by, reason } => {
@@ -113,7 +114,7 @@ impl Relay {
         }
     }
 
-    fn denied(&self, what: &str, rule: Option<u32>, by: &str, reason: &str) -> Next {
+    pub(super) fn denied(&self, what: &str, rule: Option<u32>, by: &str, reason: &str) -> Next {
         let who = match rule {
             Some(r) => format!("rule {r}"),
             None => format!("decided by {by}"),
@@ -185,7 +186,14 @@ impl Relay {
         }
     }
 
-    fn outcome(&self, seq: u64, t0: Instant, sent: u64, received: u64, detail: Option<String>) {
+    pub(super) fn outcome(
+        &self,
+        seq: u64,
+        t0: Instant,
+        sent: u64,
+        received: u64,
+        detail: Option<String>,
+    ) {
         let status = if detail.is_none() {
             OutcomeStatus::Ok
         } else {
@@ -385,7 +393,7 @@ impl Relay {
     }
 
     /// Charges guest bytes that leave the host to `--max-egress-bytes`.
-    fn charge(&self, n: usize) -> Result<(), String> {
+    pub(super) fn charge(&self, n: usize) -> Result<(), String> {
         match &self.svc.budget {
             Some(b) => b.charge_egress(n as u64).map_err(str::to_string),
             None => Ok(()),

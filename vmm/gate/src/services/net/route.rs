@@ -1,7 +1,9 @@
 //! Where a request head goes, by its target: a `CONNECT host:port` opens a
 //! tunnel, an absolute `http://` URL is a plain-HTTP request. A path alone
-//! (`GET /x`) names nothing on the network; host-side routes the proxy serves
-//! itself would match it here, by path, before `net.http` is considered.
+//! (`GET /x`) names nothing on the network. The one route the proxy serves itself,
+//! the model route `/llm/<provider>/…`, is matched by path first, whether the
+//! target is a bare path or an absolute URL naming the proxy (`http://127.0.0.1:3128/llm/…`,
+//! what a client sends through its proxy settings).
 
 use super::head::RequestHead;
 
@@ -12,7 +14,17 @@ pub enum Route {
     Connect { host: url::Host<String>, port: u16 },
     /// An absolute `http://` URL: `net.http`.
     Http(url::Url),
+    /// `/llm/<provider><rest>`: `llm.chat {provider, model, path}`, sent on by the
+    /// host with the provider's key. `rest` is the path and query after the provider.
+    Llm { provider: String, rest: String },
 }
+
+/// Where `iron proxy` listens in the guest: an absolute URL naming it is a route
+/// of the proxy's own, not a server on the network.
+pub const PROXY_PORT: u16 = 3128;
+
+/// The model route's prefix.
+const LLM_PREFIX: &str = "/llm/";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -25,9 +37,13 @@ pub enum RouteError {
     #[error("credentials in the URL are not allowed")]
     Credentials,
     #[error(
-        "{0:?}: this proxy serves no paths of its own; send an absolute http:// URL or CONNECT"
+        "{0:?}: this proxy serves no paths of its own but /llm/<provider>/...; send an absolute http:// URL or CONNECT"
     )]
     Origin(String),
+    #[error(
+        "{0:?}: the model route is /llm/<provider>/<path>, the provider a name from ironvmm.toml"
+    )]
+    BadLlm(String),
 }
 
 pub fn route(head: &RequestHead) -> Result<Route, RouteError> {
@@ -36,6 +52,11 @@ pub fn route(head: &RequestHead) -> Result<Route, RouteError> {
         return Ok(Route::Connect { host, port });
     }
     let t = &head.target;
+    if let Some(path) = proxy_path(t) {
+        if let Some(tail) = path.strip_prefix(LLM_PREFIX) {
+            return llm(tail, t);
+        }
+    }
     if t.starts_with('/') {
         return Err(RouteError::Origin(t.chars().take(200).collect()));
     }
@@ -64,6 +85,43 @@ pub fn route(head: &RequestHead) -> Result<Route, RouteError> {
         return Err(RouteError::Credentials);
     }
     Ok(Route::Http(url))
+}
+
+/// The path and query of a target addressed to the proxy itself: a bare path, or
+/// an absolute URL naming 127.0.0.1 (or localhost) on the proxy's port.
+fn proxy_path(t: &str) -> Option<&str> {
+    if t.starts_with('/') {
+        return Some(t);
+    }
+    let (scheme, rest) = t.split_at_checked("http://".len())?;
+    if !scheme.eq_ignore_ascii_case("http://") {
+        return None;
+    }
+    let slash = rest.find('/')?;
+    let authority = &rest[..slash];
+    ["127.0.0.1", "localhost"]
+        .iter()
+        .any(|h| authority.eq_ignore_ascii_case(&format!("{h}:{PROXY_PORT}")))
+        .then(|| &rest[slash..])
+}
+
+/// `<provider><rest>` after `/llm/`.
+fn llm(tail: &str, t: &str) -> Result<Route, RouteError> {
+    let bad = || RouteError::BadLlm(t.chars().take(200).collect());
+    let end = tail.find(['/', '?']).unwrap_or(tail.len());
+    let (provider, rest) = tail.split_at(end);
+    let named = !provider.is_empty()
+        && provider.len() <= 64
+        && provider
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !named || rest.len() > 4096 || rest.contains('#') {
+        return Err(bad());
+    }
+    Ok(Route::Llm {
+        provider: provider.into(),
+        rest: rest.into(),
+    })
 }
 
 /// `host:port` of a CONNECT, the host normalised as in a URL (so `2130706433`
@@ -136,6 +194,36 @@ mod tests {
             Route::Http(_)
         ));
         assert!(matches!(r("GET /x"), Err(RouteError::Origin(_))));
+        let llm = |provider: &str, rest: &str| Route::Llm {
+            provider: provider.into(),
+            rest: rest.into(),
+        };
+        assert_eq!(
+            r("POST /llm/openai/chat/completions").unwrap(),
+            llm("openai", "/chat/completions")
+        );
+        assert_eq!(
+            r("POST http://127.0.0.1:3128/llm/anthropic/v1/messages?beta=true").unwrap(),
+            llm("anthropic", "/v1/messages?beta=true")
+        );
+        assert_eq!(r("POST HTTP://LOCALHOST:3128/llm/o").unwrap(), llm("o", ""));
+        // Another port or host is the network, decided as net.http.
+        assert!(matches!(
+            r("GET http://127.0.0.1:3129/llm/o/x").unwrap(),
+            Route::Http(_)
+        ));
+        assert!(matches!(
+            r("GET http://127.0.0.1:31280/llm/o/x").unwrap(),
+            Route::Http(_)
+        ));
+        for bad in [
+            "GET /llm/",
+            "GET /llm//x",
+            "GET /llm/a%2fb/x",
+            "GET /llm/o/x#f",
+        ] {
+            assert!(matches!(r(bad), Err(RouteError::BadLlm(_))), "{bad}");
+        }
         assert!(matches!(
             r("GET https://a.example/"),
             Err(RouteError::Https(_))

@@ -1,24 +1,18 @@
-//! A real SMTP server on loopback for tests: Python's aiosmtpd, delivering into a
-//! Maildir. Shared by the mail tests and the inbox story (`#[path]` include).
+//! A real SMTP server on loopback for the mail tests: Python's aiosmtpd delivering
+//! into a Maildir. Shared by the gate's mail tests and the ironvmm CLI tests (which
+//! include this file by path), so the one way to start it lives once.
 #![allow(dead_code)]
 
-use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::thread;
 use std::time::Duration;
 
-fn skip(why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
-}
-
-/// aiosmtpd delivering into a Maildir; None (and a printed reason) without it.
+/// aiosmtpd listening on 127.0.0.1:`port`, delivering into the Maildir `inbox`.
 pub struct SmtpServer {
     child: Child,
     pub port: u16,
-    /// The Maildir the server delivers into.
     pub inbox: PathBuf,
 }
 
@@ -29,6 +23,12 @@ impl Drop for SmtpServer {
     }
 }
 
+/// Prints a skip reason straight to stderr, past the test harness's capture.
+pub fn skip(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
+/// Starts aiosmtpd under `dir`; None (and a printed reason) without it.
 pub fn smtp_server(dir: &Path) -> Option<SmtpServer> {
     // The first Python that has aiosmtpd: pip's (PATH) or Debian's python3-aiosmtpd.
     let python = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
@@ -39,7 +39,6 @@ pub fn smtp_server(dir: &Path) -> Option<SmtpServer> {
             .is_ok_and(|s| s.success())
     });
     let Some(python) = python else {
-        // Straight to stderr, past the test harness's capture, so the skip shows.
         skip("python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd, or pip install aiosmtpd)");
         return None;
     };
@@ -62,17 +61,17 @@ pub fn smtp_server(dir: &Path) -> Option<SmtpServer> {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Some(server);
         }
-        thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     panic!("aiosmtpd did not listen on port {port} within 30 s");
 }
 
-/// The messages the server received, as text.
+/// The messages the server has delivered so far, as text.
 pub fn received(inbox: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(inbox.join("new")) else {
+    let Ok(rd) = std::fs::read_dir(inbox.join("new")) else {
         return Vec::new();
     };
     rd.flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap())
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect()
 }
