@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ironvmm_benches::{
-    inside_kvm_host, kvm_kind, median, ratio_line, rerun_in_kvm_host, run_ok, workspace_root,
+    inside_kvm_host, kvm_kind, median, ratio_line, rerun_in_kvm_host, run_ok, vm_skipped_line,
+    workspace_root,
 };
 
 const MARKER: &str = "IRONVMM-BENCH-MARKER";
@@ -157,7 +158,16 @@ fn image_for_both(bin: &Path, kernel: &Path, cmd: &str, img: &Path, work: &Path)
 
 fn main() {
     if !inside_kvm_host() {
-        rerun_in_kvm_host(&["--with-qemu"]);
+        let why = rerun_in_kvm_host(&["--with-qemu"]);
+        println!(
+            "{}",
+            vm_skipped_line(
+                "boot bench",
+                &why,
+                "Every figure of this bench needs VMs: none."
+            )
+        );
+        return;
     }
     let root = workspace_root();
     let kernel = PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL"));

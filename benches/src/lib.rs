@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+pub mod density;
+
 /// The repository root (the benches crate sits in `benches/`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,19 +44,46 @@ pub fn kvm_kind() -> &'static str {
 
 /// Builds what a booting bench needs (release ironvmm, static guest binaries, the
 /// kernel) out here, where compilers and registries are, then re-runs this bench
-/// inside `scripts/kvm-host.sh` with `host_args`, and exits with its status.
-pub fn rerun_in_kvm_host(host_args: &[&str]) -> ! {
+/// (with its own arguments) inside `scripts/kvm-host.sh` with `host_args`, and exits
+/// with its status. Returns only when no KVM host can be had here, with the reason:
+/// the bench then runs what needs no VM and says that the VM part was skipped.
+pub fn rerun_in_kvm_host(host_args: &[&str]) -> String {
     let root = workspace_root();
-    run_ok(
-        Command::new("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "ironvmm"]),
-    );
-    run_ok(&mut Command::new(root.join("scripts/build-guest.sh")));
-    let kernel = run_ok(&mut Command::new(root.join("scripts/build-kernel.sh")));
-    let kernel = kernel.lines().last().unwrap_or_default().to_string();
+    let built = |cmd: &mut Command, what: &str| -> Result<String, String> {
+        let o = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("{what}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("{what} failed ({})", o.status));
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let kernel = (|| {
+        built(
+            Command::new("cargo")
+                .current_dir(&root)
+                .args(["build", "--release", "-p", "ironvmm"]),
+            "cargo build --release -p ironvmm",
+        )?;
+        built(
+            &mut Command::new(root.join("scripts/build-guest.sh")),
+            "scripts/build-guest.sh",
+        )?;
+        let out = built(
+            &mut Command::new(root.join("scripts/build-kernel.sh")),
+            "scripts/build-kernel.sh (the guest kernel)",
+        )?;
+        Ok::<_, String>(out.lines().last().unwrap_or_default().to_string())
+    })();
+    let kernel = match kernel {
+        Ok(k) => k,
+        Err(why) => return why,
+    };
     let cache = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
         .join(".cache/ironvmm");
+    // cargo passes `--bench`; the bench's own options (`--quick`...) go along.
+    let own_args = std::env::args().skip(1).filter(|a| a != "--bench");
     let status = Command::new(root.join("scripts/kvm-host.sh"))
         .args(host_args)
         .arg("--share")
@@ -62,10 +91,27 @@ pub fn rerun_in_kvm_host(host_args: &[&str]) -> ! {
         .arg("--")
         .arg(std::env::current_exe().expect("the bench's own path"))
         .arg(INSIDE_FLAG)
+        .args(own_args)
         .env("IRONVMM_KERNEL", kernel)
-        .status()
-        .expect("scripts/kvm-host.sh");
-    std::process::exit(status.code().unwrap_or(1));
+        .status();
+    match status.map(|s| s.code()) {
+        // kvm-host.sh's own failure: no software host here (its message says why).
+        Ok(Some(HOST_FAILED)) => {
+            "scripts/kvm-host.sh could not start a KVM host (status 125, see its message above)"
+                .into()
+        }
+        Ok(code) => std::process::exit(code.unwrap_or(1)),
+        Err(e) => format!("cannot run scripts/kvm-host.sh: {e}"),
+    }
+}
+
+/// kvm-host.sh's status when the software host could not be set up or started.
+const HOST_FAILED: i32 = 125;
+
+/// The line a bench prints when its VM part does not run; `then` says what it
+/// does instead.
+pub fn vm_skipped_line(bench: &str, why: &str, then: &str) -> String {
+    format!("{bench}: VM PART SKIPPED: {why}. {then}")
 }
 
 /// Median of a sample set (sorted in place). `None` for an empty set.

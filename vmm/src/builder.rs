@@ -18,35 +18,51 @@ use crate::devices::status_port::{self, StatusPort};
 use crate::devices::virtio_mmio::{
     cmdline_entry, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
-use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice};
+use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice, VsockStats};
 use crate::kvm::layout::{KBD_IRQ, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::kvm::vcpu::{ExitHandler, Flow};
-use crate::kvm::vm::{kvm_err, Outcome, Vm, VmConfig, VmError};
-use crate::timing::Timings;
+use crate::kvm::vm::{kvm_err, Outcome, Vm, VmError};
 use crate::vm_event::VmEvent;
+
+/// The kernel command-line entry that announces the vsock [`Machine::attach_vsock`]
+/// adds: known before the device exists, so the kernel can be loaded first.
+pub fn vsock_cmdline_entry() -> String {
+    cmdline_entry(VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE)
+}
 
 /// A VM with its devices, before it runs.
 pub struct Machine {
     vm: Vm,
     bus: Bus,
+    /// The vsock, for its counters once the VM has ended.
+    vsock: Option<Arc<Mutex<VsockDevice>>>,
+}
+
+/// How a run ended, with what the devices counted.
+pub struct Ended {
+    pub outcome: Outcome,
+    /// The bus: its exit counters, and what the console saw.
+    pub bus: Arc<Bus>,
+    /// The vsock's counters (interrupts, the guest's notifies, packets), if it had one.
+    pub vsock: Option<VsockStats>,
 }
 
 impl Machine {
-    /// The VM with its legacy devices: serial console (`console` is where its output
-    /// goes), i8042 (for its reset line) and the status port.
-    pub fn new(
-        mem_mib: u64,
-        vcpus: u8,
-        console: ConsoleOut,
-        timings: Arc<Timings>,
-    ) -> Result<Machine, VmError> {
-        let vm = Vm::create(mem_mib, vcpus, timings.clone())?;
+    /// The legacy devices on `vm` (created, its kernel possibly loaded already):
+    /// serial console (`console` is where its output goes), i8042 (for its reset
+    /// line) and the status port.
+    pub fn new(vm: Vm, console: ConsoleOut) -> Result<Machine, VmError> {
+        let timings = vm.timings.clone();
         let serial_irq = vm.irq_line(SERIAL_IRQ, "KVM_IRQFD (serial)")?;
         let kbd_irq = vm.irq_line(KBD_IRQ, "KVM_IRQFD (i8042)")?;
         let serial = Serial::new(IrqTrigger(serial_irq), console);
         let status = StatusPort::new(timings, vm.events());
         let bus = Bus::new(serial, IrqTrigger(kbd_irq), vm.events(), status);
-        Ok(Machine { vm, bus })
+        Ok(Machine {
+            vm,
+            bus,
+            vsock: None,
+        })
     }
 
     /// Where device threads and the gate report why the VM must stop.
@@ -71,6 +87,7 @@ impl Machine {
         let dev =
             VsockDevice::new(cfg, listener).map_err(|e| VmError::Io(format!("vsock: {e}")))?;
         let dev = Arc::new(Mutex::new(dev));
+        self.vsock = Some(dev.clone());
         let transport = MmioTransport::new(dev.clone(), self.vm.memory().clone())
             .map_err(|e| VmError::Io(format!("vsock transport: {e}")))?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
@@ -122,18 +139,19 @@ impl Machine {
         Ok(cmdline_entry(base, irq))
     }
 
-    /// Loads the kernel and sets up the vCPUs (`Vm::load`).
-    pub fn load(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
-        self.vm.load(cfg)
-    }
-
     /// Runs the VM (`Vm::run`) with the bus behind its exits. Returns how it ended,
-    /// and the bus for what it counted and what the console saw.
-    pub fn run(self, timeout: Option<Duration>, interrupts: &AtomicUsize) -> (Outcome, Arc<Bus>) {
+    /// with what the bus and the vsock counted.
+    pub fn run(self, timeout: Option<Duration>, interrupts: &AtomicUsize) -> Ended {
         let bus = Arc::new(self.bus);
         let outcome = self.vm.run(bus.clone(), timeout, interrupts);
         let _ = lock(&bus.serial).writer_mut().flush_console();
-        (outcome, bus)
+        // The device thread has been joined: the counters are final.
+        let vsock = self.vsock.map(|d| lock(&d).stats().clone());
+        Ended {
+            outcome,
+            bus,
+            vsock,
+        }
     }
 }
 

@@ -96,4 +96,6 @@ fn event_loop_serves_sleeps_without_buffers_and_stops() {
 
     stop.write(1).unwrap();
     handle.join().unwrap().unwrap();
+    // The guest kicked three times (tx, tx, rx); the waker is not a kick.
+    assert_eq!(lock(&g.dev).stats().guest_notifies, 3);
 }

@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::approvals::tty::GuestConsole;
 use crate::audit::SyncMode;
-use crate::builder::Machine;
+use crate::builder::{vsock_cmdline_entry, Machine};
 use crate::config::Config;
 use crate::devices::console::ConsoleOut;
 use crate::devices::console_input;
@@ -21,7 +22,8 @@ use crate::gate::{
 use crate::gate_ports::GatePorts;
 use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
-use crate::kvm::vm::{Outcome, VmConfig};
+use crate::image::GuestImage;
+use crate::kvm::vm::{Outcome, Vm, VmConfig};
 use crate::report::ExitKind;
 use crate::timing::Timings;
 use crate::vm_event::VmEvent;
@@ -205,16 +207,50 @@ fn install_sigint() {
     }
 }
 
-/// What the image gave us to boot.
+/// What the image gave us to boot. The kernel and initramfs stay in the image's
+/// bytes (or the `--kernel`/`--initrd` files' bytes): loading copies them once,
+/// straight into guest memory.
 struct Payload {
-    image_sha256: Option<String>,
-    kernel: Vec<u8>,
-    initrd: Vec<u8>,
+    image: Option<Arc<GuestImage>>,
+    /// `--kernel` and `--initrd`, read whole (development and benchmarks only).
+    files: (Vec<u8>, Vec<u8>),
     cmdline: String,
     mem_mib: u64,
     cpus: u8,
     /// The image runs the guest's HTTP proxy: port 2 is served.
     proxy: bool,
+}
+
+impl Payload {
+    fn kernel(&self) -> &[u8] {
+        self.image.as_ref().map_or(&self.files.0, |i| i.kernel())
+    }
+
+    fn initrd(&self) -> &[u8] {
+        self.image.as_ref().map_or(&self.files.1, |i| i.initramfs())
+    }
+
+    /// Hashes the image on its own thread (the digest is kept in the image). The
+    /// audit log's `open` record needs it before the first vCPU runs, not before
+    /// the VM is built, so it is off the path that builds the VM.
+    fn hash_meanwhile(&self) -> Option<thread::JoinHandle<()>> {
+        let img = Arc::clone(self.image.as_ref()?);
+        thread::Builder::new()
+            .name("image-hash".into())
+            .spawn(move || {
+                img.sha256();
+            })
+            .ok()
+    }
+
+    /// The image's digest, once `hashing` (if any) has finished; computed here
+    /// when the thread could not start.
+    fn digest(&self, hashing: Option<thread::JoinHandle<()>>) -> Option<String> {
+        if let Some(h) = hashing {
+            let _ = h.join();
+        }
+        self.image.as_ref().map(|i| i.sha256().to_string())
+    }
 }
 
 fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
@@ -234,9 +270,8 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
             .transpose()?
             .unwrap_or_default();
         return Ok(Payload {
-            image_sha256: None,
-            kernel: read(k, "kernel")?,
-            initrd,
+            image: None,
+            files: (read(k, "kernel")?, initrd),
             cmdline: a.cmdline.clone(),
             mem_mib: 128,
             cpus: 1,
@@ -247,17 +282,51 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
         .image
         .as_ref()
         .expect("clap requires an image without --kernel");
-    let img = crate::image::GuestImage::open(path).map_err(|e| (exit::BAD_IMAGE, e.to_string()))?;
+    let img = GuestImage::open(path).map_err(|e| (exit::BAD_IMAGE, e.to_string()))?;
     let m = &img.manifest;
     Ok(Payload {
-        image_sha256: Some(img.sha256().to_string()),
         cmdline: m.cmdline.clone(),
         mem_mib: u64::from(m.mem_mib),
         cpus: u8::try_from(m.cpus).unwrap_or(u8::MAX),
-        kernel: img.kernel().to_vec(),
-        initrd: img.initramfs().to_vec(),
+        files: (Vec::new(), Vec::new()),
         proxy: m.proxy,
+        image: Some(Arc::new(img)),
     })
+}
+
+/// KVM, guest memory, the kernel, the initramfs archives (the image's, then
+/// `copy_in` when not empty), the command line and the vCPUs: everything but the
+/// devices, which need the gate.
+fn build_vm(
+    p: &Payload,
+    mem_mib: u64,
+    cpus: u8,
+    copy_in: &[u8],
+    timings: &Arc<Timings>,
+) -> Result<Vm, (u8, String)> {
+    // Said in one line before trying, rather than after minutes of emulation.
+    if let Some(refusal) = crate::kvm::capability::check().refusal() {
+        return Err((exit::VMM_ERROR, refusal));
+    }
+    let fail = |e: crate::kvm::vm::VmError| (e.exit_code(), e.to_string());
+    let mut vm = Vm::create(mem_mib, cpus, timings.clone()).map_err(fail)?;
+    let cmdline = [BASE_CMDLINE, &vsock_cmdline_entry(), p.cmdline.trim()]
+        .join(" ")
+        .trim()
+        .to_string();
+    let mut initrd = vec![p.initrd()];
+    if !copy_in.is_empty() {
+        initrd.push(copy_in);
+    }
+    let cfg = VmConfig {
+        mem_mib,
+        vcpus: cpus,
+        kernel: p.kernel(),
+        initrd,
+        cmdline,
+    };
+    vm.load(&cfg).map_err(fail)?;
+    Ok(vm)
 }
 
 /// A VM id unique on this host: the audit log and `ironvmm ps` name VMs by it.
@@ -284,20 +353,17 @@ fn console_sink(spec: &str) -> Result<ConsoleOut, String> {
     })
 }
 
-/// Appends the `--copy-in` snapshot as a second cpio archive: the kernel unpacks
-/// concatenated archives, each starting 4-byte aligned.
-fn append_copy_in(initrd: &mut Vec<u8>, specs: &[String], mem_mib: u64) -> Result<(), String> {
+/// The `--copy-in` snapshot as a cpio archive the kernel unpacks after the
+/// image's (empty without `--copy-in`).
+fn copy_in_archive(specs: &[String], mem_mib: u64) -> Result<Vec<u8>, String> {
     if specs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let items = specs
         .iter()
         .map(|s| CopyIn::parse(s).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let extra = copy_in_cpio(&items, (mem_mib << 20) / 2).map_err(|e| e.to_string())?;
-    initrd.resize(initrd.len().next_multiple_of(4), 0);
-    initrd.extend_from_slice(&extra);
-    Ok(())
+    copy_in_cpio(&items, (mem_mib << 20) / 2).map_err(|e| e.to_string())
 }
 
 pub fn run(a: BootArgs) -> u8 {
@@ -382,22 +448,22 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     }
     ironvmm_seccomp::configure(seccomp);
     let timings = Arc::new(Timings::default());
-    let mut p = match payload(a) {
+    let p = match payload(a) {
         Ok(p) => p,
         Err((code, msg)) => return stop(out, code, ExitKind::Error, Some(msg)),
     };
+    let hashing = p.hash_meanwhile();
     let mem_mib = a.mem.unwrap_or(p.mem_mib);
     let cpus = a.cpus.unwrap_or(p.cpus);
-    if let Err(e) = append_copy_in(&mut p.initrd, &a.copy_in, mem_mib) {
-        return stop(
-            out,
-            exit::VMM_ERROR,
-            ExitKind::Error,
-            Some(format!("--copy-in: {e}")),
-        );
-    }
+    let copy_in = match copy_in_archive(&a.copy_in, mem_mib) {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("--copy-in: {e}");
+            return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(why));
+        }
+    };
 
-    // The policy and the audit log come before the VM: a VM never runs ungated.
+    // The gate opens before any vCPU runs: a VM never runs ungated.
     let config = match &a.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
@@ -416,7 +482,8 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         audit_sync: a.audit_sync,
         limits: a.inflight.limits(GateLimits::default().max_frame),
         vm: vm.clone(),
-        image_sha256: p.image_sha256.clone(),
+        // Hashed meanwhile: given to the audit log when it opens, below.
+        image_sha256: None,
         flags: serde_json::Value::Null,
     };
     let mut flags = setup::gate_flags(mode.name, &gate_cfg);
@@ -426,10 +493,24 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         f.extend(mode.flags.clone());
     }
     gate_cfg.flags = flags;
-    let opened = match setup::open_gate_with(&gate_cfg, mode.budget.clone()) {
+    // The policy and the services come before the VM: a bad policy is refused
+    // before anything is built.
+    let prepared = match setup::prepare_gate(&gate_cfg, mode.budget.clone()) {
+        Ok(g) => g,
+        Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
+    };
+    // Built while the image is hashed. A failure is reported once the audit log
+    // is open, so that the log records the attempt.
+    let built = build_vm(&p, mem_mib, cpus, &copy_in, &timings);
+    drop(copy_in);
+    // The gate opens (the audit log, with its open record) before any vCPU runs.
+    let opened = match prepared.open(p.digest(hashing)) {
         Ok(o) => o,
         Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
     };
+    // The kernel and initramfs are in guest memory: the image's bytes can go.
+    let proxy = p.proxy;
+    drop(p);
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
     }
@@ -491,10 +572,10 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     let error =
         |out: Launched, code: u8, why: String| finish(out, code, ExitKind::Error, Some(why));
 
-    // Said in one line before trying, rather than after minutes of emulation.
-    if let Some(refusal) = crate::kvm::capability::check().refusal() {
-        return error(out, exit::VMM_ERROR, refusal);
-    }
+    let built = match built {
+        Ok(vm) => vm,
+        Err((code, why)) => return error(out, code, why),
+    };
     let console = match &approvals.terminal {
         // SAFETY: isatty only inspects the fd.
         Some(share) if on_terminal => Ok(ConsoleOut::new(
@@ -507,7 +588,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         Ok(c) => c,
         Err(e) => return error(out, exit::VMM_ERROR, e),
     };
-    let mut vm = match Machine::new(mem_mib, cpus, console, timings.clone()) {
+    let mut vm = match Machine::new(built, console) {
         Ok(vm) => vm,
         Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
@@ -532,28 +613,15 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         ..VsockConfig::default()
     };
     let mut ports = GatePorts::new(gate.clone());
-    if p.proxy {
+    if proxy {
         ports = ports.with_net(Arc::clone(&opened.net));
     }
     let vsock_entry = match vm.attach_vsock(vsock, Box::new(ports)) {
         Ok(entry) => entry,
         Err(e) => return error(out, e.exit_code(), e.to_string()),
     };
-    let cmdline = [BASE_CMDLINE, &vsock_entry, p.cmdline.trim()]
-        .join(" ")
-        .trim()
-        .to_string();
-    let cfg = VmConfig {
-        mem_mib,
-        vcpus: cpus,
-        kernel: p.kernel,
-        initrd: p.initrd,
-        cmdline,
-    };
-    if let Err(e) = vm.load(&cfg) {
-        return error(out, e.exit_code(), e.to_string());
-    }
-    drop(cfg);
+    // The kernel was loaded with this entry before the device existed.
+    debug_assert_eq!(vsock_entry, vsock_cmdline_entry());
 
     install_sigint();
     // SAFETY: isatty only inspects the fd.
@@ -568,7 +636,8 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     }
     let console_thread =
         console_input::spawn(vm.serial(), forward_stdin, approvals.terminal.clone());
-    let (outcome, bus) = vm.run(a.timeout, &INTERRUPTS);
+    let ended = vm.run(a.timeout, &INTERRUPTS);
+    let (outcome, bus) = (ended.outcome, ended.bus);
     console_thread.stop();
     console_input::restore_terminal();
     // The guest is gone: nobody is waiting for the answers any more.
@@ -580,9 +649,17 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if std::env::var_os("IRONVMM_EXIT_STATS").is_some() {
         // For benchmarks: how many exits reached userspace (docs/benchmarks.md).
         let ((pio, mmio), (upio, ummio)) = (bus.exits(), bus.unknown_accesses());
+        let vsock = ended.vsock.map(|s| {
+            serde_json::json!({
+                "interrupts": s.interrupts,
+                "guest_notifies": s.guest_notifies,
+                "tx_packets": s.tx_packets,
+                "rx_packets": s.rx_packets,
+            })
+        });
         eprintln!(
             "{}",
-            serde_json::json!({"vm_exits": {"pio": pio, "mmio": mmio, "unknown_pio": upio, "unknown_mmio": ummio}})
+            serde_json::json!({"vm_exits": {"pio": pio, "mmio": mmio, "unknown_pio": upio, "unknown_mmio": ummio}, "vsock": vsock})
         );
     }
     let panic_line = crate::devices::bus::lock(&bus.serial).writer().panic_line();

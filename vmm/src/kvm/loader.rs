@@ -48,13 +48,29 @@ pub struct Entry {
     pub addr: u64,
 }
 
+/// Where each part of an initramfs made of `sizes` concatenated archives starts,
+/// and the total length: every archive after the first starts 4-byte aligned, as
+/// the kernel's unpacker expects of concatenated cpio archives.
+pub fn initrd_layout(sizes: &[usize]) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::with_capacity(sizes.len());
+    let mut end = 0usize;
+    for (i, &size) in sizes.iter().enumerate() {
+        let start = if i == 0 { 0 } else { end.next_multiple_of(4) };
+        offsets.push(start);
+        end = start + size;
+    }
+    (offsets, end)
+}
+
 /// Loads `kernel` (ELF vmlinux, preferring its PVH entry, or bzImage), the initramfs
-/// and the command line, and writes the boot structures for the chosen entry.
+/// and the command line, and writes the boot structures for the chosen entry. The
+/// initramfs is `initrd`'s archives, concatenated (see [`initrd_layout`]); each is
+/// written straight from where it lies (the image file's bytes), with no copy.
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_bytes: u64,
     kernel: &[u8],
-    initrd: &[u8],
+    initrd: &[&[u8]],
     cmdline: &str,
 ) -> Result<Entry, LoadError> {
     let mut image = Cursor::new(kernel);
@@ -87,15 +103,25 @@ pub fn load(
         ));
     };
 
+    let (offsets, initrd_len) = initrd_layout(&initrd.iter().map(|p| p.len()).collect::<Vec<_>>());
     let initrd_addr = place_initrd(
         mem_bytes,
         kernel_end,
-        initrd.len(),
+        initrd_len,
         header.map(|h| h.initrd_addr_max),
     )?;
-    if !initrd.is_empty() {
-        mem.write_slice(initrd, GuestAddress(initrd_addr))
+    let mut written = 0usize;
+    for (part, &at) in initrd.iter().zip(&offsets) {
+        // The alignment gap is zeros, whatever the memory held.
+        let gap = [0u8; 3];
+        mem.write_slice(
+            &gap[..at - written],
+            GuestAddress(initrd_addr + written as u64),
+        )
+        .map_err(|_| LoadError::Memory)?;
+        mem.write_slice(part, GuestAddress(initrd_addr + at as u64))
             .map_err(|_| LoadError::Memory)?;
+        written = at + part.len();
     }
 
     if cmdline.len() >= CMDLINE_MAX {
@@ -108,9 +134,9 @@ pub fn load(
         .map_err(|e| LoadError::Cmdline(e.to_string()))?;
 
     match entry.mode {
-        EntryMode::Pvh => write_pvh_info(mem, mem_bytes, initrd_addr, initrd.len())?,
+        EntryMode::Pvh => write_pvh_info(mem, mem_bytes, initrd_addr, initrd_len)?,
         EntryMode::Linux64 => {
-            let zp = zero_page(header, mem_bytes, cmdline.len(), initrd_addr, initrd.len());
+            let zp = zero_page(header, mem_bytes, cmdline.len(), initrd_addr, initrd_len);
             mem.write_obj(zp, GuestAddress(ZERO_PAGE_ADDR))
                 .map_err(|_| LoadError::Memory)?;
         }
@@ -328,7 +354,7 @@ mod tests {
         let mem = create_guest_memory(64).unwrap();
         let code = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp back
         let elf = minimal_elf(0x100_0000, &code, None);
-        let entry = load(&mem, 64 << 20, &elf, b"initrd", "console=ttyS0").unwrap();
+        let entry = load(&mem, 64 << 20, &elf, &[&b"initrd"[..]], "console=ttyS0").unwrap();
         assert_eq!(
             entry,
             Entry {
@@ -346,6 +372,31 @@ mod tests {
         let zp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ zp.hdr.ramdisk_size }, 6);
         assert_eq!({ zp.hdr.cmdline_size }, 14);
+    }
+
+    #[test]
+    fn initrd_parts_start_four_byte_aligned() {
+        assert_eq!(initrd_layout(&[]), (vec![], 0));
+        assert_eq!(initrd_layout(&[5]), (vec![0], 5));
+        assert_eq!(initrd_layout(&[5, 3, 8]), (vec![0, 8, 12], 20));
+        assert_eq!(initrd_layout(&[4, 0, 2]), (vec![0, 4, 4], 6));
+    }
+
+    #[test]
+    fn initrd_parts_land_concatenated_with_zero_gaps() {
+        let mem = create_guest_memory(64).unwrap();
+        // Dirty the top of memory, where the initramfs goes, so the gap must be written.
+        mem.write_slice(&[0xaa; 8192], GuestAddress((64 << 20) - 8192))
+            .unwrap();
+        let elf = minimal_elf(0x100_0000, &[0xf4], None);
+        load(&mem, 64 << 20, &elf, &[&b"abcde"[..], &b"XYZ"[..]], "").unwrap();
+        let zp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ zp.hdr.ramdisk_size }, 11);
+        let mut got = [0u8; 11];
+        let at = zp.hdr.ramdisk_image;
+        mem.read_slice(&mut got, GuestAddress(u64::from(at)))
+            .unwrap();
+        assert_eq!(&got, b"abcde\0\0\0XYZ");
     }
 
     #[test]

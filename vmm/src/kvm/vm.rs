@@ -24,12 +24,15 @@ use super::{cpuid, loader, memory, mptable};
 use crate::timing::Timings;
 use crate::vm_event::{EventSender, VmEvent};
 
-/// What to boot and how.
-pub struct VmConfig {
+/// What to boot and how. The kernel and the initramfs archives are borrowed from
+/// where they were read (the image file's bytes): loading copies them once, into
+/// guest memory.
+pub struct VmConfig<'a> {
     pub mem_mib: u64,
     pub vcpus: u8,
-    pub kernel: Vec<u8>,
-    pub initrd: Vec<u8>,
+    pub kernel: &'a [u8],
+    /// Archives the kernel unpacks in order (the image's, then `--copy-in`'s).
+    pub initrd: Vec<&'a [u8]>,
     pub cmdline: String,
 }
 
@@ -175,11 +178,11 @@ impl Vm {
 
     /// Steps 5–6: kernel, initramfs, command line, MP table; vCPUs with CPUID,
     /// MSRs, registers and LAPIC.
-    pub fn load(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
+    pub fn load(&mut self, cfg: &VmConfig<'_>) -> Result<(), VmError> {
         let entry = loader::load(
             &self.mem,
             cfg.mem_mib << 20,
-            &cfg.kernel,
+            cfg.kernel,
             &cfg.initrd,
             &cfg.cmdline,
         )?;

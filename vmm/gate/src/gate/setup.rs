@@ -93,6 +93,32 @@ pub fn open_gate_with(
     cfg: &GateConfig,
     budget: Option<Arc<CallBudget>>,
 ) -> Result<OpenedGate, SetupError> {
+    prepare_gate(cfg, budget)?.open(cfg.image_sha256.clone())
+}
+
+/// A gate whose policy is loaded and whose services are started, but whose audit
+/// log does not exist yet: the VMM builds the VM meanwhile and opens the log (with
+/// the image's digest, hashed on another thread) before the first vCPU runs.
+pub struct PreparedGate {
+    cfg: GateConfig,
+    budget: Option<Arc<CallBudget>>,
+    policy_text: Vec<u8>,
+    live: Arc<LivePolicy>,
+    warnings: String,
+    mcp: Vec<McpService>,
+    mail: Option<MailService>,
+    fs: Option<FsService>,
+    audit_path: PathBuf,
+    key_path: PathBuf,
+    ws: Option<PathBuf>,
+}
+
+/// The first half of [`open_gate_with`]: everything that can refuse the settings
+/// (policy, workspace, services, where the log and key go), without the audit log.
+pub fn prepare_gate(
+    cfg: &GateConfig,
+    budget: Option<Arc<CallBudget>>,
+) -> Result<PreparedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
     let workspace = cfg
@@ -148,114 +174,153 @@ pub fn open_gate_with(
         mcp.iter().flat_map(McpService::catalog_entries).collect(),
     )
     .map_err(|e| fail(e.exit_code(), e.to_string()))?;
-
-    let mut open = Map::new();
-    open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
-    open.insert("policy".into(), cfg.policy.display().to_string().into());
-    open.insert(
-        "policy_sha256".into(),
-        hex::encode(Sha256::digest(&policy_text)).into(),
-    );
-    open.insert(
-        "image_sha256".into(),
-        cfg.image_sha256.clone().map_or(Value::Null, Value::from),
-    );
-    open.insert("flags".into(), cfg.flags.clone());
-    let log = AuditLog::create_keyed(&audit_path, &key_path, &cfg.vm, cfg.audit_sync, open)
-        .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
-    log.set_budget(cfg.audit_budget);
-    let log = Arc::new(log);
-
-    // Every file the guest must never read, write, move or delete: the policy, its
-    // lists, its learned rules (even before they exist, so the guest cannot plant
-    // them), the audit log and its key.
-    let mut files = vec![
-        audit_path.clone(),
-        key_path,
-        cfg.policy.clone(),
-        learned_path(&cfg.policy),
-    ];
-    files.extend(live.current().files().iter().cloned());
-    files.extend(cfg.config.source.clone());
-    let mut protected = Vec::new();
-    for f in &files {
-        protected.push(f.clone());
-        // The same file as the guest would name it, when it lies in the workspace.
-        if let Some(rel) = ws
-            .as_ref()
-            .and_then(|ws| resolve(f).strip_prefix(ws).ok().map(PathBuf::from))
-        {
-            protected.push(PathBuf::from(GUEST_ROOT).join(rel));
-        }
-    }
-    live.protect(&protected)
-        .map_err(|d| fail(exit::BAD_POLICY, format!("invalid policy:\n{d}")))?;
-
-    let mut services = Services::new();
-    if let Some(mut svc) = fs {
-        svc.set_max_write_bytes(cfg.max_write_bytes);
-        for f in &files {
-            svc.protect(f);
-        }
-        services.add(Box::new(svc));
-    }
-    if let Some(m) = mail {
-        services.add(Box::new(m));
-    }
-    // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
-    // the http service's redirect hops included.
-    let budget = budget.filter(|b| b.is_limited());
-    let net_budget = budget.clone();
-    // The model's budget ([llm.budget]) is spent by the llm service and enforced
-    // here, as a denial like any other.
-    let llm_budget = LlmBudget::new(cfg.config.llm_service.budget.clone());
-    let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
-        let d: Box<dyn Decider> = Box::new(LlmBudgeted::new(d, Arc::clone(&llm_budget)));
-        match &budget {
-            Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
-            None => d,
-        }
-    };
-    // The http service has each redirect hop decided by the same live policy.
-    let decider: Arc<dyn Decider> = Arc::from(budgeted(Box::new(LiveDecider(Arc::clone(&live)))));
-    let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
-    let http =
-        HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
-    services.add(Box::new(http));
-    // One service for the tool and the proxy's model route: one set of keys, one budget.
-    let mut llm = None;
-    if !cfg.config.llm_service.providers.is_empty() {
-        let svc = Arc::new(
-            LlmService::new(
-                &cfg.config.llm_service,
-                Arc::clone(&llm_budget),
-                Some(Arc::clone(&log)),
-            )
-            .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?,
-        );
-        services.add(Box::new(Arc::clone(&svc)));
-        llm = Some(svc);
-    }
-    for svc in mcp {
-        services.add(Box::new(svc));
-    }
-    let gate = Arc::new(Gate::new(
-        budgeted(Box::new(LiveDecider(Arc::clone(&live)))),
-        services,
-        Arc::clone(&log),
-        cfg.limits,
-    ));
-    let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget, llm)
-        .map_err(|e| fail(exit::VMM_ERROR, e))?;
-    Ok(OpenedGate {
-        gate,
-        net,
-        llm_budget,
-        audit: log,
-        audit_path,
+    Ok(PreparedGate {
+        cfg: cfg.clone(),
+        budget,
+        policy_text,
         live,
         warnings,
+        mcp,
+        mail,
+        fs,
+        audit_path,
+        key_path,
+        ws,
     })
+}
+
+impl PreparedGate {
+    /// The audit log path the gate will write.
+    pub fn audit_path(&self) -> &Path {
+        &self.audit_path
+    }
+
+    /// The second half: creates the audit log and its key with the `open` record
+    /// (which names `image_sha256`), protects the gate's files and builds the gate.
+    pub fn open(self, image_sha256: Option<String>) -> Result<OpenedGate, SetupError> {
+        let PreparedGate {
+            cfg,
+            budget,
+            policy_text,
+            live,
+            warnings,
+            mcp,
+            mail,
+            fs,
+            audit_path,
+            key_path,
+            ws,
+        } = self;
+        let cfg = &cfg;
+        let mut open = Map::new();
+        open.insert("ironvmm".into(), env!("CARGO_PKG_VERSION").into());
+        open.insert("policy".into(), cfg.policy.display().to_string().into());
+        open.insert(
+            "policy_sha256".into(),
+            hex::encode(Sha256::digest(&policy_text)).into(),
+        );
+        open.insert(
+            "image_sha256".into(),
+            image_sha256.map_or(Value::Null, Value::from),
+        );
+        open.insert("flags".into(), cfg.flags.clone());
+        let log = AuditLog::create_keyed(&audit_path, &key_path, &cfg.vm, cfg.audit_sync, open)
+            .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
+        log.set_budget(cfg.audit_budget);
+        let log = Arc::new(log);
+
+        // Every file the guest must never read, write, move or delete: the policy, its
+        // lists, its learned rules (even before they exist, so the guest cannot plant
+        // them), the audit log and its key.
+        let mut files = vec![
+            audit_path.clone(),
+            key_path,
+            cfg.policy.clone(),
+            learned_path(&cfg.policy),
+        ];
+        files.extend(live.current().files().iter().cloned());
+        files.extend(cfg.config.source.clone());
+        let mut protected = Vec::new();
+        for f in &files {
+            protected.push(f.clone());
+            // The same file as the guest would name it, when it lies in the workspace.
+            if let Some(rel) = ws
+                .as_ref()
+                .and_then(|ws| resolve(f).strip_prefix(ws).ok().map(PathBuf::from))
+            {
+                protected.push(PathBuf::from(GUEST_ROOT).join(rel));
+            }
+        }
+        live.protect(&protected)
+            .map_err(|d| fail(exit::BAD_POLICY, format!("invalid policy:\n{d}")))?;
+
+        let mut services = Services::new();
+        if let Some(mut svc) = fs {
+            svc.set_max_write_bytes(cfg.max_write_bytes);
+            for f in &files {
+                svc.protect(f);
+            }
+            services.add(Box::new(svc));
+        }
+        if let Some(m) = mail {
+            services.add(Box::new(m));
+        }
+        // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
+        // the http service's redirect hops included.
+        let budget = budget.filter(|b| b.is_limited());
+        let net_budget = budget.clone();
+        // The model's budget ([llm.budget]) is spent by the llm service and enforced
+        // here, as a denial like any other.
+        let llm_budget = LlmBudget::new(cfg.config.llm_service.budget.clone());
+        let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
+            let d: Box<dyn Decider> = Box::new(LlmBudgeted::new(d, Arc::clone(&llm_budget)));
+            match &budget {
+                Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
+                None => d,
+            }
+        };
+        // The http service has each redirect hop decided by the same live policy.
+        let decider: Arc<dyn Decider> =
+            Arc::from(budgeted(Box::new(LiveDecider(Arc::clone(&live)))));
+        let hops = Arc::new(GateDecide::new(decider, Arc::clone(&log)));
+        let http =
+            HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
+        services.add(Box::new(http));
+        // One service for the tool and the proxy's model route: one set of keys, one budget.
+        let mut llm = None;
+        if !cfg.config.llm_service.providers.is_empty() {
+            let svc = Arc::new(
+                LlmService::new(
+                    &cfg.config.llm_service,
+                    Arc::clone(&llm_budget),
+                    Some(Arc::clone(&log)),
+                )
+                .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?,
+            );
+            services.add(Box::new(Arc::clone(&svc)));
+            llm = Some(svc);
+        }
+        for svc in mcp {
+            services.add(Box::new(svc));
+        }
+        let gate = Arc::new(Gate::new(
+            budgeted(Box::new(LiveDecider(Arc::clone(&live)))),
+            services,
+            Arc::clone(&log),
+            cfg.limits,
+        ));
+        let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget, llm)
+            .map_err(|e| fail(exit::VMM_ERROR, e))?;
+        Ok(OpenedGate {
+            gate,
+            net,
+            llm_budget,
+            audit: log,
+            audit_path,
+            live,
+            warnings,
+        })
+    }
 }
 
 /// `p.rules.learned` beside `p.rules`: where learned rules live.

@@ -38,6 +38,8 @@ pub fn run(
     add(stop_evt.as_raw_fd(), STOP_TOKEN)?;
 
     let mut events = vec![EpollEvent::default(); queue_evts.len() + 2];
+    // Our own re-arming writes, not counted as the guest's notifies.
+    let mut rearmed = vec![0u64; queue_evts.len()];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -51,11 +53,15 @@ pub fn run(
                 q => {
                     let q = q as usize;
                     // Reading resets the counter; several kicks become one pass.
-                    let _ = queue_evts[q].read();
-                    if lock(&device).handle_queue_event(q) {
+                    let kicks = queue_evts[q].read().unwrap_or(0);
+                    let mut dev = lock(&device);
+                    dev.count_notifies(kicks.saturating_sub(std::mem::take(&mut rearmed[q])));
+                    if dev.handle_queue_event(q) {
                         // Work left past the per-pass bound: come back to it after
                         // the other events, rather than hold the thread.
-                        let _ = queue_evts[q].write(1);
+                        if queue_evts[q].write(1).is_ok() {
+                            rearmed[q] = 1;
+                        }
                     }
                 }
             }

@@ -196,6 +196,9 @@ pub struct VsockStats {
     pub bad_chains: u64,
     /// Interrupts raised for used buffers (EVENT_IDX suppresses the needless ones).
     pub interrupts: u64,
+    /// QueueNotify writes by the guest (ioeventfd counts, several per wake-up when
+    /// they coalesce); EVENT_IDX lets the guest skip the needless ones.
+    pub guest_notifies: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -280,6 +283,12 @@ impl VsockDevice {
             // We never send events (they exist for migration), so there is nothing to do.
             _ => false,
         }
+    }
+
+    /// The guest wrote QueueNotify `kicks` times since the last count (the
+    /// ioeventfd's counter, read by the device thread).
+    pub fn count_notifies(&mut self, kicks: u64) {
+        self.muxer.stats.guest_notifies = self.muxer.stats.guest_notifies.saturating_add(kicks);
     }
 
     /// Length of the muxer's rx queue, for tests (at most the connection count).
