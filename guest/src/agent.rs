@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::proxy::PROXY_URL;
+
 /// The agent's command line, environment and working directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentSpec {
@@ -13,6 +15,8 @@ pub struct AgentSpec {
     /// The complete environment, defaults included, sorted by name.
     pub env: BTreeMap<String, String>,
     pub cwd: String,
+    /// The manifest's `proxy`: ironinit starts `iron proxy` before the agent.
+    pub proxy: bool,
 }
 
 /// PATH as busybox's applet links are laid out.
@@ -45,7 +49,18 @@ pub fn parse_agent(manifest: &[u8], term: Option<&str>) -> Result<AgentSpec, Str
     if cmd.iter().any(|a| a.contains('\0')) {
         return Err("\"agent.cmd\" contains a NUL byte".into());
     }
+    let proxy = match v.get("proxy") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(format!("\"proxy\" is not true or false: {other}")),
+    };
     let mut env = BTreeMap::new();
+    if proxy {
+        // Both spellings: curl reads the lower-case ones, many tools the upper.
+        for k in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.insert(k.to_string(), PROXY_URL.to_string());
+        }
+    }
     env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
     env.insert("HOME".to_string(), "/root".to_string());
     env.insert("TERM".to_string(), term.unwrap_or("linux").to_string());
@@ -69,7 +84,12 @@ pub fn parse_agent(manifest: &[u8], term: Option<&str>) -> Result<AgentSpec, Str
         Some(Value::String(s)) if s.starts_with('/') && !s.contains('\0') => s.clone(),
         Some(other) => return Err(format!("\"agent.cwd\" is not an absolute path: {other}")),
     };
-    Ok(AgentSpec { cmd, env, cwd })
+    Ok(AgentSpec {
+        cmd,
+        env,
+        cwd,
+        proxy,
+    })
 }
 
 #[cfg(test)]
@@ -99,8 +119,24 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_sets_the_proxy_variables_unless_agent_env_does() {
+        let m = br#"{"format":1,"agent":{"cmd":["true"],"env":{"https_proxy":"x"}},"proxy":true}"#;
+        let a = parse_agent(m, None).unwrap();
+        assert!(a.proxy);
+        assert_eq!(a.env["HTTP_PROXY"], PROXY_URL);
+        assert_eq!(a.env["http_proxy"], PROXY_URL);
+        assert_eq!(a.env["https_proxy"], "x");
+        let a = parse_agent(br#"{"format":1,"agent":{"cmd":["true"]}}"#, None).unwrap();
+        assert!(!a.proxy && !a.env.contains_key("HTTP_PROXY"));
+    }
+
+    #[test]
     fn bad_manifests_name_the_problem() {
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
+            (
+                br#"{"format":1,"agent":{"cmd":["x"]},"proxy":"yes"}"#,
+                "proxy",
+            ),
             (b"not json", "not JSON"),
             (br#"{"format":2,"agent":{"cmd":["x"]}}"#, "format"),
             (br#"{"format":1}"#, "no \"agent\""),

@@ -580,7 +580,7 @@ fn config_file_configures_the_services_and_unknown_keys_are_named() {
     names.sort();
     assert_eq!(names, ["mail.list", "mail.read"]);
     let list = &r[1]["result"]["structuredContent"];
-    assert_eq!(list["total"], 2, "{}", r[1]);
+    assert_eq!(list["total"], 4, "{}", r[1]);
     assert!(list["messages"]
         .as_array()
         .unwrap()

@@ -49,9 +49,22 @@ fn run_agent(dir: &Path, script: &str) -> (Output, String, String) {
 fn run_agent_watching(
     dir: &Path,
     script: &str,
+    watch: impl FnMut(&str, u32),
+) -> (Output, String, String) {
+    run_agent_with(dir, script, POLICY, &[], &[], watch)
+}
+
+/// As `run_agent_watching`, under `policy`, with more `image build` and `boot`
+/// arguments.
+fn run_agent_with(
+    dir: &Path,
+    script: &str,
+    policy: &str,
+    image_args: &[String],
+    boot_args: &[String],
     mut watch: impl FnMut(&str, u32),
 ) -> (Output, String, String) {
-    std::fs::write(dir.join("p.rules"), POLICY).unwrap();
+    std::fs::write(dir.join("p.rules"), policy).unwrap();
     std::fs::write(dir.join("agent.sh"), script).unwrap();
     let img = dir.join("agent.img");
     let o = Command::new(ironvmm())
@@ -60,6 +73,7 @@ fn run_agent_watching(
         .arg("--add")
         .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
         .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .args(image_args)
         .arg("-o")
         .arg(&img)
         .output()
@@ -78,6 +92,7 @@ fn run_agent_watching(
         .arg("--audit")
         .arg(dir.join("audit.jsonl"))
         .args(["--audit-sync", "batch", "--timeout", "600s"])
+        .args(boot_args)
         .arg(&img)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -534,4 +549,128 @@ sleep 30
     assert_eq!(junit.matches("<failure ").count(), 3, "{junit}");
     let md = std::fs::read_to_string(dir.join("s.md")).unwrap();
     assert!(md.contains("--max-calls 4 reached"), "{md}");
+}
+
+/// Network egress from inside the guest: busybox `wget` through `iron proxy`
+/// (which ironinit starts for an image built with `--proxy`) to an HTTP server on
+/// this host's loopback. Each request is decided on the host as `net.http`: the
+/// allowed page arrives, the denied one is a 403 that never reaches the server.
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
+    use std::io::Write as _;
+    use std::sync::{Arc, Mutex};
+    let dir = scratch("net");
+    loopback_up();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            s.lock().unwrap().push(line.trim_end().to_string());
+            let body = "net says hello\n";
+            let mut out = stream;
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    std::fs::write(
+        dir.path().join("ironvmm.toml"),
+        "[net]\nallow_addresses = [\"127.0.0.1/32\"]\n",
+    )
+    .unwrap();
+    // The page is plain HTTP: the bundle --proxy copies in is not used here.
+    std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+    let policy = "version 1\nallow net.http when url matches \"http://127.0.0.1:*/allowed/*\" \"the test pages\"\ndefault deny\n";
+    let script = format!(
+        "echo \"proxy=$http_proxy\"\n\
+         wget -q -O - http://127.0.0.1:{port}/allowed/page; echo \"allowed-exit=$?\"\n\
+         wget -q -O - http://127.0.0.1:{port}/denied/page; echo \"denied-exit=$?\"\n"
+    );
+    let image_args = [
+        "--proxy".to_string(),
+        "--ca-bundle".to_string(),
+        dir.path().join("ca.pem").display().to_string(),
+    ];
+    let boot_args = [
+        "--config".to_string(),
+        dir.path().join("ironvmm.toml").display().to_string(),
+    ];
+    let (o, out, err) = run_agent_with(
+        dir.path(),
+        &script,
+        policy,
+        &image_args,
+        &boot_args,
+        |_, _| {},
+    );
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let recs = audit_records(dir.path());
+    let log: Vec<String> = recs.iter().skip(1).map(|r| r.to_string()).collect();
+    let out = format!("{out}\naudit:\n{}", log.join("\n"));
+    assert!(out.contains("proxy=http://127.0.0.1:3128"), "{out}");
+    assert!(out.contains("net says hello"), "{out}");
+    assert!(out.contains("allowed-exit=0"), "{out}");
+    assert!(out.contains("denied-exit=1"), "{out}");
+    assert!(out.contains("403"), "{out}");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /allowed/page HTTP/1.1".to_string()],
+        "the server saw only the allowed request"
+    );
+    let net: Vec<_> = recs.iter().filter(|r| r["tool"] == "net.http").collect();
+    assert_eq!(net.len(), 2, "{net:?}");
+    assert_eq!(
+        net[0]["args"]["url"],
+        format!("http://127.0.0.1:{port}/allowed/page")
+    );
+    assert_eq!(
+        (net[0]["decision"].as_str(), net[0]["rule"].as_u64()),
+        (Some("allow"), Some(2))
+    );
+    assert_eq!(
+        net[1]["args"]["url"],
+        format!("http://127.0.0.1:{port}/denied/page")
+    );
+    assert_eq!(net[1]["decision"], "deny");
+    let outcome = recs
+        .iter()
+        .find(|r| r["kind"] == "outcome" && r["decision_seq"] == net[0]["seq"])
+        .expect("the allowed request's outcome");
+    assert_eq!(outcome["status"], "ok");
+}
+
+/// Brings `lo` up: the software KVM host's Linux starts with it down, and the
+/// test's server listens there. Natively it is up already (and this, unprivileged,
+/// changes nothing).
+fn loopback_up() {
+    // SAFETY: socket, ioctl and close on a descriptor owned here; ifreq is plain data.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        libc::close(fd);
+    }
 }

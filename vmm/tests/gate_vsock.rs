@@ -1,6 +1,6 @@
 //! The gate behind the real vsock device, driven by the miniature guest driver of
-//! the vsock tests: port 1 is the gate, other ports are refused, large replies flow
-//! through many rx buffers.
+//! the vsock tests: port 1 is the gate, port 2 network egress when served, other
+//! ports are refused, large replies flow through many rx buffers.
 
 mod gate_common;
 mod vsock_common;
@@ -83,6 +83,7 @@ fn port_1_is_the_gate_and_other_ports_are_refused() {
     assert_eq!(rec(1)["decision"], "allow");
     assert_eq!(rec(2)["decision"], "deny");
 
+    // Port 2 (network egress) is served only for an image with the proxy.
     g.post_rx(1, 4096, &Layout::Joined);
     g.connect(1001, 2);
     assert_eq!(ops(&g.recv()), vec![op::RST]);
@@ -306,4 +307,57 @@ fn a_table_full_of_half_frames_still_serves_a_new_connection() {
     let pkts = g.recv();
     assert_eq!(ops(&pkts), vec![op::RST, op::RESPONSE], "{pkts:?}");
     assert_eq!(pkts[0].0.dst_port, 2002);
+}
+
+/// Port 2 is network egress once the VM's ports serve it: bytes reach the relay
+/// through the real device, the policy's answer comes back, and the stream ends
+/// with a SHUTDOWN (an end of stream for the guest), not a reset.
+#[test]
+fn port_2_relays_to_the_net_service_and_ends_cleanly() {
+    use ironvmm::config::NetConfig;
+    use ironvmm::services::net::NetService;
+    let fx = Fixture::new();
+    let net = NetService::new(fx.gate.clone(), &NetConfig::default(), None).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let listener = GatePorts::new(fx.gate.clone()).with_net(net);
+    let mut g = Guest::with_listener(
+        VsockConfig::default(),
+        mem,
+        Log::default(),
+        Box::new(listener),
+    );
+    g.init(F_VERSION_1 | F_EVENT_IDX);
+    g.post_rx(1, 4096, &Layout::Joined);
+    g.connect(1000, 2);
+    assert_eq!(ops(&g.recv()), vec![op::RESPONSE]);
+    g.write(
+        1000,
+        2,
+        b"GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        &Layout::Joined,
+    );
+    let mut got = Vec::new();
+    let mut seen_ops = Vec::new();
+    for _ in 0..1_000 {
+        if seen_ops.contains(&op::SHUTDOWN) {
+            break;
+        }
+        g.post_rx(8, 4096, &Layout::Joined);
+        g.kick(RX_QUEUE);
+        let pkts = g.recv();
+        if pkts.is_empty() {
+            g.wait_wake(std::time::Duration::from_secs(5));
+        }
+        got.extend(rw_payload(&pkts, 1000));
+        seen_ops.extend(ops(&pkts));
+    }
+    let text = String::from_utf8_lossy(&got);
+    // This gate's policy has no net rule: the default denies, and says so.
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(seen_ops.contains(&op::SHUTDOWN), "{seen_ops:?}");
+    assert!(!seen_ops.contains(&op::RST), "{seen_ops:?}");
+    let recs = fx.records();
+    let d = recs.iter().find(|r| r["tool"] == "net.http").unwrap();
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["args"]["url"], "http://example.com/x");
 }

@@ -2,10 +2,12 @@
 //!
 //!   iron call [--json] TOOL [JSON|-]   one tools/call; exit 0 ok, 3 denied, 4 error, 5 unreachable
 //!   iron list                          the tools the policy could allow
+//!   iron agent [--model M] TASK...     a tool-using agent; its model is llm.chat
 //!   iron mcp                           an MCP stdio server relaying to the gate
 //!   iron bench [-n N] [-c C] [--tool T --args JSON]
 //!   iron send [--port P] [--no-read SECS]   raw bytes, for testing the gate itself
 //!   iron poke-status [ROUNDS]          junk on the status port, for testing the VMM
+//!   iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]   the HTTP proxy relay
 //!
 //! It connects to vsock CID 2 port 1, or to `$IRON_GATE` (`unix:PATH`,
 //! `vsock:PORT`, `vsock:CID:PORT`).
@@ -16,17 +18,25 @@ use std::process::ExitCode;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use ironvmm_guest::agent_loop;
 use ironvmm_guest::conn::GateAddr;
 use ironvmm_guest::rpc::{
     read_line_limited, tool_output, CallError, Client, EXIT_ERROR, EXIT_OK, EXIT_UNREACHABLE,
     MAX_LINE,
 };
 use ironvmm_guest::stats::summarize;
+use ironvmm_guest::{HOST_CID, NET_PORT};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage:
   iron call [--json] TOOL [JSON|-]   call a tool (JSON arguments, '-' reads them from stdin)
   iron list                          list the tools the policy could allow
+  iron agent [--model M] [--provider P] [--max-steps N] [--max-denials N]
+             [--max-tokens N] [--system TEXT] TASK...
+                                     a tool-using agent: every model turn is an llm.chat
+                                     call, every tool call is decided; prints its transcript
+                                     (model: $IRON_AGENT_MODEL; exit 0 done, 3 stopped by
+                                     denials or the model budget, 4 error, 5 no gate)
   iron mcp                           MCP stdio server relaying to the gate
   iron bench [-n N] [-c C] [--tool T --args JSON]
                                      N calls over C connections (default: 1000 pings on 1)
@@ -35,6 +45,10 @@ const USAGE: &str = "usage:
                                      (for testing the gate's framing; --no-read holds the
                                      connection open without reading for SECS)
   iron poke-status [ROUNDS]          junk on the status port (for testing the VMM; root)
+  iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]
+                                     relay TCP connections (default 127.0.0.1:3128) to the
+                                     host's network egress port (vsock CID 2 port 2); the
+                                     host decides every request. ironinit starts it
 The gate is vsock CID 2 port 1, or $IRON_GATE (unix:PATH | vsock:PORT | vsock:CID:PORT).
 Exit codes: 0 ok, 3 denied, 4 tool or protocol error (and bad usage), 5 gate unreachable.";
 
@@ -56,10 +70,12 @@ fn main() -> ExitCode {
     match sub.as_str() {
         "call" => call(&addr, rest),
         "list" => list(&addr),
+        "agent" => agent(&addr, rest),
         "mcp" => mcp(&addr),
         "bench" => bench(&addr, rest),
         "send" => send(&addr, rest),
         "poke-status" => poke_status(rest),
+        "proxy" => proxy(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -136,6 +152,24 @@ fn print_text(text: &str) {
         let _ = out.write_all(b"\n");
     }
     let _ = out.flush();
+}
+
+fn agent(addr: &GateAddr, args: &[String]) -> ExitCode {
+    let opts = match agent_loop::parse_args(args, &|k| std::env::var(k).ok()) {
+        Ok(o) => o,
+        Err(e) => return usage_error(&format!("agent: {e}")),
+    };
+    let mut client = match connect(addr) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let ending = agent_loop::run(&mut client, &opts, &mut io::stdout().lock());
+    match &ending {
+        agent_loop::Ending::Done(_) => {}
+        agent_loop::Ending::Error(e) => eprintln!("iron agent: {e}"),
+        other => eprintln!("iron agent: {other}"),
+    }
+    ExitCode::from(ending.exit_code())
 }
 
 fn list(addr: &GateAddr) -> ExitCode {
@@ -492,4 +526,50 @@ fn poke_status(args: &[String]) -> ExitCode {
     }
     println!("{accesses}");
     ExitCode::SUCCESS
+}
+
+/// Relays TCP connections to the host's port 2 until killed.
+fn proxy(args: &[String]) -> ExitCode {
+    let mut listen = ironvmm_guest::proxy::LISTEN.to_string();
+    let mut fd: Option<i32> = None;
+    let mut to = GateAddr::Vsock {
+        cid: HOST_CID,
+        port: NET_PORT,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--listen", Some(v)) => listen = v.clone(),
+            ("--listen-fd", Some(v)) => match v.parse() {
+                Ok(n) if n > 2 => fd = Some(n),
+                _ => return usage_error("--listen-fd needs a descriptor number above 2"),
+            },
+            ("--to", Some(v)) => match GateAddr::parse(v) {
+                Ok(t) => to = t,
+                Err(e) => return usage_error(&e),
+            },
+            (other, _) => {
+                return usage_error(&format!("proxy: {other:?} needs a value or is unknown"))
+            }
+        }
+    }
+    let listener = match fd {
+        // SAFETY: ironinit passes a listening socket it opened for us and no
+        // longer uses; nothing else in this process owns the descriptor.
+        Some(fd) => unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        None => match std::net::TcpListener::bind(&listen) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("iron proxy: cannot listen on {listen}: {e}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        },
+    };
+    match ironvmm_guest::proxy::serve(listener, to) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("iron proxy: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }

@@ -108,6 +108,9 @@ fn run(port: &StatusPort, console: &mut Option<OwnedFd>) -> Result<u8, String> {
     let spec =
         parse_agent(&manifest, term.as_deref()).map_err(|e| format!("{MANIFEST_PATH}: {e}"))?;
 
+    if spec.proxy {
+        start_proxy();
+    }
     block_signals()?;
     let agent = spawn_agent(&spec)?;
     port.write(STATUS_AGENT_STARTED);
@@ -288,6 +291,48 @@ fn loopback_up() {
             libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
         }
         libc::close(fd);
+    }
+}
+
+/// Starts `iron proxy` on a listening socket opened here, so the agent never
+/// races its start. Without it the agent runs all the same (with no egress).
+fn start_proxy() {
+    let listener = match std::net::TcpListener::bind(ironvmm_guest::proxy::LISTEN) {
+        Ok(l) => l,
+        Err(e) => {
+            say(&format!(
+                "ironinit: warning: the proxy cannot listen on {}: {e}",
+                ironvmm_guest::proxy::LISTEN
+            ));
+            return;
+        }
+    };
+    // dup(2) leaves close-on-exec off: the copy is the one the proxy inherits.
+    // SAFETY: dup on a descriptor this function owns.
+    let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+    if fd < 0 {
+        say(&format!(
+            "ironinit: warning: the proxy is not started: dup: {}",
+            io::Error::last_os_error()
+        ));
+        return;
+    }
+    let started = Command::new("/bin/iron")
+        .args(["proxy", "--listen-fd", &fd.to_string()])
+        .stdin(std::process::Stdio::null())
+        .env_clear()
+        .env("PATH", ironvmm_guest::agent::DEFAULT_PATH)
+        .spawn();
+    // SAFETY: closes the copy this process no longer needs (the child has its own).
+    unsafe { libc::close(fd) };
+    match started {
+        Ok(child) if debug_enabled() => say(&format!(
+            "ironinit: iron proxy started as pid {} on {}",
+            child.id(),
+            ironvmm_guest::proxy::LISTEN
+        )),
+        Ok(_) => {}
+        Err(e) => say(&format!("ironinit: warning: cannot start iron proxy: {e}")),
     }
 }
 

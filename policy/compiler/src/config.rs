@@ -405,6 +405,9 @@ const LLM_KEYS: &[&str] = &[
     "temperature",
     "send_temperature",
     "structured_output",
+    // The llm.chat service's tables (the gate's configuration reads them).
+    "providers",
+    "budget",
 ];
 const COMPILE_KEYS: &[&str] = &["catalog", "max_repairs", "max_rounds", "cache_dir"];
 

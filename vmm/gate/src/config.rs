@@ -2,8 +2,9 @@
 //!
 //! The file is checked against the known keys before anything is read, so a typo
 //! is an error that names the key and suggests the nearest known one, instead of a
-//! setting silently ignored. `[llm]`, `[lists]` and `[compile]` belong to the policy
-//! compiler, which reads and checks them itself; here they are only known tables.
+//! setting silently ignored. `[lists]`, `[compile]` and the top of `[llm]` belong to
+//! the policy compiler, which reads and checks them itself. `[[llm.providers]]` and
+//! `[llm.budget]` configure the `llm.chat` service and are checked here.
 //! Secrets never appear in the file: it names the environment variables that hold
 //! them (`value_env`, `password_env`), so it can be committed.
 
@@ -65,6 +66,9 @@ pub struct Config {
     pub lists: Option<toml::Table>,
     #[serde(default)]
     pub compile: Option<toml::Table>,
+    /// `[[llm.providers]]` and `[llm.budget]`: the `llm.chat` service.
+    #[serde(skip)]
+    pub llm_service: LlmServiceConfig,
     /// The file it was loaded from (None: no `--config`).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -214,12 +218,35 @@ pub struct HttpSecret {
     pub prefix: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Address ranges the SSRF guard lets through for `net.*`.
     #[serde(default)]
     pub allow_addresses: Vec<String>,
+    /// Seconds without a byte either way that end an exchange or a tunnel.
+    #[serde(default = "default_net_timeout")]
+    pub timeout_secs: u64,
+    /// Guest connections to the proxy port served at once.
+    #[serde(default = "default_net_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            allow_addresses: Vec::new(),
+            timeout_secs: default_net_timeout(),
+            max_connections: default_net_connections(),
+        }
+    }
+}
+
+fn default_net_timeout() -> u64 {
+    60
+}
+fn default_net_connections() -> usize {
+    32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +263,51 @@ pub struct McpServerConfig {
     /// `"tool.argument" = "path"`: roles of the server's arguments.
     #[serde(default)]
     pub roles: BTreeMap<String, String>,
+}
+
+/// The `llm.chat` service: the providers the host calls, and the run's budget.
+#[derive(Debug, Clone, Default)]
+pub struct LlmServiceConfig {
+    pub providers: Vec<LlmProviderConfig>,
+    pub budget: LlmBudgetConfig,
+}
+
+/// One OpenAI-compatible endpoint (`POST {base_url}/chat/completions`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmProviderConfig {
+    /// What `llm.chat`'s `provider` names (the first provider is the default).
+    pub name: String,
+    /// e.g. `https://api.openai.com/v1`; plain http only for an allowed loopback host.
+    pub base_url: String,
+    /// The environment variable holding the key; none: no Authorization header.
+    pub api_key_env: Option<String>,
+    /// Lets the SSRF guard through to loopback (a test server, Ollama).
+    #[serde(default)]
+    pub allow_loopback: bool,
+    #[serde(default = "default_llm_timeout")]
+    pub timeout_secs: u64,
+    /// Prices in US dollars per million tokens, for the cost budget.
+    pub input_usd_per_mtok: Option<f64>,
+    pub output_usd_per_mtok: Option<f64>,
+}
+
+fn default_llm_timeout() -> u64 {
+    120
+}
+
+/// Limits of one run (one VM, one `ironvmm gate`) on `llm.chat`; none is set by default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmBudgetConfig {
+    /// Tokens, prompt and completion together, over all calls.
+    pub tokens: Option<u64>,
+    /// Model calls.
+    pub steps: Option<u64>,
+    /// Seconds since the gate started, after which no model call is made.
+    pub wall_secs: Option<u64>,
+    /// US dollars, from the providers' prices.
+    pub cost_usd: Option<f64>,
 }
 
 /// The shape of the file, for the key check.
@@ -295,11 +367,31 @@ const MCP: &[(&str, Shape)] = &[
     ("timeout_secs", Shape::Value),
     ("roles", Shape::Opaque),
 ];
+const NET: &[(&str, Shape)] = &[
+    ("allow_addresses", Shape::Value),
+    ("timeout_secs", Shape::Value),
+    ("max_connections", Shape::Value),
+];
+const LLM_PROVIDER: &[(&str, Shape)] = &[
+    ("name", Shape::Value),
+    ("base_url", Shape::Value),
+    ("api_key_env", Shape::Value),
+    ("allow_loopback", Shape::Value),
+    ("timeout_secs", Shape::Value),
+    ("input_usd_per_mtok", Shape::Value),
+    ("output_usd_per_mtok", Shape::Value),
+];
+const LLM_BUDGET: &[(&str, Shape)] = &[
+    ("tokens", Shape::Value),
+    ("steps", Shape::Value),
+    ("wall_secs", Shape::Value),
+    ("cost_usd", Shape::Value),
+];
 const TOP: &[(&str, Shape)] = &[
     ("workspace", Shape::Table(&[("dir", Shape::Value)])),
     ("mail", Shape::Table(MAIL)),
     ("http", Shape::Table(HTTP)),
-    ("net", Shape::Table(&[("allow_addresses", Shape::Value)])),
+    ("net", Shape::Table(NET)),
     ("mcp", Shape::TableArray(MCP)),
     ("llm", Shape::Opaque),
     ("lists", Shape::Opaque),
@@ -347,12 +439,15 @@ impl Config {
             message: e.message().to_string(),
         })?;
         check_keys(&table, TOP, "", path)?;
-        let cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: e.message().to_string(),
-            })?;
+        let llm_service = llm_service(table.get("llm"), path)?;
+        let mut cfg: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: e.message().to_string(),
+                })?;
+        cfg.llm_service = llm_service;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -397,6 +492,7 @@ impl Config {
                 )));
             }
         }
+        self.validate_llm().map_err(bad)?;
         let mut names = std::collections::BTreeSet::new();
         for (i, m) in self.mcp.iter().enumerate() {
             if !m
@@ -417,6 +513,72 @@ impl Config {
         Ok(())
     }
 
+    fn validate_llm(&self) -> Result<(), String> {
+        let l = &self.llm_service;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in l.providers.iter().enumerate() {
+            let at = format!("llm.providers[{i}]");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err(format!(
+                    "{at}.name `{}`: expected lowercase [a-z0-9_-]",
+                    p.name
+                ));
+            }
+            if !names.insert(&p.name) {
+                return Err(format!("{at}.name `{}` is used twice", p.name));
+            }
+            let u = url::Url::parse(&p.base_url)
+                .map_err(|e| format!("{at}.base_url `{}`: {e}", p.base_url))?;
+            let host = u.host_str().unwrap_or_default();
+            let loopback_host = matches!(host, "localhost" | "[::1]")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            match u.scheme() {
+                "https" => {}
+                // The key must not cross a network in the clear.
+                "http" if loopback_host && p.allow_loopback => {}
+                "http" => {
+                    return Err(format!(
+                        "{at}.base_url `{}`: plain http only to a loopback host with allow_loopback = true",
+                        p.base_url
+                    ))
+                }
+                s => return Err(format!("{at}.base_url: scheme `{s}` is not http(s)")),
+            }
+            if let Some(env) = &p.api_key_env {
+                if env.is_empty() {
+                    return Err(format!("{at}.api_key_env must not be empty"));
+                }
+            }
+            for (k, v) in [
+                ("input_usd_per_mtok", p.input_usd_per_mtok),
+                ("output_usd_per_mtok", p.output_usd_per_mtok),
+            ] {
+                if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(format!("{at}.{k} must be a price of 0 or more"));
+                }
+            }
+            if l.budget.cost_usd.is_some()
+                && (p.input_usd_per_mtok.is_none() || p.output_usd_per_mtok.is_none())
+            {
+                return Err(format!(
+                    "llm.budget.cost_usd needs input_usd_per_mtok and output_usd_per_mtok on {at} (`{}`)",
+                    p.name
+                ));
+            }
+        }
+        if l.budget.cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
+            return Err("llm.budget.cost_usd must be 0 or more".into());
+        }
+        Ok(())
+    }
+
     /// The SSRF guard's allowed ranges for `http` (checked by `parse`).
     pub fn http_allowed(&self) -> Vec<Cidr> {
         self.http
@@ -425,6 +587,40 @@ impl Config {
             .filter_map(|a| a.parse().ok())
             .collect()
     }
+}
+
+/// `[[llm.providers]]` and `[llm.budget]` out of the compiler's `[llm]` table.
+fn llm_service(llm: Option<&toml::Value>, path: &Path) -> Result<LlmServiceConfig, ConfigError> {
+    let mut out = LlmServiceConfig::default();
+    let Some(llm) = llm.and_then(toml::Value::as_table) else {
+        return Ok(out);
+    };
+    let invalid = |key: &str, e: toml::de::Error| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: format!("{key}: {}", e.message()),
+    };
+    let mut only = toml::Table::new();
+    for k in ["providers", "budget"] {
+        if let Some(v) = llm.get(k) {
+            only.insert(k.into(), v.clone());
+        }
+    }
+    check_keys(
+        &only,
+        &[
+            ("providers", Shape::TableArray(LLM_PROVIDER)),
+            ("budget", Shape::Table(LLM_BUDGET)),
+        ],
+        "llm",
+        path,
+    )?;
+    if let Some(v) = only.remove("providers") {
+        out.providers = v.try_into().map_err(|e| invalid("llm.providers", e))?;
+    }
+    if let Some(v) = only.remove("budget") {
+        out.budget = v.try_into().map_err(|e| invalid("llm.budget", e))?;
+    }
+    Ok(out)
 }
 
 fn check_keys(
@@ -541,6 +737,28 @@ mod tests {
     }
 
     #[test]
+    fn llm_providers_and_budget_are_checked() {
+        let ok = "[llm]\nmodel = \"m\"\n[[llm.providers]]\nname = \"local\"\nbase_url = \"http://127.0.0.1:9/v1\"\nallow_loopback = true\n[llm.budget]\nsteps = 3\ntokens = 100\n";
+        let c = Config::parse(ok, Path::new("t.toml")).unwrap();
+        assert_eq!(c.llm_service.providers[0].name, "local");
+        assert_eq!(c.llm_service.budget.steps, Some(3));
+        let e =
+            err("[[llm.providers]]\nname = \"a\"\nbase_url = \"https://x\"\napi_keyenv = \"K\"\n");
+        assert!(
+            e.contains("llm.providers[0].api_keyenv") && e.contains("llm.providers[0].api_key_env"),
+            "{e}"
+        );
+        let e = err("[llm.budget]\nstep = 3\n");
+        assert!(e.contains("did you mean `llm.budget.steps`"), "{e}");
+        let e = err("[[llm.providers]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n");
+        assert!(e.contains("allow_loopback"), "{e}");
+        let e = err("[[llm.providers]]\nname = \"a\"\nbase_url = \"http://api.example.com/v1\"\nallow_loopback = true\n");
+        assert!(e.contains("plain http only"), "{e}");
+        let e = err("[[llm.providers]]\nname = \"a\"\nbase_url = \"https://x/v1\"\n[llm.budget]\ncost_usd = 1.0\n");
+        assert!(e.contains("needs input_usd_per_mtok"), "{e}");
+    }
+
+    #[test]
     fn the_example_file_loads() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/ironvmm.toml");
         let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
@@ -553,5 +771,21 @@ mod tests {
         assert_eq!(c.http.secret[0].host, "api.github.com");
         assert!(!c.http_allowed().is_empty());
         assert!(c.llm.is_some());
+        assert_eq!((c.net.timeout_secs, c.net.max_connections), (60, 32));
+    }
+
+    #[test]
+    fn net_keys_are_checked() {
+        let e = Config::parse(
+            "[net]
+timeout = 3
+",
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown key `net.timeout`"), "{e}");
+        let c = Config::parse("", Path::new("t.toml")).unwrap();
+        assert_eq!(c.net.timeout_secs, 60);
     }
 }

@@ -2,6 +2,8 @@
 //! mail sent to a real SMTP server on loopback (Python's aiosmtpd, started here).
 
 mod common;
+#[path = "smtp/mod.rs"]
+mod smtp;
 
 use std::fs;
 use std::io::Write;
@@ -13,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use common::{error_kind, is_denied, TestGate};
 use serde_json::{json, Value};
+use smtp::{received, smtp_server};
 
 const POLICY: &str = r#"version 1
 list contacts = file "contacts.vcf"
@@ -185,67 +188,6 @@ fn move_delete_to_trash_and_purge() {
         .call("mail.read", json!({"id": "Trash/100.M1P1.test"}))
         .unwrap_err();
     assert_eq!(error_kind(&e), "not_found");
-}
-
-/// aiosmtpd delivering into a Maildir; None (and a printed reason) without it.
-struct SmtpServer {
-    child: Child,
-    port: u16,
-    inbox: PathBuf,
-}
-
-impl Drop for SmtpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn smtp_server(dir: &Path) -> Option<SmtpServer> {
-    // The first Python that has aiosmtpd: pip's (PATH) or Debian's python3-aiosmtpd.
-    let python = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
-        Command::new(py)
-            .args(["-c", "import aiosmtpd"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    let Some(python) = python else {
-        // Straight to stderr, past the test harness's capture, so the skip shows.
-        skip("python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd, or pip install aiosmtpd)");
-        return None;
-    };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let inbox = dir.join("smtp-received");
-    let child = Command::new(python)
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["-c", "aiosmtpd.handlers.Mailbox"])
-        .arg(&inbox)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = SmtpServer { child, port, inbox };
-    for _ in 0..300 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(server);
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!("aiosmtpd did not listen on port {port} within 30 s");
-}
-
-fn received(inbox: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(inbox.join("new")) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap())
-        .collect()
 }
 
 #[test]

@@ -14,7 +14,8 @@
 //!   sockets.
 //!
 //! No role may `execve`, `ptrace`, mount, load a BPF program, or change its
-//! credentials; only workers (the http and mail services) may open network sockets. A syscall outside the list kills the whole process
+//! credentials; only workers (the http and mail services) and the device threads
+//! (port 2's relays) may open network sockets. A syscall outside the list kills the whole process
 //! (SIGSYS), or, with `Setting::Log`, is allowed and logged by the kernel, to find a
 //! gap. Filters stack: a thread started by a filtered thread keeps its creator's
 //! filter and can only narrow it, so the main thread installs its own last, after
@@ -317,7 +318,9 @@ const UNIX_CONNECT: &[(i64, &str)] = sys!(SYS_connect);
 pub fn allowed(role: ThreadRole) -> Vec<(i64, &'static str)> {
     let parts: &[&[(i64, &str)]] = match role {
         ThreadRole::Vcpu => &[BASE],
-        ThreadRole::Device => &[BASE, FILES, EVENTS],
+        // The vsock thread starts port 2's relay threads (the net service), which
+        // inherit its filter and connect out: hence threads and network.
+        ThreadRole::Device => &[BASE, FILES, EVENTS, THREADS, NETWORK],
         ThreadRole::Worker => &[BASE, FILES, THREADS, NETWORK],
         ThreadRole::Main => &[BASE, FILES, EVENTS, UNIX_CONNECT],
         ThreadRole::Control => &[BASE, FILES, EVENTS, THREADS, CONNECTIONS, IDENTITY],
@@ -352,12 +355,17 @@ pub const PR_SET_NAME: u64 = 15;
 /// Syscalls allowed only with one argument (index) equal to one of the values.
 pub fn conditional(role: ThreadRole) -> Vec<(i64, u8, &'static [u64])> {
     const TERMINAL: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF];
+    const TERMINAL_AND_FIONBIO: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
     match role {
         ThreadRole::Vcpu => vec![
             (libc::SYS_ioctl, 1, &[KVM_RUN]),
             (libc::SYS_fcntl, 1, &[F_GETFD]),
         ],
-        ThreadRole::Device => vec![(libc::SYS_ioctl, 1, TERMINAL)],
+        ThreadRole::Device => vec![
+            (libc::SYS_ioctl, 1, TERMINAL_AND_FIONBIO),
+            (libc::SYS_socket, 0, NET_DOMAINS),
+            (libc::SYS_prctl, 0, &[PR_SET_NAME]),
+        ],
         // The control socket wakes its accept loop at exit by connecting to itself:
         // a Unix socket, never a network one.
         ThreadRole::Main => vec![

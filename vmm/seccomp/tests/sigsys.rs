@@ -82,7 +82,7 @@ fn child() {
             }
             "device-socket" => {
                 role_setting(ThreadRole::Device, Setting::On);
-                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
             }
             "control-socket" => {
                 role_setting(ThreadRole::Control, Setting::On);

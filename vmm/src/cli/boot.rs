@@ -213,6 +213,8 @@ struct Payload {
     cmdline: String,
     mem_mib: u64,
     cpus: u8,
+    /// The image runs the guest's HTTP proxy: port 2 is served.
+    proxy: bool,
 }
 
 fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
@@ -238,6 +240,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
             cmdline: a.cmdline.clone(),
             mem_mib: 128,
             cpus: 1,
+            proxy: false,
         });
     }
     let path = a
@@ -253,6 +256,7 @@ fn payload(a: &BootArgs) -> Result<Payload, (u8, String)> {
         cpus: u8::try_from(m.cpus).unwrap_or(u8::MAX),
         kernel: img.kernel().to_vec(),
         initrd: img.initramfs().to_vec(),
+        proxy: m.proxy,
     })
 }
 
@@ -456,8 +460,14 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     gate.set_approver(Arc::new(approvals.hub.clone()));
     let audit = opened.audit;
     // Every way out after this point writes the close record first.
+    let net = Arc::clone(&opened.net);
     let finish = |out: Launched, code: u8, kind: ExitKind, why: Option<String>| -> Launched {
         let out = stop(out, code, kind, why);
+        // Requests and tunnels of port 2 are cut, and audited, before the close record.
+        let cut = net.shutdown(std::time::Duration::from_secs(5));
+        if cut > 0 {
+            eprintln!("ironvmm: {cut} network relay thread(s) still running at exit");
+        }
         // Calls still running finish and are audited before the close record.
         let stuck = gate.shutdown();
         if stuck > 0 {
@@ -521,7 +531,11 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         event_idx: !a.no_event_idx,
         ..VsockConfig::default()
     };
-    let vsock_entry = match vm.attach_vsock(vsock, Box::new(GatePorts::new(gate.clone()))) {
+    let mut ports = GatePorts::new(gate.clone());
+    if p.proxy {
+        ports = ports.with_net(Arc::clone(&opened.net));
+    }
+    let vsock_entry = match vm.attach_vsock(vsock, Box::new(ports)) {
         Ok(entry) => entry,
         Err(e) => return error(out, e.exit_code(), e.to_string()),
     };

@@ -46,6 +46,13 @@ pub struct BuildArgs {
     /// host's CA bundle into the guest.
     #[arg(long)]
     pub proxy: bool,
+    /// The CA bundle copied into the guest with --proxy.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
+    pub ca_bundle: PathBuf,
     /// A static busybox (default: Debian busybox-static's /bin/busybox).
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BUSYBOX)]
     pub busybox: PathBuf,
@@ -126,10 +133,10 @@ fn build_cmd(a: BuildArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let guest_bin = build::find_guest_bin(a.guest_bin.as_deref()).map_err(|e| e.to_string())?;
     let ca_bundle = if a.proxy {
-        let ca = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
+        let ca = a.ca_bundle.clone();
         if !ca.is_file() {
             return Err(format!(
-                "--proxy needs the host CA bundle {} (apt-get install ca-certificates)",
+                "--proxy needs the host CA bundle {} (apt-get install ca-certificates, or give --ca-bundle FILE)",
                 ca.display()
             ));
         }

@@ -474,6 +474,40 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Writes the outcome of a network exchange (a proxied request, a tunnel):
+    /// `bytes` both ways together, `sent` by the guest, `received` by it, and why
+    /// it ended when that was not normal. Not synced on its own, like `outcome`.
+    pub fn outcome_net(
+        &self,
+        decision_seq: u64,
+        status: OutcomeStatus,
+        sent: u64,
+        received: u64,
+        total_us: u64,
+        detail: Option<&str>,
+    ) -> Result<(), AuditError> {
+        let fill = |m: &mut Map<String, Value>| {
+            m.insert("decision_seq".into(), decision_seq.into());
+            m.insert("status".into(), status.as_str().into());
+            m.insert("bytes".into(), sent.saturating_add(received).into());
+            m.insert("sent".into(), sent.into());
+            m.insert("received".into(), received.into());
+            m.insert("total_us".into(), total_us.into());
+            if let Some(d) = detail {
+                m.insert("detail".into(), bound(d, MAX_LOGGED_REASON).into());
+            }
+        };
+        self.shared.append("outcome", fill, |c| match status {
+            OutcomeStatus::Ok => c.ok += 1,
+            OutcomeStatus::ToolError => c.tool_error += 1,
+            OutcomeStatus::Error => c.error += 1,
+        })?;
+        if self.shared.mode == SyncMode::Batch {
+            self.shared.mark_dirty();
+        }
+        Ok(())
+    }
+
     /// Writes a `learn` record: an answer kept as a rule (synced like a decision:
     /// the rule is in force from now on).
     pub fn learn(&self, l: &LearnRecord) -> Result<u64, AuditError> {
@@ -490,6 +524,16 @@ impl AuditLog {
         };
         let seq = self.shared.append("learn", fill, |_| {})?;
         self.shared.made_durable(seq)?;
+        Ok(seq)
+    }
+
+    /// Writes a record of a service's own `kind` (`llm`: a model call's usage and
+    /// the budget spent), not synced on its own, like an outcome.
+    pub fn note(&self, kind: &'static str, fields: Map<String, Value>) -> Result<u64, AuditError> {
+        let seq = self.shared.append(kind, |m| m.extend(fields), |_| {})?;
+        if self.shared.mode == SyncMode::Batch {
+            self.shared.mark_dirty();
+        }
         Ok(seq)
     }
 

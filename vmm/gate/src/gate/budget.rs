@@ -169,6 +169,39 @@ impl Decider for Budgeted {
     }
 }
 
+/// A decider that denies `llm.chat` once the run's model budget (`[llm.budget]`) is
+/// spent, naming which budget, before asking the one it wraps.
+pub struct LlmBudgeted {
+    inner: Box<dyn Decider>,
+    budget: Arc<crate::services::llm::LlmBudget>,
+}
+
+impl LlmBudgeted {
+    pub fn new(inner: Box<dyn Decider>, budget: Arc<crate::services::llm::LlmBudget>) -> Self {
+        LlmBudgeted { inner, budget }
+    }
+}
+
+impl Decider for LlmBudgeted {
+    fn decide<'a>(&'a self, tool: &str, args: &Value) -> DecisionRef<'a> {
+        if tool == "llm.chat" {
+            if let Some(why) = self.budget.exhausted() {
+                return DecisionRef {
+                    verdict: Verdict::Deny,
+                    rule: None,
+                    by: DecidedBy::Limit,
+                    reason: Cow::Owned(why),
+                };
+            }
+        }
+        self.inner.decide(tool, args)
+    }
+
+    fn could_allow_or_ask(&self, tool: &str) -> bool {
+        self.inner.could_allow_or_ask(tool)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

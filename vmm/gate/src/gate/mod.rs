@@ -15,6 +15,7 @@ pub mod approver;
 pub mod budget;
 pub mod connection;
 pub mod decide;
+pub mod direct;
 pub mod followup;
 pub mod frame;
 pub mod inflight;
@@ -361,24 +362,10 @@ impl Gate {
             );
             return slot.complete(out);
         }
-        let invariant = |reason: &'static str| DecisionRef {
-            verdict: Verdict::Deny,
-            rule: None,
-            by: DecidedBy::Invariant,
-            reason: reason.into(),
-        };
         // The catalog the policy knows lists every builtin tool; a tool this gate does
         // not serve (fs without --workspace) is an unknown tool here.
         let unknown = !self.services.offers(&call.tool);
-        let ruling = if unknown {
-            invariant("unknown tool")
-        } else {
-            // A bug in the engine must not take the VMM down, nor let the call through.
-            panic::catch_unwind(AssertUnwindSafe(|| {
-                self.decider.decide(&call.tool, &call.args)
-            }))
-            .unwrap_or_else(|_| invariant("internal error in the policy engine"))
-        };
+        let ruling = self.rule_on(&call, unknown);
         let policy_ns = t0.elapsed().as_nanos() as u64;
         let (allowed, by, reason) = match ruling.verdict {
             Verdict::Allow => (true, ruling.by, &*ruling.reason),
@@ -435,6 +422,25 @@ impl Gate {
             return slot.complete(out);
         }
         self.serve_allowed(slot, id, &call, seq, t0);
+    }
+
+    /// The policy's word on a call; an `unknown` tool, or a bug in the engine, is a
+    /// denial by an invariant (a panic must not take the VMM down, nor let the call
+    /// through).
+    fn rule_on(&self, call: &Call, unknown: bool) -> DecisionRef<'_> {
+        let invariant = |reason: &'static str| DecisionRef {
+            verdict: Verdict::Deny,
+            rule: None,
+            by: DecidedBy::Invariant,
+            reason: reason.into(),
+        };
+        if unknown {
+            return invariant("unknown tool");
+        }
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            self.decider.decide(&call.tool, &call.args)
+        }))
+        .unwrap_or_else(|_| invariant("internal error in the policy engine"))
     }
 
     /// The policy said ask: the `ask` record is written, the call becomes an entry

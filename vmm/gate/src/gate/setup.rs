@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::budget::{Budgeted, CallBudget};
+use super::budget::{Budgeted, CallBudget, LlmBudgeted};
 use super::followup::GateDecide;
 use super::{Decider, Gate, GateLimits};
 use crate::approvals::live::LiveDecider;
@@ -16,8 +16,10 @@ use crate::audit::{self, AuditLog, SyncMode};
 use crate::config::Config;
 use crate::services::fs::{FsService, GUEST_ROOT};
 use crate::services::http::HttpService;
+use crate::services::llm::{LlmBudget, LlmService};
 use crate::services::mail::MailService;
 use crate::services::mcp_servers::{McpService, ServerSpec};
+use crate::services::net::NetService;
 use crate::services::Services;
 use ironvmm_wire::exit;
 
@@ -56,6 +58,8 @@ pub struct OpenedGate {
     pub live: Arc<LivePolicy>,
     /// Policy warnings, already formatted (empty when none).
     pub warnings: String,
+    /// Network egress (vsock port 2), decided by this gate.
+    pub net: Arc<NetService>,
 }
 
 /// Why the gate could not be built: the exit code (125 or 127) and the message.
@@ -199,7 +203,12 @@ pub fn open_gate_with(
     // Every decision spends the run's budget (`--max-calls`, `--max-egress-bytes`),
     // the http service's redirect hops included.
     let budget = budget.filter(|b| b.is_limited());
+    let net_budget = budget.clone();
+    // The model's budget ([llm.budget]) is spent by the llm service and enforced
+    // here, as a denial like any other.
+    let llm_budget = LlmBudget::new(cfg.config.llm_service.budget.clone());
     let budgeted = |d: Box<dyn Decider>| -> Box<dyn Decider> {
+        let d: Box<dyn Decider> = Box::new(LlmBudgeted::new(d, Arc::clone(&llm_budget)));
         match &budget {
             Some(b) => Box::new(Budgeted::new(d, Arc::clone(b))),
             None => d,
@@ -211,6 +220,15 @@ pub fn open_gate_with(
     let http =
         HttpService::new(&cfg.config.http, Some(hops)).map_err(|e| fail(exit::VMM_ERROR, e))?;
     services.add(Box::new(http));
+    if !cfg.config.llm_service.providers.is_empty() {
+        let llm = LlmService::new(
+            &cfg.config.llm_service,
+            Arc::clone(&llm_budget),
+            Some(Arc::clone(&log)),
+        )
+        .map_err(|e| fail(exit::VMM_ERROR, e.to_string()))?;
+        services.add(Box::new(llm));
+    }
     for svc in mcp {
         services.add(Box::new(svc));
     }
@@ -220,8 +238,11 @@ pub fn open_gate_with(
         Arc::clone(&log),
         cfg.limits,
     ));
+    let net = NetService::new(Arc::clone(&gate), &cfg.config.net, net_budget)
+        .map_err(|e| fail(exit::VMM_ERROR, e))?;
     Ok(OpenedGate {
         gate,
+        net,
         audit: log,
         audit_path,
         live,

@@ -62,7 +62,7 @@ struct Secret {
 
 /// ureq's resolver, with the SSRF guard: refuses a name if any of its addresses is
 /// refused (a mixed answer is how rebinding attacks look).
-struct GuardedResolver(AddressGuard);
+pub(crate) struct GuardedResolver(pub(crate) AddressGuard);
 
 impl ureq::Resolver for GuardedResolver {
     fn resolve(&self, netloc: &str) -> io::Result<Vec<SocketAddr>> {

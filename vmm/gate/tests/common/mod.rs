@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 pub struct TestGate {
     pub dir: tempfile::TempDir,
     pub gate: Arc<Gate>,
+    /// Port 2 of this gate (network egress).
+    pub net: Arc<ironvmm_gate::services::net::NetService>,
     pub audit_path: PathBuf,
     conn: Connection,
     next_id: u64,
@@ -52,6 +54,7 @@ impl TestGate {
         let conn = Connection::unwoken(Arc::clone(&opened.gate), "c1".into());
         TestGate {
             dir,
+            net: opened.net,
             gate: opened.gate,
             audit_path,
             conn,

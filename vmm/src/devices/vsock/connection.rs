@@ -83,6 +83,9 @@ pub enum Phase {
     /// The handler failed: deliver what it wrote, then SHUTDOWN. Guest data that
     /// still arrives is consumed unread.
     Failing,
+    /// The handler finished (`StreamHandler::finished`): as `Failing`, but a
+    /// normal end, not logged.
+    Done,
 }
 
 impl Phase {
@@ -97,7 +100,12 @@ impl Phase {
 
     /// Our side is ending: the handler takes nothing more.
     fn ending(self) -> bool {
-        matches!(self, Phase::Finishing | Phase::Failing)
+        matches!(self, Phase::Finishing | Phase::Failing | Phase::Done)
+    }
+
+    /// Guest bytes are consumed unread: our side has ended the stream.
+    fn discards_input(self) -> bool {
+        matches!(self, Phase::Failing | Phase::Done)
     }
 }
 
@@ -216,7 +224,7 @@ impl Connection {
             return Verdict::Reset(ResetReason::CreditOverrun);
         }
         self.rx_cnt = self.rx_cnt.wrapping_add(data.len() as u32);
-        if self.phase == Phase::Failing {
+        if self.phase.discards_input() {
             // Sent before the guest learnt the stream is over: consumed, unread.
             self.fwd_cnt = self.fwd_cnt.wrapping_add(data.len() as u32);
         } else if self.inbound.is_empty()
@@ -257,6 +265,9 @@ impl Connection {
                 // Keep the allocation for the next burst.
                 data.drain(..take);
                 self.inbound = data;
+            }
+            if self.handler.finished() {
+                return self.handler_done();
             }
         }
         if self.phase.guest_send_closed()
@@ -308,7 +319,7 @@ impl Connection {
         self.phase = match self.phase {
             // Ending already: the guest's half-close changes nothing but the output
             // it will read (dropped above for RCV, so the SHUTDOWN is due at once).
-            p @ (Phase::Finishing | Phase::Failing) => p,
+            p @ (Phase::Finishing | Phase::Failing | Phase::Done) => p,
             _ if send_closed => Phase::SendClosed,
             _ if rcv_closed => Phase::RcvClosed,
             p => p,
@@ -340,6 +351,14 @@ impl Connection {
         self.fwd_cnt = self.fwd_cnt.wrapping_add(self.inbound.len() as u32);
         self.inbound = Vec::new();
         Verdict::Closing
+    }
+
+    /// The handler finished: deliver its output, then SHUTDOWN (a normal end).
+    fn handler_done(&mut self) -> Verdict {
+        self.phase = Phase::Done;
+        self.fwd_cnt = self.fwd_cnt.wrapping_add(self.inbound.len() as u32);
+        self.inbound = Vec::new();
+        Verdict::Finish
     }
 
     /// Whether the final SHUTDOWN of an ending stream is due.
@@ -530,5 +549,42 @@ mod tests {
             ..Header::default()
         });
         assert_eq!(c.peer_credit(), 0);
+    }
+
+    /// Answers each byte once, then finishes (a relayed server that closed).
+    struct OneShot(bool);
+    impl StreamHandler for OneShot {
+        fn on_data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), StreamError> {
+            out.extend_from_slice(data);
+            self.0 = true;
+            Ok(())
+        }
+        fn finished(&self) -> bool {
+            self.0
+        }
+        fn on_close(&mut self) {}
+    }
+
+    #[test]
+    fn a_finished_handler_ends_with_its_output_then_shutdown_not_reset() {
+        let key = ConnKey {
+            guest_port: 1,
+            host_port: 2,
+        };
+        let req = Header {
+            buf_alloc: 1000,
+            ..Header::default()
+        };
+        let mut c = Connection::new(key, Box::new(OneShot(false)), &req, &VsockConfig::default());
+        assert_eq!(c.commit_rx(c.plan_rx(0).unwrap()), Verdict::Keep); // RESPONSE
+        assert_eq!(c.on_rw(b"bye"), Verdict::Finish);
+        let plan = c.plan_rx(usize::MAX).unwrap();
+        assert_eq!((plan.op, c.rx_data(&plan)), (op::RW, &b"bye"[..]));
+        c.commit_rx(plan);
+        // Late guest bytes are consumed unread; then the normal end.
+        assert_eq!(c.on_rw(b"more"), Verdict::Keep);
+        let plan = c.plan_rx(usize::MAX).unwrap();
+        assert_eq!(plan.op, op::SHUTDOWN);
+        assert_eq!(c.commit_rx(plan), Verdict::Drop);
     }
 }

@@ -83,6 +83,13 @@ pub trait StreamHandler: Send {
     fn input_room(&self) -> usize {
         usize::MAX
     }
+    /// The handler will give and take nothing more (a relayed server closed its
+    /// end): once its output is delivered the stream is shut down normally
+    /// (SHUTDOWN both ways, an end of stream for the guest), not reset. Guest bytes
+    /// still arriving are consumed unread.
+    fn finished(&self) -> bool {
+        false
+    }
     /// The connection is gone (guest close or reset, our reset, device reset). Called once.
     fn on_close(&mut self);
 }
