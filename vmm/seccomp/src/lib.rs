@@ -240,6 +240,7 @@ const FILES: &[(i64, &str)] = sys!(
     SYS_mkdirat,
     SYS_mkdir,
     SYS_renameat2,
+    SYS_rename,
     SYS_unlinkat,
     SYS_unlink,
     SYS_readlink,
