@@ -22,7 +22,7 @@ cargo test -p ironvmm-benches --lib --no-default-features 2>&1
 say "booting suite: the kvm-host selftest, then every booting test in one KVM host"
 scripts/kvm-host/selftest.sh
 KVM_HOST_ARGS="--share $(dirname "$kernel") --cpus 2 --timeout 3600" \
-    scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test boot_endings --test gate_vm --test approvals_vm --test inbox_vm --test kvm_smoke -- --include-ignored --test-threads=1
+    scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test boot_endings --test gate_vm --test approvals_vm --test inbox_vm --test hostile_vm --test kvm_smoke -- --include-ignored --test-threads=1
 
 say "slow suite: IMAP against a real Dovecot on loopback"
 cargo test -p ironvmm-gate --test mail -- --include-ignored 2>&1

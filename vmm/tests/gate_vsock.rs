@@ -264,6 +264,51 @@ fn a_guest_that_never_reads_is_held_at_the_bounds() {
     assert_eq!(g.stats().credit_overruns, 0);
 }
 
+/// The guest cannot lock itself out: with every connection of the table holding
+/// half a frame and going quiet, a new connection is still served; the one idle
+/// longest makes room.
+#[test]
+fn a_table_full_of_half_frames_still_serves_a_new_connection() {
+    let fx = Fixture::new();
+    let mut g = guest(&fx);
+    let max = VsockConfig::default().max_connections as u32;
+    let mut first = call_frame(1, "fs.read", json!({"path": "/workspace/hello.txt"}));
+    first.push(b'\n');
+    let half = &first[..20];
+    for p in 0..max {
+        g.post_rx(1, 4096, &Layout::Joined);
+        g.connect(2000 + p, 1);
+        assert_eq!(ops(&g.recv()), vec![op::RESPONSE]);
+        g.write(2000 + p, 1, half, &Layout::Joined);
+    }
+    let dev_conns = || ironvmm::devices::virtio_mmio::lock(&g.dev).connection_count();
+    assert_eq!(dev_conns(), max as usize);
+
+    g.post_rx(2, 4096, &Layout::Joined);
+    g.connect(5000, 1);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RST, op::RESPONSE], "{pkts:?}");
+    // The first half frame went quiet first.
+    assert_eq!((pkts[0].0.dst_port, pkts[1].0.dst_port), (2000, 5000));
+    let mut frame = call_frame(7, "fs.read", json!({"path": "/workspace/hello.txt"}));
+    frame.push(b'\n');
+    g.write(5000, 1, &frame, &Layout::Joined);
+    let r = read_lines(&mut g, 5000, 1);
+    assert_eq!(
+        r[0]["result"]["structuredContent"]["content"],
+        "hello, gate\n"
+    );
+    assert_eq!(g.stats().evicted_idle, 1);
+    // A stalled stream that speaks again is no longer idle longest: 2001 sends a
+    // few more bytes (still no whole frame), and the next newcomer evicts 2002.
+    g.write(2001, 1, &first[20..30], &Layout::Joined);
+    g.post_rx(2, 4096, &Layout::Joined);
+    g.connect(5001, 1);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RST, op::RESPONSE], "{pkts:?}");
+    assert_eq!(pkts[0].0.dst_port, 2002);
+}
+
 /// Port 2 is network egress once the VM's ports serve it: bytes reach the relay
 /// through the real device, the policy's answer comes back, and the stream ends
 /// with a SHUTDOWN (an end of stream for the guest), not a reset.

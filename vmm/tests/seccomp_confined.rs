@@ -23,7 +23,7 @@ use gate_common::{replies, settle};
 const CHILD: &str = "IRONVMM_SECCOMP_CHILD";
 const DIR: &str = "IRONVMM_SECCOMP_DIR";
 
-const POLICY: &str = "version 1\nallow fs.*\ndefault deny\n";
+const POLICY: &str = "version 1\nallow fs.*\nallow http.fetch\ndefault deny\n";
 
 fn in_child(case: &str, dir: &std::path::Path) -> Output {
     Command::new(std::env::current_exe().unwrap())
@@ -147,6 +147,44 @@ fn child() {
             opened.audit.close(Some(0)).unwrap();
             i32::from(n != 13)
         }
+        // http.fetch on a worker: name resolution and a TCP connection, to a web
+        // server on loopback (let through the SSRF guard by the config).
+        "worker-http" => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    let mut s = s;
+                    let mut req = [0u8; 4096];
+                    let _ = std::io::Read::read(&mut s, &mut req);
+                    let _ = std::io::Write::write_all(
+                        &mut s,
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\nconfined-ok",
+                    );
+                }
+            });
+            let mut cfg = gate_config(&dir, SyncMode::Always);
+            cfg.config.http.allow_addresses = vec!["127.0.0.0/8".into(), "::1/128".into()];
+            let opened = open_gate(&cfg).unwrap();
+            install_with(ThreadRole::Worker, Setting::On).unwrap();
+            let mut conn = Connection::unwoken(Arc::clone(&opened.gate), "c".into());
+            let mut out = Vec::new();
+            let url = format!("http://localhost:{port}/");
+            let c = call(1, "http.fetch", json!({"url": url}));
+            conn.on_data(c.as_bytes(), &mut out).unwrap();
+            settle(&mut conn, &mut out).unwrap();
+            conn.on_close();
+            opened.gate.shutdown();
+            opened.audit.close(Some(0)).unwrap();
+            let r = replies(&out);
+            let ok = r.len() == 1
+                && r[0]["result"]["structuredContent"]["status"] == 200
+                && r[0]["result"]["structuredContent"]["body"] == "confined-ok";
+            if !ok {
+                eprintln!("{r:?}");
+            }
+            i32::from(!ok)
+        }
         // What the main thread does after the VM: close the log, write the outputs.
         "main-outputs" => {
             let opened = open_gate(&gate_config(&dir, SyncMode::Batch)).unwrap();
@@ -211,6 +249,11 @@ fn the_gate_runs_under_the_device_filter() {
 #[test]
 fn the_gate_runs_under_the_worker_filter() {
     assert_ran("worker-gate");
+}
+
+#[test]
+fn http_fetch_runs_under_the_worker_filter() {
+    assert_ran("worker-http");
 }
 
 #[test]

@@ -374,23 +374,66 @@ fn payload_longer_than_its_chain_resets_the_connection() {
 }
 
 #[test]
-fn connection_limit_refuses_the_extra_request() {
+fn a_full_table_evicts_the_connection_idle_longest() {
     let c = VsockConfig {
         max_connections: 3,
         ..cfg()
     };
     let mut g = Guest::new(c);
+    // Port 3 swallows data: activity without replies.
     for p in 0..3 {
-        open(&mut g, 100 + p, 1);
+        open(&mut g, 100 + p, 3);
     }
-    g.post_rx(1, 4096, &Layout::Joined);
-    g.connect(200, 1);
+    // 100 and 102 send bytes after 101 was opened: 101 is idle longest.
+    for p in [102, 100] {
+        g.write(p, 3, b"alive", &Layout::Joined);
+    }
+    g.post_rx(2, 4096, &Layout::Joined);
+    g.connect(200, 3);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RST, op::RESPONSE], "{pkts:?}");
+    assert_eq!((pkts[0].0.dst_port, pkts[1].0.dst_port), (101, 200));
+    assert_eq!(g.stats().evicted_idle, 1);
+    assert_eq!(lock(&g.dev).connection_count(), 3);
+    assert!(g.events().contains(&Event::Closed { guest_port: 101 }));
+    // The evicted connection is gone; the others and the newcomer take data.
+    g.post_rx(4, 4096, &Layout::Joined);
+    g.write(101, 3, b"late", &Layout::Joined);
     assert_eq!(ops(&g.recv()), vec![op::RST]);
-    assert_eq!(g.stats().refused_limit, 1);
-    // Closing one makes room.
-    let h = g.hdr(100, 1, op::RST, 0);
-    g.send(&h, &[], &Layout::Joined);
-    open(&mut g, 200, 1);
+    for p in [100, 102, 200] {
+        g.write(p, 3, b"still", &Layout::Joined);
+    }
+    assert!(g.recv().is_empty());
+    for p in [100, 102, 200] {
+        assert!(g.events().contains(&Event::Data {
+            guest_port: p,
+            data: b"still".to_vec()
+        }));
+    }
+    // The next newcomer evicts the one now idle longest: 100 (102, 200 wrote after it).
+    g.connect(201, 3);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RST, op::RESPONSE], "{pkts:?}");
+    assert_eq!(pkts[0].0.dst_port, 100);
+}
+
+#[test]
+fn a_refused_port_evicts_nothing() {
+    let c = VsockConfig {
+        max_connections: 2,
+        ..cfg()
+    };
+    let mut g = Guest::new(c);
+    open(&mut g, 100, 1);
+    open(&mut g, 101, 1);
+    g.post_rx(1, 4096, &Layout::Joined);
+    // No listener on port 9: refused, and the table is untouched.
+    g.connect(300, 9);
+    let pkts = g.recv();
+    assert_eq!(ops(&pkts), vec![op::RST]);
+    assert_eq!(pkts[0].0.dst_port, 300);
+    assert_eq!(g.stats().evicted_idle, 0);
+    assert_eq!(lock(&g.dev).connection_count(), 2);
 }
 
 #[test]

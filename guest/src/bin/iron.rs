@@ -6,6 +6,7 @@
 //!   iron mcp                           an MCP stdio server relaying to the gate
 //!   iron bench [-n N] [-c C] [--tool T --args JSON]
 //!   iron send [--port P] [--no-read SECS]   raw bytes, for testing the gate itself
+//!   iron poke-status [ROUNDS]          junk on the status port, for testing the VMM
 //!   iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]   the HTTP proxy relay
 //!
 //! It connects to vsock CID 2 port 1, or to `$IRON_GATE` (`unix:PATH`,
@@ -43,6 +44,7 @@ const USAGE: &str = "usage:
                                      raw bytes from stdin to the gate, replies to stdout
                                      (for testing the gate's framing; --no-read holds the
                                      connection open without reading for SECS)
+  iron poke-status [ROUNDS]          junk on the status port (for testing the VMM; root)
   iron proxy [--listen ADDR | --listen-fd FD] [--to ADDR]
                                      relay TCP connections (default 127.0.0.1:3128) to the
                                      host's network egress port (vsock CID 2 port 2); the
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         "mcp" => mcp(&addr),
         "bench" => bench(&addr, rest),
         "send" => send(&addr, rest),
+        "poke-status" => poke_status(rest),
         "proxy" => proxy(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -474,6 +477,55 @@ fn send(addr: &GateAddr, args: &[String]) -> ExitCode {
             }
         }
     }
+}
+
+/// Hammers the status port with what a hostile guest could write there besides its
+/// exit: every access width, unknown words, repeated boot marks, reads. Never an
+/// exit word (that would end the VM, as it may). Prints the accesses made.
+fn poke_status(args: &[String]) -> ExitCode {
+    let rounds: u64 = match args.first().map(|s| s.parse()) {
+        None => 10_000,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return usage_error("poke-status takes a number of rounds"),
+    };
+    let port = ironvmm_wire::STATUS_PORT;
+    // SAFETY: ioperm only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(libc::c_ulong::from(port), 4, 1) } != 0 {
+        eprintln!("iron: ioperm: {}", io::Error::last_os_error());
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let mut x: u32 = 0x9E37_79B9;
+    let mut accesses = 0u64;
+    for _ in 0..rounds {
+        // xorshift: varied words without a dependency.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let word = if x & ironvmm_wire::STATUS_EXIT_MASK == ironvmm_wire::STATUS_EXIT {
+            x ^ 0x0100_0000
+        } else {
+            x
+        };
+        let (byte, half) = (x as u8, x as u16);
+        let mut read: u32;
+        // SAFETY: ioperm granted these ports; port I/O touches no memory of ours.
+        unsafe {
+            std::arch::asm!("out dx, eax", in("dx") port, in("eax") word,
+                options(nomem, nostack, preserves_flags));
+            std::arch::asm!("out dx, al", in("dx") port, in("al") byte,
+                options(nomem, nostack, preserves_flags));
+            std::arch::asm!("out dx, ax", in("dx") port + 1, in("ax") half,
+                options(nomem, nostack, preserves_flags));
+            std::arch::asm!("out dx, eax", in("dx") port, in("eax") ironvmm_wire::STATUS_BOOT,
+                options(nomem, nostack, preserves_flags));
+            std::arch::asm!("in eax, dx", in("dx") port, out("eax") read,
+                options(nomem, nostack, preserves_flags));
+        }
+        std::hint::black_box(read);
+        accesses += 5;
+    }
+    println!("{accesses}");
+    ExitCode::SUCCESS
 }
 
 /// Relays TCP connections to the host's port 2 until killed.

@@ -13,8 +13,9 @@
 //!   approver, ask timers): accepted Unix connections and the terminal, no new
 //!   sockets.
 //!
-//! No role may `execve`, open a socket, `ptrace`, mount, load a BPF program, or
-//! change its credentials. A syscall outside the list kills the whole process
+//! No role may `execve`, `ptrace`, mount, load a BPF program, or change its
+//! credentials; only workers (the http and mail services) and the device threads
+//! (port 2's relays) may open network sockets. A syscall outside the list kills the whole process
 //! (SIGSYS), or, with `Setting::Log`, is allowed and logged by the kernel, to find a
 //! gap. Filters stack: a thread started by a filtered thread keeps its creator's
 //! filter and can only narrow it, so the main thread installs its own last, after
@@ -239,7 +240,9 @@ const FILES: &[(i64, &str)] = sys!(
     SYS_mkdirat,
     SYS_mkdir,
     SYS_renameat2,
+    SYS_rename,
     SYS_unlinkat,
+    SYS_unlink,
     SYS_readlink,
     SYS_readlinkat,
     SYS_getcwd,
@@ -252,6 +255,7 @@ const FILES: &[(i64, &str)] = sys!(
 
 /// Waiting on the device's EventFds and the console's stdin.
 const EVENTS: &[(i64, &str)] = sys!(
+    SYS_epoll_create1,
     SYS_epoll_wait,
     SYS_epoll_pwait,
     SYS_epoll_ctl,
@@ -284,6 +288,30 @@ const CONNECTIONS: &[(i64, &str)] = sys!(
     SYS_fchmod,
 );
 
+/// The http and mail services, on the workers: TCP to the hosts the policy
+/// allowed, name resolution (UDP to the resolver, nscd's Unix socket, `uname`),
+/// timeouts and waiting. `socket` itself is allowed for `AF_INET`, `AF_INET6` and
+/// `AF_UNIX` only; which addresses are reached is the SSRF guard's job, in process.
+const NETWORK: &[(i64, &str)] = sys!(
+    SYS_connect,
+    SYS_sendto,
+    SYS_recvfrom,
+    SYS_sendmsg,
+    SYS_recvmsg,
+    SYS_sendmmsg,
+    SYS_setsockopt,
+    SYS_getsockopt,
+    SYS_getsockname,
+    SYS_getpeername,
+    SYS_shutdown,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_uname,
+);
+
+/// Who this process runs as: the control socket refuses clients of another uid.
+const IDENTITY: &[(i64, &str)] = sys!(SYS_geteuid);
+
 /// Connecting a Unix socket (`socket` itself is allowed for `AF_UNIX` only).
 const UNIX_CONNECT: &[(i64, &str)] = sys!(SYS_connect);
 
@@ -291,10 +319,12 @@ const UNIX_CONNECT: &[(i64, &str)] = sys!(SYS_connect);
 pub fn allowed(role: ThreadRole) -> Vec<(i64, &'static str)> {
     let parts: &[&[(i64, &str)]] = match role {
         ThreadRole::Vcpu => &[BASE],
-        ThreadRole::Device => &[BASE, FILES, EVENTS],
-        ThreadRole::Worker => &[BASE, FILES, THREADS],
+        // The vsock thread starts port 2's relay threads (the net service), which
+        // inherit its filter and connect out: hence threads and network.
+        ThreadRole::Device => &[BASE, FILES, EVENTS, THREADS, NETWORK],
+        ThreadRole::Worker => &[BASE, FILES, THREADS, NETWORK],
         ThreadRole::Main => &[BASE, FILES, EVENTS, UNIX_CONNECT],
-        ThreadRole::Control => &[BASE, FILES, EVENTS, THREADS, CONNECTIONS],
+        ThreadRole::Control => &[BASE, FILES, EVENTS, THREADS, CONNECTIONS, IDENTITY],
     };
     let mut all: Vec<(i64, &'static str)> = parts.iter().flat_map(|p| p.iter().copied()).collect();
     all.sort_unstable();
@@ -309,22 +339,46 @@ pub const TCGETS: u64 = 0x5401;
 pub const TCSETS: u64 = 0x5402;
 pub const TCSETSW: u64 = 0x5403;
 pub const TCSETSF: u64 = 0x5404;
+/// `fcntl(F_GETFD)`: Rust's debug builds check that a descriptor is open before
+/// closing it (a vCPU thread closes its vCPU fd as it ends).
+pub const F_GETFD: u64 = 1;
+/// `ioctl(FIONBIO)`: a socket's blocking mode.
+pub const FIONBIO: u64 = 0x5421;
+/// The socket domains a worker may open (IPv4, IPv6, Unix for nscd).
+const NET_DOMAINS: &[u64] = &[
+    libc::AF_INET as u64,
+    libc::AF_INET6 as u64,
+    libc::AF_UNIX as u64,
+];
 /// `prctl(PR_SET_NAME)`: a new thread naming itself.
 pub const PR_SET_NAME: u64 = 15;
 
 /// Syscalls allowed only with one argument (index) equal to one of the values.
 pub fn conditional(role: ThreadRole) -> Vec<(i64, u8, &'static [u64])> {
     const TERMINAL: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF];
+    const TERMINAL_AND_FIONBIO: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
     match role {
-        ThreadRole::Vcpu => vec![(libc::SYS_ioctl, 1, &[KVM_RUN])],
-        ThreadRole::Device => vec![(libc::SYS_ioctl, 1, TERMINAL)],
+        ThreadRole::Vcpu => vec![
+            (libc::SYS_ioctl, 1, &[KVM_RUN]),
+            (libc::SYS_fcntl, 1, &[F_GETFD]),
+        ],
+        ThreadRole::Device => vec![
+            (libc::SYS_ioctl, 1, TERMINAL_AND_FIONBIO),
+            (libc::SYS_socket, 0, NET_DOMAINS),
+            (libc::SYS_prctl, 0, &[PR_SET_NAME]),
+        ],
         // The control socket wakes its accept loop at exit by connecting to itself:
         // a Unix socket, never a network one.
         ThreadRole::Main => vec![
             (libc::SYS_ioctl, 1, TERMINAL),
             (libc::SYS_socket, 0, &[libc::AF_UNIX as u64]),
         ],
-        ThreadRole::Worker => vec![(libc::SYS_prctl, 0, &[PR_SET_NAME])],
+        ThreadRole::Worker => vec![
+            (libc::SYS_prctl, 0, &[PR_SET_NAME]),
+            (libc::SYS_socket, 0, NET_DOMAINS),
+            // std's set_nonblocking on a socket (connect with a timeout).
+            (libc::SYS_ioctl, 1, &[FIONBIO]),
+        ],
         ThreadRole::Control => vec![
             (libc::SYS_ioctl, 1, TERMINAL),
             (libc::SYS_prctl, 0, &[PR_SET_NAME]),

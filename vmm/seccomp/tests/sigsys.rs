@@ -58,6 +58,19 @@ fn child() {
                 let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
                 libc::execv(c"/bin/true".as_ptr(), argv.as_ptr());
             }
+            "worker-raw-socket" => {
+                role_setting(ThreadRole::Worker, Setting::On);
+                libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
+            }
+            "worker-inet-socket" => {
+                // The http and mail services: a TCP socket, made non-blocking as
+                // std's connect_timeout does.
+                role_setting(ThreadRole::Worker, Setting::On);
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                let mut on: libc::c_int = 1;
+                let r = libc::ioctl(fd, libc::FIONBIO, &mut on);
+                libc::_exit(if fd >= 0 && r == 0 { 6 } else { 1 });
+            }
             "main-inet-socket" => {
                 role_setting(ThreadRole::Main, Setting::On);
                 libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
@@ -69,7 +82,7 @@ fn child() {
             }
             "device-socket" => {
                 role_setting(ThreadRole::Device, Setting::On);
-                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
             }
             "control-socket" => {
                 role_setting(ThreadRole::Control, Setting::On);
@@ -115,6 +128,7 @@ fn forbidden_syscalls_kill_the_process() {
         "vcpu-open",
         "vcpu-ioctl-not-kvm-run",
         "worker-exec",
+        "worker-raw-socket",
         "main-exec",
         "device-socket",
         "control-socket",
@@ -136,6 +150,8 @@ fn allowed_syscalls_still_work() {
     let o = in_child("vcpu-write");
     assert_eq!(o.status.code(), Some(7), "{:?}", o.status);
     assert!(String::from_utf8_lossy(&o.stdout).contains("still alive"));
+    let o = in_child("worker-inet-socket");
+    assert_eq!(o.status.code(), Some(6), "{:?}", o.status);
 }
 
 #[test]

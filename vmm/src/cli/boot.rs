@@ -391,8 +391,9 @@ impl Mode {
             interactive: true,
             budget: None,
             flags: serde_json::Map::new(),
-            // Until the booting suite has run a guest confined, boot and run are
-            // unconfined unless asked (docs/seccomp.md).
+            // Unconfined unless asked, until the booting suite has run every `boot`
+            // guest confined since port 2 and the mail and llm services came in;
+            // `run` (CI) confines by default (docs/seccomp.md).
             seccomp: Setting::Off,
         }
     }

@@ -61,9 +61,8 @@ pub fn run(a: RunArgs) -> u8 {
         interactive: false,
         budget: Some(budget),
         flags,
-        // Off until a booted guest runs confined: the booting suite found a filter
-        // gap (the process died of a signal) that is not diagnosed yet (docs/seccomp.md).
-        seccomp: Setting::Off,
+        // Confined unless `--seccomp` says otherwise (docs/seccomp.md).
+        seccomp: Setting::On,
     };
     let launched = launch(&a.vm, &mode);
     let outputs = Outputs::from_args(&a);

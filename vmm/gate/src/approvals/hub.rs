@@ -479,6 +479,9 @@ impl Approver for ApprovalHub {
 
 /// The one timer thread: denies questions whose deadline passed.
 fn timer_loop(hub: Weak<Inner>) {
+    if !super::confine_thread("ask-timer") {
+        return;
+    }
     loop {
         let Some(inner) = hub.upgrade() else { return };
         let expired: Vec<u64> = {

@@ -20,5 +20,19 @@ pub mod tty;
 pub mod web;
 
 pub use hub::{AnswerError, ApprovalHub, HubConfig, Mode, Reply};
+
+/// Confines an approvals thread (control socket, terminal approver, ask timer,
+/// decision feed) with the `control` seccomp filter before it serves anything.
+/// These threads start before the VM and run while the guest does. One that
+/// cannot confine itself does not run: its asks then time out as denials.
+pub(crate) fn confine_thread(name: &str) -> bool {
+    match ironvmm_seccomp::install(ironvmm_seccomp::ThreadRole::Control) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("approvals: the {name} thread does not run: {e}");
+            false
+        }
+    }
+}
 pub use learn::{Learner, Scope};
 pub use live::LivePolicy;

@@ -164,6 +164,10 @@ impl Drop for ControlSocket {
 }
 
 fn accept_loop(listener: UnixListener, hub: ApprovalHub, stop: Arc<AtomicBool>, path: PathBuf) {
+    // Its client threads inherit the filter.
+    if !super::confine_thread("approvals-socket") {
+        return;
+    }
     let active = Arc::new(AtomicUsize::new(0));
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
@@ -353,6 +357,9 @@ pub fn spawn_audit_feed(hub: ApprovalHub, path: PathBuf) {
     let _ = thread::Builder::new()
         .name("approvals-feed".into())
         .spawn(move || {
+            if !super::confine_thread("approvals-feed") {
+                return;
+            }
             let Ok(f) = std::fs::File::open(&path) else {
                 return;
             };

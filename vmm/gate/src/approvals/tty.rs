@@ -274,6 +274,9 @@ pub fn spawn(hub: ApprovalHub, share: Arc<TerminalShare>) {
 }
 
 fn run(hub: ApprovalHub, share: Arc<TerminalShare>) {
+    if !super::confine_thread("approvals-tty") {
+        return;
+    }
     loop {
         // No subscription: a busy decision feed must never cut the approver off.
         if !hub.wait_pending(Duration::from_secs(1)) {

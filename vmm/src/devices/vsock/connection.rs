@@ -131,6 +131,9 @@ pub struct Connection {
     /// and we asked it for credit (once, until its window opens).
     pending_credit_update: bool,
     credit_requested: bool,
+    /// The muxer's activity clock when a packet last went either way on this
+    /// connection; the smallest is the connection idle longest.
+    pub last_active: u64,
 }
 
 impl Connection {
@@ -158,6 +161,7 @@ impl Connection {
             phase: Phase::Connecting,
             pending_credit_update: false,
             credit_requested: false,
+            last_active: 0,
         }
     }
 

@@ -110,7 +110,7 @@ pub trait PortListener: Send {
 pub struct VsockConfig {
     /// The guest's CID, 3 or more.
     pub guest_cid: u64,
-    /// Open connections at most; a REQUEST beyond it gets an RST.
+    /// Open connections at most; a REQUEST beyond it resets the connection idle longest.
     pub max_connections: usize,
     /// Receive space advertised per connection: guest bytes held before the handler takes them.
     pub buf_alloc: u32,
@@ -182,8 +182,9 @@ pub struct VsockStats {
     pub connections_opened: u64,
     /// REQUESTs refused because no listener took the port.
     pub refused_port: u64,
-    /// REQUESTs refused because `max_connections` were open.
-    pub refused_limit: u64,
+    /// Connections reset, idle longest, to make room for a new one when
+    /// `max_connections` were open.
+    pub evicted_idle: u64,
     pub resets_sent: u64,
     pub credit_overruns: u64,
     pub handler_errors: u64,

@@ -5,6 +5,9 @@
 //! queued for rx at most once, and at most `max_pending_control` RSTs for connections that
 //! no longer exist. A guest that floods us while posting no rx buffers loses packets, not
 //! our memory.
+//!
+//! A full table never locks the guest out: a new REQUEST evicts (resets) the connection
+//! idle longest, so connections left holding half a frame cannot starve a fresh one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -22,6 +25,9 @@ pub struct Muxer {
     queued: HashSet<ConnKey>,
     /// RSTs for connections that are gone or never existed.
     control: VecDeque<Header>,
+    /// Counts packets both ways; a connection stamps it on each of its own, which
+    /// orders connections by idleness without reading a clock.
+    clock: u64,
     pub stats: VsockStats,
 }
 
@@ -34,8 +40,14 @@ impl Muxer {
             rxq: VecDeque::new(),
             queued: HashSet::new(),
             control: VecDeque::new(),
+            clock: 0,
             stats: VsockStats::default(),
         }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
     }
 
     pub fn connection_count(&self) -> usize {
@@ -75,10 +87,12 @@ impl Muxer {
             self.refuse(hdr, key, ResetReason::Protocol("socket type is not stream"));
             return;
         }
+        let now = self.tick();
         let Some(conn) = self.conns.get_mut(&key) else {
             self.handle_new(hdr, key);
             return;
         };
+        conn.last_active = now;
         conn.update_peer_credit(hdr);
         let verdict = match hdr.op {
             op::RW => conn.on_rw(data),
@@ -119,35 +133,50 @@ impl Muxer {
             // Never answer an RST, or two peers could bounce them forever.
             op::RST => {}
             op::REQUEST => {
-                if self.conns.len() >= self.cfg.max_connections {
-                    self.stats.refused_limit += 1;
-                    warn_rate(
-                        self.stats.refused_limit,
-                        format_args!(
-                            "vsock: refused connection {}->{}: {} connections open (limit)",
-                            key.guest_port,
-                            key.host_port,
-                            self.conns.len()
-                        ),
-                    );
+                // Only a port a listener takes may cost another connection its place.
+                let Some(handler) = self.listener.accept(key.host_port, key.guest_port) else {
+                    self.stats.refused_port += 1;
                     self.push_rst(key);
                     return;
+                };
+                if self.conns.len() >= self.cfg.max_connections {
+                    self.evict_idle_longest();
                 }
-                match self.listener.accept(key.host_port, key.guest_port) {
-                    Some(handler) => {
-                        self.stats.connections_opened += 1;
-                        let conn = Connection::new(key, handler, hdr, &self.cfg);
-                        self.conns.insert(key, conn);
-                        self.schedule(key);
-                    }
-                    None => {
-                        self.stats.refused_port += 1;
-                        self.push_rst(key);
-                    }
-                }
+                self.stats.connections_opened += 1;
+                let mut conn = Connection::new(key, handler, hdr, &self.cfg);
+                conn.last_active = self.clock;
+                self.conns.insert(key, conn);
+                self.schedule(key);
             }
             _ => self.refuse(hdr, key, ResetReason::Protocol("packet for no connection")),
         }
+    }
+
+    /// Makes room for a new connection in a full table: the one that has gone longest
+    /// without a packet either way is reset. Were the newcomer refused instead, a guest
+    /// whose table filled with stalled streams (half a frame each, never finished)
+    /// could not reach the gate again.
+    fn evict_idle_longest(&mut self) {
+        let Some(victim) = self
+            .conns
+            .values()
+            .min_by_key(|c| (c.last_active, c.key))
+            .map(|c| c.key)
+        else {
+            return;
+        };
+        self.stats.evicted_idle += 1;
+        warn_rate(
+            self.stats.evicted_idle,
+            format_args!(
+                "vsock: {} connections open (limit): reset the one idle longest, {}->{}",
+                self.conns.len(),
+                victim.guest_port,
+                victim.host_port
+            ),
+        );
+        self.remove(victim);
+        self.push_rst(victim);
     }
 
     fn refuse(&mut self, hdr: &Header, key: ConnKey, why: ResetReason) {
@@ -272,6 +301,8 @@ impl Muxer {
                 self.rxq.push_front(key);
                 return Err(e);
             }
+            self.clock += 1;
+            conn.last_active = self.clock;
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += plan.len as u64;
             let verdict = conn.commit_rx(plan);

@@ -76,6 +76,8 @@ pub enum ServerError {
     },
     #[error("it was given up after {MAX_FAILURES} deaths in a row; last: {0}")]
     GivenUp(String),
+    #[error("{0}")]
+    Confined(String),
 }
 
 impl Server {
@@ -135,6 +137,16 @@ impl Server {
                         attempt: self.failures.load(Ordering::Acquire),
                         wait_ms: (*retry_at - now).as_millis(),
                     });
+                }
+                if ironvmm_seccomp::setting() == ironvmm_seccomp::Setting::On {
+                    // A confined worker may not create pipes or exec: trying would
+                    // end the whole VMM with SIGSYS. The server stays down instead.
+                    let why = format!(
+                        "it died ({why}) and is not restarted: ironvmm runs confined \
+                         (--seccomp on), and a confined thread cannot start a process"
+                    );
+                    *st = State::Failed(why.clone());
+                    return Err(ServerError::Confined(why));
                 }
                 self.restarts.fetch_add(1, Ordering::Relaxed);
                 log::warn!("mcp server {}: restarting ({why})", self.launch.name);
