@@ -85,16 +85,19 @@ pub fn run(
                 VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
                 // With an in-kernel irqchip HLT does not exit; if it does, this vCPU is done.
                 VcpuExit::Hlt => Some(VmEvent::Crash(format!("vCPU {id} halted before the agent's exit status was reported"))),
-                VcpuExit::Shutdown => Some(VmEvent::Reset(format!("vCPU {id}: triple fault or reset (KVM shutdown exit)"))),
+                VcpuExit::Shutdown => {
+                    Some(VmEvent::Reset(format!("vCPU {id}: triple fault or reset (KVM shutdown exit); {}", cpu_snapshot(&vcpu))))
+                }
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_RESET => {
                         Some(VmEvent::Reset(format!("vCPU {id}: the guest asked for a system {}", if kind == KVM_SYSTEM_EVENT_RESET { "reset" } else { "shutdown" })))
                     }
                     other => Some(VmEvent::Crash(format!("vCPU {id}: unexpected system event {other}"))),
                 },
-                VcpuExit::FailEntry(reason, cpu) => {
-                    Some(VmEvent::Crash(format!("KVM could not enter vCPU {id} (hardware reason {reason:#x}, cpu {cpu})")))
-                }
+                VcpuExit::FailEntry(reason, cpu) => Some(VmEvent::Crash(format!(
+                    "KVM could not enter vCPU {id} (hardware reason {reason:#x}, cpu {cpu}); {}",
+                    cpu_snapshot(&vcpu)
+                ))),
                 VcpuExit::InternalError => Some(VmEvent::Crash(format!(
                     "KVM internal error on vCPU {id} (emulation failure); on a PVM host guests cannot boot: run `ironvmm doctor`"
                 ))),
@@ -108,5 +111,17 @@ pub fn run(
             let _ = events.send(ev);
             return;
         }
+    }
+}
+
+/// Where the vCPU was when the guest died: the registers a triple fault is read
+/// from, so that a crash report says whether the guest kernel or the VMM is to blame.
+fn cpu_snapshot(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:#x} idt {:#x}+{:#x}",
+            r.rip, r.rsp, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.idt.base, s.idt.limit
+        ),
+        (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
     }
 }
