@@ -140,6 +140,8 @@ pub struct SmtpConfig {
     pub password_env: Option<String>,
     #[serde(default = "default_mail_timeout")]
     pub timeout_secs: u64,
+    /// A PEM file of CA certificates trusted besides the web PKI (a private server).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_starttls() -> Security {
@@ -326,6 +328,7 @@ const SMTP: &[(&str, Shape)] = &[
     ("username", Shape::Value),
     ("password_env", Shape::Value),
     ("timeout_secs", Shape::Value),
+    ("ca_file", Shape::Value),
 ];
 const IMAP: &[(&str, Shape)] = &[
     ("host", Shape::Value),
@@ -426,6 +429,9 @@ impl Config {
         if let Some(m) = cfg.mail.as_mut() {
             m.maildir.as_mut().map(rebase);
             if let Some(ca) = m.imap.as_mut().and_then(|i| i.ca_file.as_mut()) {
+                rebase(ca);
+            }
+            if let Some(ca) = m.smtp.as_mut().and_then(|s| s.ca_file.as_mut()) {
                 rebase(ca);
             }
         }
