@@ -3,12 +3,15 @@
 # a copy of examples/inbox/Maildir, and aiosmtpd (SMTP with STARTTLS) keeping every
 # message it receives. Both stop when COMMAND ends, whatever happens.
 #
-#   scripts/kvm-host/mail-peers.sh [--dir DIR] [--keep] -- COMMAND [ARGS...]
+#   scripts/kvm-host/mail-peers.sh [--dir DIR] [--keep] [--optional] -- COMMAND [ARGS...]
 #
 #   --dir DIR   the peers' folder (created; must be empty). Default: a new folder
 #               under /tmp. Share it with the software KVM host (--share DIR) so a
 #               test inside can read the env file and see both mailboxes
 #   --keep      leave the folder behind (it is removed at the end otherwise)
+#   --optional  when the peers cannot start (say, Dovecot is not installed), say why
+#               and run COMMAND without them (IRONVMM_MAIL_PEERS unset), unless
+#               IRONVMM_REQUIRE_MAIL_PEERS=1
 #
 # COMMAND gets IRONVMM_MAIL_PEERS=DIR. DIR/peers.env (shell syntax, mode 600) holds:
 #   IMAPS_PORT      Dovecot's IMAPS port on 127.0.0.1
@@ -25,54 +28,16 @@
 # Dovecot serves the mailbox as nobody (65534), as it never serves mail as root.
 #
 # Exit status: COMMAND's own; 125 when the peers could not start (the message says
-# why); 2 for bad options.
+# why; not with --optional); 2 for bad options.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 say() { printf 'mail-peers: %s\n' "$*" >&2; }
-fail() {
-    say "error: $*"
-    exit 125
-}
-usage() {
-    sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
-    exit "${1:-2}"
-}
-
-dir=
-keep=no
-while [ $# -gt 0 ]; do
-    case $1 in
-    --dir) dir=${2:?--dir needs a folder}; shift 2 ;;
-    --dir=*) dir=${1#*=}; shift ;;
-    --keep) keep=yes; shift ;;
-    -h | --help) usage 0 ;;
-    --) shift; break ;;
-    *) say "error: unknown option $1 (COMMAND goes after --)"; usage ;;
-    esac
-done
-[ $# -gt 0 ] || { say "error: no COMMAND given"; usage; }
-
-dovecot_bin=$(type -P dovecot || { [ -x /usr/sbin/dovecot ] && echo /usr/sbin/dovecot; }) ||
-    fail "dovecot is not installed (apt-get install dovecot-imapd)"
-python3 -c 'import aiosmtpd' 2>/dev/null ||
-    fail "python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd)"
-command -v openssl >/dev/null || fail "openssl is not installed (apt-get install openssl)"
-
-if [ -n "$dir" ]; then
-    mkdir -p "$dir" || fail "cannot create $dir"
-    [ -z "$(ls -A "$dir")" ] || fail "$dir is not empty"
-    dir=$(realpath "$dir")
-else
-    dir=$(mktemp -d "${TMPDIR:-/tmp}/ironvmm-mail-peers.XXXXXX") || fail "cannot create a folder under ${TMPDIR:-/tmp}"
-fi
-
-dovecot_pid=
-smtp_pid=
 status=125
-# shellcheck disable=SC2317 # called by the EXIT trap
-cleanup() {
+# Stops both servers and removes the folder; their logs first when $status says
+# something failed.
+stop_peers() {
     # SIGTERM: Dovecot's master stops its own children (login, auth, imap).
     for p in $dovecot_pid $smtp_pid; do kill "$p" 2>/dev/null; done
     for p in $dovecot_pid $smtp_pid; do wait "$p" 2>/dev/null; done
@@ -85,7 +50,58 @@ cleanup() {
     fi
     if [ "$keep" = yes ]; then say "left $dir"; else rm -rf "$dir"; fi
 }
-trap cleanup EXIT
+fail() {
+    say "error: $*"
+    if [ "$optional" = yes ] && [ "${IRONVMM_REQUIRE_MAIL_PEERS:-}" != 1 ]; then
+        say "--optional: running COMMAND without mail peers"
+        trap - EXIT
+        status=1 stop_peers
+        unset IRONVMM_MAIL_PEERS
+        "${cmd[@]}"
+        exit
+    fi
+    exit 125
+}
+usage() {
+    sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
+    exit "${1:-2}"
+}
+
+dir=
+keep=no
+optional=no
+while [ $# -gt 0 ]; do
+    case $1 in
+    --dir) dir=${2:?--dir needs a folder}; shift 2 ;;
+    --dir=*) dir=${1#*=}; shift ;;
+    --keep) keep=yes; shift ;;
+    --optional) optional=yes; shift ;;
+    -h | --help) usage 0 ;;
+    --) shift; break ;;
+    *) say "error: unknown option $1 (COMMAND goes after --)"; usage ;;
+    esac
+done
+[ $# -gt 0 ] || { say "error: no COMMAND given"; usage; }
+cmd=("$@")
+dovecot_pid=
+smtp_pid=
+dir=${dir:+$(realpath -m "$dir")}
+
+dovecot_bin=$(type -P dovecot || { [ -x /usr/sbin/dovecot ] && echo /usr/sbin/dovecot; }) ||
+    fail "dovecot is not installed (apt-get install dovecot-imapd)"
+python3 -c 'import aiosmtpd' 2>/dev/null ||
+    fail "python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd)"
+command -v openssl >/dev/null || fail "openssl is not installed (apt-get install openssl)"
+
+if [ -n "$dir" ]; then
+    # Removed at the end: never one that holds anything else.
+    [ ! -e "$dir" ] || [ -z "$(ls -A "$dir")" ] || { say "error: --dir $dir is not empty"; exit 2; }
+    mkdir -p "$dir" || fail "cannot create $dir"
+else
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/ironvmm-mail-peers.XXXXXX") || fail "cannot create a folder under ${TMPDIR:-/tmp}"
+fi
+
+trap stop_peers EXIT
 trap 'say "interrupted"; exit 130' INT
 trap 'say "terminated"; exit 143' TERM
 
