@@ -781,6 +781,26 @@ mod tests {
     }
 
     #[test]
+    fn ca_files_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ironvmm.toml");
+        std::fs::write(
+            &p,
+            "[mail]\nbackend = \"imap\"\nfrom = \"a@b.example\"\n\
+             [mail.imap]\nhost = \"imap.example\"\nusername = \"a\"\npassword_env = \"P\"\nca_file = \"ca.pem\"\n\
+             [mail.smtp]\nhost = \"smtp.example\"\nca_file = \"certs/ca.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        let m = c.mail.unwrap();
+        assert_eq!(m.imap.unwrap().ca_file.unwrap(), dir.path().join("ca.pem"));
+        assert_eq!(
+            m.smtp.unwrap().ca_file.unwrap(),
+            dir.path().join("certs/ca.pem")
+        );
+    }
+
+    #[test]
     fn net_keys_are_checked() {
         let e = Config::parse(
             "[net]
