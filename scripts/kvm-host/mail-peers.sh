@@ -56,6 +56,10 @@ fail() {
         say "--optional: running COMMAND without mail peers"
         trap - EXIT
         status=1 stop_peers
+        # A --dir that COMMAND names (say, to share it) still exists for it, empty.
+        if [ "$dir_given" = yes ] && [ "$keep" = no ] && mkdir -p "$dir"; then
+            trap 'rm -rf "$dir"' EXIT
+        fi
         unset IRONVMM_MAIL_PEERS
         "${cmd[@]}"
         exit
@@ -68,12 +72,13 @@ usage() {
 }
 
 dir=
+dir_given=no
 keep=no
 optional=no
 while [ $# -gt 0 ]; do
     case $1 in
-    --dir) dir=${2:?--dir needs a folder}; shift 2 ;;
-    --dir=*) dir=${1#*=}; shift ;;
+    --dir) dir=${2:?--dir needs a folder}; dir_given=yes; shift 2 ;;
+    --dir=*) dir=${1#*=}; dir_given=yes; shift ;;
     --keep) keep=yes; shift ;;
     --optional) optional=yes; shift ;;
     -h | --help) usage 0 ;;
