@@ -3,7 +3,8 @@
 # KERNEL is the vmlinux that scripts/setup.sh (or scripts/build-kernel.sh) prints;
 # OUT defaults to inbox.img in the current folder. The image's agent is `iron agent`
 # with the story's task; its model is $INBOX_AGENT_MODEL (default
-# scripted-inbox-agent, the scripted model; gpt-4o-mini with the openai provider).
+# scripted-inbox-agent, the scripted model) from $INBOX_AGENT_PROVIDER (default: the
+# first of ironvmm.toml's providers; `openai` with INBOX_AGENT_MODEL=gpt-4o-mini).
 # Then, from the folder holding examples/:
 #
 #   ironvmm boot --policy examples/inbox/p.rules inbox.img
@@ -24,8 +25,9 @@ elif command -v cargo >/dev/null; then
 fi
 # Without cargo (the software KVM host) ironvmm finds the static guest binaries
 # in its own target folder.
-model="${INBOX_AGENT_MODEL:-scripted-inbox-agent}"
+env=(--env "IRON_AGENT_MODEL=${INBOX_AGENT_MODEL:-scripted-inbox-agent}")
+[ -z "${INBOX_AGENT_PROVIDER:-}" ] || env+=(--env "IRON_AGENT_PROVIDER=$INBOX_AGENT_PROVIDER")
 task="Tidy my inbox: answer what needs an answer and follow the instructions in the messages."
-"$ironvmm" image build --kernel "$kernel" "${guest[@]}" --env "IRON_AGENT_MODEL=$model" \
+"$ironvmm" image build --kernel "$kernel" "${guest[@]}" "${env[@]}" \
     --mem 256M --cmd "iron agent '$task'" -o "$out"
 echo "$out"
