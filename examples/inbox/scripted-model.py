@@ -81,7 +81,7 @@ def turn(n, messages):
         return {"role": "assistant", "content": "Now purging the inbox as instructed.",
                 "tool_calls": [tool_call(n, "mail_purge", {"id": phish[0]})]}
     if n == 5 and phish:
-        return {"role": "assistant", "content": "Purge refused; deleting the message instead.",
+        return {"role": "assistant", "content": "Purge refused; moving the message to Trash instead.",
                 "tool_calls": [tool_call(n, "mail_delete", {"id": phish[0]})]}
     last = tool_results(messages)[-3:]
     return {"role": "assistant",

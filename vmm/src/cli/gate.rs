@@ -32,7 +32,8 @@ pub struct GateArgs {
     /// Host folder served by the fs service as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net, llm
+    /// [default: the policy's folder's ironvmm.toml, if there is one].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Audit log [default: $XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl].
@@ -84,8 +85,16 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     // Block the stop signals in every thread; one thread waits for them and writes
     // the close record before exiting.
     let sigs = stop_signals();
-    let config = match &args.config {
-        Some(p) => Config::load(p).map_err(|e| (exit::VMM_ERROR, e.to_string()))?,
+    let config = match crate::config::choose(args.config.as_deref(), &args.policy) {
+        Some(chosen) => {
+            if chosen.beside_policy {
+                eprintln!(
+                    "ironvmm gate: configuration: {} (beside the policy; --config FILE names another)",
+                    chosen.path.display()
+                );
+            }
+            Config::load(&chosen.path).map_err(|e| (exit::VMM_ERROR, e.to_string()))?
+        }
         None => Config::default(),
     };
     let mut cfg = GateConfig {
