@@ -635,12 +635,12 @@ fn openclaw_in_a_guest_meets_the_policy_and_never_holds_the_key() {
         .arg(d.join("ironvmm.toml"))
         .arg("--audit")
         .arg(d.join("audit.jsonl"))
-        .args(["--timeout", "2400s"])
+        .args(["--timeout", "2100s"])
         .arg(&img)
         .env(KEY_ENV, KEY)
         .env("XDG_RUNTIME_DIR", d);
     let t = Instant::now();
-    let (ok, stdout, stderr) = run(cmd, Duration::from_secs(2500), |_| {});
+    let (ok, stdout, stderr) = run(cmd, Duration::from_secs(2200), |_| {});
     let _ = writeln!(std::io::stderr(), "openclaw guest: {:?}", t.elapsed());
     let o = Outcome::collect(d, servers, ok, stdout, stderr);
     // The console is the guest's: the key is not in it (check_story), nor was it
