@@ -213,8 +213,12 @@ fn servers(d: &Path) -> Option<Servers> {
         .strip_prefix("listening on ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("the scripted model said {line:?}"));
-    let toml = fs::read_to_string(inbox.join("ironvmm.toml"))
-        .unwrap()
+    let toml = fs::read_to_string(inbox.join("ironvmm.toml")).unwrap();
+    assert!(toml.contains("tokens = 200000"));
+    // OpenClaw sends its whole system prompt and 45 tool schemas every turn
+    // (about 110 KB): its 7 turns come close to the example's 200,000 tokens.
+    let toml = toml
+        .replace("tokens = 200000", "tokens = 2000000")
         .replace("port = 2525", &format!("port = {}", smtp.port))
         .replace("127.0.0.1:8399", &format!("127.0.0.1:{model_port}"));
     fs::write(d.join("ironvmm.toml"), toml).unwrap();
