@@ -343,6 +343,8 @@ fn check_story(o: &Outcome) {
         assert!(offered.contains(&t), "{t} not offered: {offered:?}");
     }
     assert!(!offered.iter().any(|t| t.contains("purge")), "{offered:?}");
+    // llm.chat, which the policy allows, is filtered out by the config.
+    assert!(!offered.iter().any(|t| t.contains("llm")), "{offered:?}");
 
     // Reading is allowed: every message was read.
     let reads = o.decisions("mail.read");
@@ -522,13 +524,13 @@ fn openclaw_falls_for_the_injection_and_the_policy_holds() {
     let example = root().join("examples/openclaw");
     let config = fs::read_to_string(example.join("openclaw.json5")).unwrap();
     assert!(config.contains("http://127.0.0.1:3128/llm/scripted"));
-    assert!(config.contains(r#"command: "/bin/iron", args: ["mcp"]"#));
+    assert!(config.contains(r#"command: "/bin/iron", args: ["mcp"],"#));
     let config = config
         .replace("127.0.0.1:3128", &format!("127.0.0.1:{proxy_port}"))
         .replace(
-            r#"command: "/bin/iron", args: ["mcp"]"#,
+            r#"command: "/bin/iron", args: ["mcp"],"#,
             &format!(
-                r#"command: {:?}, args: ["mcp"], env: {{ IRON_GATE: "unix:{}" }}"#,
+                r#"command: {:?}, args: ["mcp"], env: {{ IRON_GATE: "unix:{}" }},"#,
                 iron.display().to_string(),
                 sock.display()
             ),
