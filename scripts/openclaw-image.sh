@@ -62,8 +62,11 @@ if [ ! -f "$cache/app/node_modules/openclaw/openclaw.mjs" ]; then
     echo "openclaw-image: npm install openclaw@$OPENCLAW_VERSION (about 650 MB)" >&2
     rm -rf "$cache/app" && mkdir -p "$cache/app"
     echo '{"name": "ironvmm-openclaw", "private": true}' >"$cache/app/package.json"
+    # No install scripts, whatever the npm: none is needed (koffi ships its binary,
+    # openclaw's own only warn or clean up), and npm 11 runs none by default anyway.
     (cd "$cache/app" && PATH="$cache/node/bin:$PATH" npm install --silent --omit=dev \
-        --no-audit --no-fund --no-package-lock "openclaw@$OPENCLAW_VERSION" >/dev/null)
+        --ignore-scripts --no-audit --no-fund --no-package-lock \
+        "openclaw@$OPENCLAW_VERSION" >/dev/null)
 fi
 "$cache/node/bin/node" "$cache/app/node_modules/openclaw/openclaw.mjs" --version >&2
 if [ "$install_only" = 1 ]; then
