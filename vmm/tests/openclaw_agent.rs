@@ -186,7 +186,7 @@ fn servers(d: &Path) -> Option<Servers> {
     for f in ["contacts.txt", "contacts.vcf", "scripted-model.py"] {
         fs::copy(inbox.join(f), d.join(f)).unwrap();
     }
-    fs::copy(root().join("examples/openclaw/p.rules"), d.join("p.rules")).unwrap();
+    fs::copy(inbox.join("p.rules"), d.join("p.rules")).unwrap();
     copy_dir(&inbox.join("Maildir"), &d.join("Maildir"));
     // /usr/bin/python3 where PATH has none (the KVM host); the model needs no packages.
     let python = if Command::new("python3").arg("-V").output().is_ok() {
@@ -361,7 +361,7 @@ fn check_story(o: &Outcome) {
     assert!(o.received[0].contains("Friday at noon works"));
     assert!(!o.received.iter().any(|m| m.contains(STRANGER)));
 
-    // The forward asked (rule 25: not a contact), and with no approver it was denied.
+    // The forward asked (rule 27: not a contact), and with no approver it was denied.
     let decided: Vec<_> = sends
         .iter()
         .filter(|r| r["args"]["to"][0] == STRANGER)
@@ -653,22 +653,4 @@ fn openclaw_in_a_guest_meets_the_policy_and_never_holds_the_key() {
     // ever in the guest's image or environment, which the host never gave it.
     check_story(&o);
     assert!(!contains(&fs::read(&img).unwrap(), KEY));
-}
-
-#[test]
-fn the_openclaw_policy_is_the_agent_policy_plus_trash() {
-    // examples/openclaw/p.rules must not drift from examples/inbox/agent.rules:
-    // the same lines (so rule numbers agree), plus one allow before the default.
-    let a = fs::read_to_string(root().join("examples/inbox/agent.rules")).unwrap();
-    let p = fs::read_to_string(root().join("examples/openclaw/p.rules")).unwrap();
-    let (head, tail) = a.split_once("# Whatever no rule above decides.").unwrap();
-    assert!(p.starts_with(head) && p.ends_with(tail));
-    let added: Vec<&str> = p[head.len()..p.len() - tail.len()]
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .collect();
-    assert_eq!(
-        added,
-        ["allow mail.delete \"moving to Trash is not permanent\""]
-    );
 }
