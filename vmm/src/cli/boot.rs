@@ -96,7 +96,7 @@ pub struct BootArgs {
     #[arg(long, hide = true, default_value = "")]
     pub cmdline: String,
     /// Per-thread seccomp filters: on (a forbidden syscall kills ironvmm), off, or
-    /// log (allowed and logged by the kernel, to find a gap) [default: on for run, off for boot].
+    /// log (allowed and logged by the kernel, to find a gap) [default: on].
     #[arg(long, value_name = "on|off|log")]
     pub seccomp: Option<Setting>,
     /// Do not offer VIRTIO_RING_F_EVENT_IDX on the vsock (benchmarks: what it saves).
@@ -392,10 +392,9 @@ impl Mode {
             interactive: true,
             budget: None,
             flags: serde_json::Map::new(),
-            // Unconfined unless asked, until the booting suite has run every `boot`
-            // guest confined since port 2 and the mail and llm services came in;
-            // `run` (CI) confines by default (docs/seccomp.md).
-            seccomp: Setting::Off,
+            // Confined, like `run`: `--seccomp off` tells a filter gap from another
+            // bug (docs/seccomp.md).
+            seccomp: Setting::On,
         }
     }
 }
