@@ -7,6 +7,7 @@
 #   scripts/fuzz-smoke.sh [SECONDS]          the CI smoke (60 s per target)
 #   scripts/fuzz-smoke.sh 600 frame_rpc      one target, 10 minutes
 #   FUZZ_SANITIZER=address scripts/fuzz-smoke.sh 600 vsock_device
+# FUZZ_ARGS: more libFuzzer flags for every target (they win over the ones here).
 # FUZZ_SANITIZER (default none, the CI smoke) is cargo fuzz's --sanitizer: the smoke
 # builds without AddressSanitizer because that build alone takes longer than CI allows
 # on 2 cores; long runs use address (docs/fuzzing.md says what each one finds).
@@ -66,13 +67,15 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 # As cargo fuzz run sets it: Rust's symbols trip the ODR check.
 export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_odr_violation=0
+# FUZZ_ARGS is split on spaces: libFuzzer flags have none inside them.
+read -r -a extra <<<"${FUZZ_ARGS:-}"
 pids=()
 for name in "${targets[@]}"; do
     mkdir -p "$scratch/$name/corpus" "$scratch/$name/artifacts"
     say "$name: ${secs}s"
     "$bin_dir/$name" "$scratch/$name/corpus" "vmm/fuzz/seeds/$name" \
         -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 -max_len=65536 \
-        -artifact_prefix="$scratch/$name/artifacts/" -print_final_stats=1 \
+        -artifact_prefix="$scratch/$name/artifacts/" -print_final_stats=1 "${extra[@]}" \
         >"$scratch/$name.log" 2>&1 &
     pids+=("$!")
 done
@@ -92,8 +95,8 @@ for i in "${!pids[@]}"; do
         if compgen -G "$scratch/$name/artifacts/*" >/dev/null; then
             mkdir -p "vmm/fuzz/artifacts/$name"
             cp "$scratch/$name/artifacts/"* "vmm/fuzz/artifacts/$name/"
-            say "$name: the input is in vmm/fuzz/artifacts/$name/; reproduce it with" \
-                "FUZZ_SANITIZER=$sanitizer: $bin_dir/$name vmm/fuzz/artifacts/$name/<file>"
+            say "$name: the input is in vmm/fuzz/artifacts/$name/; replay it with" \
+                "$bin_dir/$name vmm/fuzz/artifacts/$name/<file>"
         fi
     fi
 done
