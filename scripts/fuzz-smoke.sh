@@ -35,7 +35,8 @@ else
 fi
 
 # Every target, each with its seed corpus vmm/fuzz/seeds/<target>/.
-targets=(frame_rpc vsock_device image manifest cpio audit_read parse_eval)
+all_targets=(frame_rpc vsock_device image manifest cpio audit_read parse_eval)
+targets=("${all_targets[@]}")
 if [ -n "$only" ]; then
     [ -d "vmm/fuzz/seeds/$only" ] || { say "no fuzz target '$only' (one of: ${targets[*]})"; exit 2; }
     targets=("$only")
@@ -62,6 +63,25 @@ start=$SECONDS
 (cd vmm && "${fuzz[@]}" build "${build[@]}" >&2)
 say "built in $((SECONDS - start)) s"
 bin_dir="$target_dir/x86_64-unknown-linux-gnu/release"
+
+# The project's own crates get another hash in every clone at another path (CI's
+# fresh clones): each build would leave ~500 MB behind. Keep only the newest build
+# of each; the dependencies' builds are shared by all clones and stay.
+prune_stale() {
+    local deps=$bin_dir/deps name newest f
+    for name in ironvmm ironvmm_gate ironvmm_policy ironvmm_policy_compiler ironvmm_wire \
+        ironvmm_seccomp "${all_targets[@]}"; do
+        newest=$(find "$deps" -maxdepth 1 -regextype posix-extended \
+            -regex ".*/(lib)?$name-[0-9a-f]{16}(\.rlib|\.rmeta|\.d)?" -printf '%T@ %f\n' |
+            sort -rn | head -n1 | grep -oE -- "-[0-9a-f]{16}" || true)
+        [ -n "$newest" ] || continue
+        while IFS= read -r f; do
+            rm -f "$f"
+        done < <(find "$deps" -maxdepth 1 -regextype posix-extended \
+            -regex ".*/(lib)?$name-[0-9a-f]{16}(\.rlib|\.rmeta|\.d)?" ! -name "*$newest*")
+    done
+}
+prune_stale
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
