@@ -195,6 +195,18 @@ impl PreparedGate {
         &self.audit_path
     }
 
+    /// `--jail`: readies the services for running as `uid`/`gid` once the host's
+    /// paths are gone (the fs service: the workspace's permissions, the trash
+    /// folder opened now). Returns warnings to print.
+    pub fn ready_for_jail(&mut self, uid: u32, gid: u32) -> Result<Vec<String>, SetupError> {
+        match &mut self.fs {
+            Some(fs) => fs
+                .ready_for_user(uid, gid)
+                .map_err(|e| fail(exit::VMM_ERROR, format!("--jail: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The second half: creates the audit log and its key with the `open` record
     /// (which names `image_sha256`), protects the gate's files and builds the gate.
     pub fn open(self, image_sha256: Option<String>) -> Result<OpenedGate, SetupError> {
