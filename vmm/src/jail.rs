@@ -204,6 +204,8 @@ impl Jail {
     /// Step 2: the jail's root, `pivot_root` into it, the old root gone, then the
     /// unprivileged uid for every thread. Call it once every host file is open.
     pub fn enter(&self) -> Result<(), JailError> {
+        // No exec could gain privileges back (`boot` and `run` set it already).
+        rustix::thread::set_no_new_privs(true).map_err(step("prctl(PR_SET_NO_NEW_PRIVS)"))?;
         self.build_root()?;
         self.pivot()?;
         self.drop_credentials()

@@ -96,21 +96,29 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    fn from_args(a: &RunArgs) -> Outputs {
-        let step_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
+    pub fn new(report: Option<PathBuf>, junit: Option<PathBuf>, summary: Option<PathBuf>) -> Self {
         Outputs {
-            report: a.report.clone(),
-            junit: a.junit.clone(),
-            summary: a.summary.clone().or(step_summary),
+            report,
+            junit,
+            summary,
             opened: Default::default(),
         }
     }
 
+    fn from_args(a: &RunArgs) -> Outputs {
+        let step_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        Outputs::new(
+            a.report.clone(),
+            a.junit.clone(),
+            a.summary.clone().or(step_summary),
+        )
+    }
+
     /// Opens every output now (the report and JUnit file truncated, the summary
     /// for appending), for a VMM that will no longer have their paths.
-    fn open_now(&mut self) -> Result<(), String> {
+    pub fn open_now(&mut self) -> Result<(), String> {
         let paths = [
             (&self.report, "--report", false),
             (&self.junit, "--junit", false),
