@@ -478,7 +478,7 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
     };
     // Confined before anything is opened: the process, then each thread's filter.
     let seccomp = a.seccomp.unwrap_or(mode.seccomp);
-    match hardening::harden_process() {
+    match hardening::harden_process(a.jail.jail.is_some()) {
         Ok(warnings) => warnings
             .iter()
             .for_each(|w| eprintln!("ironvmm: warning: {w}")),
