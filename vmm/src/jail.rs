@@ -172,6 +172,18 @@ impl Jail {
     /// one) of its own, with every mount private so nothing done here reaches the
     /// host. Threads started afterwards share it.
     pub fn unshare(&self) -> Result<(), JailError> {
+        // A thread that exists already would keep the host's namespace and root.
+        let threads = std::fs::read_dir("/proc/self/task")
+            .map_err(io_step("counting this process's threads (/proc/self/task)"))?
+            .count();
+        if threads != 1 {
+            return Err(JailError::Step {
+                step: "unshare(CLONE_NEWNS)".into(),
+                source: std::io::Error::other(format!(
+                    "the process already runs {threads} threads; the namespace must come before any"
+                )),
+            });
+        }
         let flags = UnshareFlags::NEWNS | UnshareFlags::NEWIPC;
         // SAFETY: neither CLONE_FILES nor CLONE_FS sharing is broken for other
         // threads: there are none yet (the caller's contract), and a mount
@@ -354,6 +366,15 @@ mod tests {
         let cfg = Config::load(&f).unwrap();
         let e = Jail::new(dir.path(), DEFAULT_USER, &cfg).unwrap_err();
         assert!(e.to_string().contains("tickets"), "{e}");
+    }
+
+    #[test]
+    fn the_namespace_is_refused_once_threads_run() {
+        // The test harness runs this on a thread of its own: never single-threaded.
+        let dir = tempfile::tempdir().unwrap();
+        let j = Jail::new(dir.path(), DEFAULT_USER, &Config::default()).unwrap();
+        let e = j.unshare().unwrap_err();
+        assert!(e.to_string().contains("threads"), "{e}");
     }
 
     #[test]
