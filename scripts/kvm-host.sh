@@ -2,12 +2,16 @@
 # Runs COMMAND on a machine with working hardware KVM and exits with its status.
 #
 #   scripts/kvm-host.sh [--cpus N] [--mem SIZE] [--share DIR]... [--timeout SECS]
-#                       [--with-qemu] [--quiet] -- COMMAND [ARGS...]
+#                       [--host-net] [--with-qemu] [--quiet] -- COMMAND [ARGS...]
 #
 #   --cpus N        emulated CPUs of the software host (default 1: faster under TCG)
 #   --mem SIZE      its memory, e.g. 2G (default) or 1536M
 #   --share DIR     also mount DIR at the same path (repeatable; the repository always is)
 #   --timeout SECS  stop COMMAND after SECS (default 3600) and exit 124
+#   --host-net      give the software host a network to this machine: QEMU's user-mode
+#                   network (virtio-net), eth0 10.0.2.15/24 with no default route, on
+#                   which this machine's loopback is 10.0.2.2. COMMAND reaches servers
+#                   listening on this machine's 127.0.0.1 there, and nothing else
 #   --with-qemu     put qemu-system-x86_64 and its firmware into the software host, so
 #                   QEMU can run there as a peer VMM (-M microvm -enable-kvm); the
 #                   initramfs grows from 11 to 68 MB, a boot about a second slower
@@ -19,6 +23,9 @@
 # kvm-amd, busybox. The repository and every --share DIR are mounted at the same path
 # over 9p; COMMAND's binaries and their libraries are copied in. One host serves one
 # COMMAND: to run many tests in one boot, make COMMAND a script (see docs/kvm-host.md).
+#
+# COMMAND finds the address of this machine in KVM_HOST_OUTSIDE: 10.0.2.2 in the
+# software host with --host-net (unset without it), 127.0.0.1 when native.
 #
 # Exit status: COMMAND's own; 124 when --timeout expired; 125 when the software host
 # could not be set up or could not start (the message says why), or when the host
@@ -66,6 +73,7 @@ mem=2G
 timeout_s=3600
 with_qemu=${IRONVMM_KVM_HOST_WITH_QEMU:+yes}
 with_qemu=${with_qemu:-no}
+host_net=no
 shares=()
 KH_QUIET=${IRONVMM_KVM_HOST_QUIET:-}
 while [ $# -gt 0 ]; do
@@ -79,6 +87,7 @@ while [ $# -gt 0 ]; do
     --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
     --timeout=*) timeout_s=${1#*=}; shift ;;
     --with-qemu) with_qemu=yes; shift ;;
+    --host-net) host_net=yes; shift ;;
     -q | --quiet) KH_QUIET=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
@@ -121,6 +130,8 @@ auto)
 esac
 
 if [ "$mode" = native ]; then
+    # COMMAND runs on this machine: its servers are on this loopback.
+    export KVM_HOST_OUTSIDE=127.0.0.1
     exec timeout --foreground -k 10 "$timeout_s" "$@"
 fi
 
@@ -258,6 +269,13 @@ for d in "${share_list[@]}"; do
     printf 's%d %s\n' "$i" "$d" >>"$ctl/shares"
     i=$((i + 1))
 done
+# --host-net: QEMU's user-mode network (slirp), where 10.0.2.2 is this machine's
+# loopback. init.sh gives the NIC its address and no default route.
+netdev=()
+if [ "$host_net" = yes ]; then
+    netdev=(-netdev "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,ipv6=off" -device "virtio-net-pci,netdev=net0")
+    echo 10.0.2.15/24 >"$ctl/net"
+fi
 under_share() {
     local p s
     p=$(realpath -m "$1")
@@ -298,6 +316,7 @@ done
         printf 'export %s=%s\n' "$name" "$(kh_quote "${kv#*=}")"
     done < <(env -0)
     printf 'export KVM_HOST=software\n'
+    if [ "$host_net" = yes ]; then printf 'export KVM_HOST_OUTSIDE=10.0.2.2\n'; else printf 'unset KVM_HOST_OUTSIDE\n'; fi
     printf 'mkdir -p %s 2>/dev/null\n' "$(kh_quote "${HOME:-/root}")"
     if under_share "$PWD"; then
         printf 'cd %s || exit 125\n' "$(kh_quote "$(realpath "$PWD")")"
@@ -331,7 +350,7 @@ qemu-system-x86_64 -accel tcg -cpu max -smp "$cpus" -m "$mem" -M pc -nodefaults 
     -chardev "file,id=out,path=$run_dir/out" -device virtserialport,chardev=out,name=kh.out \
     -chardev "file,id=err,path=$run_dir/err" -device virtserialport,chardev=err,name=kh.err \
     -virtfs "local,path=$ctl,mount_tag=ctl,security_model=none" \
-    "${virtfs[@]}" </dev/null >"$run_dir/qemu.log" 2>&1 &
+    "${virtfs[@]}" "${netdev[@]}" </dev/null >"$run_dir/qemu.log" 2>&1 &
 qpid=$!
 
 if [ -n "${IRONVMM_KVM_HOST_VERBOSE:-}" ]; then

@@ -32,12 +32,18 @@ deb=${2:?usage: build-image.sh OUT_DIR KERNEL_DEB}
 #   CPU is.
 # - vhost_vsock (--with-qemu only): vsock for a QEMU peer VMM. ironvmm's own vsock
 #   device lives in user space and needs no module.
+# - virtio_net (in its own list, order-net): the NIC of --host-net; init.sh loads it
+#   only for a host that has one, so other boots cost no more.
 top_modules=(virtio_pci virtio_console 9pnet_virtio 9p kvm-amd)
+# shellcheck disable=SC2034 # read through resolve's nameref
+net_modules=(virtio_net)
 [ "$with_qemu" = yes ] && top_modules+=(vhost_vsock)
 # The order measured in docs/kvm-host.md, used when modinfo is not available.
 fallback_order=(virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_console
     9pnet 9pnet_virtio netfs fscache 9p irqbypass kvm ccp kvm-amd)
 [ "$with_qemu" = yes ] && fallback_order+=(vsock vhost_iotlb vhost vmw_vsock_virtio_transport_common vhost_vsock)
+# shellcheck disable=SC2034 # read through resolve's nameref
+fallback_net_order=(failover net_failover virtio_net)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/kvm-host-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -97,32 +103,48 @@ visit() {
     order+=("$file")
 }
 mkdir -p "$root/lib/kvm-host-modules"
-if command -v modinfo >/dev/null; then
-    for m in "${top_modules[@]}"; do visit "$m"; done
-else
-    for m in "${fallback_order[@]}"; do
+# Sets $order to the module files for the names in the array $1, each after its
+# dependencies (found with modinfo; one already in an earlier list is not repeated),
+# or, without modinfo, to the fixed order in the array $2.
+resolve() {
+    local -n wanted=$1 fixed=$2
+    local m f
+    order=()
+    if command -v modinfo >/dev/null; then
+        for m in "${wanted[@]}"; do visit "$m" || exit 1; done
+        return
+    fi
+    for m in "${fixed[@]}"; do
         f=$(find_module "$m")
         if [ -n "$f" ]; then order+=("$f"); elif ! is_builtin "$m"; then
             kh_err "kernel $release has no module $m"
             exit 1
         fi
     done
-fi
-: >"$root/lib/kvm-host-modules/order"
-for f in "${order[@]}"; do
-    base=$(basename "$f")
-    case $base in
-    *.ko) cp "$f" "$root/lib/kvm-host-modules/$base" ;;
-    *.ko.xz) xz -dc "$f" >"$root/lib/kvm-host-modules/${base%.xz}" ;;
-    *.ko.zst) zstd -qdc "$f" >"$root/lib/kvm-host-modules/${base%.zst}" ;;
-    *.ko.gz) gzip -dc "$f" >"$root/lib/kvm-host-modules/${base%.gz}" ;;
-    *) kh_err "unknown module format $base"; exit 1 ;;
-    esac
-    base=${base%.xz}
-    base=${base%.zst}
-    echo "${base%.gz}" >>"$root/lib/kvm-host-modules/order"
-done
-kh_log "modules: $(tr '\n' ' ' <"$root/lib/kvm-host-modules/order")"
+}
+# Copies the modules of $order (uncompressed) and lists them in the file $1.
+install_modules() {
+    local f base list=$root/lib/kvm-host-modules/$1
+    : >"$list"
+    for f in "${order[@]}"; do
+        base=$(basename "$f")
+        case $base in
+        *.ko) cp "$f" "$root/lib/kvm-host-modules/$base" ;;
+        *.ko.xz) xz -dc "$f" >"$root/lib/kvm-host-modules/${base%.xz}" ;;
+        *.ko.zst) zstd -qdc "$f" >"$root/lib/kvm-host-modules/${base%.zst}" ;;
+        *.ko.gz) gzip -dc "$f" >"$root/lib/kvm-host-modules/${base%.gz}" ;;
+        *) kh_err "unknown module format $base"; exit 1 ;;
+        esac
+        base=${base%.xz}
+        base=${base%.zst}
+        echo "${base%.gz}" >>"$list"
+    done
+}
+resolve top_modules fallback_order
+install_modules order
+resolve net_modules fallback_net_order
+install_modules order-net
+kh_log "modules: $(tr '\n' ' ' <"$root/lib/kvm-host-modules/order")(--host-net: $(tr '\n' ' ' <"$root/lib/kvm-host-modules/order-net"))"
 
 # --- userland -------------------------------------------------------------------
 # Same top-level layout as this machine (merged /usr or not), so copied paths match.

@@ -4,6 +4,9 @@
 # Contract with scripts/kvm-host.sh (the "ctl" 9p share, mounted at /.kvm-host):
 #   shares     lines "TAG PATH": 9p shares to mount at PATH (shorter paths first)
 #   9p-cache   optional: the 9p cache mode for the shares (default none)
+#   net        optional (--host-net): "ADDR/PREFIX" for the first NIC, QEMU's user-mode
+#              network; no default route, so only that subnet (the machine outside
+#              as 10.0.2.2, through QEMU) is reachable
 #   run.sh     the command: environment, cd, then exec of COMMAND ARGS
 #   root/      extra files (COMMAND's binaries and their libraries) copied over /
 #   ready      written here once the host is up (its uptime in seconds)
@@ -59,6 +62,27 @@ fi
 # Loopback up: tests run their counterparts (an SMTP server, an HTTP server) on
 # 127.0.0.1 inside the host, next to the VMM that reaches them.
 ip link set lo up 2>/dev/console || die "cannot bring the loopback interface up"
+
+# --host-net: the NIC's driver, then its address. No default route: the host reaches
+# the machine outside (10.0.2.2 is its loopback, through QEMU) and nothing else.
+if [ -f /.kvm-host/net ]; then
+    read -r net_addr </.kvm-host/net
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        insmod "/lib/kvm-host-modules/$mod" 2>/dev/console || die "insmod $mod failed"
+    done </lib/kvm-host-modules/order-net
+    nic=
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        for n in /sys/class/net/*; do
+            case ${n##*/} in lo | sit* | tunl* | ip6tnl*) ;; *) nic=${n##*/}; break ;; esac
+        done
+        [ -n "$nic" ] && break
+        sleep 0.2
+    done
+    [ -n "$nic" ] || die "--host-net: no network interface appeared (virtio_net loaded)"
+    ip link set "$nic" up 2>/dev/console || die "cannot bring $nic up"
+    ip addr add "$net_addr" dev "$nic" 2>/dev/console || die "cannot give $nic the address $net_addr"
+fi
 
 [ -c /dev/kvm ] || die "/dev/kvm is missing: kvm-amd did not load (dmesg: $(dmesg | grep -i -E 'kvm|svm' | tail -n 3))"
 # Give the VMMs inside the rights they would have outside.

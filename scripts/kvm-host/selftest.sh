@@ -85,8 +85,29 @@ else
 fi
 
 # --- the same statuses natively (no boot) ------------------------------------------------
-IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native; exit 7'
-if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = native ]; then ok "native mode: status 7, output (${secs} s)"; else bad "native mode" "status $rc"; fi
+# shellcheck disable=SC2016 # $KVM_HOST_OUTSIDE is the inner shell's
+IRONVMM_KVM_HOST=native run 20 -- sh -c 'echo native $KVM_HOST_OUTSIDE; exit 7'
+if [ "$rc" = 7 ] && [ "$(cat "$tmp/out")" = "native 127.0.0.1" ]; then ok "native mode: status 7, output, KVM_HOST_OUTSIDE=127.0.0.1 (${secs} s)"; else bad "native mode" "status $rc"; fi
+
+# --- --host-net: this machine's loopback is 10.0.2.2, and nothing else is routed -------------
+if command -v python3 >/dev/null; then
+    mkdir -p "$tmp/web"
+    echo "served outside" >"$tmp/web/hello.txt"
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 -m http.server "$port" --bind 127.0.0.1 --directory "$tmp/web" >/dev/null 2>&1 &
+    web=$!
+    # shellcheck disable=SC2016 # the inner shell's variables
+    IRONVMM_KVM_HOST=software run 300 -q --host-net -- sh -c \
+        'echo "outside=$KVM_HOST_OUTSIDE"; wget -q -O - "http://$KVM_HOST_OUTSIDE:$1/hello.txt"; echo "default_routes=$(ip route | grep -c default)"' sh "$port"
+    kill "$web" 2>/dev/null
+    if [ "$rc" = 0 ] && [ "$(cat "$tmp/out")" = "$(printf 'outside=10.0.2.2\nserved outside\ndefault_routes=0')" ]; then
+        ok "--host-net: a server on this machine's 127.0.0.1 answers at \$KVM_HOST_OUTSIDE (10.0.2.2); no default route (${secs} s)"
+    else
+        bad "--host-net" "status $rc, output: $(tr '\n' '|' <"$tmp/out")"
+    fi
+else
+    echo "skip  --host-net (no python3 for a web server here)"
+fi
 
 # --- --timeout stops a command that hangs --------------------------------------------------
 # (and, in the same boot: --cpus, and ironvmm doctor finding hardware KVM there; 30 s,

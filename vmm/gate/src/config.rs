@@ -140,6 +140,8 @@ pub struct SmtpConfig {
     pub password_env: Option<String>,
     #[serde(default = "default_mail_timeout")]
     pub timeout_secs: u64,
+    /// A PEM file of CA certificates trusted besides the web PKI (a private server).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_starttls() -> Security {
@@ -326,6 +328,7 @@ const SMTP: &[(&str, Shape)] = &[
     ("username", Shape::Value),
     ("password_env", Shape::Value),
     ("timeout_secs", Shape::Value),
+    ("ca_file", Shape::Value),
 ];
 const IMAP: &[(&str, Shape)] = &[
     ("host", Shape::Value),
@@ -426,6 +429,9 @@ impl Config {
         if let Some(m) = cfg.mail.as_mut() {
             m.maildir.as_mut().map(rebase);
             if let Some(ca) = m.imap.as_mut().and_then(|i| i.ca_file.as_mut()) {
+                rebase(ca);
+            }
+            if let Some(ca) = m.smtp.as_mut().and_then(|s| s.ca_file.as_mut()) {
                 rebase(ca);
             }
         }
@@ -772,6 +778,26 @@ mod tests {
         assert!(!c.http_allowed().is_empty());
         assert!(c.llm.is_some());
         assert_eq!((c.net.timeout_secs, c.net.max_connections), (60, 32));
+    }
+
+    #[test]
+    fn ca_files_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ironvmm.toml");
+        std::fs::write(
+            &p,
+            "[mail]\nbackend = \"imap\"\nfrom = \"a@b.example\"\n\
+             [mail.imap]\nhost = \"imap.example\"\nusername = \"a\"\npassword_env = \"P\"\nca_file = \"ca.pem\"\n\
+             [mail.smtp]\nhost = \"smtp.example\"\nca_file = \"certs/ca.pem\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        let m = c.mail.unwrap();
+        assert_eq!(m.imap.unwrap().ca_file.unwrap(), dir.path().join("ca.pem"));
+        assert_eq!(
+            m.smtp.unwrap().ca_file.unwrap(),
+            dir.path().join("certs/ca.pem")
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
-use common::smtp::{received, skip, smtp_server};
+use common::smtp::{received, skip, smtp_server, smtp_server_starttls};
 use common::{error_kind, is_denied, TestGate};
 use serde_json::{json, Value};
 
@@ -230,6 +230,45 @@ fn send_reaches_a_real_smtp_server_and_is_filed_in_sent() {
     assert!(md.join(".Sent/cur").read_dir().unwrap().count() == 1);
 }
 
+/// STARTTLS, required, to a server whose certificate only `ca_file` vouches for; the
+/// same server is refused without it.
+#[test]
+fn send_over_starttls_trusts_the_ca_file_and_nothing_else() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some((cert, key)) = self_signed(scratch.path()) else {
+        return;
+    };
+    let Some(srv) = smtp_server_starttls(scratch.path(), (&cert, &key)) else {
+        return;
+    };
+    let smtp = |ca: Option<&Path>| {
+        let mut c = format!(
+            "[mail.smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"starttls\"\ntimeout_secs = 20\n",
+            srv.port
+        );
+        if let Some(ca) = ca {
+            c.push_str(&format!("ca_file = \"{}\"\n", ca.display()));
+        }
+        c
+    };
+    let base = config(None);
+    let send = json!({"to": ["alice@example.com"], "subject": "Over STARTTLS", "body": "sealed"});
+
+    let (dir, _md) = mailbox();
+    let mut g = TestGate::in_dir(dir, POLICY, &format!("{base}{}", smtp(None)));
+    let e = g.call("mail.send", send.clone()).unwrap_err();
+    assert_eq!(error_kind(&e), "smtp", "{e}");
+    assert!(received(&srv.inbox).is_empty());
+
+    let (dir, _md) = mailbox();
+    let mut g = TestGate::in_dir(dir, POLICY, &format!("{base}{}", smtp(Some(&cert))));
+    let r = g.call("mail.send", send).unwrap();
+    assert_eq!(r["sent"], true, "{r}");
+    let got = received(&srv.inbox);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].contains("Subject: Over STARTTLS"), "{}", got[0]);
+}
+
 #[test]
 fn a_message_asking_to_forward_everything_is_data_the_policy_still_decides_the_send() {
     let scratch = tempfile::tempdir().unwrap();
@@ -338,33 +377,7 @@ fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {
     };
     let d = dir.join("dovecot");
     fs::create_dir_all(d.join("run")).unwrap();
-    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        // An end-entity certificate that is its own trust anchor (webpki refuses a CA
-        // certificate as the server certificate).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status();
-    if !ok.is_ok_and(|s| s.success()) {
-        skip("openssl could not make a test certificate");
-        return None;
-    }
+    let (cert, key) = self_signed(&d)?;
     // Dovecot never serves mail as root: as root, the mailbox goes to nobody.
     // SAFETY: geteuid(2) and getegid(2) take no arguments and cannot fail.
     let (uid, gid) = match unsafe { libc::geteuid() } {
@@ -420,6 +433,39 @@ fn dovecot(dir: &Path, maildir: &Path) -> Option<Dovecot> {
     }
     let log = fs::read_to_string(d.join("dovecot.log")).unwrap_or_default();
     panic!("dovecot did not listen on port {port} within 30 s:\n{log}");
+}
+
+/// A self-signed end-entity certificate for localhost and 127.0.0.1 in `d`
+/// (cert.pem, key.pem). None (and a printed reason) without openssl.
+fn self_signed(d: &Path) -> Option<(PathBuf, PathBuf)> {
+    let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // An end-entity certificate that is its own trust anchor (webpki refuses a CA
+        // certificate as the server certificate).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status();
+    if !ok.is_ok_and(|s| s.success()) {
+        skip("openssl could not make a test certificate");
+        return None;
+    }
+    Some((cert, key))
 }
 
 fn chown_tree(p: &Path, uid: u32, gid: u32) {

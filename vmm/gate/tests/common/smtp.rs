@@ -30,6 +30,15 @@ pub fn skip(why: &str) {
 
 /// Starts aiosmtpd under `dir`; None (and a printed reason) without it.
 pub fn smtp_server(dir: &Path) -> Option<SmtpServer> {
+    start(dir, None)
+}
+
+/// As `smtp_server`, requiring STARTTLS with the certificate and key files `tls`.
+pub fn smtp_server_starttls(dir: &Path, tls: (&Path, &Path)) -> Option<SmtpServer> {
+    start(dir, Some(tls))
+}
+
+fn start(dir: &Path, tls: Option<(&Path, &Path)>) -> Option<SmtpServer> {
     // The first Python that has aiosmtpd: pip's (PATH) or Debian's python3-aiosmtpd.
     let python = ["python3", "/usr/bin/python3"].into_iter().find(|py| {
         Command::new(py)
@@ -48,9 +57,18 @@ pub fn smtp_server(dir: &Path) -> Option<SmtpServer> {
         .unwrap()
         .port();
     let inbox = dir.join("smtp-received");
-    let child = Command::new(python)
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{port}"))
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "aiosmtpd", "-n", "-l"])
+        .arg(format!("127.0.0.1:{port}"));
+    if let Some((cert, key)) = tls {
+        // A client that refuses the certificate is expected there: no traceback.
+        cmd.arg("--tlscert")
+            .arg(cert)
+            .arg("--tlskey")
+            .arg(key)
+            .stderr(Stdio::null());
+    }
+    let child = cmd
         .args(["-c", "aiosmtpd.handlers.Mailbox"])
         .arg(&inbox)
         .stdout(Stdio::null())

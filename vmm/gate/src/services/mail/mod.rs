@@ -17,9 +17,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Mailboxes};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{SmtpTransport, Transport};
 use mail_parser::{MessageParser, MimeHeaders};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
 pub mod imap;
@@ -411,8 +413,30 @@ impl Smtp {
             (None, None) => None,
             _ => return Err("mail.smtp: give both username and password_env, or neither".into()),
         };
+        // The web PKI roots, plus the CAs of `ca_file` (a private server).
+        let extra: Vec<Vec<u8>> = match &c.ca_file {
+            Some(ca) => {
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("mail.smtp.ca_file {}: {e}", ca.display()))?;
+                if certs.is_empty() {
+                    return Err(format!(
+                        "mail.smtp.ca_file {}: no certificate",
+                        ca.display()
+                    ));
+                }
+                certs.iter().map(|c| c.to_vec()).collect()
+            }
+            None => Vec::new(),
+        };
         let tls = || {
-            TlsParameters::new(c.host.clone())
+            let mut b = TlsParameters::builder(c.host.clone());
+            for der in &extra {
+                let cert = Certificate::from_der(der.clone())
+                    .map_err(|e| format!("mail.smtp.ca_file: {e}"))?;
+                b = b.add_root_certificate(cert);
+            }
+            b.build()
                 .map_err(|e| format!("mail.smtp: TLS for {}: {e}", c.host))
         };
         let (tls, port) = match c.security {
