@@ -273,11 +273,32 @@ impl Jail {
     /// with it (they share the process's filesystem view).
     fn pivot(&self) -> Result<(), JailError> {
         rustix::process::chdir(&self.dir).map_err(step(format!("chdir {}", self.dir.display())))?;
-        rustix::process::pivot_root(".", ".")
-            .map_err(step(format!("pivot_root into {}", self.dir.display())))?;
-        rustix::mount::unmount(".", UnmountFlags::DETACH)
-            .map_err(step("detaching the old root"))?;
+        // The kernel refuses pivot_root when / is the initramfs (rootfs): a host
+        // that never switched root, like the software KVM host.
+        let rootfs = root_is_rootfs();
+        match rustix::process::pivot_root(".", ".") {
+            Ok(()) => {
+                rustix::mount::unmount(".", UnmountFlags::DETACH)
+                    .map_err(step("detaching the old root"))?;
+            }
+            Err(rustix::io::Errno::INVAL) if rootfs => self.move_root()?,
+            Err(e) => {
+                return Err(step(format!("pivot_root into {}", self.dir.display()))(e));
+            }
+        }
         rustix::process::chdir("/").map_err(step("chdir / in the jail"))
+    }
+
+    /// What switch_root does where pivot_root cannot be used: the jail's tmpfs
+    /// moved over /, and chroot into it. The initramfs stays beneath, hidden, and
+    /// without CAP_SYS_CHROOT (dropped next) there is no way back to it by path.
+    fn move_root(&self) -> Result<(), JailError> {
+        let what = |s: &str| format!("{s} (the host's / is the initramfs: no pivot_root)");
+        rustix::mount::mount_move(".", "/").map_err(step(what(&format!(
+            "moving the jail {} over /",
+            self.dir.display()
+        ))))?;
+        rustix::process::chroot(".").map_err(step(what("chroot into the jail")))
     }
 
     /// Supplementary groups, then gid, then uid (in that order: after the uid,
@@ -341,6 +362,17 @@ impl Jail {
         }
         Ok(())
     }
+}
+
+/// Whether this namespace's / is the initramfs (`rootfs` in mountinfo).
+fn root_is_rootfs() -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| {
+        let mut halves = l.splitn(2, " - ");
+        let (left, right) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        left.split_whitespace().nth(4) == Some("/")
+            && right.split_whitespace().next() == Some("rootfs")
+    })
 }
 
 #[cfg(test)]
