@@ -213,6 +213,40 @@ impl Jail {
         Ok(())
     }
 
+    /// Between the steps, before the workspace is opened: the workspace (and its
+    /// trash folder, created for the jail user when missing) bound onto itself in
+    /// this namespace. A directory descriptor reaches its whole filesystem through
+    /// `..`; once the old root is detached, `..` stops at the root of the mount it
+    /// was opened on, which is then the workspace itself.
+    pub fn fence_workspace(&self, ws: &Path) -> Result<(), JailError> {
+        // A workspace that cannot be resolved is the fs service's error to give.
+        let Ok(ws) = ws.canonicalize() else {
+            return Ok(());
+        };
+        rustix::mount::mount_bind_recursive(&ws, &ws).map_err(step(format!(
+            "bind-mounting the workspace {} onto itself",
+            ws.display()
+        )))?;
+        let Some(trash) = crate::services::fs::trash_path_for(&ws) else {
+            return Ok(());
+        };
+        if std::fs::create_dir(&trash).is_ok() {
+            std::os::unix::fs::chown(&trash, Some(self.uid), Some(self.gid)).map_err(io_step(
+                format!(
+                    "giving the trash folder {} to the jail user",
+                    trash.display()
+                ),
+            ))?;
+        }
+        if trash.is_dir() {
+            rustix::mount::mount_bind(&trash, &trash).map_err(step(format!(
+                "bind-mounting the trash folder {} onto itself",
+                trash.display()
+            )))?;
+        }
+        Ok(())
+    }
+
     /// Step 2: the jail's root, `pivot_root` into it, the old root gone, then the
     /// unprivileged uid for every thread. Call it once every host file is open.
     pub fn enter(&self) -> Result<(), JailError> {

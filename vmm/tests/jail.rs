@@ -240,6 +240,31 @@ fn the_jailed_gate_sees_only_the_jail_and_serves_the_workspace() {
         );
     }
 
+    // The descriptors of the workspace and its trash folder climb no higher than
+    // themselves: `..` at their root is their root (the old tree is detached, and
+    // each was bound onto itself before it was opened). `/proc/PID/fd/N/..`
+    // resolves as the gate's own `openat(N, "..")` would.
+    let trash = e.dir.path().join("ws.ironvmm-trash");
+    for dir in [&e.workspace, &trash] {
+        let want = std::fs::metadata(dir).unwrap();
+        let fd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|d| d.unwrap().path())
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_dir() && (m.dev(), m.ino()) == (want.dev(), want.ino()))
+            })
+            .unwrap_or_else(|| panic!("no descriptor of {}", dir.display()));
+        let up = std::fs::metadata(fd.join("../../..")).unwrap();
+        assert_eq!(
+            (up.dev(), up.ino()),
+            (want.dev(), want.ino()),
+            "{} climbs out of {}",
+            fd.display(),
+            dir.display()
+        );
+    }
+
     // The workspace still works through the descriptor opened before the jail.
     let r = g.ask(1, "fs.read", json!({"path": "/workspace/hello.txt"}));
     assert_eq!(

@@ -550,6 +550,11 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
         f.extend(mode.flags.clone());
     }
     gate_cfg.flags = flags;
+    if let (Some(j), Some(ws)) = (&jail, gate_cfg.workspace_dir()) {
+        if let Err(e) = j.fence_workspace(&ws) {
+            return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+        }
+    }
     // The policy and the services come before the VM: a bad policy is refused
     // before anything is built.
     let mut prepared = match setup::prepare_gate(&gate_cfg, mode.budget.clone()) {

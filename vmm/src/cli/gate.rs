@@ -114,6 +114,10 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         f.insert("jail".into(), j.dir.display().to_string().into());
         f.insert("jail_user".into(), format!("{}:{}", j.uid, j.gid).into());
     }
+    if let (Some(j), Some(ws)) = (&jail, cfg.workspace_dir()) {
+        j.fence_workspace(&ws)
+            .map_err(|e| (exit::VMM_ERROR, e.to_string()))?;
+    }
     let mut prepared = setup::prepare_gate(&cfg, None).map_err(|e| (e.code, e.message))?;
     if let Some(j) = &jail {
         let warnings = prepared

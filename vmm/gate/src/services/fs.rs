@@ -238,14 +238,7 @@ impl FsService {
                 )
             })?;
         drop(probe);
-        let trash_path = match (dir.parent(), dir.file_name()) {
-            (Some(p), Some(n)) => {
-                let mut name = n.to_os_string();
-                name.push(".ironvmm-trash");
-                Some(p.join(name))
-            }
-            _ => None,
-        };
+        let trash_path = trash_path_for(&dir);
         Ok(FsService {
             root,
             trash_path,
@@ -762,6 +755,15 @@ fn tree_height(dir: OwnedFd, limit: usize) -> io::Result<usize> {
         }
     }
     Ok(best)
+}
+
+/// The trash folder of the workspace `dir` (resolved): `<dir>.ironvmm-trash`
+/// beside it; None for `/`.
+pub fn trash_path_for(dir: &Path) -> Option<PathBuf> {
+    let (parent, name) = (dir.parent()?, dir.file_name()?);
+    let mut name = name.to_os_string();
+    name.push(".ironvmm-trash");
+    Some(parent.join(name))
 }
 
 /// (read and search, write) for `uid`/`gid`, with no supplementary groups and no
