@@ -327,6 +327,10 @@ fn max_calls_denies_the_next_call_stops_and_the_log_closes() {
         .contains("testcase"));
     let md3 = std::fs::read_to_string(moved.join("summary.md")).unwrap();
     assert!(md3.contains("--max-calls 2 reached"), "{md3}");
+    // Made again from the same descriptor: the same log, read from its start.
+    write_outputs(&launched, &outputs).unwrap();
+    let v3: Value = serde_json::from_slice(&std::fs::read(moved.join("r.json")).unwrap()).unwrap();
+    assert_eq!(v3["calls"], v["calls"]);
 }
 
 /// `ironvmm run` where no guest can run (a kernel that is not one): it still

@@ -152,8 +152,13 @@ pub fn write_outputs(l: &Launched, o: &Outputs) -> Result<(), String> {
     };
     let report = match (&l.audit_path, &l.audit_file) {
         (Some(path), Some(f)) => {
+            // From the start, however often the report is made (a clone shares the offset).
             let f = f
                 .try_clone()
+                .and_then(|mut f| {
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+                    Ok(f)
+                })
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             RunReport::from_audit_file(f, path, exit, duration_ms).map_err(|e| e.to_string())?
         }
@@ -188,7 +193,7 @@ pub fn write_outputs(l: &Launched, o: &Outputs) -> Result<(), String> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// Writes `bytes` to the file opened ahead (already truncated), else to `path`.
+/// Replaces the content of the file opened ahead, else of `path`, with `bytes`.
 fn write_new(
     path: &Path,
     opened: &Option<std::fs::File>,
@@ -196,7 +201,12 @@ fn write_new(
     bytes: &[u8],
 ) -> Result<(), String> {
     match opened {
-        Some(f) => (&*f).write_all(bytes),
+        Some(f) => {
+            let mut f: &std::fs::File = f;
+            f.set_len(0)
+                .and_then(|()| std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)))
+                .and_then(|_| f.write_all(bytes))
+        }
         None => std::fs::write(path, bytes),
     }
     .map_err(|e| format!("{what} {}: {e}", path.display()))
