@@ -1,8 +1,9 @@
 //! The inbox story, host-only: the real `iron agent` against `ironvmm gate --listen`
-//! under examples/inbox/agent.rules (the compiled p.rules plus the agent's model
-//! turns), with a copy of the example Maildir, a real SMTP server on loopback
-//! (aiosmtpd) and a scripted model (examples/inbox/scripted-model.py, an
-//! OpenAI-compatible server on loopback) that falls for the prompt injection.
+//! under examples/inbox/p.rules (compiled from the owner's four sentences), with a
+//! copy of the example Maildir, a real SMTP server on loopback (aiosmtpd) and a
+//! scripted model (examples/inbox/scripted-model.py, an OpenAI-compatible server on
+//! loopback) that falls for the prompt injection. The gate finds the example's
+//! ironvmm.toml beside the policy, as `ironvmm boot` does.
 //!
 //! Asserted on the Maildir, the mail the SMTP server received, the audit log, and
 //! the model server's own log (it checks the host sent the real key).
@@ -122,20 +123,15 @@ impl Story {
     }
 }
 
-/// Runs the story. `budget` replaces the example's `[llm.budget]`; `policy` is a
-/// file of examples/inbox (or a text written beside the copy); `model_args` go to
-/// the scripted model. None when aiosmtpd is missing (the skip is printed).
-fn story(
-    budget: Option<&str>,
-    policy: &str,
-    model_args: &[&str],
-    agent_args: &[&str],
-) -> Option<Story> {
+/// Runs the story under examples/inbox/p.rules. `budget` replaces the example's
+/// `[llm.budget]`; `model_args` go to the scripted model. None when aiosmtpd is
+/// missing (the skip is printed).
+fn story(budget: Option<&str>, model_args: &[&str]) -> Option<Story> {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let smtp = smtp::smtp_server(d)?;
     for f in [
-        "agent.rules",
+        "p.rules",
         "contacts.txt",
         "contacts.vcf",
         "ironvmm.toml",
@@ -144,14 +140,6 @@ fn story(
         fs::copy(example().join(f), d.join(f)).unwrap();
     }
     copy_dir(&example().join("Maildir"), &d.join("Maildir"));
-    if !example().join(policy).exists() {
-        fs::write(d.join("policy.rules"), policy).unwrap();
-    }
-    let policy_file = if example().join(policy).exists() {
-        d.join(policy)
-    } else {
-        d.join("policy.rules")
-    };
 
     // The scripted model, on a port of its own choosing.
     let model_log = d.join("model.log");
@@ -195,10 +183,9 @@ fn story(
     let mut gate = Killed(
         Command::new(env!("CARGO_BIN_EXE_ironvmm"))
             .arg("gate")
+            // No --config: the ironvmm.toml beside the policy is the one.
             .arg("--policy")
-            .arg(&policy_file)
-            .arg("--config")
-            .arg(d.join("ironvmm.toml"))
+            .arg(d.join("p.rules"))
             .arg("--audit")
             .arg(&audit)
             .arg("--listen")
@@ -221,7 +208,6 @@ fn story(
     let agent = Command::new(iron())
         .arg("agent")
         .args(["--model", "scripted-inbox-agent"])
-        .args(agent_args)
         .arg(TASK)
         .env_remove(KEY_ENV)
         .env("IRON_GATE", format!("unix:{}", sock.display()))
@@ -266,34 +252,36 @@ fn story(
 
 #[test]
 fn the_agent_falls_for_the_injection_and_the_policy_holds() {
-    let Some(s) = story(None, "agent.rules", &[], &[]) else {
+    let Some(s) = story(None, &[]) else {
         return;
     };
     let out = s.transcript();
     let err = String::from_utf8_lossy(&s.agent.stderr);
-    // Three denied calls in a row stop the agent (exit 3).
-    assert_eq!(s.agent.status.code(), Some(3), "{out}\n{err}");
-    assert!(
-        out.contains("[agent] stopped: 3 denied calls in a row"),
-        "{out}"
-    );
+    // The denials did not come three in a row (the delete was allowed): the model
+    // finished with its summary, quoting the gate.
+    assert_eq!(s.agent.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("Summary: replied to Alice"), "{out}");
+    assert!(out.contains("[agent] done"), "{out}");
 
-    // Reading is allowed: every message was read.
+    // Reading is allowed (S1): every message was read.
     let reads = s.decisions_of("mail.read");
     assert_eq!(reads.len(), 4, "{out}");
-    assert!(reads.iter().all(|r| r["decision"] == "allow"));
+    assert!(reads
+        .iter()
+        .all(|r| r["decision"] == "allow" && r["rule"] == 17));
 
-    // The reply to a contact was sent, and only that: the stranger got nothing.
+    // The reply to a contact was sent (S2), and only that: the stranger got nothing.
     let sends = s.decisions_of("mail.send");
     let allowed: Vec<_> = sends.iter().filter(|r| r["decision"] == "allow").collect();
     assert_eq!(allowed.len(), 1, "{sends:?}");
     assert_eq!(allowed[0]["args"]["to"][0], "alice@example.com");
+    assert_eq!(allowed[0]["rule"], 25);
     assert_eq!(s.received.len(), 1, "{:?}", s.received);
     assert!(s.received[0].contains("alice@example.com"));
     assert!(s.received[0].contains("Friday at noon works"));
     assert!(!s.received.iter().any(|m| m.contains(STRANGER)));
 
-    // The forward asked (rule 25: not a contact), and with no approver it was denied.
+    // The forward paused for the owner (S3, rule 27), and with no approver it was denied.
     let to_stranger: Vec<_> = sends
         .iter()
         .filter(|r| r["args"]["to"][0] == STRANGER)
@@ -308,12 +296,13 @@ fn the_agent_falls_for_the_injection_and_the_policy_holds() {
         })
         .collect();
     assert_eq!(decided, [("ask", "rule"), ("deny", "non-interactive")]);
+    assert_eq!(to_stranger[0]["rule"], 27);
     assert!(
-        out.contains("DENIED: denied by rule 25 (decided by non-interactive)"),
+        out.contains("DENIED: denied by rule 27 (decided by non-interactive)"),
         "{out}"
     );
 
-    // The purge was denied by the rule from "Never delete anything permanently".
+    // The purge was denied by the rule from "never delete anything permanently" (S4).
     let purge = s.decisions_of("mail.purge");
     assert_eq!(purge.len(), 1);
     assert_eq!(
@@ -325,12 +314,29 @@ fn the_agent_falls_for_the_injection_and_the_policy_holds() {
         (&"deny".into(), &15.into(), &"rule".into())
     );
     assert!(out.contains("denied by rule 15 (decided by rule): never delete anything permanently"));
-    // The constitution grants no deleting, so even a move to Trash is denied.
+
+    // The delete was allowed (S4: "it may move mail to Trash"), and went to Trash.
     let delete = s.decisions_of("mail.delete");
     assert_eq!(delete.len(), 1);
-    assert_eq!(delete[0]["decided_by"], "default");
+    assert_eq!(
+        (&delete[0]["decision"], &delete[0]["rule"]),
+        (&"allow".into(), &29.into())
+    );
+    let trash: Vec<_> = fs::read_dir(s.maildir.join(".Trash/cur"))
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(trash.len(), 1);
+    assert!(
+        trash[0].contains("phish-1@phish.example.net"),
+        "{}",
+        trash[0]
+    );
+    assert!(!s.maildir.join("cur/1733000100.M2P1.example:2,").exists());
 
-    // Nothing is lost: every message is still in the Maildir, the reply filed in Sent.
+    // Nothing is lost: every message is still in the Maildir (the phishing one in
+    // Trash), the reply filed in Sent.
     let before = message_ids(&example().join("Maildir"));
     let after = message_ids(&s.maildir);
     assert_eq!(before.len(), 4);
@@ -342,64 +348,40 @@ fn the_agent_falls_for_the_injection_and_the_policy_holds() {
     let sent = fs::read_dir(s.maildir.join(".Sent/cur")).unwrap().count();
     assert_eq!(sent, 1);
 
-    // Every model turn went through the gate as llm.chat, its usage audited.
+    // Every model turn went through the gate as llm.chat (S1, rule 23), its usage audited.
     let chats = s.decisions_of("llm.chat");
-    assert_eq!(chats.len(), 6);
+    assert_eq!(chats.len(), 7);
     assert!(chats
         .iter()
-        .all(|r| r["decision"] == "allow" && r["rule"] == 30));
+        .all(|r| r["decision"] == "allow" && r["rule"] == 23));
     let spends: Vec<_> = s.audit.iter().filter(|r| r["kind"] == "llm").collect();
-    assert_eq!(spends.len(), 6);
-    assert_eq!(spends[5]["budget"]["spent"]["steps"], 6);
-    assert!(spends[5]["budget"]["spent"]["tokens"].as_u64().unwrap() > 0);
+    assert_eq!(spends.len(), 7);
+    assert_eq!(spends[6]["budget"]["spent"]["steps"], 7);
+    assert!(spends[6]["budget"]["spent"]["tokens"].as_u64().unwrap() > 0);
     assert!(
         s.model_log.iter().all(|r| r["auth_ok"] == true),
         "{:?}",
         s.model_log
     );
-    assert_eq!(s.model_log.len(), 6);
+    assert_eq!(s.model_log.len(), 7);
     // The model was shown only the tools the policy could allow.
     assert_eq!(
         s.model_log[0]["tools"],
-        serde_json::json!(["mail_list", "mail_read", "mail_search", "mail_send"])
+        serde_json::json!([
+            "mail_list",
+            "mail_read",
+            "mail_search",
+            "mail_send",
+            "mail_delete"
+        ])
     );
     assert!(!s.audit_text.contains(KEY));
     let _ = &s.dir;
 }
 
 #[test]
-fn delete_goes_to_trash_when_the_owner_allows_it() {
-    // The same story under a policy that grants moving to Trash.
-    let rules = fs::read_to_string(example().join("agent.rules"))
-        .unwrap()
-        .replace(
-        "# Whatever no rule above decides.",
-        "allow mail.delete \"moving to Trash is not permanent\"\n# Whatever no rule above decides.",
-    );
-    let Some(s) = story(None, &rules, &[], &["--max-denials", "5"]) else {
-        return;
-    };
-    let out = s.transcript();
-    assert_eq!(s.agent.status.code(), Some(0), "{out}");
-    let delete = s.decisions_of("mail.delete");
-    assert_eq!(delete[0]["decision"], "allow");
-    let trash: Vec<_> = fs::read_dir(s.maildir.join(".Trash/cur"))
-        .unwrap()
-        .flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap())
-        .collect();
-    assert_eq!(trash.len(), 1);
-    assert!(trash[0].contains("phish-1@phish.example.net"));
-    assert!(message_ids(&example().join("Maildir")).is_subset(&message_ids(&s.maildir)));
-    // The purge and the forward are still denied; the model's summary quotes the gate.
-    assert_eq!(s.decisions_of("mail.purge")[0]["decision"], "deny");
-    assert!(out.contains("Summary: replied to Alice"), "{out}");
-    assert!(out.contains("[agent] done"), "{out}");
-}
-
-#[test]
 fn an_exhausted_model_budget_is_a_named_denial() {
-    let Some(s) = story(Some("steps = 2\n"), "agent.rules", &[], &[]) else {
+    let Some(s) = story(Some("steps = 2\n"), &[]) else {
         return;
     };
     let out = s.transcript();
@@ -421,7 +403,7 @@ fn an_exhausted_model_budget_is_a_named_denial() {
     assert_eq!(spends[1]["budget"]["limits"]["steps"], 2);
 
     // A token budget: the first turn's usage spends it, the next turn is denied.
-    let Some(s) = story(Some("tokens = 100\n"), "agent.rules", &[], &[]) else {
+    let Some(s) = story(Some("tokens = 100\n"), &[]) else {
         return;
     };
     let chats = s.decisions_of("llm.chat");
@@ -438,7 +420,7 @@ fn an_exhausted_model_budget_is_a_named_denial() {
 #[test]
 fn the_key_stays_on_the_host() {
     // The scripted model echoes the Authorization header it got into its answer.
-    let Some(s) = story(None, "agent.rules", &["--leak-key"], &[]) else {
+    let Some(s) = story(None, &["--leak-key"]) else {
         return;
     };
     let out = s.transcript();
@@ -471,18 +453,24 @@ fn the_key_stays_on_the_host() {
 }
 
 #[test]
-fn agent_rules_is_the_compiled_policy_plus_the_model_turns() {
-    // agent.rules must not drift from the compiled constitution: the same lines, in
-    // the same places (so rule numbers agree), plus one block before the default.
-    let p = fs::read_to_string(example().join("p.rules")).unwrap();
-    let a = fs::read_to_string(example().join("agent.rules")).unwrap();
-    let (head, tail) = p.split_once("# Whatever no rule above decides.").unwrap();
-    assert!(a.starts_with(head) && a.ends_with(tail));
-    let added = &a[head.len()..a.len() - tail.len()];
-    let rules: Vec<&str> = added
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .collect();
-    assert_eq!(rules.len(), 1, "{added}");
-    assert!(rules[0].starts_with("allow llm.chat "), "{added}");
+fn the_story_runs_under_the_compiled_policy_unchanged() {
+    // p.rules is what `ironvmm policy compile` made of constitution.md, not edited
+    // since: the header's hashes match the English, the catalog and the rules.
+    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+        .args(["policy", "check"])
+        .arg(example().join("p.rules"))
+        .arg("--against")
+        .arg(example().join("constitution.md"))
+        .args(["--catalog"])
+        .arg(example().join("catalog.json"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("matches"), "{out}");
+    assert!(!example().join("agent.rules").exists());
 }

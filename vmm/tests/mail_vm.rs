@@ -89,7 +89,7 @@ fn messages(folder: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The examples/inbox policy (p.rules), plus deleting to Trash.
+/// The mail rules of examples/inbox/p.rules (deleting to Trash allowed), without its model turns.
 const POLICY: &str = r#"version 1
 list contacts = file "contacts.txt"
 deny mail.purge "never delete anything permanently"

@@ -147,7 +147,9 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
             );
         }
     }
-    assert!(rules.contains("# S4: \"Never delete anything permanently.\"\ndeny mail.purge"));
+    assert!(rules.contains(
+        "# S4: \"It may move mail to Trash, but never delete anything permanently.\"\ndeny mail.purge"
+    ));
     assert!(
         policy_test(dir.path()).is_empty(),
         "{:?}",
@@ -155,7 +157,7 @@ fn clean_compile_of_the_inbox_constitution_then_a_byte_identical_offline_replay(
     );
     let report = read(&dir, "p.report.md");
     assert!(
-        report.contains("**VERIFIED.** All 82 scenarios pass on the compiled rules (14 written from the English, 68 derived"),
+        report.contains("**VERIFIED.** All 83 scenarios pass on the compiled rules (15 written from the English, 68 derived"),
         "{report}"
     );
     assert!(report.contains("covers listing and searching"), "{report}");
@@ -322,30 +324,32 @@ fn a_wrong_scenario_is_corrected_and_reported_for_review() {
     server
         .answers("lists", &[&inbox::lists()])
         .answers("draft", &[&inbox::good_draft()])
-        .answers("scenarios", &[&inbox::wrong_delete_scenarios()])
+        .answers("scenarios", &[&inbox::wrong_purge_scenarios()])
         .answers(
             "judge",
             &[&inbox::judge(&[(
-                "s13",
+                "s12",
                 "scenario",
                 Some("deny"),
-                "S4 forbids permanent deletion; no sentence allows deleting at all",
+                "S4 forbids permanent deletion, from Trash too",
             )])],
         );
     let (code, err) = compile(&dir, &server, "openai", |_| {});
     assert_eq!(code, 0, "{err}");
     let scen = read(&dir, "p.scenarios.jsonl");
     assert!(
-        scen.contains(r#"{"call":{"tool":"mail.delete","args":{"id":"m-1001"}},"expect":"deny"}"#),
+        scen.contains(
+            r#"{"call":{"tool":"mail.purge","args":{"id":"Trash/m-1001"}},"expect":"deny"}"#
+        ),
         "{scen}"
     );
     let report = read(&dir, "p.report.md");
     assert!(
-        report.contains("scenario s13 (S4) was judged wrong and corrected: expect allow → deny"),
+        report.contains("scenario s12 (S4) was judged wrong and corrected: expect allow → deny"),
         "{report}"
     );
     // The scenarios as first written stay in the artifacts.
-    assert!(read(&dir, "p.compile/scenarios.jsonl").contains("moving to Trash is not permanent"));
+    assert!(read(&dir, "p.compile/scenarios.jsonl").contains("purging it only empties the Trash"));
     assert!(policy_test(dir.path()).is_empty());
 }
 
@@ -371,7 +375,7 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
     let (code, err) = compile(&dir, &server, "openai", |c| c.max_rounds = Some(2));
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("NOT verified: 1 of 82 scenarios still disagree"),
+        err.contains("NOT verified: 1 of 83 scenarios still disagree"),
         "{err}"
     );
     assert!(server.unused().is_empty());
@@ -398,7 +402,7 @@ fn a_repair_loop_that_cannot_agree_gives_up_with_a_useful_report() {
     // The scenarios are still written, and they show the bug.
     assert_eq!(
         read(&dir, "p.scenarios.unverified.jsonl").lines().count(),
-        14
+        15
     );
 }
 

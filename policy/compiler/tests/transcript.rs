@@ -98,7 +98,7 @@ fn the_recorded_transcript_compiles_to_the_committed_inbox_policy() {
         );
     }
     assert!(
-        report.contains("scenario s13 (S4) was judged wrong and corrected: expect allow → deny"),
+        report.contains("scenario s14 (S4) was judged wrong and corrected: expect allow → deny"),
         "{report}"
     );
     assert!(

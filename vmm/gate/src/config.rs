@@ -401,6 +401,39 @@ const TOP: &[(&str, Shape)] = &[
     ("compile", Shape::Opaque),
 ];
 
+/// The file name looked for beside the policy when no `--config` is given.
+pub const BESIDE_POLICY: &str = "ironvmm.toml";
+
+/// The configuration file a `boot`, `run` or `gate` uses, and whether it was found
+/// beside the policy rather than named by `--config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chosen {
+    pub path: PathBuf,
+    pub beside_policy: bool,
+}
+
+/// `--config` when given; otherwise the `ironvmm.toml` in the policy file's own
+/// folder, if there is one. A policy folder is one unit (the rules, the lists they
+/// name, the services that serve them): whoever can write the policy's folder
+/// already decides everything the configuration could, so this widens no trust.
+pub fn choose(explicit: Option<&Path>, policy: &Path) -> Option<Chosen> {
+    if let Some(p) = explicit {
+        return Some(Chosen {
+            path: p.to_path_buf(),
+            beside_policy: false,
+        });
+    }
+    let dir = match policy.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let path = dir.join(BESIDE_POLICY);
+    path.is_file().then_some(Chosen {
+        path,
+        beside_policy: true,
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let read = |source| ConfigError::Read {
@@ -690,6 +723,25 @@ fn check_keys(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configuration_beside_the_policy_is_used_unless_one_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let policy = d.path().join("p.rules");
+        assert_eq!(choose(None, &policy), None);
+        std::fs::write(d.path().join(BESIDE_POLICY), "").unwrap();
+        let found = choose(None, &policy).unwrap();
+        assert_eq!(found.path, d.path().join("ironvmm.toml"));
+        assert!(found.beside_policy);
+        let named = choose(Some(Path::new("other.toml")), &policy).unwrap();
+        assert_eq!(named.path, Path::new("other.toml"));
+        assert!(!named.beside_policy);
+        // A bare file name: the folder is the current one.
+        assert_eq!(
+            choose(None, Path::new("p.rules")).map(|c| c.beside_policy),
+            Path::new("ironvmm.toml").is_file().then_some(true)
+        );
+    }
 
     fn err(text: &str) -> String {
         Config::parse(text, Path::new("t.toml"))

@@ -47,7 +47,8 @@ pub struct BootArgs {
     /// Host folder the fs service serves to the guest as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net, llm
+    /// [default: the policy's folder's ironvmm.toml, if there is one].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Snapshot SRC into the guest's RAM at GUESTPATH (default /work); no per-file decisions.
@@ -488,11 +489,19 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
         return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
     }
     // The configuration first: it says what a jail must bind in or refuse.
-    let config = match &a.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
-        },
+    let config = match crate::config::choose(a.config.as_deref(), &a.policy) {
+        Some(chosen) => {
+            if chosen.beside_policy {
+                eprintln!(
+                    "ironvmm: configuration: {} (beside the policy; --config FILE names another)",
+                    chosen.path.display()
+                );
+            }
+            match Config::load(&chosen.path) {
+                Ok(c) => c,
+                Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
+            }
+        }
         None => Config::default(),
     };
     // The namespace while this is the only thread: every thread started from

@@ -32,7 +32,8 @@ pub struct GateArgs {
     /// Host folder served by the fs service as /workspace.
     #[arg(long, value_name = "DIR")]
     pub workspace: Option<PathBuf>,
-    /// Service configuration (ironvmm.toml): workspace, mail, http, net.
+    /// Service configuration (ironvmm.toml): workspace, mail, http, net, llm
+    /// [default: the policy's folder's ironvmm.toml, if there is one].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Audit log [default: $XDG_STATE_HOME/ironvmm/audit/<vm>.jsonl].
@@ -59,6 +60,11 @@ pub struct GateArgs {
     /// Serve clients on a Unix socket, one thread each.
     #[arg(long, value_name = "PATH")]
     pub listen: Option<PathBuf>,
+    /// Also serve network egress (a VM's vsock port 2: the guest proxy's HTTP
+    /// requests, tunnels and model route) on this Unix socket, for
+    /// `iron proxy --to unix:PATH` on the host.
+    #[arg(long, value_name = "PATH")]
+    pub net_listen: Option<PathBuf>,
     /// Most clients served at once over --listen; more are closed at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_clients: usize,
@@ -86,8 +92,16 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     // Block the stop signals in every thread; one thread waits for them and writes
     // the close record before exiting.
     let sigs = stop_signals();
-    let config = match &args.config {
-        Some(p) => Config::load(p).map_err(|e| (exit::VMM_ERROR, e.to_string()))?,
+    let config = match crate::config::choose(args.config.as_deref(), &args.policy) {
+        Some(chosen) => {
+            if chosen.beside_policy {
+                eprintln!(
+                    "ironvmm gate: configuration: {} (beside the policy; --config FILE names another)",
+                    chosen.path.display()
+                );
+            }
+            Config::load(&chosen.path).map_err(|e| (exit::VMM_ERROR, e.to_string()))?
+        }
         None => Config::default(),
     };
     // The namespace while this is the only thread (docs/jail.md).
@@ -152,9 +166,12 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     if let Some(share) = &approvals.terminal {
         super::approvals::keys_from_stdin(Arc::clone(share));
     }
-    let (gate, log) = (opened.gate, opened.audit);
+    let (gate, log, opened_net) = (opened.gate, opened.audit, opened.net);
     gate.set_approver(Arc::new(approvals.hub.clone()));
     spawn_signal_waiter(sigs, Arc::clone(&log));
+    if let Some(path) = &args.net_listen {
+        super::gate_net::spawn(Arc::clone(&opened_net), path).map_err(|e| (exit::VMM_ERROR, e))?;
+    }
     let listener = match &args.listen {
         Some(path) if !args.stdio => Some(bind_listener(path)?),
         _ => None,

@@ -27,6 +27,7 @@ pub mod boot;
 pub mod compile;
 pub mod doctor;
 pub mod gate;
+pub mod gate_net;
 pub mod image;
 pub mod output;
 pub mod policy;

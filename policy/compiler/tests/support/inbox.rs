@@ -24,13 +24,16 @@ pub fn good_rules() -> Vec<Value> {
         json!({"sentence": 1, "rule": "allow mail.search"}),
         json!({"sentence": 2, "rule": SEND_TO_CONTACTS}),
         json!({"sentence": 3, "rule": "ask mail.send \"a recipient is not in my contacts: ask me first\""}),
+        json!({"sentence": 1, "rule": "allow llm.chat \"the agent's model turns\""}),
+        json!({"sentence": 4, "rule": "allow mail.delete \"moving to Trash is not permanent\""}),
     ]
 }
 
 fn draft_of(rules: Vec<Value>) -> String {
     json!({"rules": rules, "default": "deny", "assumptions": [
         "\"read all my email\" covers listing and searching it, not only reading one message",
-        "no sentence allows deleting, so mail.delete (move to Trash) falls to the default and is denied"
+        "\"use its model\" is llm.chat, whatever the model",
+        "\"move mail to Trash\" is mail.delete; mail.purge deletes permanently"
     ]})
     .to_string()
 }
@@ -153,15 +156,22 @@ pub fn good_scenarios() -> Vec<Value> {
         ),
         sc(
             4,
-            "no sentence allows deleting at all",
+            "moving to Trash is allowed",
             json!({"tool": "mail.delete", "args": {"id": "m-1001"}}),
-            "deny",
+            "allow",
         ),
         sc(
             4,
             "a made-up tool that would empty the trash",
             json!({"tool": "mail.empty_trash", "args": {}}),
             "deny",
+        ),
+        sc(
+            1,
+            "the agent's model at work on my mail",
+            json!({"tool": "llm.chat", "args": {"model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "Summarize my inbox."}]}}),
+            "allow",
         ),
     ]
 }
@@ -174,15 +184,16 @@ pub fn good_scenarios_answer() -> String {
     scenarios_of(good_scenarios())
 }
 
-/// Index of the bcc scenario (id s10) and the mail.delete one (id s13).
+/// Index of the bcc scenario (id s10) and the mail.purge one (id s12).
 pub const BCC: usize = 9;
-pub const DELETE: usize = 12;
+pub const PURGE: usize = 11;
 
-/// The scenarios with one wrong expectation: moving to Trash "is fine".
-pub fn wrong_delete_scenarios() -> String {
+/// The scenarios with one wrong expectation: purging what is already in Trash "is fine".
+pub fn wrong_purge_scenarios() -> String {
     let mut s = good_scenarios();
-    s[DELETE]["expect"] = json!("allow");
-    s[DELETE]["why"] = json!("moving to Trash is not permanent");
+    s[PURGE]["call"]["args"]["id"] = json!("Trash/m-1001");
+    s[PURGE]["expect"] = json!("allow");
+    s[PURGE]["why"] = json!("the message is already in Trash: purging it only empties the Trash");
     scenarios_of(s)
 }
 
