@@ -8,8 +8,10 @@
 pub const MAX_FDS: u64 = 4096;
 
 /// Applies the process settings. Returns warnings to print; an error means the
-/// process could not be confined and must not build a VM.
-pub fn harden_process() -> Result<Vec<String>, String> {
+/// process could not be confined and must not build a VM. `jailing`: `--jail`
+/// was given, which needs root and drops it before the guest runs (docs/jail.md),
+/// so running as root is no cause for a warning.
+pub fn harden_process(jailing: bool) -> Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -27,7 +29,7 @@ pub fn harden_process() -> Result<Vec<String>, String> {
     let (_, hard) = get_limit(libc::RLIMIT_NOFILE)?;
     set_limit(libc::RLIMIT_NOFILE, MAX_FDS.min(hard))?;
     // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if unsafe { libc::geteuid() } == 0 && !jailing {
         warnings.push(
             "ironvmm is running as root: it needs only read-write access to /dev/kvm; run it as an unprivileged user in the kvm group"
                 .to_string(),

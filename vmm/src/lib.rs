@@ -19,6 +19,7 @@ pub mod devices;
 pub mod gate_ports;
 pub mod hardening;
 pub mod image;
+pub mod jail;
 pub mod kvm;
 pub mod report;
 

@@ -269,13 +269,14 @@ fn max_calls_denies_the_next_call_stops_and_the_log_closes() {
         why: budget.reached().map(str::to_string),
         vm: "vm-limit".into(),
         audit_path: Some(e.audit.clone()),
+        audit_file: None,
         started: Instant::now(),
     };
-    let outputs = Outputs {
-        report: Some(e.dir.path().join("r.json")),
-        junit: Some(e.dir.path().join("r.xml")),
-        summary: Some(e.dir.path().join("summary.md")),
-    };
+    let outputs = Outputs::new(
+        Some(e.dir.path().join("r.json")),
+        Some(e.dir.path().join("r.xml")),
+        Some(e.dir.path().join("summary.md")),
+    );
     write_outputs(&launched, &outputs).unwrap();
     let v: Value =
         serde_json::from_slice(&std::fs::read(e.dir.path().join("r.json")).unwrap()).unwrap();
@@ -298,6 +299,38 @@ fn max_calls_denies_the_next_call_stops_and_the_log_closes() {
     write_outputs(&launched, &outputs).unwrap();
     let md2 = std::fs::read_to_string(e.dir.path().join("summary.md")).unwrap();
     assert_eq!(md2.len(), 2 * md.len());
+
+    // `--jail`: the outputs and the log are opened before the jail and written
+    // through those descriptors; by the end their paths are gone.
+    let jailed = e.dir.path().join("jailed");
+    std::fs::create_dir(&jailed).unwrap();
+    let mut outputs = Outputs::new(
+        Some(jailed.join("r.json")),
+        Some(jailed.join("r.xml")),
+        Some(jailed.join("summary.md")),
+    );
+    outputs.open_now().unwrap();
+    let launched = Launched {
+        audit_file: Some(std::fs::File::open(&e.audit).unwrap()),
+        ..launched
+    };
+    let moved = e.dir.path().join("seen-from-the-host");
+    std::fs::rename(&jailed, &moved).unwrap();
+    let gone_log = e.dir.path().join("audit-moved.jsonl");
+    std::fs::rename(&e.audit, &gone_log).unwrap();
+    write_outputs(&launched, &outputs).unwrap();
+    let v2: Value = serde_json::from_slice(&std::fs::read(moved.join("r.json")).unwrap()).unwrap();
+    assert_eq!(v2["calls"], v["calls"]);
+    assert_eq!(v2["audit"]["final_hash"], v["audit"]["final_hash"]);
+    assert!(std::fs::read_to_string(moved.join("r.xml"))
+        .unwrap()
+        .contains("testcase"));
+    let md3 = std::fs::read_to_string(moved.join("summary.md")).unwrap();
+    assert!(md3.contains("--max-calls 2 reached"), "{md3}");
+    // Made again from the same descriptor: the same log, read from its start.
+    write_outputs(&launched, &outputs).unwrap();
+    let v3: Value = serde_json::from_slice(&std::fs::read(moved.join("r.json")).unwrap()).unwrap();
+    assert_eq!(v3["calls"], v["calls"]);
 }
 
 /// `ironvmm run` where no guest can run (a kernel that is not one): it still

@@ -199,13 +199,14 @@ fn child() {
                 why: None,
                 vm: "vm-seccomp".into(),
                 audit_path: Some(dir.join("audit.jsonl")),
+                audit_file: None,
                 started: Instant::now(),
             };
-            let outputs = Outputs {
-                report: Some(dir.join("r.json")),
-                junit: Some(dir.join("r.xml")),
-                summary: Some(dir.join("s.md")),
-            };
+            let outputs = Outputs::new(
+                Some(dir.join("r.json")),
+                Some(dir.join("r.xml")),
+                Some(dir.join("s.md")),
+            );
             i32::from(write_outputs(&launched, &outputs).is_err())
         }
         other => panic!("unknown case {other}"),

@@ -105,6 +105,19 @@ pub enum SeccompError {
 
 static SETTING: AtomicU8 = AtomicU8::new(0);
 
+/// `--jail`'s unprivileged uid and gid, once chosen (`allow_credential_drop`).
+static CREDENTIAL_DROP: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// `--jail`: every filter built from now on lets through exactly the drop to
+/// `uid`/`gid` (`setgroups(0, …)`, `setresgid(gid, gid, gid)`,
+/// `setresuid(uid, uid, uid)`). glibc makes each thread of the process repeat the
+/// call the jailing thread makes, and threads confine themselves before the jail
+/// is entered. Only a drop: no other value passes, and once made it changes
+/// nothing. Call it before any thread that calls `install` is started.
+pub fn allow_credential_drop(uid: u32, gid: u32) {
+    let _ = CREDENTIAL_DROP.set((uid, gid));
+}
+
 /// Chooses, for the whole process, what `install` does. Call it before any thread
 /// that calls `install` is started.
 pub fn configure(setting: Setting) {
@@ -176,6 +189,25 @@ pub fn program(role: ThreadRole, setting: Setting) -> Result<BpfProgram, Seccomp
         ];
         let rule = SeccompRule::new(conds).map_err(|e| build(e.to_string()))?;
         rules.insert(libc::SYS_tgkill, vec![rule]);
+    }
+    if let Some(&(uid, gid)) = CREDENTIAL_DROP.get() {
+        let mut all_three = |nr: i64, v: u32| -> Result<(), SeccompError> {
+            let conds = (0..3)
+                .map(|arg| {
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v.into())
+                        .map_err(|e| build(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let rule = SeccompRule::new(conds).map_err(|e| build(e.to_string()))?;
+            rules.insert(nr, vec![rule]);
+            Ok(())
+        };
+        all_three(libc::SYS_setresuid, uid)?;
+        all_three(libc::SYS_setresgid, gid)?;
+        let none = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+            .map_err(|e| build(e.to_string()))?;
+        let rule = SeccompRule::new(vec![none]).map_err(|e| build(e.to_string()))?;
+        rules.insert(libc::SYS_setgroups, vec![rule]);
     }
     let mismatch = match setting {
         Setting::Log => SeccompAction::Log,

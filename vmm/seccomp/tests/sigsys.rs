@@ -114,6 +114,36 @@ fn child() {
                 let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
                 libc::_exit(if fd >= 0 { 42 } else { 1 });
             }
+            "jail-drop" => {
+                // `--jail`: a confined thread repeats the drop glibc broadcasts.
+                ironvmm_seccomp::allow_credential_drop(65534, 65534);
+                let (tx, rx) = std::sync::mpsc::channel::<()>();
+                let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
+                std::thread::spawn(move || {
+                    install_with(ThreadRole::Worker, Setting::On).expect("install");
+                    let _ = tid_tx.send(libc::gettid());
+                    let _ = rx.recv();
+                });
+                let tid = tid_rx.recv().unwrap_or(0);
+                let ok = libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(65534, 65534, 65534) == 0
+                    && libc::setresuid(65534, 65534, 65534) == 0;
+                // The confined thread's own credentials, as the kernel has them.
+                let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                    .unwrap_or_default();
+                let theirs = status.lines().any(|l| {
+                    l.split_whitespace().collect::<Vec<_>>()
+                        == ["Uid:", "65534", "65534", "65534", "65534"]
+                });
+                let _ = tx.send(());
+                libc::_exit(if ok && theirs { 8 } else { 1 });
+            }
+            "jail-drop-other-uid" => {
+                // Only the jail's values pass: any other uid is still forbidden.
+                ironvmm_seccomp::allow_credential_drop(65534, 65534);
+                role_setting(ThreadRole::Worker, Setting::On);
+                libc::syscall(libc::SYS_setresuid, 1000, 1000, 1000);
+            }
             other => panic!("unknown case {other}"),
         }
         // Reached only if the forbidden call was let through.
@@ -134,6 +164,7 @@ fn forbidden_syscalls_kill_the_process() {
         "control-socket",
         "main-other-signal",
         "main-inet-socket",
+        "jail-drop-other-uid",
     ] {
         let o = in_child(case);
         assert!(
@@ -164,4 +195,23 @@ fn main_may_kick_its_threads_with_the_kick_signal_only() {
 fn log_mode_lets_the_call_through() {
     let o = in_child("log-socket");
     assert_eq!(o.status.code(), Some(42), "{:?}", o.status);
+}
+
+/// `--jail` drops the uid of every thread (glibc repeats the call in each), the
+/// confined ones included: their filters let exactly the jail's values through.
+#[test]
+fn a_confined_thread_follows_the_jails_credential_drop() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping to another uid needs root (CI runs as root)");
+        return;
+    }
+    let o = in_child("jail-drop");
+    assert_eq!(
+        o.status.code(),
+        Some(8),
+        "{:?}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -23,6 +23,7 @@ use crate::gate_ports::GatePorts;
 use crate::hardening;
 use crate::image::copy_in::{copy_in_cpio, CopyIn};
 use crate::image::GuestImage;
+use crate::jail::Jail;
 use crate::kvm::vm::{Outcome, Vm, VmConfig};
 use crate::report::ExitKind;
 use crate::timing::Timings;
@@ -106,6 +107,35 @@ pub struct BootArgs {
     pub inflight: InflightArgs,
     #[command(flatten)]
     pub approver: super::approvals::ApproverArgs,
+    #[command(flatten)]
+    pub jail: JailArgs,
+}
+
+/// `--jail DIR` and `--jail-user` (`boot`, `run` and `gate`; docs/jail.md).
+#[derive(clap::Args, Debug, Clone)]
+pub struct JailArgs {
+    /// Jail the VMM once it has opened its files: a private mount namespace whose
+    /// root is a read-only tmpfs on DIR (DNS files and a Maildir bound in),
+    /// pivot_root into it, then the --jail-user uid. Needs root or CAP_SYS_ADMIN.
+    #[arg(long, value_name = "DIR")]
+    pub jail: Option<PathBuf>,
+    /// The unprivileged user the jailed VMM runs as: numbers, UID[:GID]
+    /// [default: 65534:65534]. It must be able to read (and write) the workspace.
+    #[arg(long, value_name = "UID[:GID]", requires = "jail", value_parser = crate::jail::parse_user)]
+    pub jail_user: Option<(u32, u32)>,
+}
+
+impl JailArgs {
+    /// The jail these flags ask for, checked against `config` (None without --jail).
+    pub fn jail(&self, config: &Config) -> Result<Option<Jail>, String> {
+        let Some(dir) = &self.jail else {
+            return Ok(None);
+        };
+        let user = self.jail_user.unwrap_or(crate::jail::DEFAULT_USER);
+        Jail::new(dir, user, config)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// How many calls run at once, on how many threads, for how long (`boot` and `gate`).
@@ -368,11 +398,14 @@ fn copy_in_archive(specs: &[String], mem_mib: u64) -> Result<Vec<u8>, String> {
 }
 
 pub fn run(a: BootArgs) -> u8 {
-    launch(&a, &Mode::boot()).code
+    launch(&a, &mut Mode::boot()).code
 }
 
+/// Opens, before the jail, what the caller writes after the VM (`run`'s outputs).
+pub type BeforeJail<'a> = &'a mut dyn FnMut() -> Result<(), String>;
+
 /// How `launch` runs a VM: `boot` (interactive) or `run` (CI).
-pub struct Mode {
+pub struct Mode<'a> {
     /// `boot` or `run`: the subcommand, in the open record's flags.
     pub name: &'static str,
     /// Forward the terminal to the guest console. `run` never reads stdin.
@@ -383,10 +416,13 @@ pub struct Mode {
     pub flags: serde_json::Map<String, serde_json::Value>,
     /// Seccomp unless `--seccomp` says otherwise.
     pub seccomp: Setting,
+    /// With `--jail`, called once every host file of the VMM is open, just before
+    /// the jail: the caller opens what it will write by path after the VM.
+    pub before_jail: Option<BeforeJail<'a>>,
 }
 
-impl Mode {
-    pub fn boot() -> Mode {
+impl Mode<'static> {
+    pub fn boot() -> Mode<'static> {
         Mode {
             name: "boot",
             interactive: true,
@@ -395,6 +431,7 @@ impl Mode {
             // Confined, like `run`: `--seccomp off` tells a filter gap from another
             // bug (docs/seccomp.md).
             seccomp: Setting::On,
+            before_jail: None,
         }
     }
 }
@@ -411,12 +448,14 @@ pub struct Launched {
     pub vm: String,
     /// The audit log, once it was opened (and then it is closed, or failed).
     pub audit_path: Option<PathBuf>,
+    /// The audit log opened for reading before a jail took its path away.
+    pub audit_file: Option<std::fs::File>,
     pub started: Instant,
 }
 
 /// Boots the image under the policy and runs it to the end: the one code path of
 /// `boot` and `run`. The audit log is closed (or has failed, exit 125) on return.
-pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
+pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
     let started = Instant::now();
     let vm = vm_id();
     let mut out = Launched {
@@ -425,6 +464,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         why: None,
         vm: vm.clone(),
         audit_path: None,
+        audit_file: None,
         started,
     };
     let stop = |mut out: Launched, code: u8, kind: ExitKind, why: Option<String>| {
@@ -438,7 +478,7 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     };
     // Confined before anything is opened: the process, then each thread's filter.
     let seccomp = a.seccomp.unwrap_or(mode.seccomp);
-    match hardening::harden_process() {
+    match hardening::harden_process(a.jail.jail.is_some()) {
         Ok(warnings) => warnings
             .iter()
             .for_each(|w| eprintln!("ironvmm: warning: {w}")),
@@ -446,6 +486,33 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     }
     if let Err(e) = ironvmm_seccomp::preflight(seccomp) {
         return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+    }
+    // The configuration first: it says what a jail must bind in or refuse.
+    let config = match crate::config::choose(a.config.as_deref(), &a.policy) {
+        Some(chosen) => {
+            if chosen.beside_policy {
+                eprintln!(
+                    "ironvmm: configuration: {} (beside the policy; --config FILE names another)",
+                    chosen.path.display()
+                );
+            }
+            match Config::load(&chosen.path) {
+                Ok(c) => c,
+                Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
+            }
+        }
+        None => Config::default(),
+    };
+    // The namespace while this is the only thread: every thread started from
+    // here on shares it, and the jail is entered for all of them below.
+    let jail = match a.jail.jail(&config) {
+        Ok(j) => j,
+        Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e)),
+    };
+    if let Some(j) = &jail {
+        if let Err(e) = j.unshare() {
+            return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+        }
     }
     ironvmm_seccomp::configure(seccomp);
     let timings = Arc::new(Timings::default());
@@ -465,21 +532,6 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     };
 
     // The gate opens before any vCPU runs: a VM never runs ungated.
-    let config = match crate::config::choose(a.config.as_deref(), &a.policy) {
-        Some(chosen) => {
-            if chosen.beside_policy {
-                eprintln!(
-                    "ironvmm: configuration: {} (beside the policy; --config FILE names another)",
-                    chosen.path.display()
-                );
-            }
-            match Config::load(&chosen.path) {
-                Ok(c) => c,
-                Err(e) => return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string())),
-            }
-        }
-        None => Config::default(),
-    };
     let mut gate_cfg = GateConfig {
         policy: a.policy.clone(),
         workspace: a.workspace.clone(),
@@ -499,15 +551,30 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
     if let Some(f) = flags.as_object_mut() {
         f.insert("mode".into(), mode.name.into());
         f.insert("seccomp".into(), seccomp.as_str().into());
+        if let Some(j) = &jail {
+            f.insert("jail".into(), j.dir.display().to_string().into());
+            f.insert("jail_user".into(), format!("{}:{}", j.uid, j.gid).into());
+        }
         f.extend(mode.flags.clone());
     }
     gate_cfg.flags = flags;
+    if let (Some(j), Some(ws)) = (&jail, gate_cfg.workspace_dir()) {
+        if let Err(e) = j.fence_workspace(&ws) {
+            return stop(out, exit::VMM_ERROR, ExitKind::Error, Some(e.to_string()));
+        }
+    }
     // The policy and the services come before the VM: a bad policy is refused
     // before anything is built.
-    let prepared = match setup::prepare_gate(&gate_cfg, mode.budget.clone()) {
+    let mut prepared = match setup::prepare_gate(&gate_cfg, mode.budget.clone()) {
         Ok(g) => g,
         Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
     };
+    if let Some(j) = &jail {
+        match prepared.ready_for_jail(j.uid, j.gid) {
+            Ok(w) => w.iter().for_each(|w| eprintln!("ironvmm: warning: {w}")),
+            Err(e) => return stop(out, e.code, ExitKind::Error, Some(e.message)),
+        }
+    }
     // Built while the image is hashed. A failure is reported once the audit log
     // is open, so that the log records the attempt.
     let built = build_vm(&p, mem_mib, cpus, &copy_in, &timings);
@@ -616,6 +683,31 @@ pub fn launch(a: &BootArgs, mode: &Mode) -> Launched {
         let ev = VmEvent::Fatal(format!("the audit log stops the VM: {why}"));
         let _ = events.lock().unwrap_or_else(|e| e.into_inner()).send(ev);
     }));
+    if let Some(j) = &jail {
+        // Every host file is open; what is written by path after the VM is opened
+        // now. Then the jail, before the device threads and the first vCPU.
+        if let Some(open) = mode.before_jail.as_mut() {
+            if let Err(e) = open() {
+                return error(out, exit::VMM_ERROR, e);
+            }
+        }
+        match std::fs::File::open(&opened.audit_path) {
+            Ok(f) => out.audit_file = Some(f),
+            Err(e) => {
+                let why = format!("--jail: reopening the audit log for the report: {e}");
+                return error(out, exit::VMM_ERROR, why);
+            }
+        }
+        if let Err(e) = j.enter() {
+            return error(out, exit::VMM_ERROR, e.to_string());
+        }
+        eprintln!(
+            "ironvmm: jailed in {} as uid {} gid {}",
+            j.dir.display(),
+            j.uid,
+            j.gid
+        );
+    }
     let vsock = VsockConfig {
         guest_cid: a.cid,
         event_idx: !a.no_event_idx,

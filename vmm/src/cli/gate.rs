@@ -72,6 +72,8 @@ pub struct GateArgs {
     pub inflight: InflightArgs,
     #[command(flatten)]
     pub approver: super::approvals::ApproverArgs,
+    #[command(flatten)]
+    pub jail: super::boot::JailArgs,
 }
 
 pub fn run(args: GateArgs) -> u8 {
@@ -102,6 +104,11 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         }
         None => Config::default(),
     };
+    // The namespace while this is the only thread (docs/jail.md).
+    let jail = args.jail.jail(&config).map_err(|e| (exit::VMM_ERROR, e))?;
+    if let Some(j) = &jail {
+        j.unshare().map_err(|e| (exit::VMM_ERROR, e.to_string()))?;
+    }
     let mut cfg = GateConfig {
         policy: args.policy.clone(),
         workspace: args.workspace.clone(),
@@ -117,7 +124,24 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
         flags: Value::Null,
     };
     cfg.flags = setup::gate_flags(if args.stdio { "--stdio" } else { "--listen" }, &cfg);
-    let opened = setup::open_gate(&cfg).map_err(|e| (e.code, e.message))?;
+    if let (Some(j), Some(f)) = (&jail, cfg.flags.as_object_mut()) {
+        f.insert("jail".into(), j.dir.display().to_string().into());
+        f.insert("jail_user".into(), format!("{}:{}", j.uid, j.gid).into());
+    }
+    if let (Some(j), Some(ws)) = (&jail, cfg.workspace_dir()) {
+        j.fence_workspace(&ws)
+            .map_err(|e| (exit::VMM_ERROR, e.to_string()))?;
+    }
+    let mut prepared = setup::prepare_gate(&cfg, None).map_err(|e| (e.code, e.message))?;
+    if let Some(j) = &jail {
+        let warnings = prepared
+            .ready_for_jail(j.uid, j.gid)
+            .map_err(|e| (e.code, e.message))?;
+        warnings
+            .iter()
+            .for_each(|w| eprintln!("ironvmm gate: warning: {w}"));
+    }
+    let opened = prepared.open(None).map_err(|e| (e.code, e.message))?;
     if !opened.warnings.is_empty() {
         eprint!("{}", opened.warnings);
     }
@@ -148,6 +172,23 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
     if let Some(path) = &args.net_listen {
         super::gate_net::spawn(Arc::clone(&opened_net), path).map_err(|e| (exit::VMM_ERROR, e))?;
     }
+    let listener = match &args.listen {
+        Some(path) if !args.stdio => Some(bind_listener(path)?),
+        _ => None,
+    };
+    if let Some(j) = &jail {
+        // Everything is open: the policy, the workspace, the audit log, the sockets.
+        if let Err(e) = j.enter() {
+            eprintln!("ironvmm gate: {e}");
+            return finish(&log, exit::VMM_ERROR);
+        }
+        eprintln!(
+            "ironvmm gate: jailed in {} as uid {} gid {}",
+            j.dir.display(),
+            j.uid,
+            j.gid
+        );
+    }
 
     let code = if args.stdio {
         serve_stdio(&gate)
@@ -158,8 +199,10 @@ fn start(args: &GateArgs) -> Result<u8, Failure> {
             eprintln!("ironvmm gate: the audit log can no longer be written: {why}; stopping");
             std::process::exit(i32::from(exit::VMM_ERROR));
         }));
-        let path = args.listen.as_deref().unwrap_or(Path::new(""));
-        serve_listen(&gate, path, args.max_clients)?
+        match listener {
+            Some(l) => serve_listen(&gate, l, args.max_clients),
+            None => exit::VMM_ERROR,
+        }
     };
     // The client is gone: nobody is waiting for the answers any more.
     approvals
@@ -330,8 +373,8 @@ fn serve_stdio(gate: &Arc<Gate>) -> u8 {
     }
 }
 
-/// Clients on a Unix socket, a thread each, until a signal stops the process.
-fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8, Failure> {
+/// Binds `--listen` (before a jail would take the path away).
+fn bind_listener(path: &Path) -> Result<UnixListener, Failure> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             let _ = std::fs::remove_file(path); // a stale socket of an earlier gate
@@ -340,6 +383,11 @@ fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8,
     let listener = UnixListener::bind(path)
         .map_err(|e| (exit::VMM_ERROR, format!("--listen {}: {e}", path.display())))?;
     eprintln!("ironvmm gate: listening on {}", path.display());
+    Ok(listener)
+}
+
+/// Clients on a Unix socket, a thread each, until a signal stops the process.
+fn serve_listen(gate: &Arc<Gate>, listener: UnixListener, max_clients: usize) -> u8 {
     let active = Arc::new(AtomicUsize::new(0));
     let mut next = 0u64;
     for stream in listener.incoming() {
@@ -373,7 +421,7 @@ fn serve_listen(gate: &Arc<Gate>, path: &Path, max_clients: usize) -> Result<u8,
             active.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    Ok(0)
+    0
 }
 
 /// `gate-<unix ms>-<pid>`: unique per process on one host.

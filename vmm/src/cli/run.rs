@@ -56,16 +56,20 @@ pub fn run(a: RunArgs) -> u8 {
         .into()
     });
     flags.insert("approver".into(), json!(approver));
-    let mode = Mode {
+    let mut outputs = Outputs::from_args(&a);
+    let mut open_outputs = || outputs.open_now();
+    let mut mode = Mode {
         name: "run",
         interactive: false,
         budget: Some(budget),
         flags,
         // Confined unless `--seccomp` says otherwise (docs/seccomp.md).
         seccomp: Setting::On,
+        // Jailed, the outputs' paths are gone after the VM: opened before the jail.
+        before_jail: Some(&mut open_outputs),
     };
-    let launched = launch(&a.vm, &mode);
-    let outputs = Outputs::from_args(&a);
+    let launched = launch(&a.vm, &mut mode);
+    drop(mode);
     match write_outputs(&launched, &outputs) {
         Ok(()) => launched.code,
         Err(e) => {
@@ -86,18 +90,54 @@ pub struct Outputs {
     pub report: Option<PathBuf>,
     pub junit: Option<PathBuf>,
     pub summary: Option<PathBuf>,
+    /// The same files opened ahead (`--jail`), in that order; written through
+    /// these instead of by path.
+    opened: [Option<std::fs::File>; 3],
 }
 
 impl Outputs {
+    pub fn new(report: Option<PathBuf>, junit: Option<PathBuf>, summary: Option<PathBuf>) -> Self {
+        Outputs {
+            report,
+            junit,
+            summary,
+            opened: Default::default(),
+        }
+    }
+
     fn from_args(a: &RunArgs) -> Outputs {
         let step_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
-        Outputs {
-            report: a.report.clone(),
-            junit: a.junit.clone(),
-            summary: a.summary.clone().or(step_summary),
+        Outputs::new(
+            a.report.clone(),
+            a.junit.clone(),
+            a.summary.clone().or(step_summary),
+        )
+    }
+
+    /// Opens every output now (the report and JUnit file truncated, the summary
+    /// for appending), for a VMM that will no longer have their paths.
+    pub fn open_now(&mut self) -> Result<(), String> {
+        let paths = [
+            (&self.report, "--report", false),
+            (&self.junit, "--junit", false),
+            (&self.summary, "--summary", true),
+        ];
+        for (slot, (path, what, append)) in self.opened.iter_mut().zip(paths) {
+            let Some(p) = path else { continue };
+            let mut o = std::fs::OpenOptions::new();
+            if append {
+                o.create(true).append(true);
+            } else {
+                o.create(true).write(true).truncate(true);
+            }
+            *slot = Some(
+                o.open(p)
+                    .map_err(|e| format!("{what} {}: {e}", p.display()))?,
+            );
         }
+        Ok(())
     }
 }
 
@@ -110,8 +150,19 @@ pub fn write_outputs(l: &Launched, o: &Outputs) -> Result<(), String> {
         kind: l.kind,
         code: l.code,
     };
-    let report = match &l.audit_path {
-        Some(path) if path.exists() => {
+    let report = match (&l.audit_path, &l.audit_file) {
+        (Some(path), Some(f)) => {
+            // From the start, however often the report is made (a clone shares the offset).
+            let f = f
+                .try_clone()
+                .and_then(|mut f| {
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
+                    Ok(f)
+                })
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            RunReport::from_audit_file(f, path, exit, duration_ms).map_err(|e| e.to_string())?
+        }
+        (Some(path), None) if path.exists() => {
             RunReport::from_audit(path, exit, duration_ms).map_err(|e| e.to_string())?
         }
         _ => RunReport::without_log(&l.vm, exit, duration_ms),
@@ -122,30 +173,59 @@ pub fn write_outputs(l: &Launched, o: &Outputs) -> Result<(), String> {
             first_err.get_or_insert(e);
         }
     };
+    let [rep_f, junit_f, sum_f] = &o.opened;
     if let Some(p) = &o.report {
-        keep(write_new(p, "--report", report.to_json().as_bytes()));
+        keep(write_new(p, rep_f, "--report", report.to_json().as_bytes()));
     }
     if let Some(p) = &o.junit {
-        keep(write_new(p, "--junit", junit::render(&report).as_bytes()));
+        keep(write_new(
+            p,
+            junit_f,
+            "--junit",
+            junit::render(&report).as_bytes(),
+        ));
     }
     if let Some(p) = &o.summary {
         let md = summary::markdown(&report, l.why.as_deref());
-        keep(append(p, "--summary", md.as_bytes()));
+        keep(append(p, sum_f, "--summary", md.as_bytes()));
     }
     eprint!("{}", summary::stderr_lines(&report));
     first_err.map_or(Ok(()), Err)
 }
 
-fn write_new(path: &Path, what: &str, bytes: &[u8]) -> Result<(), String> {
-    std::fs::write(path, bytes).map_err(|e| format!("{what} {}: {e}", path.display()))
+/// Replaces the content of the file opened ahead, else of `path`, with `bytes`.
+fn write_new(
+    path: &Path,
+    opened: &Option<std::fs::File>,
+    what: &str,
+    bytes: &[u8],
+) -> Result<(), String> {
+    match opened {
+        Some(f) => {
+            let mut f: &std::fs::File = f;
+            f.set_len(0)
+                .and_then(|()| std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)))
+                .and_then(|_| f.write_all(bytes))
+        }
+        None => std::fs::write(path, bytes),
+    }
+    .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
 /// The step summary is shared by every step of a job: append, never truncate.
-fn append(path: &Path, what: &str, bytes: &[u8]) -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(bytes))
-        .map_err(|e| format!("{what} {}: {e}", path.display()))
+fn append(
+    path: &Path,
+    opened: &Option<std::fs::File>,
+    what: &str,
+    bytes: &[u8],
+) -> Result<(), String> {
+    match opened {
+        Some(f) => (&*f).write_all(bytes),
+        None => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes)),
+    }
+    .map_err(|e| format!("{what} {}: {e}", path.display()))
 }

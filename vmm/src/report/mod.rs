@@ -106,11 +106,22 @@ impl RunReport {
         exit: ExitInfo,
         duration_ms: u64,
     ) -> Result<RunReport, ReportError> {
-        let name = path.display().to_string();
         let file = File::open(path).map_err(|source| ReportError::Open {
-            path: name.clone(),
+            path: path.display().to_string(),
             source,
         })?;
+        Self::from_audit_file(file, path, exit, duration_ms)
+    }
+
+    /// [`RunReport::from_audit`] on the log already opened (`--jail`: its path is
+    /// gone by the time the report is made); `path` names it in the report.
+    pub fn from_audit_file(
+        file: File,
+        path: &Path,
+        exit: ExitInfo,
+        duration_ms: u64,
+    ) -> Result<RunReport, ReportError> {
+        let name = path.display().to_string();
         let records = read::records(BufReader::new(file)).map_err(|reason| ReportError::Read {
             path: name.clone(),
             reason,

@@ -139,9 +139,13 @@ impl ControlSocket {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
         let p2 = path.to_path_buf();
+        // The owner is who started the VMM, read now: a jailed VMM (docs/jail.md)
+        // runs as another uid later, and its owner still answers.
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
         thread::Builder::new()
             .name("approvals-socket".into())
-            .spawn(move || accept_loop(listener, hub, s2, p2))
+            .spawn(move || accept_loop(listener, hub, s2, p2, me))
             .map_err(|e| io_err(path, e))?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
@@ -163,14 +167,18 @@ impl Drop for ControlSocket {
     }
 }
 
-fn accept_loop(listener: UnixListener, hub: ApprovalHub, stop: Arc<AtomicBool>, path: PathBuf) {
+fn accept_loop(
+    listener: UnixListener,
+    hub: ApprovalHub,
+    stop: Arc<AtomicBool>,
+    path: PathBuf,
+    me: u32,
+) {
     // Its client threads inherit the filter.
     if !super::confine_thread("approvals-socket") {
         return;
     }
     let active = Arc::new(AtomicUsize::new(0));
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -354,15 +362,17 @@ fn peer_gone(s: &UnixStream) -> bool {
 /// Follows the audit log at `path` and passes its `decision` records to the hub's
 /// subscribers (the decision feed).
 pub fn spawn_audit_feed(hub: ApprovalHub, path: PathBuf) {
+    // Opened here, not in the thread: a jailed VMM (docs/jail.md) no longer has
+    // the path once the thread runs.
+    let Ok(f) = std::fs::File::open(&path) else {
+        return;
+    };
     let _ = thread::Builder::new()
         .name("approvals-feed".into())
         .spawn(move || {
             if !super::confine_thread("approvals-feed") {
                 return;
             }
-            let Ok(f) = std::fs::File::open(&path) else {
-                return;
-            };
             let mut r = BufReader::new(f);
             let mut buf = String::new();
             loop {

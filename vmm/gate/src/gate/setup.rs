@@ -49,6 +49,15 @@ pub struct GateConfig {
     pub flags: Value,
 }
 
+impl GateConfig {
+    /// The folder the fs service serves: `--workspace`, else `[workspace] dir`.
+    pub fn workspace_dir(&self) -> Option<PathBuf> {
+        self.workspace
+            .clone()
+            .or_else(|| self.config.workspace.as_ref().map(|w| w.dir.clone()))
+    }
+}
+
 /// A gate ready to serve.
 pub struct OpenedGate {
     pub gate: Arc<Gate>,
@@ -121,10 +130,7 @@ pub fn prepare_gate(
 ) -> Result<PreparedGate, SetupError> {
     let policy_text = std::fs::read(&cfg.policy)
         .map_err(|e| fail(exit::BAD_POLICY, format!("{}: {e}", cfg.policy.display())))?;
-    let workspace = cfg
-        .workspace
-        .clone()
-        .or_else(|| cfg.config.workspace.as_ref().map(|w| w.dir.clone()));
+    let workspace = cfg.workspace_dir();
     // The owner's MCP servers are started first: the policy is checked against
     // the tools they list.
     let mut mcp = Vec::new();
@@ -193,6 +199,18 @@ impl PreparedGate {
     /// The audit log path the gate will write.
     pub fn audit_path(&self) -> &Path {
         &self.audit_path
+    }
+
+    /// `--jail`: readies the services for running as `uid`/`gid` once the host's
+    /// paths are gone (the fs service: the workspace's permissions, the trash
+    /// folder opened now). Returns warnings to print.
+    pub fn ready_for_jail(&mut self, uid: u32, gid: u32) -> Result<Vec<String>, SetupError> {
+        match &mut self.fs {
+            Some(fs) => fs
+                .ready_for_user(uid, gid)
+                .map_err(|e| fail(exit::VMM_ERROR, format!("--jail: {e}"))),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The second half: creates the audit log and its key with the `open` record

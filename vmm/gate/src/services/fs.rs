@@ -238,14 +238,7 @@ impl FsService {
                 )
             })?;
         drop(probe);
-        let trash_path = match (dir.parent(), dir.file_name()) {
-            (Some(p), Some(n)) => {
-                let mut name = n.to_os_string();
-                name.push(".ironvmm-trash");
-                Some(p.join(name))
-            }
-            _ => None,
-        };
+        let trash_path = trash_path_for(&dir);
         Ok(FsService {
             root,
             trash_path,
@@ -256,6 +249,61 @@ impl FsService {
             written: AtomicU64::new(0),
             max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
         })
+    }
+
+    /// `--jail`: readies the service for running as `uid`/`gid` (no supplementary
+    /// groups) with the host's paths gone. Refuses a workspace that user cannot
+    /// read and search; opens the trash folder now (it is reached by path), made
+    /// theirs when created here. Returns warnings (a workspace they cannot write).
+    pub fn ready_for_user(&mut self, uid: u32, gid: u32) -> Result<Vec<String>, String> {
+        use std::os::unix::fs::MetadataExt;
+        let mut warnings = Vec::new();
+        let st = sys::fstat(self.root.as_fd()).map_err(|e| format!("workspace: {e}"))?;
+        let (read, write) = user_access(st.st_uid, st.st_gid, st.st_mode, uid, gid);
+        let who = format!(
+            "the jail user {uid}:{gid} (the workspace is {}:{}, mode {:o})",
+            st.st_uid,
+            st.st_gid,
+            st.st_mode & 0o7777
+        );
+        if !read {
+            return Err(format!(
+                "{who} cannot read the workspace: chown it to that user, or give --jail-user its owner"
+            ));
+        }
+        if !write {
+            warnings.push(format!(
+                "{who} cannot write the workspace: fs.write, fs.mkdir, fs.move and fs.delete will fail"
+            ));
+        }
+        let Some(path) = self.trash_path.clone() else {
+            return Ok(warnings);
+        };
+        let created = std::fs::create_dir(&path).is_ok();
+        let ready = (|| -> io::Result<OwnedFd> {
+            if created {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+            let f = std::fs::File::open(&path)?;
+            let m = f.metadata()?;
+            if !user_access(m.uid(), m.gid(), m.mode(), uid, gid).1 {
+                return Err(io::Error::other(format!(
+                    "{uid}:{gid} cannot write it (owner {}:{}, mode {:o})",
+                    m.uid(),
+                    m.gid(),
+                    m.mode() & 0o7777
+                )));
+            }
+            Ok(f.into())
+        })();
+        match ready {
+            Ok(fd) => *self.trash.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd),
+            Err(e) => warnings.push(format!(
+                "the trash folder {}: {e}; fs.delete will fail",
+                path.display()
+            )),
+        }
+        Ok(warnings)
     }
 
     /// The most bytes `fs.write` may write in this VM, all calls together.
@@ -709,6 +757,28 @@ fn tree_height(dir: OwnedFd, limit: usize) -> io::Result<usize> {
     Ok(best)
 }
 
+/// The trash folder of the workspace `dir` (resolved): `<dir>.ironvmm-trash`
+/// beside it; None for `/`.
+pub fn trash_path_for(dir: &Path) -> Option<PathBuf> {
+    let (parent, name) = (dir.parent()?, dir.file_name()?);
+    let mut name = name.to_os_string();
+    name.push(".ironvmm-trash");
+    Some(parent.join(name))
+}
+
+/// (read and search, write) for `uid`/`gid`, with no supplementary groups and no
+/// capabilities, by the permission bits of a file of owner `st_uid`:`st_gid`.
+pub fn user_access(st_uid: u32, st_gid: u32, mode: u32, uid: u32, gid: u32) -> (bool, bool) {
+    let bits = if st_uid == uid {
+        mode >> 6
+    } else if st_gid == gid {
+        mode >> 3
+    } else {
+        mode
+    } & 0o7;
+    (bits & 0o5 == 0o5, bits & 0o2 != 0)
+}
+
 fn no_trash() -> ToolError {
     ToolError::new(
         "trash_unavailable",
@@ -862,6 +932,18 @@ fn bad_type(key: &str, want: &str) -> ToolError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jail_user_gets_only_the_permission_bits() {
+        assert_eq!(user_access(5, 5, 0o700, 5, 9), (true, true));
+        assert_eq!(user_access(0, 0, 0o700, 5, 5), (false, false));
+        assert_eq!(user_access(0, 5, 0o750, 7, 5), (true, false));
+        assert_eq!(user_access(0, 0, 0o777, 7, 7), (true, true));
+        // The owner's bits apply to the owner even when others have more.
+        assert_eq!(user_access(5, 5, 0o077, 5, 5), (false, false));
+        // Read without search is not enough for a folder.
+        assert_eq!(user_access(0, 0, 0o744, 7, 7), (false, false));
+    }
 
     #[test]
     fn paths_normalise_like_the_policy() {

@@ -1,0 +1,192 @@
+//! `ironvmm run --jail DIR` booting a real guest: the VMM jails itself (seccomp on,
+//! as `run` has it) before the first vCPU runs, and the guest's calls still reach
+//! the workspace through the descriptors opened before. Ignored in the fast suite
+//! (it boots a guest); the same jail without a VM is in jail.rs.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn ironvmm() -> &'static str {
+    env!("CARGO_BIN_EXE_ironvmm")
+}
+
+fn kernel() -> PathBuf {
+    PathBuf::from(
+        std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"),
+    )
+}
+
+const POLICY: &str = r#"version 1
+allow fs.read   when path under "/workspace"
+allow fs.write  when path under "/workspace/out"
+allow fs.mkdir  when path under "/workspace/out"
+allow fs.delete when path under "/workspace/out"
+default deny
+"#;
+
+const NOBODY: u32 = 65534;
+
+fn marker<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name}= in the console:\n{out}"))
+}
+
+fn chown_tree(path: &Path) {
+    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path());
+        }
+    }
+}
+
+#[test]
+#[ignore = "boots a guest: run through scripts/test.sh"]
+fn run_jailed_boots_the_guest_and_serves_its_calls() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "--jail needs root");
+    let tmp = tempfile::Builder::new()
+        .prefix("ironvmm-jail-vm-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    let ws = dir.join("ws");
+    std::fs::create_dir_all(ws.join("out")).unwrap();
+    std::fs::write(ws.join("hello.txt"), "hello from the host\n").unwrap();
+    std::fs::write(ws.join("out/old.txt"), "to the trash\n").unwrap();
+    chown_tree(&ws);
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    std::fs::write(dir.join("p.rules"), POLICY).unwrap();
+    let script = r#"
+iron call fs.read '{"path":"/workspace/hello.txt"}'; echo "c1=$?"
+iron call fs.write '{"path":"/workspace/out/from-guest.txt","content":"written by a jailed VMM"}'; echo "c2=$?"
+iron call fs.delete '{"path":"/workspace/out/old.txt"}'; echo "c3=$?"
+iron call fs.write '{"path":"/workspace/hello.txt","content":"x"}' 2>/dev/null; echo "c4=$?"
+sleep 5
+"#;
+    std::fs::write(dir.join("agent.sh"), script).unwrap();
+    let img = dir.join("agent.img");
+    let o = Command::new(ironvmm())
+        .args(["image", "build", "--kernel"])
+        .arg(kernel())
+        .arg("--add")
+        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
+        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let mut child = Command::new(ironvmm())
+        .arg("run")
+        .arg("--policy")
+        .arg(dir.join("p.rules"))
+        .arg("--workspace")
+        .arg(&ws)
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"))
+        .arg("--report")
+        .arg(dir.join("r.json"))
+        .arg("--junit")
+        .arg(dir.join("r.xml"))
+        .arg("--summary")
+        .arg(dir.join("s.md"))
+        .args(["--timeout", "900s", "--console"])
+        .arg(dir.join("console.log"))
+        .arg("--jail")
+        .arg(&jail)
+        .arg(&img)
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Once jailed (before the first vCPU runs): the VMM's identity and view.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("jailed in")) {
+        match rx.recv_timeout(Duration::from_secs(600)) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("never jailed; stderr:\n{}", seen.join("\n")),
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let code = child.wait().unwrap().code();
+    seen.extend(rx.iter());
+    let stderr = seen.join("\n");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["Uid:", "65534", "65534", "65534", "65534"]),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("CapEff:") && l.ends_with("0000000000000000")),
+        "{status}"
+    );
+    let root = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .unwrap_or_default();
+    assert!(root.contains(" - tmpfs ironvmm-jail "), "{mounts}");
+
+    assert_eq!(code, Some(0), "{stderr}");
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap();
+    assert_eq!(marker(&console, "c1"), "0", "{console}");
+    assert_eq!(marker(&console, "c2"), "0", "{console}");
+    assert_eq!(marker(&console, "c3"), "0", "{console}");
+    assert_eq!(marker(&console, "c4"), "3", "{console}");
+    let written = ws.join("out/from-guest.txt");
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "written by a jailed VMM"
+    );
+    assert_eq!(std::fs::metadata(&written).unwrap().uid(), NOBODY);
+    assert!(!ws.join("out/old.txt").exists());
+    let trash = dir.join("ws.ironvmm-trash");
+    assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(&jail).unwrap().count(), 0);
+
+    // The outputs and the log, written through descriptors opened before the jail.
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("r.json")).unwrap()).unwrap();
+    assert_eq!(r["exit"], serde_json::json!({"kind": "agent", "code": 0}));
+    assert_eq!(r["calls"]["allow"], 3, "{r}");
+    assert_eq!(r["calls"]["deny"], 1, "{r}");
+    let o = Command::new(ironvmm())
+        .args(["audit", "verify"])
+        .arg(dir.join("audit.jsonl"))
+        .arg("--head")
+        .arg(r["audit"]["final_hash"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+    let open: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(open["flags"]["jail_user"], "65534:65534", "{open}");
+    assert_eq!(open["flags"]["seccomp"], "on", "{open}");
+    assert!(std::fs::read_to_string(dir.join("r.xml"))
+        .unwrap()
+        .contains("<failure "));
+    assert!(!std::fs::read_to_string(dir.join("s.md"))
+        .unwrap()
+        .is_empty());
+}
