@@ -49,7 +49,10 @@ fn scratch_dir() -> std::path::PathBuf {
 
 impl Scratch {
     fn gate(&mut self) -> &OpenedGate {
-        let full = self.gate.as_ref().is_some_and(|g| g.audit.bytes() > MAX_LOG);
+        let full = self
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.audit.bytes() > MAX_LOG);
         if full || self.gate.is_none() {
             if let Some(old) = self.gate.take() {
                 old.gate.shutdown();
@@ -80,7 +83,9 @@ impl Scratch {
 static SCRATCH: Mutex<Option<Scratch>> = Mutex::new(None);
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, bytes)) = data.split_first() else { return };
+    let Some((&chunk, bytes)) = data.split_first() else {
+        return;
+    };
     let chunk = usize::from(chunk).max(1) * 17;
     let mut guard = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
     let s = guard.get_or_insert_with(|| Scratch {
@@ -134,7 +139,10 @@ fuzz_target!(|data: &[u8]| {
 fn check_lines(out: &[u8]) {
     let mut lines = out.split(|&b| b == b'\n');
     let last = lines.next_back();
-    assert!(last.is_none_or(<[u8]>::is_empty), "a reply line is not terminated");
+    assert!(
+        last.is_none_or(<[u8]>::is_empty),
+        "a reply line is not terminated"
+    );
     for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let v: serde_json::Value = serde_json::from_slice(line).expect("replies are JSON");
         assert!(v.is_object(), "a reply is not an object");

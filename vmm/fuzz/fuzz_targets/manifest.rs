@@ -7,7 +7,9 @@ use ironvmm::image::Manifest;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(m) = Manifest::from_json(data) else { return };
+    let Ok(m) = Manifest::from_json(data) else {
+        return;
+    };
     let _ = m.validate();
     let again = Manifest::from_json(m.to_json_pretty().as_bytes())
         .expect("a manifest written by ironvmm parses back");

@@ -28,10 +28,17 @@ impl Input<'_> {
         Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
     }
     fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes([self.u8()?, self.u8()?, self.u8()?, self.u8()?]))
+        Some(u32::from_le_bytes([
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+        ]))
     }
     fn bytes(&mut self, max: usize) -> &[u8] {
-        let n = usize::from(self.u8().unwrap_or(0)).min(max).min(self.0.len());
+        let n = usize::from(self.u8().unwrap_or(0))
+            .min(max)
+            .min(self.0.len());
         let (b, rest) = self.0.split_at(n);
         self.0 = rest;
         b
@@ -73,12 +80,21 @@ fuzz_target!(|data: &[u8]| {
         match op % 8 {
             // A packet with any header fields, cut into descriptors as the input says.
             0 | 1 => {
-                let Some((src_port, dst_port)) = inp.u32().zip(inp.u32()) else { break };
-                let Some((op_, type_)) = inp.u16().zip(inp.u16()) else { break };
-                let Some((flags, buf_alloc)) = inp.u32().zip(inp.u32()) else { break };
-                let Some((fwd_cnt, len_delta)) = inp.u32().zip(inp.u8()) else { break };
+                let Some((src_port, dst_port)) = inp.u32().zip(inp.u32()) else {
+                    break;
+                };
+                let Some((op_, type_)) = inp.u16().zip(inp.u16()) else {
+                    break;
+                };
+                let Some((flags, buf_alloc)) = inp.u32().zip(inp.u32()) else {
+                    break;
+                };
+                let Some((fwd_cnt, len_delta)) = inp.u32().zip(inp.u8()) else {
+                    break;
+                };
                 let payload = inp.bytes(255).to_vec();
-                let mut h: Header = g.hdr(src_port % 4, dst_port % 4, op_ % 8, payload.len() as u32);
+                let mut h: Header =
+                    g.hdr(src_port % 4, dst_port % 4, op_ % 8, payload.len() as u32);
                 h.type_ = if type_ % 4 == 0 { type_ } else { h.type_ };
                 h.flags = flags;
                 h.buf_alloc = buf_alloc;
@@ -128,7 +144,9 @@ fuzz_target!(|data: &[u8]| {
             }
             // A register write.
             5 => {
-                let Some((off, v)) = inp.u8().zip(inp.u32()) else { break };
+                let Some((off, v)) = inp.u8().zip(inp.u32()) else {
+                    break;
+                };
                 g.w32(u64::from(off & 0xfc), v);
             }
             // The driver takes what the device returned (the harness's own checks of
