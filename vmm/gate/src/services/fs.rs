@@ -667,7 +667,8 @@ impl FsService {
             if e.raw_os_error() == Some(libc::EXDEV) {
                 ToolError::new(
                     "trash_unavailable",
-                    "the trash folder is on another filesystem than the workspace",
+                    "the trash folder is on another filesystem or mount than the workspace \
+                     (under --jail each is bound on its own, and a rename cannot cross them)",
                 )
             } else {
                 io_error(&p, e)
