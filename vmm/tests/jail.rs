@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-const POLICY: &str = "version 1\nallow fs.read\nallow fs.write\nallow fs.list\ndefault deny\n";
+const POLICY: &str =
+    "version 1\nallow fs.read\nallow fs.write\nallow fs.list\nallow fs.delete\ndefault deny\n";
 const NOBODY: u32 = 65534;
 
 /// Root with CAP_SYS_ADMIN (a container's root may lack it): what --jail needs.
@@ -283,6 +284,25 @@ fn the_jailed_gate_sees_only_the_jail_and_serves_the_workspace() {
     // A path outside the workspace is still refused (by the service, before the jail matters).
     let r = g.ask(3, "fs.read", json!({"path": "/workspace/../../etc/passwd"}));
     assert_eq!(r["result"]["isError"], true, "{r}");
+
+    // fs.delete across the workspace's and the trash's bind mounts (a rename there is
+    // EXDEV): the file is copied into the trash, synced, then unlinked.
+    let r = g.ask(4, "fs.delete", json!({"path": "/workspace/out/note.txt"}));
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    assert!(
+        !written.exists(),
+        "the deleted file is still in the workspace"
+    );
+    let trash = ironvmm_gate::services::fs::trash_path_for(&e.workspace).unwrap();
+    let kept: Vec<String> = std::fs::read_dir(&trash)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(kept, ["from the jail"], "the trash holds the file");
+    // A folder cannot be copied that way: refused, and left where it is.
+    let r = g.ask(5, "fs.delete", json!({"path": "/workspace/out"}));
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(e.workspace.join("out").is_dir());
 
     let (code, stderr) = g.finish();
     assert_eq!(code, Some(0), "{stderr}");

@@ -9,7 +9,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -663,17 +663,15 @@ impl FsService {
         }
         let trash_fd = trash.as_ref().map(|t| t.as_fd()).ok_or_else(no_trash)?;
         let target = self.trash_name(&name);
-        sys::rename_noreplace(dir.as_fd(), &name, trash_fd, &target).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EXDEV) {
-                ToolError::new(
-                    "trash_unavailable",
-                    "the trash folder is on another filesystem or mount than the workspace \
-                     (under --jail each is bound on its own, and a rename cannot cross them)",
-                )
-            } else {
-                io_error(&p, e)
+        match sys::rename_noreplace(dir.as_fd(), &name, trash_fd, &target) {
+            Ok(()) => {}
+            // Under --jail the workspace and the trash are two bind mounts, and a rename
+            // cannot cross mounts even on one filesystem: copy, sync, then unlink.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                copy_to_trash(dir.as_fd(), &name, &st, trash_fd, &target, &p)?
             }
-        })?;
+            Err(e) => return Err(io_error(&p, e)),
+        }
         Ok(json!({}))
     }
 
@@ -839,6 +837,78 @@ fn require_regular(p: &GuestPath, st: &sys::Stat) -> Result<(), ToolError> {
 }
 
 /// Turns an errno into a tool error that names the guest path, never the host path.
+/// `fs.delete` where the trash is on another mount: the file is copied into the trash
+/// and synced before it is unlinked, and unlinked only if it is still the file that
+/// was copied, unchanged; otherwise the copy is removed and the call fails. Folders
+/// and symlinks are refused: nothing is deleted that is not safely in the trash.
+fn copy_to_trash(
+    dir: BorrowedFd,
+    name: &CStr,
+    st: &sys::Stat,
+    trash: BorrowedFd,
+    target: &CStr,
+    p: &GuestPath,
+) -> Result<(), ToolError> {
+    let unavailable = |what: String| ToolError::new("trash_unavailable", what);
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(unavailable(format!(
+            "{}: the trash is on another mount (--jail), and only a file can be copied there",
+            p.display()
+        )));
+    }
+    let src = sys::open_beneath(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+        .map_err(|e| io_error(p, e))?;
+    let before = sys::fstat(src.as_fd()).map_err(|e| io_error(p, e))?;
+    let dst = sys::open_beneath(
+        trash,
+        target,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        before.st_mode & 0o777,
+    )
+    .map_err(|e| unavailable(format!("cannot create the copy in the trash: {e}")))?;
+    let copied = (|| -> io::Result<bool> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0u64;
+        loop {
+            let n = sys::pread(src.as_fd(), &mut buf, off)?;
+            if n == 0 {
+                break;
+            }
+            sys::write_all_at(dst.as_fd(), &buf[..n], Some(off))?;
+            off += n as u64;
+        }
+        sys::fsync(dst.as_fd())?;
+        let after = sys::fstat(src.as_fd())?;
+        let now = sys::fstatat_nofollow(dir, name)?;
+        let same = |a: &sys::Stat| {
+            (
+                a.st_dev,
+                a.st_ino,
+                a.st_size,
+                a.st_mtime,
+                a.st_mtime_nsec,
+                a.st_ctime,
+                a.st_ctime_nsec,
+            )
+        };
+        Ok(same(&after) == same(&before)
+            && same(&now) == same(&before)
+            && off == before.st_size as u64)
+    })();
+    let fail = |what: String| {
+        let _ = sys::unlinkat_file(trash, target);
+        Err(unavailable(what))
+    };
+    match copied {
+        Ok(true) => sys::unlinkat_file(dir, name).map_err(|e| io_error(p, e)),
+        Ok(false) => fail(format!(
+            "{} changed while it was copied to the trash; it was left where it is",
+            p.display()
+        )),
+        Err(e) => fail(format!("copying {} to the trash: {e}", p.display())),
+    }
+}
+
 fn io_error(p: &GuestPath, e: io::Error) -> ToolError {
     let path = p.display();
     let (kind, what) = match e.raw_os_error() {

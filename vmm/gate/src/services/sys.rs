@@ -92,6 +92,15 @@ pub fn write_all_at(fd: BorrowedFd, buf: &[u8], offset: Option<u64>) -> io::Resu
     Ok(())
 }
 
+/// unlink of one component `name` inside `dir` (a file or symlink, never a folder).
+pub fn unlinkat_file(dir: BorrowedFd, name: &CStr) -> io::Result<()> {
+    rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(err)
+}
+
+pub fn fsync(fd: BorrowedFd) -> io::Result<()> {
+    rustix::fs::fsync(fd).map_err(err)
+}
+
 pub fn ftruncate(fd: BorrowedFd, len: u64) -> io::Result<()> {
     rustix::fs::ftruncate(fd, len).map_err(err)
 }
