@@ -32,7 +32,7 @@ scripts/kvm-host/selftest.sh
 peers=$(mktemp -d "${TMPDIR:-/tmp}/ironvmm-mail-peers.XXXXXX")
 KVM_HOST_ARGS="--share $(dirname "$kernel") --share $peers --host-net --cpus 1 --timeout 3600" \
     scripts/kvm-host/mail-peers.sh --optional --dir "$peers" -- \
-    scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test boot_endings --test gate_vm --test approvals_vm --test inbox_vm --test hostile_vm --test kvm_smoke --test mail_vm -- --include-ignored --test-threads=1
+    scripts/kvm-host/cargo-test.sh -p ironvmm --test boot --test boot_endings --test gate_vm --test approvals_vm --test inbox_vm --test hostile_vm --test kvm_smoke --test mail_vm --test jail_vm -- --include-ignored --test-threads=1
 
 say "slow suite: IMAP against a real Dovecot on loopback"
 cargo test -p ironvmm-gate --test mail -- --include-ignored 2>&1
