@@ -74,8 +74,9 @@ cp "$repo/examples/byo-node/agent.mjs" "$repo/examples/byo-node/package.json" "$
 npm install --silent --prefix "$rootfs/opt/agent" --omit=dev --no-audit --no-fund \
     --no-package-lock >/dev/null
 
-# --jitless: V8's JIT code range calls madvise(), which the guest kernel leaves out
-# (no CONFIG_ADVISE_SYSCALLS), and aborts on its ENOSYS; the interpreter needs none.
+# --jitless: the interpreter needs no madvise(), so the image also runs on a kernel
+# without CONFIG_ADVISE_SYSCALLS (build-kernel.sh's has it); an MCP client mostly waits,
+# and it needs no WebAssembly (docs/agents/byo-node.md).
 "$ironvmm" image build --kernel "$kernel" --rootfs "$rootfs" \
     --cmd '/usr/local/bin/node --jitless /opt/agent/agent.mjs' --cwd /opt/agent \
     --mem "$mem" -o "$out" "${extra[@]}"
