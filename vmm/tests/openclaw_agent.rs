@@ -653,4 +653,7 @@ fn openclaw_in_a_guest_meets_the_policy_and_never_holds_the_key() {
     // ever in the guest's image or environment, which the host never gave it.
     check_story(&o);
     assert!(!contains(&fs::read(&img).unwrap(), KEY));
+    // The timeline of a passing run (docs/agents/openclaw.md), seen with --nocapture:
+    // the console and the audit log, both checked above to hold no key.
+    eprintln!("--- console, then the audit log\n{}", o.context());
 }
