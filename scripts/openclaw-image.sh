@@ -153,6 +153,8 @@ mount --make-rprivate /
 mount -t proc proc "$rootfs/proc"
 mount --rbind /dev "$rootfs/dev"
 python3 "$model" --port 3128 --key-env PRIME_KEY --log "$rootfs/.prime/model.log" &
+model_pid=$!
+trap 'kill $model_pid' EXIT
 i=0
 until python3 -c 'import socket; socket.create_connection(("127.0.0.1", 3128), 1)' 2>/dev/null; do
     i=$((i + 1)); [ $i -lt 100 ] || { echo "the scripted model did not listen"; exit 1; }; sleep 0.1
