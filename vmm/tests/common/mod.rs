@@ -9,6 +9,17 @@ use std::process::{Child, Command};
 
 use serde_json::{json, Value};
 
+/// The policy of the gate-as-a-process tests. Line 2 allows reads in the
+/// workspace, line 3 any stat, line 4 asks before a delete, line 5 denies writes;
+/// tests name these lines.
+pub const READ_ONLY_POLICY: &str = r#"version 1
+allow fs.read when path under "/workspace"
+allow fs.stat
+ask   fs.delete "ask me first"
+deny  fs.write "read-only here"
+default deny
+"#;
+
 /// The repository's root (the workspace's Cargo.toml).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
