@@ -71,6 +71,16 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Gives `path` and everything under it to `uid:gid` (needs root).
+pub fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
 /// A scratch folder for one gate: `p.rules`, a workspace `ws/` holding
 /// `hello.txt`, and the path of an audit log not yet written.
 pub struct GateEnv {
