@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 mod vm_common;
 use vm_common::{
-    audit_records, boot_with_services, decision_for, ironvmm, kernel, marker, scratch,
+    audit_records, boot_with_services, build_image, decision_for, ironvmm, marker, run_cmd,
+    scratch, vmm,
 };
 
 const POLICY: &str = r#"version 1
@@ -49,32 +50,8 @@ fn run_agent_with(
     mut watch: impl FnMut(&str, u32),
 ) -> (Output, String, String) {
     std::fs::write(dir.join("p.rules"), policy).unwrap();
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .args(image_args)
-        .arg("-o")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "image build: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let mut child = Command::new(ironvmm())
-        .arg("boot")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
+    let img = build_image(dir, script, image_args);
+    let mut child = vmm(dir, "boot")
         .args(["--audit-sync", "batch", "--timeout", "1200s"])
         .args(boot_args)
         .arg(&img)
@@ -461,37 +438,10 @@ iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c4=$?"
 iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c5=$?"
 sleep 30
 "#;
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
+    let img = build_image(dir, script, &[]);
+    let o = run_cmd(dir)
+        .args(["--max-calls", "4", "--timeout", "600s"])
         .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(ironvmm())
-        .arg("run")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
-        .arg("--report")
-        .arg(dir.join("r.json"))
-        .arg("--junit")
-        .arg(dir.join("r.xml"))
-        .arg("--summary")
-        .arg(dir.join("s.md"))
-        .args(["--max-calls", "4", "--timeout", "600s", "--console"])
-        .arg(dir.join("console.log"))
-        .arg(&img)
-        .env_remove("GITHUB_STEP_SUMMARY")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
