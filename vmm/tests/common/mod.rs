@@ -4,8 +4,11 @@
 //! tests that boot a guest share vm_common/ instead.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -159,4 +162,125 @@ pub fn stderr_of(child: &mut Child) -> String {
         let _ = e.read_to_string(&mut s);
     }
     s
+}
+
+/// Far longer than a gate or a relay takes to start on a loaded machine.
+const START_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Waits until `path` exists (a socket the child makes), failing if the child
+/// exits first or `START_PATIENCE` passes; `what` names the child.
+pub fn wait_for(path: &Path, what: &str, child: &mut Child) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "{what} exited");
+        assert!(t.elapsed() < START_PATIENCE, "no {what} socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `ironvmm gate` listening on `d/gate.sock` with the policy `d/p.rules` (and the
+/// ironvmm.toml beside it, unless `--config` is added) and the audit log
+/// `d/audit.jsonl`; its approvals socket under `d`, stdin and stderr null.
+pub fn listening_gate(d: &Path) -> Command {
+    let mut c = ironvmm();
+    c.arg("gate")
+        .arg("--policy")
+        .arg(d.join("p.rules"))
+        .arg("--audit")
+        .arg(d.join("audit.jsonl"))
+        .arg("--listen")
+        .arg(d.join("gate.sock"))
+        .env("XDG_RUNTIME_DIR", d)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// `iron proxy` on a loopback port of its own, relaying to the gate's
+/// `--net-listen` socket, once it listens; `env_remove` is kept from its
+/// environment. Returns the process and its port.
+pub fn iron_proxy(iron: &Path, net_sock: &Path, env_remove: &[&str]) -> (Killed, u16) {
+    let port = free_port();
+    let mut c = Command::new(iron);
+    c.arg("proxy")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--to")
+        .arg(format!("unix:{}", net_sock.display()));
+    for k in env_remove {
+        c.env_remove(k);
+    }
+    let proxy = Killed(c.spawn().unwrap());
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < START_PATIENCE, "iron proxy never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (proxy, port)
+}
+
+/// The example's scripted model (`dir/scripted-model.py`, examples/inbox) on a port
+/// of its own choosing, expecting the key `key` in `key_env`, logging to
+/// `dir/model.log`, with more arguments `args`. Returns the process and its port.
+pub fn scripted_model(dir: &Path, key_env: &str, key: &str, args: &[&str]) -> (Killed, u16) {
+    // /usr/bin/python3 where PATH has none (the KVM host); the model needs no packages.
+    let python = if Command::new("python3").arg("-V").output().is_ok() {
+        "python3"
+    } else {
+        "/usr/bin/python3"
+    };
+    let mut model = Killed(
+        Command::new(python)
+            .arg(dir.join("scripted-model.py"))
+            .args(["--port", "0", "--key-env", key_env, "--log"])
+            .arg(dir.join("model.log"))
+            .args(args)
+            .env(key_env, key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(model.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening on ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the scripted model said {line:?}"));
+    (model, port)
+}
+
+/// The Message-IDs of every message anywhere under a Maildir.
+pub fn message_ids(maildir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![maildir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(text) = std::fs::read_to_string(&p) {
+                if let Some(l) = text
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+                {
+                    out.insert(l[11..].trim().to_string());
+                }
+            }
+        }
+    }
+    out
 }
