@@ -150,10 +150,7 @@ fn max_clients_closes_the_extra_client_at_once_and_frees_its_place() {
 fn an_existing_audit_file_exits_125_and_is_left_alone() {
     let e = env();
     std::fs::write(&e.audit, "an earlier run's log\n").unwrap();
-    let out = e.gate(&["--stdio"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = e.gate(&["--stdio"]).stdin(Stdio::null()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains(&e.audit.display().to_string()), "{err}");

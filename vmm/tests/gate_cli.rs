@@ -21,10 +21,7 @@ fn env() -> Env {
 fn stdio(e: &Env, extra: &[&str], lines: &[String]) -> (Option<i32>, Vec<Value>, String) {
     let mut input = lines.join("\n");
     input.push('\n');
-    stdio_raw(
-        e.gate(&[&["--stdio"], extra].concat()),
-        input.as_bytes(),
-    )
+    stdio_raw(e.gate(&[&["--stdio"], extra].concat()), input.as_bytes())
 }
 
 fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
@@ -234,7 +231,8 @@ fn wait_for_socket(path: &Path, child: &mut Child) {
 fn listen_serves_100_concurrent_connections() {
     let e = env();
     let sock = e.dir.path().join("gate.sock");
-    let mut child = e.gate(&["--audit-sync", "batch", "--listen"])
+    let mut child = e
+        .gate(&["--audit-sync", "batch", "--listen"])
         .arg(&sock)
         .stderr(Stdio::piped())
         .spawn()
@@ -304,10 +302,7 @@ fn listen_serves_100_concurrent_connections() {
 #[test]
 fn tools_json_is_a_catalog_the_policy_cli_reads() {
     let e = env();
-    let out = ironvmm()
-        .args(["tools", "--json"])
-        .output()
-        .unwrap();
+    let out = ironvmm().args(["tools", "--json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let cat: Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = cat["tools"]
@@ -356,10 +351,7 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
     assert_eq!(cap("fs.read"), Some(768 * 1024));
     assert_eq!(cap("http.fetch"), Some(900 * 1024));
     assert!(names.iter().all(|n| cap(n).is_some_and(|c| c > 0)));
-    let text = ironvmm()
-        .arg("tools")
-        .output()
-        .unwrap();
+    let text = ironvmm().arg("tools").output().unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
     let fetch = text.lines().find(|l| l.starts_with("http.fetch ")).unwrap();
     assert!(fetch.contains(" 900 KiB "), "{text}");

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 mod vm_common;
 use vm_common::{
-    audit_records, boot_with_services, build_image, decision_for, ironvmm, marker, run_cmd,
-    scratch, vmm,
+    audit_records, boot_with_services, build_image, decision_for, ironvmm, loopback_up, marker,
+    run_cmd, scratch, vmm,
 };
 
 const POLICY: &str = r#"version 1
@@ -580,28 +580,6 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
         .find(|r| r["kind"] == "outcome" && r["decision_seq"] == net[0]["seq"])
         .expect("the allowed request's outcome");
     assert_eq!(outcome["status"], "ok");
-}
-
-/// Brings `lo` up: the software KVM host's Linux starts with it down, and the
-/// test's server listens there. Natively it is up already (and this, unprivileged,
-/// changes nothing).
-fn loopback_up() {
-    // SAFETY: socket, ioctl and close on a descriptor owned here; ifreq is plain data.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return;
-        }
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
-        }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
-        }
-        libc::close(fd);
-    }
 }
 
 /// What the SMTP sink received: each message's recipients and data.

@@ -142,3 +142,24 @@ pub fn decision_for<'a>(
         })
         .unwrap_or_else(|| panic!("no {decision} decision for {tool} {needle}: {recs:?}"))
 }
+
+/// The software KVM host's init leaves the loopback interface down; servers a test
+/// runs for the guest live on it (the VMM reaches them from the host side).
+pub fn loopback_up() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    if std::net::TcpStream::connect(l.local_addr().unwrap()).is_ok() {
+        return;
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new("ifconfig")
+            .args(["lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        up,
+        "the loopback interface is down and could not be brought up"
+    );
+}
