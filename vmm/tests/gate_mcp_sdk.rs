@@ -7,19 +7,18 @@
 //! `IRONVMM_REQUIRE_MCP_SDK` is set (CI sets it, after installing the SDK).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const POLICY: &str = r#"version 1
-allow fs.read when path under "/workspace"
-allow fs.stat
-ask   fs.delete "ask me first"
-deny  fs.write "read-only here"
-default deny
-"#;
+mod common;
+use common::{iron, wait_for, GateEnv as Env, Killed, READ_ONLY_POLICY};
+
+fn env() -> Env {
+    Env::new(READ_ONLY_POLICY)
+}
 
 fn python() -> String {
     std::env::var("IRONVMM_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -50,29 +49,6 @@ fn sdk_available(test: &str) -> bool {
         "SKIPPED {test}: {why}; `pip install mcp` to run it"
     );
     false
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    audit: PathBuf,
-}
-
-fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        audit,
-        dir,
-    }
 }
 
 fn gate_args(e: &Env) -> Vec<String> {
@@ -184,30 +160,6 @@ fn python_sdk_client_against_gate_stdio() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
 
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn python_sdk_client_through_iron_mcp() {
     if !sdk_available("python_sdk_client_through_iron_mcp") {
@@ -226,12 +178,7 @@ fn python_sdk_client_through_iron_mcp() {
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(gate.0.try_wait().unwrap().is_none(), "the gate exited");
-        assert!(t.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, "the gate", &mut gate.0);
     let o = run_client(&[
         "--env".into(),
         format!("IRON_GATE=unix:{}", sock.display()),
