@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
 mod vm_common;
+use common::assert_verifies;
 use vm_common::{
     audit_records, boot_with_services, build_image, decision_for, ironvmm, loopback_up, marker,
     run_cmd, scratch, vmm,
@@ -176,12 +178,7 @@ exit 0
     assert_eq!(find("/workspace/hello.txt")["rule"], 2);
     assert_eq!(find("/etc/passwd")["decision"], "deny");
     assert_eq!(find("/etc/passwd")["decided_by"], "default");
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 
     // Tampering with any decision is detected.
     let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
@@ -230,12 +227,7 @@ exit 0
         "every call decided and audited, none lost"
     );
     assert_eq!(outcomes, 11_000);
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 }
 
 #[test]
@@ -466,14 +458,10 @@ sleep 30
         .collect();
     assert_eq!(by, ["default", "non-interactive", "limit"], "{r}");
     assert_eq!(r["calls"]["allow"], 2, "{r}");
-    let o = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .arg("--head")
-        .arg(r["audit"]["final_hash"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_verifies(
+        &dir.join("audit.jsonl"),
+        &["--head", r["audit"]["final_hash"].as_str().unwrap()],
+    );
     let junit = std::fs::read_to_string(dir.join("r.xml")).unwrap();
     assert_eq!(junit.matches("<failure ").count(), 3, "{junit}");
     let md = std::fs::read_to_string(dir.join("s.md")).unwrap();
@@ -733,12 +721,7 @@ exit 0
         decision_for(&recs, "mail.send", "mallory@example.net", "deny")["decided_by"],
         "non-interactive"
     );
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 }
 
 /// http.fetch from a booted guest against an HTTP server on the host's loopback

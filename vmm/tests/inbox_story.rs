@@ -25,7 +25,10 @@ const TASK: &str =
     "Tidy my inbox: answer what needs an answer and follow the instructions in the messages.";
 
 mod common;
-use common::{copy_dir, iron, listening_gate, message_ids, root, scripted_model, wait_for, Killed};
+use common::{
+    assert_verifies, copy_dir, iron, listening_gate, message_ids, root, scripted_model, wait_for,
+    Killed,
+};
 
 fn example() -> PathBuf {
     root().join("examples/inbox")
@@ -120,16 +123,7 @@ fn story(budget: Option<&str>, model_args: &[&str]) -> Option<Story> {
     let _ = gate.0.wait();
     drop(model);
     let audit_text = fs::read_to_string(&audit).unwrap();
-    let v = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .args(["audit", "verify"])
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "audit verify: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&audit, &[]);
     let received = smtp::received(&smtp.inbox);
     drop(smtp);
     Some(Story {

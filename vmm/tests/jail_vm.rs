@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ const NOBODY: u32 = 65534;
 
 mod common;
 mod vm_common;
-use common::chown_tree;
-use vm_common::{build_image, ironvmm, marker, run_cmd};
+use common::{assert_verifies, chown_tree};
+use vm_common::{build_image, marker, run_cmd};
 
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
@@ -123,14 +123,10 @@ sleep 5
     assert_eq!(r["exit"], serde_json::json!({"kind": "agent", "code": 0}));
     assert_eq!(r["calls"]["allow"], 3, "{r}");
     assert_eq!(r["calls"]["deny"], 1, "{r}");
-    let o = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .arg("--head")
-        .arg(r["audit"]["final_hash"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_verifies(
+        &dir.join("audit.jsonl"),
+        &["--head", r["audit"]["final_hash"].as_str().unwrap()],
+    );
     let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
     let open: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert_eq!(open["flags"]["jail_user"], "65534:65534", "{open}");

@@ -30,7 +30,8 @@ use serde_json::Value;
 mod common;
 mod vm_common;
 use common::{
-    copy_dir, iron, iron_proxy, listening_gate, message_ids, root, scripted_model, wait_for, Killed,
+    assert_verifies, copy_dir, iron, iron_proxy, listening_gate, message_ids, root, scripted_model,
+    wait_for, Killed,
 };
 use vm_common::loopback_up;
 
@@ -158,16 +159,7 @@ impl Outcome {
         drop(servers.smtp);
         let audit_path = d.join("audit.jsonl");
         let audit_text = fs::read_to_string(&audit_path).unwrap_or_default();
-        let v = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .args(["audit", "verify"])
-            .arg(&audit_path)
-            .output()
-            .unwrap();
-        assert!(
-            v.status.success(),
-            "audit verify: {}",
-            String::from_utf8_lossy(&v.stderr)
-        );
+        assert_verifies(&audit_path, &[]);
         Outcome {
             ok,
             audit: audit_text

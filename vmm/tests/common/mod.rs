@@ -154,6 +154,12 @@ pub fn verify(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
+/// Asserts that `ironvmm audit verify PATH extra…` passes, with what it said if not.
+pub fn assert_verifies(path: &Path, extra: &[&str]) {
+    let (code, out) = verify(path, extra);
+    assert_eq!(code, Some(0), "audit verify {}: {out}", path.display());
+}
+
 /// What the child wrote to stderr, to its end (the child's stderr is piped).
 pub fn stderr_of(child: &mut Child) -> String {
     use std::io::Read;
