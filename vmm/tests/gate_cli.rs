@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{call, ironvmm, records, verify, GateEnv as Env, READ_ONLY_POLICY};
+use common::{
+    call, ironvmm, json_lines, records, stdio_session, verify, GateEnv as Env, READ_ONLY_POLICY,
+};
 
 fn env() -> Env {
     Env::new(READ_ONLY_POLICY)
@@ -24,26 +26,9 @@ fn stdio(e: &Env, extra: &[&str], lines: &[String]) -> (Option<i32>, Vec<Value>,
     stdio_raw(e.gate(&[&["--stdio"], extra].concat()), input.as_bytes())
 }
 
-fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    let mut replies: Vec<Value> = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+fn stdio_raw(cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
+    let out = stdio_session(cmd, input);
+    let mut replies = json_lines(&out.stdout);
     // Calls run concurrently and replies come in any order: sorted by id (stable,
     // id-less error replies last) so tests can index them.
     replies.sort_by_key(|r: &Value| r["id"].as_u64().unwrap_or(u64::MAX));

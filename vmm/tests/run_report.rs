@@ -3,9 +3,7 @@
 //! `--max-calls`, and `ironvmm run` itself where it stops before a guest runs.
 //! The booted run is in vmm/tests/boot.rs.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +19,7 @@ use serde_json::{json, Value};
 
 mod common;
 mod gate_common;
-use common::{call, ironvmm, GateEnv as Env, READ_ONLY_POLICY};
+use common::{call, ironvmm, stdio_session, GateEnv as Env, READ_ONLY_POLICY};
 use gate_common::{replies as reply_lines, settle};
 
 fn env() -> Env {
@@ -31,21 +29,9 @@ fn env() -> Env {
 /// Runs `ironvmm gate --stdio` over `lines` to its end (stdin closed): a real,
 /// closed audit log.
 fn gate_session(e: &Env, lines: &[String]) {
-    let mut child = e
-        .gate(&["--stdio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let mut input = lines.join("\n");
     input.push('\n');
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = stdio_session(e.gate(&["--stdio"]), input.as_bytes());
     assert_eq!(
         out.status.code(),
         Some(0),
