@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -22,7 +22,7 @@ default deny
 "#;
 
 mod common;
-use common::{iron, root, wait_for, GateEnv, Killed};
+use common::{iron, output_within, root, summary_line, wait_for, GateEnv, Killed};
 
 /// The folder holding `@modelcontextprotocol/sdk`, or `None` after saying why.
 fn sdk_modules() -> Option<PathBuf> {
@@ -45,7 +45,7 @@ fn sdk_modules() -> Option<PathBuf> {
 
 /// Runs the agent with `args`, waiting generously (node starts slowly when loaded).
 fn agent(dir: &Path, iron: &Path, sock: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new("node")
+    let child = Command::new("node")
         .arg(dir.join("agent/agent.mjs"))
         .args(args)
         .env("IRON_MCP_COMMAND", iron)
@@ -55,19 +55,11 @@ fn agent(dir: &Path, iron: &Path, sock: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
+    output_within(child, Duration::from_secs(120))
 }
 
 fn summary(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "agent failed:\n{out}\n{err}");
-    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+    summary_line(o, "agent")
 }
 
 #[test]

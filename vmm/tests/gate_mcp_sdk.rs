@@ -9,12 +9,14 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod common;
-use common::{iron, wait_for, GateEnv as Env, Killed, READ_ONLY_POLICY};
+use common::{
+    iron, output_within, summary_line, wait_for, GateEnv as Env, Killed, READ_ONLY_POLICY,
+};
 
 fn env() -> Env {
     Env::new(READ_ONLY_POLICY)
@@ -68,7 +70,7 @@ fn gate_args(e: &Env) -> Vec<String> {
 /// Runs the SDK client against `server` (a command line, `--env` options first).
 fn run_client(server: &[String]) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_sdk/client.py");
-    let mut child = Command::new(python())
+    let child = Command::new(python())
         .arg(script)
         .args(server)
         .stdin(Stdio::null())
@@ -77,23 +79,12 @@ fn run_client(server: &[String]) -> Output {
         .spawn()
         .unwrap();
     // Generous: a loaded 2-core machine starts Python slowly.
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    output_within(child, Duration::from_secs(120))
 }
 
 /// What the client saw (its last stdout line), after checking it succeeded.
 fn summary(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "client failed:\n{out}\n{err}");
-    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+    summary_line(o, "client")
 }
 
 fn check_summary(s: &Value) {

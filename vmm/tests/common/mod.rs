@@ -148,6 +148,28 @@ pub fn stdio_session(mut cmd: Command, input: &[u8]) -> Output {
     out
 }
 
+/// Waits for `child` at most `limit` (then kills it) and collects its output.
+pub fn output_within(mut child: Child, limit: Duration) -> Output {
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The last line of a client's stdout as JSON (its summary), after checking that
+/// the client (`what`) succeeded.
+pub fn summary_line(o: &Output, what: &str) -> Value {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{what} failed:\n{out}\n{err}");
+    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+}
+
 /// The JSON values of `out`, one a line (blank lines skipped).
 pub fn json_lines(out: &[u8]) -> Vec<Value> {
     out.split(|&b| b == b'\n')
