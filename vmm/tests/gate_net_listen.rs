@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod common;
-use common::{iron, iron_proxy, listening_gate, wait_for, Killed};
+use common::{iron, iron_proxy, net_gate};
 
 const KEY: &str = "sk-net-listen-0f1e2d3c4b5a69788796a5b4c3d2e1f0";
 
@@ -106,17 +106,7 @@ fn the_model_route_on_the_host_through_iron_proxy() {
     )
     .unwrap();
     let (net_sock, audit) = (d.join("net.sock"), d.join("audit.jsonl"));
-    let mut gate = Killed(
-        listening_gate(d)
-            .arg("--config")
-            .arg(d.join("ironvmm.toml"))
-            .arg("--net-listen")
-            .arg(&net_sock)
-            .env("NET_LISTEN_KEY", KEY)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&net_sock, "the gate's --net-listen", &mut gate.0);
+    let mut gate = net_gate(d, "NET_LISTEN_KEY", KEY);
     let (_proxy, proxy_port) = iron_proxy(&iron(), &net_sock, &[]);
 
     // Allowed: the provider got the host's key, the client its answer.

@@ -30,8 +30,8 @@ use serde_json::Value;
 mod common;
 mod vm_common;
 use common::{
-    assert_verifies, copy_dir, iron, iron_proxy, listening_gate, message_ids, root, scripted_model,
-    wait_for, Killed,
+    assert_verifies, copy_dir, iron, iron_proxy, message_ids, net_gate, root, scripted_model,
+    Killed,
 };
 use vm_common::loopback_up;
 
@@ -381,18 +381,7 @@ fn openclaw_falls_for_the_injection_and_the_policy_holds() {
 
     // The gate: tools on one socket, the guest proxy's port 2 on another.
     let (sock, net_sock) = (d.join("gate.sock"), d.join("net.sock"));
-    let mut gate = Killed(
-        listening_gate(d)
-            .arg("--config")
-            .arg(d.join("ironvmm.toml"))
-            .arg("--net-listen")
-            .arg(&net_sock)
-            .env(KEY_ENV, KEY)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sock, "gate", &mut gate.0);
-    wait_for(&net_sock, "gate's net", &mut gate.0);
+    let mut gate = net_gate(d, KEY_ENV, KEY);
 
     // The guest's proxy relay, on a loopback port of its own.
     let (_proxy, proxy_port) = iron_proxy(&iron, &net_sock, &[KEY_ENV]);

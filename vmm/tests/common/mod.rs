@@ -264,6 +264,25 @@ pub fn listening_gate(d: &Path) -> Command {
     c
 }
 
+/// `listening_gate(d)` serving `d/ironvmm.toml`, with the guest proxy's port 2 on
+/// `d/net.sock` and `key_env=key` in its environment (a model provider's key),
+/// once both its sockets exist.
+pub fn net_gate(d: &Path, key_env: &str, key: &str) -> Killed {
+    let mut gate = Killed(
+        listening_gate(d)
+            .arg("--config")
+            .arg(d.join("ironvmm.toml"))
+            .arg("--net-listen")
+            .arg(d.join("net.sock"))
+            .env(key_env, key)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&d.join("gate.sock"), "the gate", &mut gate.0);
+    wait_for(&d.join("net.sock"), "the gate's --net-listen", &mut gate.0);
+    gate
+}
+
 /// `iron proxy` on a loopback port of its own, relaying to the gate's
 /// `--net-listen` socket, once it listens; `env_remove` is kept from its
 /// environment. Returns the process and its port.
