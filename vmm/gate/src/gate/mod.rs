@@ -262,7 +262,6 @@ impl Gate {
     /// Parses and checks one frame: the reply of a cheap method or of an error, the
     /// call to serve, or nothing to answer.
     fn read_frame(&self, frame: &[u8]) -> Read {
-        let mut out = Vec::new();
         let value = match json::parse_strict(frame) {
             Ok(v) => v,
             Err(e @ JsonError::TooDeep { .. }) => {
@@ -321,6 +320,7 @@ impl Gate {
         let params = req.remove("params");
         match method.as_str() {
             "initialize" | "ping" | "tools/list" => {
+                let mut out = Vec::new();
                 let params = match params {
                     None => Map::new(),
                     Some(Value::Object(p)) => p,
