@@ -766,6 +766,7 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
             serde_json::json!({
                 "interrupts": s.interrupts,
                 "guest_notifies": s.guest_notifies,
+                "rx_notifies": s.rx_notifies,
                 "tx_packets": s.tx_packets,
                 "rx_packets": s.rx_packets,
             })

@@ -66,7 +66,7 @@ pub fn run(
                     // Reading resets the counter; several kicks become one pass.
                     let kicks = queue_evts[q].read().unwrap_or(0);
                     let mut dev = lock(&device);
-                    dev.count_notifies(kicks.saturating_sub(std::mem::take(&mut rearmed[q])));
+                    dev.count_notifies(q, kicks.saturating_sub(std::mem::take(&mut rearmed[q])));
                     if dev.handle_queue_event(q) {
                         // Work left past the per-pass bound: come back to it after
                         // the other events, rather than hold the thread.

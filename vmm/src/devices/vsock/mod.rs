@@ -212,6 +212,8 @@ pub struct VsockStats {
     /// QueueNotify writes by the guest (ioeventfd counts, several per wake-up when
     /// they coalesce); EVENT_IDX lets the guest skip the needless ones.
     pub guest_notifies: u64,
+    /// The part of `guest_notifies` on the rx queue (buffers posted for us).
+    pub rx_notifies: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -304,8 +306,12 @@ impl VsockDevice {
 
     /// The guest wrote QueueNotify `kicks` times since the last count (the
     /// ioeventfd's counter, read by the device thread).
-    pub fn count_notifies(&mut self, kicks: u64) {
-        self.muxer.stats.guest_notifies = self.muxer.stats.guest_notifies.saturating_add(kicks);
+    pub fn count_notifies(&mut self, queue: usize, kicks: u64) {
+        let stats = &mut self.muxer.stats;
+        stats.guest_notifies = stats.guest_notifies.saturating_add(kicks);
+        if queue == RX_QUEUE {
+            stats.rx_notifies = stats.rx_notifies.saturating_add(kicks);
+        }
     }
 
     /// Length of the muxer's rx queue, for tests (at most the connection count).
