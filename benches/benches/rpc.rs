@@ -82,6 +82,10 @@ struct Counts {
     notifies: u64,
     /// Interrupts the vsock raised.
     interrupts: u64,
+    /// The part of `notifies` on the rx queue.
+    rx_notifies: u64,
+    /// MMIO writes KVM queued without an exit (InterruptACK).
+    queued: u64,
 }
 
 impl Counts {
@@ -90,6 +94,8 @@ impl Counts {
             exits: self.exits.saturating_sub(base.exits),
             notifies: self.notifies.saturating_sub(base.notifies),
             interrupts: self.interrupts.saturating_sub(base.interrupts),
+            rx_notifies: self.rx_notifies.saturating_sub(base.rx_notifies),
+            queued: self.queued.saturating_sub(base.queued),
         }
     }
 }
@@ -128,6 +134,9 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (Str
             "900s",
         ])
         .args(extra)
+        // `--boot-arg=FLAG`: a hidden `boot` flag, to try a variant of the data path
+        // (docs/benchmarks.md).
+        .args(std::env::args().filter_map(|a| a.strip_prefix("--boot-arg=").map(String::from)))
         .arg(&img)
         .env("IRONVMM_EXIT_STATS", "1")
         .output()
@@ -147,6 +156,8 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (Str
                 exits: n(&v["vm_exits"]["pio"]) + n(&v["vm_exits"]["mmio"]),
                 notifies: n(&v["vsock"]["guest_notifies"]),
                 interrupts: n(&v["vsock"]["interrupts"]),
+                rx_notifies: n(&v["vsock"]["rx_notifies"]),
+                queued: n(&v["vm_exits"]["queued_mmio_writes"]),
             }
         })
         .unwrap_or_default();
@@ -338,7 +349,12 @@ fn main() {
         ));
     }
     let calls = (2 * small_calls() + BULK_CALLS) as f64;
+    // `--sync=MODE`: one sync mode only (trying a variant).
+    let only = std::env::args().find_map(|a| a.strip_prefix("--sync=").map(String::from));
     for sync in ["batch", "always"] {
+        if only.as_deref().is_some_and(|o| o != sync) {
+            continue;
+        }
         let (_, base) = boot(&p, "idle", "exit 0\n", sync, &[]);
         let (out, with_idx) = boot(&p, "bench", &script, sync, &[]);
         let vm: Vec<Option<Value>> = (0..workloads().len())
@@ -353,10 +369,12 @@ fn main() {
         let (_, without) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
         let per = |c: Counts| {
             format!(
-                "{:.2} exits, {:.2} guest notifies, {:.2} interrupts",
+                "{:.2} exits, {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
                 c.exits as f64 / calls,
                 c.notifies as f64 / calls,
-                c.interrupts as f64 / calls
+                c.rx_notifies as f64 / calls,
+                c.interrupts as f64 / calls,
+                c.queued as f64 / calls
             )
         };
         println!(

@@ -16,7 +16,7 @@ use crate::devices::bus::{lock, Bus, IrqTrigger, SerialDevice};
 use crate::devices::console::ConsoleOut;
 use crate::devices::status_port::{self, StatusPort};
 use crate::devices::virtio_mmio::{
-    cmdline_entry, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+    cmdline_entry, MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
 use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice, VsockStats};
 use crate::kvm::layout::{KBD_IRQ, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
@@ -84,6 +84,7 @@ impl Machine {
         listener: Box<dyn PortListener>,
     ) -> Result<String, VmError> {
         let (base, irq) = (VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE);
+        let coalesce_ack = cfg.coalesce_ack;
         let dev =
             VsockDevice::new(cfg, listener).map_err(|e| VmError::Io(format!("vsock: {e}")))?;
         let dev = Arc::new(Mutex::new(dev));
@@ -104,6 +105,10 @@ impl Machine {
             .fd()
             .register_irqfd(transport.interrupt().evt(), irq)
             .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+        // The guest acknowledges every interrupt; that write need not exit.
+        if coalesce_ack {
+            self.vm.coalesce_writes(base + INTERRUPT_ACK_OFFSET, 4)?;
+        }
         let evts = transport
             .queue_evts()
             .iter()
@@ -175,5 +180,9 @@ impl ExitHandler for Bus {
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         Bus::mmio_write(self, addr, data)
+    }
+
+    fn mmio_write_queued(&self, addr: u64, data: &[u8]) {
+        Bus::mmio_write_queued(self, addr, data)
     }
 }

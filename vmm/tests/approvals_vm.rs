@@ -5,19 +5,12 @@
 //! approvals_tty.rs, approvals_cli.rs and approvals_web.rs).
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn ironvmm() -> &'static str {
-    env!("CARGO_BIN_EXE_ironvmm")
-}
-
-fn kernel() -> PathBuf {
-    PathBuf::from(
-        std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"),
-    )
-}
+mod vm_common;
+use vm_common::{build_image, ironvmm, vmm};
 
 const POLICY: &str = r#"version 1
 allow fs.read  when path under "/workspace"
@@ -56,31 +49,8 @@ fn a_guest_call_parks_until_another_shell_allows_it() {
         .unwrap();
     std::fs::write(dir.join("ws/in.txt"), "in").unwrap();
     std::fs::write(dir.join("p.rules"), POLICY).unwrap();
-    std::fs::write(dir.join("agent.sh"), AGENT).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "image build: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let vm = Command::new(ironvmm())
-        .arg("boot")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
+    let img = build_image(&dir, AGENT, &[]);
+    let vm = vmm(&dir, "boot")
         .args([
             "--approver",
             "socket",

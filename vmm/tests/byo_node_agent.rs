@@ -9,8 +9,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -20,6 +20,9 @@ allow fs.stat
 deny  fs.write "read-only here"
 default deny
 "#;
+
+mod common;
+use common::{iron, output_within, root, summary_line, wait_for, GateEnv, Killed};
 
 /// The folder holding `@modelcontextprotocol/sdk`, or `None` after saying why.
 fn sdk_modules() -> Option<PathBuf> {
@@ -40,33 +43,9 @@ fn sdk_modules() -> Option<PathBuf> {
     None
 }
 
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs the agent with `args`, waiting generously (node starts slowly when loaded).
 fn agent(dir: &Path, iron: &Path, sock: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new("node")
+    let child = Command::new("node")
         .arg(dir.join("agent/agent.mjs"))
         .args(args)
         .env("IRON_MCP_COMMAND", iron)
@@ -76,19 +55,11 @@ fn agent(dir: &Path, iron: &Path, sock: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
+    output_within(child, Duration::from_secs(120))
 }
 
 fn summary(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "agent failed:\n{out}\n{err}");
-    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+    summary_line(o, "agent")
 }
 
 #[test]
@@ -97,41 +68,23 @@ fn node_agent_reaches_the_gate_through_iron_mcp() {
         return;
     };
     let iron = iron();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    let e = GateEnv::new(POLICY);
+    let d = e.dir.path();
     std::fs::create_dir_all(d.join("agent")).unwrap();
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/byo-node/agent.mjs");
+    let example = root().join("examples/byo-node/agent.mjs");
     std::fs::copy(example, d.join("agent/agent.mjs")).unwrap();
     // ES modules resolve packages from the script's folder upwards (not NODE_PATH).
     std::os::unix::fs::symlink(&modules, d.join("agent/node_modules")).unwrap();
-    std::fs::write(d.join("p.rules"), POLICY).unwrap();
-    std::fs::create_dir(d.join("ws")).unwrap();
-    std::fs::write(d.join("ws/hello.txt"), "hello\n").unwrap();
     let sock = d.join("gate.sock");
-    let audit = d.join("audit.jsonl");
-    let gate = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .arg("gate")
-            .arg("--policy")
-            .arg(d.join("p.rules"))
-            .arg("--workspace")
-            .arg(d.join("ws"))
-            .arg("--audit")
-            .arg(&audit)
-            .arg("--listen")
+    let audit = e.audit.clone();
+    let mut gate = Killed(
+        e.gate(&["--listen"])
             .arg(&sock)
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the gate made no socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, "the gate", &mut gate.0);
 
     let s = summary(&agent(d, &iron, &sock, &[]));
     assert_eq!(s["server"]["name"], "ironvmm");

@@ -4,78 +4,26 @@
 //! usable KVM (125, with the doctor's reason, and the log closed). The endings that
 //! need a running guest are in the booting suite (boot_endings.rs).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod common;
+use common::{ironvmm, records, stderr_of, verify, GateEnv as Env, Killed};
 
 const POLICY: &str = "version 1\nallow fs.read when path under \"/workspace\"\ndefault deny\n";
 
 /// Far longer than any of these steps takes on a loaded machine; only a hang hits it.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    audit: PathBuf,
-}
-
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        audit,
-        dir,
-    }
-}
-
-fn ironvmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-}
-
-fn gate_cmd(e: &Env, extra: &[&str]) -> Command {
-    let mut c = ironvmm();
-    c.arg("gate")
-        .arg("--policy")
-        .arg(&e.policy)
-        .arg("--workspace")
-        .arg(&e.workspace)
-        .arg("--audit")
-        .arg(&e.audit)
-        .args(extra);
-    c
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn verify(path: &Path) -> (Option<i32>, String) {
-    let out = ironvmm()
-        .args(["audit", "verify"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code(), text)
+    Env::new(POLICY)
 }
 
 /// Waits for the child to exit; kills it and fails if it does not in time.
@@ -93,33 +41,13 @@ fn wait(child: &mut Child) -> ExitStatus {
     }
 }
 
-/// Kills the child when a failing test unwinds past it, so no gate outlives its test.
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn stderr_of(child: &mut Child) -> String {
-    let mut s = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut s);
-    }
-    s
-}
-
 const PING: &str = "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n";
 
 /// `gate --stdio`, returned once it has answered a ping: its log is open and its
 /// signal thread is waiting. Keep `stdin` alive to keep it running.
-fn running_stdio_gate(e: &Env) -> (Reaper, ChildStdin, BufReader<ChildStdout>) {
-    let mut child = Reaper(
-        gate_cmd(e, &["--stdio"])
+fn running_stdio_gate(e: &Env) -> (Killed, ChildStdin, BufReader<ChildStdout>) {
+    let mut child = Killed(
+        e.gate(&["--stdio"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -150,7 +78,7 @@ fn gate_on_sigint_exits_130_and_on_sighup_129_with_the_log_closed() {
         let last = recs.last().unwrap();
         assert_eq!(last["kind"], "close", "{recs:?}");
         assert_eq!(last["exit"], code, "{last}");
-        let (rc, out) = verify(&e.audit);
+        let (rc, out) = verify(&e.audit, &[]);
         assert_eq!(rc, Some(0), "{out}");
     }
 }
@@ -175,8 +103,8 @@ fn connect_and_ping(sock: &Path) -> std::io::Result<Option<Value>> {
 fn max_clients_closes_the_extra_client_at_once_and_frees_its_place() {
     let e = env();
     let sock = e.dir.path().join("gate.sock");
-    let mut child = Reaper(
-        gate_cmd(&e, &["--max-clients", "1", "--listen"])
+    let mut child = Killed(
+        e.gate(&["--max-clients", "1", "--listen"])
             .arg(&sock)
             .stderr(Stdio::piped())
             .spawn()
@@ -222,10 +150,7 @@ fn max_clients_closes_the_extra_client_at_once_and_frees_its_place() {
 fn an_existing_audit_file_exits_125_and_is_left_alone() {
     let e = env();
     std::fs::write(&e.audit, "an earlier run's log\n").unwrap();
-    let out = gate_cmd(&e, &["--stdio"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = e.gate(&["--stdio"]).stdin(Stdio::null()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains(&e.audit.display().to_string()), "{err}");
@@ -292,7 +217,7 @@ fn the_audit_log_is_created_mode_0600_whatever_the_umask() {
 fn audit_verify_on_a_file_it_cannot_read_exits_125_naming_it() {
     let e = env();
     let missing = e.dir.path().join("missing.jsonl");
-    let (rc, out) = verify(&missing);
+    let (rc, out) = verify(&missing, &[]);
     assert_eq!(rc, Some(125), "{out}");
     assert!(out.contains("missing.jsonl"), "{out}");
     assert!(out.contains("No such file"), "{out}");
@@ -388,5 +313,5 @@ fn boot_without_usable_kvm_exits_125_with_the_doctors_reason() {
         (&last["kind"], &last["exit"]),
         (&json!("close"), &json!(125))
     );
-    assert_eq!(verify(&e.audit).0, Some(0));
+    assert_eq!(verify(&e.audit, &[]).0, Some(0));
 }

@@ -4,92 +4,31 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const POLICY: &str = r#"version 1
-allow fs.read when path under "/workspace"
-allow fs.stat
-ask   fs.delete "ask me first"
-deny  fs.write "read-only here"
-default deny
-"#;
-
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    audit: PathBuf,
-}
+mod common;
+use common::{
+    call, ironvmm, json_lines, records, stdio_session, verify, GateEnv as Env, READ_ONLY_POLICY,
+};
 
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        audit,
-        dir,
-    }
-}
-
-fn gate_cmd(e: &Env, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
-    c.arg("gate")
-        .arg("--policy")
-        .arg(&e.policy)
-        .arg("--workspace")
-        .arg(&e.workspace)
-        .arg("--audit")
-        .arg(&e.audit)
-        .args(extra);
-    c
-}
-
-fn call(id: u64, tool: &str, args: Value) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-           "params": {"name": tool, "arguments": args}})
-    .to_string()
+    Env::new(READ_ONLY_POLICY)
 }
 
 /// Runs `gate --stdio` over the given input lines; returns (exit, replies, stderr).
 fn stdio(e: &Env, extra: &[&str], lines: &[String]) -> (Option<i32>, Vec<Value>, String) {
     let mut input = lines.join("\n");
     input.push('\n');
-    stdio_raw(
-        gate_cmd(e, &[&["--stdio"], extra].concat()),
-        input.as_bytes(),
-    )
+    stdio_raw(e.gate(&[&["--stdio"], extra].concat()), input.as_bytes())
 }
 
-fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    let mut replies: Vec<Value> = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+fn stdio_raw(cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String) {
+    let out = stdio_session(cmd, input);
+    let mut replies = json_lines(&out.stdout);
     // Calls run concurrently and replies come in any order: sorted by id (stable,
     // id-less error replies last) so tests can index them.
     replies.sort_by_key(|r: &Value| r["id"].as_u64().unwrap_or(u64::MAX));
@@ -97,27 +36,6 @@ fn stdio_raw(mut cmd: Command, input: &[u8]) -> (Option<i32>, Vec<Value>, String
         out.status.code(),
         replies,
         String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn verify(path: &Path, extra: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .args(["audit", "verify"])
-        .arg(path)
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 
@@ -234,7 +152,7 @@ fn invalid_policy_exits_127() {
 #[test]
 fn audit_write_failure_fails_closed_and_exits_125() {
     let e = env();
-    let mut cmd = gate_cmd(&e, &["--stdio"]);
+    let mut cmd = e.gate(&["--stdio"]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -298,7 +216,8 @@ fn wait_for_socket(path: &Path, child: &mut Child) {
 fn listen_serves_100_concurrent_connections() {
     let e = env();
     let sock = e.dir.path().join("gate.sock");
-    let mut child = gate_cmd(&e, &["--audit-sync", "batch", "--listen"])
+    let mut child = e
+        .gate(&["--audit-sync", "batch", "--listen"])
         .arg(&sock)
         .stderr(Stdio::piped())
         .spawn()
@@ -368,10 +287,7 @@ fn listen_serves_100_concurrent_connections() {
 #[test]
 fn tools_json_is_a_catalog_the_policy_cli_reads() {
     let e = env();
-    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .args(["tools", "--json"])
-        .output()
-        .unwrap();
+    let out = ironvmm().args(["tools", "--json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let cat: Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = cat["tools"]
@@ -420,16 +336,13 @@ fn tools_json_is_a_catalog_the_policy_cli_reads() {
     assert_eq!(cap("fs.read"), Some(768 * 1024));
     assert_eq!(cap("http.fetch"), Some(900 * 1024));
     assert!(names.iter().all(|n| cap(n).is_some_and(|c| c > 0)));
-    let text = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .arg("tools")
-        .output()
-        .unwrap();
+    let text = ironvmm().arg("tools").output().unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
     let fetch = text.lines().find(|l| l.starts_with("http.fetch ")).unwrap();
     assert!(fetch.contains(" 900 KiB "), "{text}");
     let file = e.dir.path().join("catalog.json");
     std::fs::write(&file, &out.stdout).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let out = ironvmm()
         .args(["policy", "eval", "--catalog"])
         .arg(&file)
         .arg(&e.policy)
@@ -572,7 +485,7 @@ fn config_file_configures_the_services_and_unknown_keys_are_named() {
         "version 1\nallow mail.list\nallow mail.read\ndefault deny\n",
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
+    let mut cmd = ironvmm();
     cmd.arg("gate")
         .arg("--policy")
         .arg(&policy)

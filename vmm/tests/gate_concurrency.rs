@@ -1,10 +1,13 @@
 //! Calls run beside the transport: a slow call holds nobody else, replies come back
 //! out of order, the in-flight bounds hold, asks park without a thread, overruns are
-//! answered, and concurrent decisions share fsyncs.
+//! answered, and concurrent decisions share fsyncs. Every frame, not only a call, is
+//! parsed and answered on a worker: the transport's thread only frames bytes.
 //!
 //! The slow service is test-only (defined here): `test.probe` with `{"hold": true}`
-//! blocks until the test opens its latch, or 5 s at most. Tests wait on conditions,
-//! never on wall-clock limits, except one generous latency comparison.
+//! blocks until the test opens its latch, or 5 s at most; with `{"until_open": true}`
+//! until the latch opens (120 s at most, so a failing test cannot hang CI). Tests
+//! wait on conditions, never on wall-clock limits, except one generous latency
+//! comparison.
 
 mod gate_common;
 
@@ -24,12 +27,12 @@ use serde_json::{json, Value};
 struct Latch(Arc<(Mutex<(bool, usize)>, Condvar)>);
 
 impl Latch {
-    fn hold(&self) {
+    fn hold(&self, most: Duration) {
         let (m, cv) = &*self.0;
         let mut st = m.lock().unwrap();
         st.1 += 1;
         cv.notify_all();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + most;
         while !st.0 && Instant::now() < deadline {
             st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
         }
@@ -64,7 +67,8 @@ impl Service for Held {
         vec![ToolSpec {
             name: "test.probe",
             description: "waits for the test's latch when asked to hold",
-            input_schema: json!({"type": "object", "properties": {"hold": {"type": "boolean"}}}),
+            input_schema: json!({"type": "object", "properties": {
+                "hold": {"type": "boolean"}, "until_open": {"type": "boolean"}}}),
             roles: &[],
             aliases: &[],
             reply_cap: ironvmm::services::DEFAULT_REPLY_CAP,
@@ -72,9 +76,12 @@ impl Service for Held {
     }
     fn call(&self, _: &str, args: &Value) -> Result<Value, ToolError> {
         if args["hold"] == true {
-            self.0.hold();
+            self.0.hold(Duration::from_secs(5));
         }
-        Ok(json!({"held": args["hold"] == true}))
+        if args["until_open"] == true {
+            self.0.hold(Duration::from_secs(120));
+        }
+        Ok(json!({"held": args["hold"] == true || args["until_open"] == true}))
     }
 }
 
@@ -399,4 +406,261 @@ fn concurrent_decisions_share_fsyncs() {
         syncs < 400,
         "{syncs} fsyncs for 400 decisions: no group commit"
     );
+}
+
+/// Counts a connection's wakes; the test waits for the next one.
+#[derive(Clone, Default)]
+struct Wakes(Arc<(Mutex<usize>, Condvar)>);
+
+impl Wakes {
+    fn wake(&self) -> ironvmm::gate::inflight::Wake {
+        let w = self.clone();
+        Arc::new(move || {
+            let (m, cv) = &*w.0;
+            *m.lock().unwrap() += 1;
+            cv.notify_all();
+        })
+    }
+
+    fn count(&self) -> usize {
+        *self.0 .0.lock().unwrap()
+    }
+
+    /// Waits until there were more than `n` wakes.
+    fn wait_past(&self, n: usize) {
+        let (m, cv) = &*self.0;
+        let mut st = m.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while *st <= n {
+            assert!(Instant::now() < deadline, "no wake after {n}");
+            st = cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+}
+
+/// A gate with one worker, held by a call on another connection until the latch
+/// opens: whatever a connection's `on_data` hands over cannot be parsed until then.
+fn one_held_worker(latch: &Latch, limits: GateLimits) -> (Fixture, Connection) {
+    let limits = GateLimits {
+        workers: 1,
+        call_timeout: Duration::from_secs(300),
+        ..limits
+    };
+    let fx = fixture(SyncMode::Batch, limits, latch);
+    let mut holder = fx.conn("holder");
+    let mut out = Vec::new();
+    holder
+        .on_data(
+            &line(1, "test.probe", json!({"until_open": true})),
+            &mut out,
+        )
+        .unwrap();
+    latch.wait_held(1);
+    (fx, holder)
+}
+
+#[test]
+fn a_reply_never_comes_from_on_data_only_through_poll_after_the_wake() {
+    let latch = Latch::default();
+    let fx = fixture(SyncMode::Batch, GateLimits::default(), &latch);
+    let wakes = Wakes::default();
+    let mut c = Connection::new(Arc::clone(&fx.gate), "w".into(), wakes.wake());
+    for frame in [
+        &br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#[..],
+        br#"{"jsonrpc":"2.0","id":2,"method":"nope"}"#,
+        b"{not json",
+    ] {
+        let mut data = frame.to_vec();
+        data.push(b'\n');
+        let before = wakes.count();
+        let mut out = Vec::new();
+        c.on_data(&data, &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "a reply from on_data: {}",
+            String::from_utf8_lossy(&out)
+        );
+        wakes.wait_past(before);
+        c.poll(&mut out).unwrap();
+        let r = replies(&out);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].get("result").is_some() || r[0].get("error").is_some());
+        assert_eq!(c.in_flight(), 0);
+    }
+}
+
+#[test]
+fn large_and_deep_frames_are_parsed_off_the_calling_thread() {
+    let latch = Latch::default();
+    let (fx, mut holder) = one_held_worker(&latch, GateLimits::default());
+    let mut c = fx.conn("c1");
+    // Just under the 1 MiB frame limit, and nested far past the depth limit.
+    let pad = "a".repeat((1 << 20) - 200);
+    let big = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping","params":{{"x":"{pad}"}}}}"#);
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":2,"method":"ping","params":{{"x":{}{}}}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let mut out = Vec::new();
+    for frame in [big, deep] {
+        let mut data = frame.into_bytes();
+        data.push(b'\n');
+        let mut at = 0;
+        while at < data.len() {
+            let n = c.input_room().min(data.len() - at);
+            assert!(n > 0, "no room for a frame while the worker is held");
+            c.on_data(&data[at..at + n], &mut out).unwrap();
+            at += n;
+        }
+    }
+    // on_data returned while the only worker is held: neither frame was parsed (nor
+    // answered) on this thread. Both hold their slots, waiting for a worker.
+    assert!(out.is_empty());
+    assert_eq!(c.in_flight(), 2);
+    assert!(!c.wait_ready(Duration::ZERO), "a reply without a worker");
+    assert_eq!(c.pending_bytes(), 0, "both frames left the framer");
+    latch.open();
+    wait_for(&mut c, &mut out, &[1]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replies(&out).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the deep frame was never answered"
+        );
+        c.wait_ready(Duration::from_millis(200));
+        c.poll(&mut out).unwrap();
+    }
+    let r = replies(&out);
+    let ping = r.iter().find(|v| v["id"] == 1).unwrap();
+    assert_eq!(ping["result"], json!({}));
+    let deep = r.iter().find(|v| v["id"].is_null()).unwrap();
+    assert_eq!(deep["error"]["code"], -32600, "{deep}");
+    assert!(deep["error"]["message"].as_str().unwrap().contains("64"));
+    wait_for(&mut holder, &mut Vec::new(), &[1]);
+    assert_eq!(fx.gate.in_flight(), 0);
+}
+
+#[test]
+fn notifications_and_client_responses_give_their_slot_back() {
+    let latch = Latch::default();
+    let (fx, mut holder) = one_held_worker(&latch, GateLimits::default());
+    let wakes = Wakes::default();
+    let mut c = Connection::new(Arc::clone(&fx.gate), "n".into(), wakes.wake());
+    let mut out = Vec::new();
+    let frames = concat!(
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        "\n",
+        r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"fs.stat","arguments":{"path":"hello.txt"}}}"#,
+        "\n",
+        r#"{"jsonrpc":"2.0","id":7,"result":{}}"#,
+        "\n",
+        r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#,
+        "\n",
+    );
+    c.on_data(frames.as_bytes(), &mut out).unwrap();
+    // Each took a slot before it was handed over, like any frame.
+    assert_eq!(c.in_flight(), 4);
+    assert_eq!(fx.gate.in_flight(), 5, "the holder's call and these four");
+    assert!(c.has_pending_output());
+    latch.open();
+    wait_for(&mut holder, &mut Vec::new(), &[1]);
+    // Released without a reply, and the connection is woken for it: a transport
+    // waiting for the last frame in flight (a half-closed peer) learns it is done.
+    // (The count is read before the slots: a release in between is then a wake
+    // still to come, never one missed.)
+    loop {
+        let before = wakes.count();
+        if c.in_flight() == 0 {
+            break;
+        }
+        wakes.wait_past(before);
+    }
+    assert!(wakes.count() >= 1);
+    c.poll(&mut out).unwrap();
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(!c.has_pending_output());
+    assert_eq!(fx.gate.in_flight(), 0);
+    assert!(
+        fx.records().iter().all(|r| r["conn"] != "n"),
+        "nothing of these four was decided"
+    );
+}
+
+#[test]
+fn cheap_frames_count_against_the_bounds_too() {
+    let latch = Latch::default();
+    let limits = GateLimits {
+        max_inflight_per_conn: 4,
+        max_inflight: 7,
+        ..GateLimits::default()
+    };
+    let (fx, mut holder) = one_held_worker(&latch, limits);
+    let mut conns: Vec<Connection> = (0..2).map(|i| fx.conn(&format!("c{i}"))).collect();
+    let mut outs = vec![Vec::new(); 2];
+    for (n, c) in conns.iter_mut().enumerate() {
+        let mut frames = Vec::new();
+        for i in 0..10 {
+            frames.extend(format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#).bytes());
+            frames.push(b'\n');
+        }
+        c.on_data(&frames, &mut outs[n]).unwrap();
+        assert!(outs[n].is_empty());
+    }
+    // The holder's call, then 4 pings of the first connection (its own bound), then
+    // 2 of the second (the VM's bound of 7).
+    assert_eq!(conns[0].in_flight(), 4, "per-connection bound");
+    assert_eq!(conns[1].in_flight(), 2, "the VM's bound took the rest");
+    assert_eq!(fx.gate.in_flight(), 7);
+    for c in &conns {
+        assert_eq!(
+            c.input_room(),
+            0,
+            "frames wait: the transport stops reading"
+        );
+        assert!(c.pending_bytes() > 0);
+    }
+    latch.open();
+    wait_for(&mut holder, &mut Vec::new(), &[1]);
+    for (n, c) in conns.iter_mut().enumerate() {
+        wait_for(c, &mut outs[n], &(0..10).collect::<Vec<_>>());
+        assert_eq!(replies(&outs[n]).len(), 10);
+    }
+    assert_eq!(fx.gate.in_flight(), 0);
+}
+
+#[test]
+fn a_reset_waits_for_the_frames_before_it() {
+    let latch = Latch::default();
+    let limits = GateLimits::with_max_frame(1024);
+    let (fx, mut holder) = one_held_worker(&latch, limits);
+    let mut c = fx.conn("c1");
+    let mut data = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#.to_vec();
+    data.push(b'\n');
+    data.extend(std::iter::repeat_n(b' ', 2000));
+    data.push(b'\n');
+    let mut out = Vec::new();
+    // The ping is with a worker (held): the reset waits for its reply.
+    c.on_data(&data, &mut out).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(c.input_room(), 0, "no input is taken after the bad frame");
+    assert_eq!(c.pending_bytes(), 0, "what followed it is dropped");
+    assert!(c.has_pending_output());
+    c.poll(&mut out).unwrap();
+    assert!(out.is_empty());
+    latch.open();
+    let err = settle(&mut c, &mut out).unwrap_err();
+    assert_eq!(
+        err,
+        ironvmm::gate::ConnectionError::FrameTooLong { limit: 1024 }
+    );
+    let r = replies(&out);
+    assert_eq!(r.len(), 2, "the ping's reply, then the error: {r:?}");
+    assert_eq!(r[0]["result"], json!({}));
+    assert_eq!(r[1]["error"]["code"], -32600);
+    assert_eq!(
+        c.poll(&mut out),
+        Err(ironvmm::gate::ConnectionError::Closed)
+    );
+    wait_for(&mut holder, &mut Vec::new(), &[1]);
 }

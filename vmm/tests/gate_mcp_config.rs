@@ -6,9 +6,11 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
+
+mod common;
+use common::{call, ironvmm, json_lines, stdio_session};
 
 fn server() -> Option<PathBuf> {
     let bin = std::env::var_os("IRONVMM_MCP_NPM")
@@ -23,12 +25,6 @@ fn server() -> Option<PathBuf> {
         let _ = writeln!(std::io::stderr(), "{why}");
     }
     bin
-}
-
-fn call(id: u64, tool: &str, args: Value) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-           "params": {"name": tool, "arguments": args}})
-    .to_string()
 }
 
 #[test]
@@ -87,32 +83,19 @@ fn gate_config_serves_an_mcp_server_behind_the_policy() {
     ]
     .join("\n")
         + "\n";
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .arg("gate")
+    let mut cmd = ironvmm();
+    cmd.arg("gate")
         .arg("--policy")
         .arg(&policy)
         .arg("--config")
         .arg(&cfg)
         .arg("--audit")
         .arg(root.join("audit.jsonl"))
-        .arg("--stdio")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
+        .arg("--stdio");
+    let out = stdio_session(cmd, input.as_bytes());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    let mut r: Vec<Value> = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+    let mut r = json_lines(&out.stdout);
     r.sort_by_key(|v| v["id"].as_u64().unwrap_or(u64::MAX));
     let names: Vec<&str> = r[0]["result"]["tools"]
         .as_array()
@@ -133,7 +116,7 @@ fn gate_config_serves_an_mcp_server_behind_the_policy() {
 
     // `ironvmm tools --json --config` prints the catalog the gate used; `policy
     // check` against it warns of a rule on a tool whose roles are unknown.
-    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let out = ironvmm()
         .args(["tools", "--json", "--config"])
         .arg(&cfg)
         .output()
@@ -166,7 +149,7 @@ fn gate_config_serves_an_mcp_server_behind_the_policy() {
         "version 1\nallow files.write_file when path matches \"/srv/*\"\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let out = ironvmm()
         .args(["policy", "check", "--catalog"])
         .arg(&cat_file)
         .arg(&rules)

@@ -7,19 +7,20 @@
 //! `IRONVMM_REQUIRE_MCP_SDK` is set (CI sets it, after installing the SDK).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const POLICY: &str = r#"version 1
-allow fs.read when path under "/workspace"
-allow fs.stat
-ask   fs.delete "ask me first"
-deny  fs.write "read-only here"
-default deny
-"#;
+mod common;
+use common::{
+    iron, output_within, summary_line, wait_for, GateEnv as Env, Killed, READ_ONLY_POLICY,
+};
+
+fn env() -> Env {
+    Env::new(READ_ONLY_POLICY)
+}
 
 fn python() -> String {
     std::env::var("IRONVMM_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -52,29 +53,6 @@ fn sdk_available(test: &str) -> bool {
     false
 }
 
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    audit: PathBuf,
-}
-
-fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        audit,
-        dir,
-    }
-}
-
 fn gate_args(e: &Env) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     vec![
@@ -92,7 +70,7 @@ fn gate_args(e: &Env) -> Vec<String> {
 /// Runs the SDK client against `server` (a command line, `--env` options first).
 fn run_client(server: &[String]) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_sdk/client.py");
-    let mut child = Command::new(python())
+    let child = Command::new(python())
         .arg(script)
         .args(server)
         .stdin(Stdio::null())
@@ -101,23 +79,12 @@ fn run_client(server: &[String]) -> Output {
         .spawn()
         .unwrap();
     // Generous: a loaded 2-core machine starts Python slowly.
-    let t = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    output_within(child, Duration::from_secs(120))
 }
 
 /// What the client saw (its last stdout line), after checking it succeeded.
 fn summary(o: &Output) -> Value {
-    let out = String::from_utf8_lossy(&o.stdout);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "client failed:\n{out}\n{err}");
-    serde_json::from_str(out.lines().last().expect("a summary line")).unwrap()
+    summary_line(o, "client")
 }
 
 fn check_summary(s: &Value) {
@@ -184,30 +151,6 @@ fn python_sdk_client_against_gate_stdio() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
 
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    target.join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn python_sdk_client_through_iron_mcp() {
     if !sdk_available("python_sdk_client_through_iron_mcp") {
@@ -226,12 +169,7 @@ fn python_sdk_client_through_iron_mcp() {
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(gate.0.try_wait().unwrap().is_none(), "the gate exited");
-        assert!(t.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, "the gate", &mut gate.0);
     let o = run_client(&[
         "--env".into(),
         format!("IRON_GATE=unix:{}", sock.display()),

@@ -6,41 +6,15 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
+mod common;
+use common::{iron, iron_proxy, net_gate};
+
 const KEY: &str = "sk-net-listen-0f1e2d3c4b5a69788796a5b4c3d2e1f0";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
@@ -131,62 +105,9 @@ fn the_model_route_on_the_host_through_iron_proxy() {
         ),
     )
     .unwrap();
-    let (sock, net_sock, audit) = (
-        d.join("gate.sock"),
-        d.join("net.sock"),
-        d.join("audit.jsonl"),
-    );
-    let mut gate = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .arg("gate")
-            .arg("--policy")
-            .arg(d.join("p.rules"))
-            .arg("--config")
-            .arg(d.join("ironvmm.toml"))
-            .arg("--audit")
-            .arg(&audit)
-            .arg("--listen")
-            .arg(&sock)
-            .arg("--net-listen")
-            .arg(&net_sock)
-            .env("NET_LISTEN_KEY", KEY)
-            .env("XDG_RUNTIME_DIR", d)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while !net_sock.exists() {
-        assert!(gate.0.try_wait().unwrap().is_none(), "the gate exited");
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no --net-listen socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let proxy_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _proxy = Killed(
-        Command::new(iron())
-            .arg("proxy")
-            .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
-            .arg("--to")
-            .arg(format!("unix:{}", net_sock.display()))
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "iron proxy never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (net_sock, audit) = (d.join("net.sock"), d.join("audit.jsonl"));
+    let mut gate = net_gate(d, "NET_LISTEN_KEY", KEY);
+    let (_proxy, proxy_port) = iron_proxy(&iron(), &net_sock, &[]);
 
     // Allowed: the provider got the host's key, the client its answer.
     let ok = post(proxy_port, "m1");

@@ -1,57 +1,24 @@
 //! Issue 10: what a hostile review broke, each attack replayed end to end through
 //! `ironvmm gate --stdio`, the fs service and the audit CLI.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Output, Stdio};
 
 use serde_json::{json, Value};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn call(id: u64, tool: &str, args: Value) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-           "params": {"name": tool, "arguments": args}})
-    .to_string()
-}
+mod common;
+use common::{call, ironvmm, json_lines, root, stdio_session};
 
 /// `gate --stdio` with these arguments over these lines: (exit, replies, stderr).
 fn gate(args: &[&std::ffi::OsStr], lines: &[String]) -> (Option<i32>, Vec<Value>, String) {
-    let mut child = bin()
-        .arg("gate")
-        .arg("--stdio")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = ironvmm();
+    cmd.arg("gate").arg("--stdio").args(args);
     let mut input = lines.join("\n");
     input.push('\n');
-    let mut stdin = child.stdin.take().unwrap();
-    let w = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let out = child.wait_with_output().unwrap();
-    w.join().unwrap();
-    let replies = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
-        .collect();
+    let out = stdio_session(cmd, input.as_bytes());
     (
         out.status.code(),
-        replies,
+        json_lines(&out.stdout),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
@@ -218,7 +185,7 @@ fn the_folder_holding_the_policy_and_log_cannot_be_swapped() {
         prev = h;
     }
     std::fs::write(&forged, text).unwrap();
-    let o = bin()
+    let o = ironvmm()
         .args(["audit", "verify"])
         .arg(&forged)
         .arg("--key")
@@ -228,7 +195,7 @@ fn the_folder_holding_the_policy_and_log_cannot_be_swapped() {
     assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
     assert!(output_text(&o).contains("hash does not match"));
     // The real log verifies with its key.
-    let o = bin()
+    let o = ironvmm()
         .args(["audit", "verify"])
         .arg(&audit)
         .arg("--key")
@@ -263,7 +230,7 @@ fn audit_show_and_stats_escape_and_bound_guest_strings() {
     ];
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
     for cmd in ["show", "stats"] {
-        let o = bin().args(["audit", cmd]).arg(&log).output().unwrap();
+        let o = ironvmm().args(["audit", cmd]).arg(&log).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{cmd}: {}", output_text(&o));
         let out = String::from_utf8(o.stdout).unwrap();
         assert!(
@@ -284,7 +251,7 @@ fn audit_show_and_stats_escape_and_bound_guest_strings() {
     let not = dir.path().join("notes.txt");
     std::fs::write(&not, "{\"hello\": 1}\n").unwrap();
     for cmd in ["show", "stats"] {
-        let o = bin().args(["audit", cmd]).arg(&not).output().unwrap();
+        let o = ironvmm().args(["audit", cmd]).arg(&not).output().unwrap();
         assert_eq!(o.status.code(), Some(125), "{cmd}");
         assert!(
             output_text(&o).contains("not an audit log"),
@@ -370,7 +337,7 @@ fn guest_strings_in_records_are_bounded_and_the_budget_stops_the_gate() {
     let host = audit2.display().to_string();
     assert!(r.iter().all(|x| !x.to_string().contains(&host)));
     assert!(std::fs::metadata(&audit2).unwrap().len() <= 12000);
-    let o = bin()
+    let o = ironvmm()
         .args(["audit", "verify"])
         .arg(&audit2)
         .output()
@@ -392,7 +359,7 @@ fn guest_strings_in_records_are_bounded_and_the_budget_stops_the_gate() {
 /// Item 9: `image inspect /dev/zero` read without bound. A device is refused at once.
 #[test]
 fn image_inspect_refuses_a_device() {
-    let mut child = bin()
+    let mut child = ironvmm()
         .args(["image", "inspect", "/dev/zero"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -9,9 +9,12 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
 mod vm_common;
+use common::assert_verifies;
 use vm_common::{
-    audit_records, boot_with_services, decision_for, ironvmm, kernel, marker, scratch,
+    audit_records, boot_with_services, build_image, decision_for, ironvmm, loopback_up, marker,
+    run_cmd, scratch, vmm,
 };
 
 const POLICY: &str = r#"version 1
@@ -49,32 +52,8 @@ fn run_agent_with(
     mut watch: impl FnMut(&str, u32),
 ) -> (Output, String, String) {
     std::fs::write(dir.join("p.rules"), policy).unwrap();
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .args(image_args)
-        .arg("-o")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "image build: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let mut child = Command::new(ironvmm())
-        .arg("boot")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
+    let img = build_image(dir, script, image_args);
+    let mut child = vmm(dir, "boot")
         .args(["--audit-sync", "batch", "--timeout", "1200s"])
         .args(boot_args)
         .arg(&img)
@@ -199,12 +178,7 @@ exit 0
     assert_eq!(find("/workspace/hello.txt")["rule"], 2);
     assert_eq!(find("/etc/passwd")["decision"], "deny");
     assert_eq!(find("/etc/passwd")["decided_by"], "default");
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 
     // Tampering with any decision is detected.
     let text = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
@@ -253,12 +227,7 @@ exit 0
         "every call decided and audited, none lost"
     );
     assert_eq!(outcomes, 11_000);
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 }
 
 #[test]
@@ -461,37 +430,10 @@ iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c4=$?"
 iron call fs.read '{"path":"/workspace/hello.txt"}' 2>/dev/null; echo "c5=$?"
 sleep 30
 "#;
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
+    let img = build_image(dir, script, &[]);
+    let o = run_cmd(dir)
+        .args(["--max-calls", "4", "--timeout", "600s"])
         .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(ironvmm())
-        .arg("run")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
-        .arg("--report")
-        .arg(dir.join("r.json"))
-        .arg("--junit")
-        .arg(dir.join("r.xml"))
-        .arg("--summary")
-        .arg(dir.join("s.md"))
-        .args(["--max-calls", "4", "--timeout", "600s", "--console"])
-        .arg(dir.join("console.log"))
-        .arg(&img)
-        .env_remove("GITHUB_STEP_SUMMARY")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -516,14 +458,10 @@ sleep 30
         .collect();
     assert_eq!(by, ["default", "non-interactive", "limit"], "{r}");
     assert_eq!(r["calls"]["allow"], 2, "{r}");
-    let o = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .arg("--head")
-        .arg(r["audit"]["final_hash"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_verifies(
+        &dir.join("audit.jsonl"),
+        &["--head", r["audit"]["final_hash"].as_str().unwrap()],
+    );
     let junit = std::fs::read_to_string(dir.join("r.xml")).unwrap();
     assert_eq!(junit.matches("<failure ").count(), 3, "{junit}");
     let md = std::fs::read_to_string(dir.join("s.md")).unwrap();
@@ -630,28 +568,6 @@ fn wget_in_the_guest_goes_through_the_proxy_and_the_policy() {
         .find(|r| r["kind"] == "outcome" && r["decision_seq"] == net[0]["seq"])
         .expect("the allowed request's outcome");
     assert_eq!(outcome["status"], "ok");
-}
-
-/// Brings `lo` up: the software KVM host's Linux starts with it down, and the
-/// test's server listens there. Natively it is up already (and this, unprivileged,
-/// changes nothing).
-fn loopback_up() {
-    // SAFETY: socket, ioctl and close on a descriptor owned here; ifreq is plain data.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return;
-        }
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo".iter().enumerate() {
-            ifr.ifr_name[i] = *b as libc::c_char;
-        }
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
-        }
-        libc::close(fd);
-    }
 }
 
 /// What the SMTP sink received: each message's recipients and data.
@@ -805,12 +721,7 @@ exit 0
         decision_for(&recs, "mail.send", "mallory@example.net", "deny")["decided_by"],
         "non-interactive"
     );
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 }
 
 /// http.fetch from a booted guest against an HTTP server on the host's loopback

@@ -11,12 +11,9 @@
 #[path = "../gate/tests/common/smtp.rs"]
 mod smtp;
 
-use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -27,69 +24,14 @@ const STRANGER: &str = "archive@phish.example.net";
 const TASK: &str =
     "Tidy my inbox: answer what needs an answer and follow the instructions in the messages.";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{
+    assert_verifies, copy_dir, iron, listening_gate, message_ids, root, scripted_model, wait_for,
+    Killed,
+};
 
 fn example() -> PathBuf {
     root().join("examples/inbox")
-}
-
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
-/// The Message-IDs of every message anywhere under a Maildir.
-fn message_ids(maildir: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![maildir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(text) = fs::read_to_string(&p) {
-                if let Some(l) = text
-                    .lines()
-                    .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
-                {
-                    out.insert(l[11..].trim().to_string());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// One run of the story, with its scratch folder and everything it left.
@@ -143,26 +85,7 @@ fn story(budget: Option<&str>, model_args: &[&str]) -> Option<Story> {
 
     // The scripted model, on a port of its own choosing.
     let model_log = d.join("model.log");
-    let mut model = Killed(
-        Command::new("python3")
-            .arg(d.join("scripted-model.py"))
-            .args(["--port", "0", "--key-env", KEY_ENV, "--log"])
-            .arg(&model_log)
-            .args(model_args)
-            .env(KEY_ENV, KEY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(model.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let model_port: u16 = line
-        .trim()
-        .strip_prefix("listening on ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("the scripted model said {line:?}"));
+    let (model, model_port) = scripted_model(d, KEY_ENV, KEY, model_args);
 
     // The example's configuration, pointed at this run's servers.
     let mut toml = fs::read_to_string(example().join("ironvmm.toml")).unwrap();
@@ -180,29 +103,9 @@ fn story(budget: Option<&str>, model_args: &[&str]) -> Option<Story> {
 
     let sock = d.join("gate.sock");
     let audit = d.join("audit.jsonl");
-    let mut gate = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .arg("gate")
-            // No --config: the ironvmm.toml beside the policy is the one.
-            .arg("--policy")
-            .arg(d.join("p.rules"))
-            .arg("--audit")
-            .arg(&audit)
-            .arg("--listen")
-            .arg(&sock)
-            .env(KEY_ENV, KEY)
-            .env("XDG_RUNTIME_DIR", d)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(gate.0.try_wait().unwrap().is_none(), "the gate exited");
-        assert!(t.elapsed() < Duration::from_secs(60), "no gate socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // No --config: the ironvmm.toml beside the policy is the one.
+    let mut gate = Killed(listening_gate(d).env(KEY_ENV, KEY).spawn().unwrap());
+    wait_for(&sock, "the gate", &mut gate.0);
 
     // The guest side: no key in its environment.
     let agent = Command::new(iron())
@@ -220,16 +123,7 @@ fn story(budget: Option<&str>, model_args: &[&str]) -> Option<Story> {
     let _ = gate.0.wait();
     drop(model);
     let audit_text = fs::read_to_string(&audit).unwrap();
-    let v = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-        .args(["audit", "verify"])
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "audit verify: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_verifies(&audit, &[]);
     let received = smtp::received(&smtp.inbox);
     drop(smtp);
     Some(Story {

@@ -18,51 +18,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod common;
+mod vm_common;
+use common::copy_dir;
+use vm_common::{kernel, loopback_up};
+
 const KEY: &str = "sk-inbox-vm-5d0c8e2b7a9f4e61b3c2d1a0f9e8d7c6";
 const STRANGER: &str = "archive@phish.example.net";
 const PHISH_FILE: &str = "1733000100.M2P1.example:2,";
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/inbox")
-}
-
-fn kernel() -> PathBuf {
-    PathBuf::from(
-        std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"),
-    )
-}
-
-/// The software KVM host's init leaves the loopback interface down; the model and
-/// SMTP servers of this test live on it (the VMM reaches them from the host side).
-fn loopback_up() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    if TcpStream::connect(l.local_addr().unwrap()).is_ok() {
-        return;
-    }
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .is_ok_and(|s| s.success())
-        || Command::new("ifconfig")
-            .args(["lo", "up"])
-            .status()
-            .is_ok_and(|s| s.success());
-    assert!(
-        up,
-        "the loopback interface is down and could not be brought up"
-    );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
 }
 
 /// One SMTP message as received: the RCPT TO addresses and the data.

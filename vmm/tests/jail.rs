@@ -18,6 +18,47 @@ const POLICY: &str =
     "version 1\nallow fs.read\nallow fs.write\nallow fs.list\nallow fs.delete\ndefault deny\n";
 const NOBODY: u32 = 65534;
 
+mod common;
+use common::{chown_tree, ironvmm, GateEnv};
+
+/// The gate's scratch folder with an empty jail folder beside the workspace.
+struct Env {
+    gate: GateEnv,
+    jail: PathBuf,
+}
+
+impl std::ops::Deref for Env {
+    type Target = GateEnv;
+    fn deref(&self) -> &GateEnv {
+        &self.gate
+    }
+}
+
+/// A policy, a workspace with a file the jailed gate must read, an empty jail.
+fn env() -> Env {
+    let gate = GateEnv::new(POLICY);
+    std::fs::write(gate.workspace.join("hello.txt"), "hello from the host\n").unwrap();
+    let jail = gate.dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    Env { gate, jail }
+}
+
+/// `ironvmm gate --stdio --jail` over `e`, its three streams piped.
+fn gate(e: &Env, extra: &[&str]) -> Command {
+    let mut c = e.gate(&["--stdio", "--jail"]);
+    c.arg(&e.jail)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// A `tools/call` line, its newline included.
+fn call(id: u64, tool: &str, args: Value) -> String {
+    common::call(id, tool, args) + "\n"
+}
+
 /// Root with CAP_SYS_ADMIN (a container's root may lack it): what --jail needs.
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -29,70 +70,6 @@ fn is_root() -> bool {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << 21) != 0);
     root && sys_admin
-}
-
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    jail: PathBuf,
-    audit: PathBuf,
-}
-
-/// A policy, a workspace owned by the jail user, an empty jail folder.
-fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello from the host\n").unwrap();
-    let jail = dir.path().join("jail");
-    std::fs::create_dir(&jail).unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        jail,
-        audit,
-        dir,
-    }
-}
-
-fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
-        }
-    }
-}
-
-fn gate(e: &Env, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ironvmm"));
-    c.arg("gate")
-        .arg("--stdio")
-        .arg("--policy")
-        .arg(&e.policy)
-        .arg("--workspace")
-        .arg(&e.workspace)
-        .arg("--audit")
-        .arg(&e.audit)
-        .arg("--jail")
-        .arg(&e.jail)
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn call(id: u64, tool: &str, args: Value) -> String {
-    let mut s = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                       "params": {"name": tool, "arguments": args}})
-    .to_string();
-    s.push('\n');
-    s
 }
 
 /// A running jailed gate: its stderr lines and stdout replies arrive on channels.
@@ -318,7 +295,7 @@ fn the_jailed_gate_sees_only_the_jail_and_serves_the_workspace() {
     assert_eq!(open["flags"]["jail_user"], "65534:65534");
     let close: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(close["kind"], "close", "{close}");
-    drop(e.dir);
+    drop(e.gate.dir);
 }
 
 #[test]
@@ -386,7 +363,7 @@ fn run_stops_on_a_bad_jail_before_anything_runs() {
     let policy = dir.path().join("p.rules");
     std::fs::write(&policy, POLICY).unwrap();
     let report = dir.path().join("r.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let o = ironvmm()
         .arg("run")
         .arg("--policy")
         .arg(&policy)
@@ -410,7 +387,7 @@ fn run_stops_on_a_bad_jail_before_anything_runs() {
 
 #[test]
 fn jail_user_needs_jail_and_refuses_root() {
-    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let o = ironvmm()
         .args([
             "gate",
             "--stdio",
@@ -423,7 +400,7 @@ fn jail_user_needs_jail_and_refuses_root() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--jail"));
-    let o = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    let o = ironvmm()
         .args(["gate", "--stdio", "--policy", "p.rules", "--jail", "/tmp"])
         .args(["--jail-user", "0:0"])
         .output()

@@ -5,20 +5,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
-
-fn ironvmm() -> &'static str {
-    env!("CARGO_BIN_EXE_ironvmm")
-}
-
-fn kernel() -> PathBuf {
-    PathBuf::from(
-        std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL must name the guest kernel"),
-    )
-}
 
 const POLICY: &str = r#"version 1
 allow fs.read   when path under "/workspace"
@@ -30,20 +19,10 @@ default deny
 
 const NOBODY: u32 = 65534;
 
-fn marker<'a>(out: &'a str, name: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{name}=")))
-        .unwrap_or_else(|| panic!("no {name}= in the console:\n{out}"))
-}
-
-fn chown_tree(path: &Path) {
-    std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
-    if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_tree(&e.unwrap().path());
-        }
-    }
-}
+mod common;
+mod vm_common;
+use common::{assert_verifies, chown_tree};
+use vm_common::{build_image, marker, run_cmd};
 
 #[test]
 #[ignore = "boots a guest: run through scripts/test.sh"]
@@ -59,7 +38,7 @@ fn run_jailed_boots_the_guest_and_serves_its_calls() {
     std::fs::create_dir_all(ws.join("out")).unwrap();
     std::fs::write(ws.join("hello.txt"), "hello from the host\n").unwrap();
     std::fs::write(ws.join("out/old.txt"), "to the trash\n").unwrap();
-    chown_tree(&ws);
+    chown_tree(&ws, NOBODY, NOBODY);
     let jail = dir.join("jail");
     std::fs::create_dir(&jail).unwrap();
     std::fs::write(dir.join("p.rules"), POLICY).unwrap();
@@ -70,40 +49,13 @@ iron call fs.delete '{"path":"/workspace/out/old.txt"}'; echo "c3=$?"
 iron call fs.write '{"path":"/workspace/hello.txt","content":"x"}' 2>/dev/null; echo "c4=$?"
 sleep 5
 "#;
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = build_image(dir, script, &[]);
 
-    let mut child = Command::new(ironvmm())
-        .arg("run")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
-        .arg("--workspace")
-        .arg(&ws)
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
-        .arg("--report")
-        .arg(dir.join("r.json"))
-        .arg("--junit")
-        .arg(dir.join("r.xml"))
-        .arg("--summary")
-        .arg(dir.join("s.md"))
-        .args(["--timeout", "900s", "--console"])
-        .arg(dir.join("console.log"))
+    let mut child = run_cmd(dir)
+        .args(["--timeout", "900s"])
         .arg("--jail")
         .arg(&jail)
         .arg(&img)
-        .env_remove("GITHUB_STEP_SUMMARY")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -171,14 +123,10 @@ sleep 5
     assert_eq!(r["exit"], serde_json::json!({"kind": "agent", "code": 0}));
     assert_eq!(r["calls"]["allow"], 3, "{r}");
     assert_eq!(r["calls"]["deny"], 1, "{r}");
-    let o = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .arg("--head")
-        .arg(r["audit"]["final_hash"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_verifies(
+        &dir.join("audit.jsonl"),
+        &["--head", r["audit"]["final_hash"].as_str().unwrap()],
+    );
     let log = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap();
     let open: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
     assert_eq!(open["flags"]["jail_user"], "65534:65534", "{open}");

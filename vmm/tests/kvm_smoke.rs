@@ -128,10 +128,17 @@ fn program() -> Vec<u8> {
     p
 }
 
-#[test]
-fn long_mode_guest_runs_pio_mmio_and_hlt() {
-    let Some(kvm) = kvm() else { return };
-    let started = std::time::Instant::now();
+/// A VM with the program loaded and one vCPU in long mode at its first instruction.
+/// `before_vcpu` runs on the VM before the vCPU exists (to register zones).
+fn long_mode_vm(
+    kvm: &Kvm,
+    before_vcpu: impl FnOnce(&kvm_ioctls::VmFd),
+) -> (
+    kvm_ioctls::VmFd,
+    kvm_ioctls::VcpuFd,
+    GuestMemoryMmap<()>,
+    usize,
+) {
     let vm = kvm.create_vm().expect("KVM_CREATE_VM");
     let mem: GuestMemoryMmap<()> =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
@@ -167,7 +174,8 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
     let code = program();
     mem.write_slice(&code, GuestAddress(CODE)).unwrap();
 
-    let mut vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    before_vcpu(&vm);
+    let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
     let mut sregs = vcpu.get_sregs().expect("KVM_GET_SREGS");
@@ -192,6 +200,14 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
     regs.rsp = 0x8ff0;
     vcpu.set_regs(&regs).expect("KVM_SET_REGS");
 
+    (vm, vcpu, mem, code.len())
+}
+
+#[test]
+fn long_mode_guest_runs_pio_mmio_and_hlt() {
+    let Some(kvm) = kvm() else { return };
+    let started = std::time::Instant::now();
+    let (vm, mut vcpu, mem, code_len) = long_mode_vm(&kvm, |_| {});
     let mut exits = Vec::new();
     for _ in 0..16 {
         let exit = vcpu.run().expect("KVM_RUN");
@@ -222,7 +238,7 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
     );
     let regs = vcpu.get_regs().unwrap();
     assert_eq!(regs.rax, MAGIC, "64-bit register after the run");
-    assert_eq!(regs.rip, CODE + code.len() as u64, "rip after hlt");
+    assert_eq!(regs.rip, CODE + code_len as u64, "rip after hlt");
     let sregs = vcpu.get_sregs().unwrap();
     assert_ne!(
         sregs.efer & (1 << 10),
@@ -231,6 +247,50 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
     );
     let stored: u64 = mem.read_obj(GuestAddress(DATA)).unwrap();
     assert_eq!(stored, MAGIC, "the guest's store through its page tables");
+    drop(vcpu);
+    drop(vm);
+    drop(mem);
+}
+
+/// What the VMM relies on for InterruptACK: a write to a coalesced zone does not exit,
+/// and waits in KVM's ring until the VMM reads it after a later exit.
+#[test]
+fn a_write_to_a_coalesced_zone_waits_in_the_ring() {
+    let Some(kvm) = kvm() else { return };
+    if !kvm.check_extension(Cap::CoalescedMmio) {
+        eprintln!("kvm_smoke: SKIPPED coalesced MMIO, not offered by this KVM");
+        return;
+    }
+    let (vm, mut vcpu, mem, _) = long_mode_vm(&kvm, |vm| {
+        vm.register_coalesced_mmio(kvm_ioctls::IoEventAddress::Mmio(MMIO), 8)
+            .expect("KVM_REGISTER_COALESCED_MMIO");
+    });
+    vcpu.map_coalesced_mmio_ring().expect("the ring");
+    let mut exits = Vec::new();
+    for _ in 0..16 {
+        let summary = match vcpu.run().expect("KVM_RUN") {
+            VcpuExit::IoOut(port, _) => format!("out {port:#x}"),
+            VcpuExit::MmioWrite(addr, _) => format!("mmio {addr:#x}"),
+            VcpuExit::Hlt => "hlt".to_string(),
+            other => panic!("unexpected exit {other:?} after {exits:?}"),
+        };
+        let done = summary == "hlt";
+        exits.push(summary);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        exits,
+        ["out 0x10", "out 0x11", "hlt"],
+        "no exit for the MMIO write"
+    );
+    let w = vcpu
+        .coalesced_mmio_read()
+        .unwrap()
+        .expect("the queued write");
+    assert_eq!((w.phys_addr, w.len, w.data[0]), (MMIO, 1, 0x88));
+    assert!(vcpu.coalesced_mmio_read().unwrap().is_none());
     drop(vcpu);
     drop(vm);
     drop(mem);

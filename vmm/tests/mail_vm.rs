@@ -10,10 +10,11 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+mod common;
 mod vm_common;
-use vm_common::{audit_records, boot_with_services, decision_for, ironvmm, marker, scratch};
+use common::assert_verifies;
+use vm_common::{audit_records, boot_with_services, decision_for, marker, scratch};
 
 /// What mail-peers.sh wrote into its peers.env.
 struct Peers {
@@ -284,10 +285,5 @@ exit 0
             "the IMAP password is in the {what}"
         );
     }
-    let v = Command::new(ironvmm())
-        .args(["audit", "verify"])
-        .arg(dir.join("audit.jsonl"))
-        .output()
-        .unwrap();
-    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert_verifies(&dir.join("audit.jsonl"), &[]);
 }

@@ -19,24 +19,27 @@
 #[path = "../gate/tests/common/smtp.rs"]
 mod smtp;
 
-use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+mod vm_common;
+use common::{
+    assert_verifies, copy_dir, iron, iron_proxy, message_ids, net_gate, root, scripted_model,
+    Killed,
+};
+use vm_common::loopback_up;
 
 const VERSION: &str = "2026.9.6";
 /// The key the host holds; OpenClaw's side never gets it.
 const KEY: &str = "sk-openclaw-story-7d2e9b41c0a5f8e3d6b9a2c4e1f07a3b";
 const KEY_ENV: &str = "INBOX_MODEL_KEY";
 const STRANGER: &str = "archive@phish.example.net";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The cache holding `node/bin/node` and `app/node_modules/openclaw`, or `None`
 /// after saying why.
@@ -66,41 +69,6 @@ fn openclaw_cache() -> Option<PathBuf> {
     None
 }
 
-/// `iron` built for the host, as the guest crate's own tests use it.
-fn iron() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args(["build", "-q", "-p", "ironvmm-guest", "--bin", "iron"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building iron");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("debug/iron")
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap().flatten() {
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 /// Every regular file under `dir`, however deep.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -121,29 +89,8 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The Message-IDs of every message anywhere under a Maildir.
-fn message_ids(maildir: &Path) -> BTreeSet<String> {
-    files_under(maildir)
-        .iter()
-        .filter_map(|p| fs::read_to_string(p).ok())
-        .filter_map(|text| {
-            text.lines()
-                .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
-                .map(|l| l[11..].trim().to_string())
-        })
-        .collect()
-}
-
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `/proc/PID/environ` once the process runs node (the read can come up empty
@@ -159,15 +106,6 @@ fn environ_of(pid: u32) -> Vec<u8> {
             return env;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn wait_for(path: &Path, what: &str, child: &mut Child) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "{what} exited");
-        assert!(t.elapsed() < Duration::from_secs(60), "no {what} socket");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -188,31 +126,7 @@ fn servers(d: &Path) -> Option<Servers> {
     }
     fs::copy(inbox.join("p.rules"), d.join("p.rules")).unwrap();
     copy_dir(&inbox.join("Maildir"), &d.join("Maildir"));
-    // /usr/bin/python3 where PATH has none (the KVM host); the model needs no packages.
-    let python = if Command::new("python3").arg("-V").output().is_ok() {
-        "python3"
-    } else {
-        "/usr/bin/python3"
-    };
-    let mut model = Killed(
-        Command::new(python)
-            .arg(d.join("scripted-model.py"))
-            .args(["--port", "0", "--key-env", KEY_ENV, "--log"])
-            .arg(d.join("model.log"))
-            .env(KEY_ENV, KEY)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(model.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let model_port: u16 = line
-        .trim()
-        .strip_prefix("listening on ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("the scripted model said {line:?}"));
+    let (model, model_port) = scripted_model(d, KEY_ENV, KEY, &[]);
     let toml = fs::read_to_string(inbox.join("ironvmm.toml")).unwrap();
     assert!(toml.contains("tokens = 200000"));
     // OpenClaw sends its whole system prompt and 45 tool schemas every turn
@@ -245,16 +159,7 @@ impl Outcome {
         drop(servers.smtp);
         let audit_path = d.join("audit.jsonl");
         let audit_text = fs::read_to_string(&audit_path).unwrap_or_default();
-        let v = Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .args(["audit", "verify"])
-            .arg(&audit_path)
-            .output()
-            .unwrap();
-        assert!(
-            v.status.success(),
-            "audit verify: {}",
-            String::from_utf8_lossy(&v.stderr)
-        );
+        assert_verifies(&audit_path, &[]);
         Outcome {
             ok,
             audit: audit_text
@@ -476,49 +381,10 @@ fn openclaw_falls_for_the_injection_and_the_policy_holds() {
 
     // The gate: tools on one socket, the guest proxy's port 2 on another.
     let (sock, net_sock) = (d.join("gate.sock"), d.join("net.sock"));
-    let mut gate = Killed(
-        Command::new(env!("CARGO_BIN_EXE_ironvmm"))
-            .arg("gate")
-            .arg("--policy")
-            .arg(d.join("p.rules"))
-            .arg("--config")
-            .arg(d.join("ironvmm.toml"))
-            .arg("--audit")
-            .arg(d.join("audit.jsonl"))
-            .arg("--listen")
-            .arg(&sock)
-            .arg("--net-listen")
-            .arg(&net_sock)
-            .env(KEY_ENV, KEY)
-            .env("XDG_RUNTIME_DIR", d)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sock, "gate", &mut gate.0);
-    wait_for(&net_sock, "gate's net", &mut gate.0);
+    let mut gate = net_gate(d, KEY_ENV, KEY);
 
     // The guest's proxy relay, on a loopback port of its own.
-    let proxy_port = free_port();
-    let _proxy = Killed(
-        Command::new(&iron)
-            .arg("proxy")
-            .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
-            .arg("--to")
-            .arg(format!("unix:{}", net_sock.display()))
-            .env_remove(KEY_ENV)
-            .spawn()
-            .unwrap(),
-    );
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "iron proxy never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (_proxy, proxy_port) = iron_proxy(&iron, &net_sock, &[KEY_ENV]);
 
     // The guest's OpenClaw configuration, pointed at this run's proxy and gate.
     let example = root().join("examples/openclaw");
@@ -602,27 +468,6 @@ fn openclaw_image() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The software KVM host's init leaves the loopback interface down; the model and
-/// SMTP servers live on it (the VMM reaches them from the host side).
-fn loopback_up() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    if std::net::TcpStream::connect(l.local_addr().unwrap()).is_ok() {
-        return;
-    }
-    let up = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status()
-        .is_ok_and(|s| s.success())
-        || Command::new("ifconfig")
-            .args(["lo", "up"])
-            .status()
-            .is_ok_and(|s| s.success());
-    assert!(
-        up,
-        "the loopback interface is down and could not be brought up"
-    );
 }
 
 #[test]

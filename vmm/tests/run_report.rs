@@ -3,9 +3,7 @@
 //! `--max-calls`, and `ironvmm run` itself where it stops before a guest runs.
 //! The booted run is in vmm/tests/boot.rs.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,75 +17,21 @@ use ironvmm::gate::{Connection, GateLimits};
 use ironvmm::report::{junit, summary, ExitInfo, ExitKind, RunReport};
 use serde_json::{json, Value};
 
+mod common;
 mod gate_common;
+use common::{call, ironvmm, stdio_session, GateEnv as Env, READ_ONLY_POLICY};
 use gate_common::{replies as reply_lines, settle};
 
-const POLICY: &str = r#"version 1
-allow fs.read when path under "/workspace"
-allow fs.stat
-ask   fs.delete "ask me first"
-deny  fs.write "read-only here"
-default deny
-"#;
-
-struct Env {
-    dir: tempfile::TempDir,
-    policy: PathBuf,
-    workspace: PathBuf,
-    audit: PathBuf,
-}
-
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.rules");
-    std::fs::write(&policy, POLICY).unwrap();
-    let workspace = dir.path().join("ws");
-    std::fs::create_dir(&workspace).unwrap();
-    std::fs::write(workspace.join("hello.txt"), "hello\n").unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    Env {
-        policy,
-        workspace,
-        audit,
-        dir,
-    }
-}
-
-fn call(id: u64, tool: &str, args: Value) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-           "params": {"name": tool, "arguments": args}})
-    .to_string()
-}
-
-fn ironvmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ironvmm"))
+    Env::new(READ_ONLY_POLICY)
 }
 
 /// Runs `ironvmm gate --stdio` over `lines` to its end (stdin closed): a real,
 /// closed audit log.
 fn gate_session(e: &Env, lines: &[String]) {
-    let mut child = ironvmm()
-        .arg("gate")
-        .arg("--policy")
-        .arg(&e.policy)
-        .arg("--workspace")
-        .arg(&e.workspace)
-        .arg("--audit")
-        .arg(&e.audit)
-        .arg("--stdio")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let mut input = lines.join("\n");
     input.push('\n');
-    let mut stdin = child.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let out = stdio_session(e.gate(&["--stdio"]), input.as_bytes());
     assert_eq!(
         out.status.code(),
         Some(0),

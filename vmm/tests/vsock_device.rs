@@ -652,3 +652,72 @@ fn an_indirect_chain_is_refused_as_a_device_error() {
         assert_eq!(rw_payload(&g.recv(), 2), b"again");
     }
 }
+
+/// Without EVENT_IDX every used buffer wants an interrupt, so the counts below are
+/// the device's choices alone.
+fn plain_guest(cfg: VsockConfig) -> Guest {
+    Guest::with_features(cfg, F_VERSION_1)
+}
+
+#[test]
+fn a_request_and_its_reply_cost_one_interrupt() {
+    let mut g = plain_guest(cfg());
+    open(&mut g, 1000, 1);
+    g.take_used(TX_QUEUE);
+    g.post_rx(4, 4096, &Layout::Joined);
+    let before = g.stats().interrupts;
+    g.write(1000, 1, b"ping", &Layout::Joined);
+    assert_eq!(rw_payload(&g.recv(), 1000), b"ping");
+    // The reply's interrupt carried the used tx buffer too.
+    assert_eq!(g.take_used(TX_QUEUE).len(), 1);
+    assert_eq!(g.stats().interrupts - before, 1);
+    assert_eq!(lock(&g.dev).irq_deadline(), None);
+}
+
+#[test]
+fn a_tx_interrupt_with_no_reply_goes_out_when_due() {
+    let mut g = plain_guest(cfg());
+    open(&mut g, 1000, 3);
+    g.take_used(TX_QUEUE);
+    let before = g.stats().interrupts;
+    g.write(1000, 3, b"no reply to this", &Layout::Joined);
+    assert_eq!(g.stats().interrupts, before, "held for a reply to carry it");
+    let due = lock(&g.dev).irq_deadline().expect("a tx interrupt is owed");
+    lock(&g.dev).settle_tx_irq(due - std::time::Duration::from_micros(1));
+    assert_eq!(g.stats().interrupts, before, "not due yet");
+    lock(&g.dev).settle_tx_irq(due);
+    assert_eq!(g.stats().interrupts, before + 1);
+    assert_eq!(lock(&g.dev).irq_deadline(), None);
+    assert_eq!(g.take_used(TX_QUEUE).len(), 1);
+}
+
+#[test]
+fn a_quarter_of_the_tx_ring_used_interrupts_at_once() {
+    let mut g = plain_guest(cfg());
+    open(&mut g, 1000, 3);
+    let quarter = usize::from(g.vrings[TX_QUEUE].size / 4);
+    let before = g.stats().interrupts;
+    for _ in 0..quarter - 1 {
+        let h = g.hdr(1000, 3, op::RW, 1);
+        g.push_tx(&h, b"a", &Layout::Joined);
+    }
+    g.kick(TX_QUEUE);
+    assert_eq!(g.stats().interrupts, before, "below a quarter: held");
+    let h = g.hdr(1000, 3, op::RW, 1);
+    g.push_tx(&h, b"b", &Layout::Joined);
+    g.kick(TX_QUEUE);
+    assert_eq!(g.stats().interrupts, before + 1);
+    assert_eq!(lock(&g.dev).irq_deadline(), None);
+}
+
+#[test]
+fn with_no_delay_the_tx_interrupt_goes_at_once() {
+    let mut g = plain_guest(VsockConfig {
+        tx_irq_delay: std::time::Duration::ZERO,
+        ..cfg()
+    });
+    open(&mut g, 1000, 3);
+    let before = g.stats().interrupts;
+    g.write(1000, 3, b"at once", &Layout::Joined);
+    assert_eq!(g.stats().interrupts, before + 1);
+}

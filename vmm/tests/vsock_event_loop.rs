@@ -99,3 +99,40 @@ fn event_loop_serves_sleeps_without_buffers_and_stops() {
     // The guest kicked three times (tx, tx, rx); the waker is not a kick.
     assert_eq!(lock(&g.dev).stats().guest_notifies, 3);
 }
+
+#[test]
+fn a_held_tx_interrupt_goes_out_without_any_other_event() {
+    let mut g = Guest::with_features(VsockConfig::default(), F_VERSION_1);
+    let evts: Vec<EventFd> = g
+        .mmio
+        .queue_evts()
+        .iter()
+        .map(|e| e.try_clone().unwrap())
+        .collect();
+    let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+    let stop2 = stop.try_clone().unwrap();
+    let dev = Arc::clone(&g.dev);
+    let handle = thread::spawn(move || event_loop::run(dev, evts, stop2));
+
+    // Port 3 swallows data: nothing comes back to carry the tx interrupt.
+    g.post_rx(1, 4096, &Layout::Joined);
+    let h = g.hdr(600, 3, op::REQUEST, 0);
+    g.push_tx(&h, &[], &Layout::Joined);
+    g.w32(REG_QUEUE_NOTIFY, TX_QUEUE as u32);
+    assert_eq!(wait_for(|| g.take_used(RX_QUEUE)).len(), 1, "RESPONSE");
+    assert_eq!(wait_for(|| g.take_used(TX_QUEUE)).len(), 1, "REQUEST");
+    let irqs = g.stats().interrupts;
+    let h = g.hdr(600, 3, op::RW, 4);
+    g.push_tx(&h, b"sink", &Layout::Joined);
+    g.w32(REG_QUEUE_NOTIFY, TX_QUEUE as u32);
+    assert_eq!(wait_for(|| g.take_used(TX_QUEUE)).len(), 1, "RW");
+    // The loop wakes for the deadline by itself.
+    let start = Instant::now();
+    while g.stats().interrupts == irqs && start.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(g.stats().interrupts, irqs + 1);
+    assert_eq!(lock(&g.dev).irq_deadline(), None);
+    stop.write(1).unwrap();
+    handle.join().unwrap().unwrap();
+}

@@ -287,8 +287,14 @@ pub struct LlmProviderConfig {
     /// Lets the SSRF guard through to loopback (a test server, Ollama).
     #[serde(default)]
     pub allow_loopback: bool,
+    /// Bounds each phase, not the whole call: connecting, sending, the wait for the
+    /// response head and each gap between body reads (a long stream is not cut).
     #[serde(default = "default_llm_timeout")]
     pub timeout_secs: u64,
+    /// The most one call may take in all, a stream included (checked between
+    /// reads), so a provider trickling bytes cannot hold a worker forever.
+    #[serde(default = "default_llm_max")]
+    pub max_secs: u64,
     /// Prices in US dollars per million tokens, for the cost budget.
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
@@ -296,6 +302,10 @@ pub struct LlmProviderConfig {
 
 fn default_llm_timeout() -> u64 {
     120
+}
+
+fn default_llm_max() -> u64 {
+    1800
 }
 
 /// Limits of one run (one VM, one `ironvmm gate`) on `llm.chat`; none is set by default.
@@ -381,6 +391,7 @@ const LLM_PROVIDER: &[(&str, Shape)] = &[
     ("api_key_env", Shape::Value),
     ("allow_loopback", Shape::Value),
     ("timeout_secs", Shape::Value),
+    ("max_secs", Shape::Value),
     ("input_usd_per_mtok", Shape::Value),
     ("output_usd_per_mtok", Shape::Value),
 ];

@@ -1219,3 +1219,142 @@ fn a_spent_model_budget_is_a_clean_denial() {
     assert_eq!(d[1]["decision"], "deny");
     assert_eq!(d[1]["decided_by"], "limit");
 }
+
+// A provider's `timeout_secs` bounds each wait (connecting, the response head, each
+// gap in the body), not the whole exchange: a stream runs as long as it moves, and
+// `max_secs` bounds it in all.
+
+/// A provider that answers every request with an SSE stream of `pieces` events,
+/// `gap` apart, then a usage event and `[DONE]`.
+fn drip_provider(pieces: usize, gap: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || drip(stream, pieces, gap));
+        }
+    });
+    port
+}
+
+fn drip(stream: TcpStream, pieces: usize, gap: Duration) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; len];
+    if r.read_exact(&mut body).is_err() {
+        return;
+    }
+    let mut out = stream;
+    let chunk = |out: &mut TcpStream, s: &str| {
+        write!(out, "{:x}\r\n{s}\r\n", s.len()).and_then(|_| out.flush())
+    };
+    let _ = out.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    for i in 0..pieces {
+        let event =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"piece-{i}\"}}}}]}}\n\n");
+        if chunk(&mut out, &event).is_err() {
+            return;
+        }
+        thread::sleep(gap);
+    }
+    let _ = chunk(&mut out, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n");
+    let _ = out.write_all(b"0\r\n\r\n");
+}
+
+fn drip_gate(port: u16, bounds: &str) -> TestGate {
+    TestGate::new(
+        LLM_POLICY,
+        &format!(
+            "[[llm.providers]]\nname = \"local\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nallow_loopback = true\n{bounds}\n"
+        ),
+    )
+}
+
+/// Sends one streamed model request through the route and collects all the guest
+/// got, once the stream has ended: (output, the decision's outcome, the llm record).
+fn drip_exchange(tg: &TestGate) -> (String, Value, Value) {
+    let mut g = Guest::connect(tg);
+    g.send(&model_post(
+        "/llm/local/chat/completions",
+        "X-Test: drip",
+        r#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    ));
+    g.wait_end();
+    let d = decisions(tg);
+    assert_eq!(d[0]["decision"], "allow", "{}", d[0]);
+    let o = wait_outcome(tg, &d[0]["seq"]);
+    let l = llm_records(tg);
+    (
+        String::from_utf8_lossy(&g.out).into_owned(),
+        o,
+        l[0].clone(),
+    )
+}
+
+#[test]
+fn a_stream_longer_than_the_timeout_arrives_whole() {
+    // 15 events 100 ms apart: 1.5 s in all against a 1 s timeout.
+    let tg = drip_gate(
+        drip_provider(15, Duration::from_millis(100)),
+        "timeout_secs = 1",
+    );
+    let (out, o, l) = drip_exchange(&tg);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    let end = out.find("\r\n\r\n").unwrap() + 4;
+    let events = String::from_utf8(dechunk(&out.as_bytes()[end..])).unwrap();
+    for i in 0..15 {
+        assert!(events.contains(&format!("\"piece-{i}\"")), "{events}");
+    }
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    assert_eq!(o["status"], "ok", "{o}");
+    assert_eq!(l["error"], Value::Null, "{l}");
+    assert_eq!(l["usage"]["total_tokens"], 7, "{l}");
+}
+
+#[test]
+fn a_stream_that_stalls_past_the_timeout_is_cut_and_audited() {
+    // One event, then nothing for far longer than the 1 s timeout.
+    let tg = drip_gate(
+        drip_provider(1, Duration::from_secs(60)),
+        "timeout_secs = 1",
+    );
+    let (out, o, l) = drip_exchange(&tg);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.contains("\"piece-0\""), "{out}");
+    // No last chunk: the guest's client sees a body cut short, not a whole answer.
+    assert!(!out.ends_with("0\r\n\r\n"), "{out}");
+    assert_eq!(o["status"], "error", "{o}");
+    let detail = o["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("no data from the provider for 1 s") && detail.contains("timeout_secs"),
+        "{o}"
+    );
+    assert!(l["error"].as_str().unwrap().contains("timeout_secs"), "{l}");
+}
+
+#[test]
+fn max_secs_bounds_a_stream_that_keeps_moving() {
+    // Events 100 ms apart for 60 s: each gap is well within the timeout, the whole
+    // is cut at max_secs.
+    let tg = drip_gate(
+        drip_provider(600, Duration::from_millis(100)),
+        "timeout_secs = 30\nmax_secs = 1",
+    );
+    let (out, o, l) = drip_exchange(&tg);
+    assert!(out.contains("\"piece-0\""), "{out}");
+    assert!(!out.contains("[DONE]"), "{out}");
+    assert_eq!(o["status"], "error", "{o}");
+    assert!(o["detail"].as_str().unwrap().contains("max_secs"), "{o}");
+    assert!(l["error"].as_str().unwrap().contains("max_secs"), "{l}");
+}

@@ -103,6 +103,13 @@ pub struct BootArgs {
     /// Do not offer VIRTIO_RING_F_EVENT_IDX on the vsock (benchmarks: what it saves).
     #[arg(long, hide = true)]
     pub no_event_idx: bool,
+    /// How long a tx interrupt may wait for a reply's interrupt to carry it, in
+    /// microseconds (benchmarks: 0 sends it at once).
+    #[arg(long, hide = true, value_name = "US")]
+    pub tx_irq_delay_us: Option<u64>,
+    /// Let every InterruptACK write exit (benchmarks: what coalescing it saves).
+    #[arg(long, hide = true)]
+    pub no_coalesced_ack: bool,
     #[command(flatten)]
     pub inflight: InflightArgs,
     #[command(flatten)]
@@ -711,6 +718,11 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
     let vsock = VsockConfig {
         guest_cid: a.cid,
         event_idx: !a.no_event_idx,
+        tx_irq_delay: a
+            .tx_irq_delay_us
+            .map(Duration::from_micros)
+            .unwrap_or(VsockConfig::default().tx_irq_delay),
+        coalesce_ack: !a.no_coalesced_ack,
         ..VsockConfig::default()
     };
     let mut ports = GatePorts::new(gate.clone());
@@ -754,13 +766,14 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
             serde_json::json!({
                 "interrupts": s.interrupts,
                 "guest_notifies": s.guest_notifies,
+                "rx_notifies": s.rx_notifies,
                 "tx_packets": s.tx_packets,
                 "rx_packets": s.rx_packets,
             })
         });
         eprintln!(
             "{}",
-            serde_json::json!({"vm_exits": {"pio": pio, "mmio": mmio, "unknown_pio": upio, "unknown_mmio": ummio}, "vsock": vsock})
+            serde_json::json!({"vm_exits": {"pio": pio, "mmio": mmio, "unknown_pio": upio, "unknown_mmio": ummio, "queued_mmio_writes": bus.queued_writes()}, "vsock": vsock})
         );
     }
     let panic_line = crate::devices::bus::lock(&bus.serial).writer().panic_line();

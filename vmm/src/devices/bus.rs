@@ -63,6 +63,8 @@ pub struct Bus {
     /// Every port and MMIO exit that reached userspace: the cost benchmarks report.
     pio_exits: AtomicU64,
     mmio_exits: AtomicU64,
+    /// MMIO writes KVM queued without an exit (coalesced MMIO), handed over later.
+    queued_writes: AtomicU64,
 }
 
 impl Bus {
@@ -81,6 +83,7 @@ impl Bus {
             unknown_mmio: AtomicU64::new(0),
             pio_exits: AtomicU64::new(0),
             mmio_exits: AtomicU64::new(0),
+            queued_writes: AtomicU64::new(0),
         }
     }
 
@@ -142,6 +145,16 @@ impl Bus {
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         self.mmio_exits.fetch_add(1, Ordering::Relaxed);
+        self.dispatch_write(addr, data);
+    }
+
+    /// A write the guest made without an exit (KVM's coalesced-MMIO ring).
+    pub fn mmio_write_queued(&self, addr: u64, data: &[u8]) {
+        self.queued_writes.fetch_add(1, Ordering::Relaxed);
+        self.dispatch_write(addr, data);
+    }
+
+    fn dispatch_write(&self, addr: u64, data: &[u8]) {
         match self.find_mmio(addr, data.len()) {
             Some((r, off)) => lock(&r.dev).write(off, data),
             None => {
@@ -156,6 +169,11 @@ impl Bus {
             self.pio_exits.load(Ordering::Relaxed),
             self.mmio_exits.load(Ordering::Relaxed),
         )
+    }
+
+    /// MMIO writes that came through KVM's coalesced-MMIO ring, not as exits.
+    pub fn queued_writes(&self) -> u64 {
+        self.queued_writes.load(Ordering::Relaxed)
     }
 
     /// Accesses that reached no device: (port I/O, MMIO).

@@ -12,7 +12,7 @@
 //! arrive here (no ioeventfd) is forwarded to the same EventFd, so both paths look the same
 //! to the device thread. Interrupts go out through [`Interrupt::evt`], registered as an irqfd.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_config::{
@@ -33,6 +33,8 @@ pub const MMIO_VERSION: u32 = 2;
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register, for the ioeventfd.
 pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+/// Offset of InterruptACK: its writes may be coalesced (see [`Interrupt`]).
+pub const INTERRUPT_ACK_OFFSET: u64 = VIRTIO_MMIO_INTERRUPT_ACK as u64;
 /// Offset of the device-specific configuration space.
 pub const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 /// Vendor ID reported to the guest ("IVMM"); drivers do not match on it.
@@ -45,16 +47,30 @@ pub fn cmdline_entry(base: u64, irq: u32) -> String {
 }
 
 /// The interrupt line of one device and the status bits behind it.
+///
+/// InterruptACK may reach us late: the VMM can register it for coalesced MMIO, so the
+/// guest's write costs no exit and is applied at the vCPU's next exit, possibly after
+/// the device raised the same bit again. So an ACK clears only bits the driver has
+/// read since they were last raised (`fresh` holds the others); a raise is never lost
+/// to an ACK that was meant for an earlier one.
 pub struct Interrupt {
-    status: AtomicU32,
+    bits: Mutex<IrqBits>,
     needs_reset: AtomicBool,
     evt: EventFd,
+}
+
+#[derive(Default)]
+struct IrqBits {
+    /// InterruptStatus.
+    status: u32,
+    /// Bits raised since the driver last read InterruptStatus.
+    fresh: u32,
 }
 
 impl Interrupt {
     fn new() -> std::io::Result<Self> {
         Ok(Interrupt {
-            status: AtomicU32::new(0),
+            bits: Mutex::new(IrqBits::default()),
             needs_reset: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -86,24 +102,37 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
-    /// Current InterruptStatus bits.
+    /// Current InterruptStatus bits (a look, not the driver's read).
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        lock(&self.bits).status
+    }
+
+    /// The driver reads InterruptStatus: what it sees is what a later ACK may clear.
+    fn read_status(&self) -> u32 {
+        let mut b = lock(&self.bits);
+        b.fresh = 0;
+        b.status
     }
 
     fn raise(&self, bit: u32) {
-        self.status.fetch_or(bit, Ordering::SeqCst);
+        {
+            let mut b = lock(&self.bits);
+            b.status |= bit;
+            b.fresh |= bit;
+        }
         if let Err(e) = self.evt.write(1) {
             log::error!("virtio-mmio: cannot signal the interrupt eventfd: {e}");
         }
     }
 
     fn ack(&self, bits: u32) {
-        self.status.fetch_and(!bits, Ordering::SeqCst);
+        let mut b = lock(&self.bits);
+        let clear = bits & !b.fresh;
+        b.status &= !clear;
     }
 
     fn clear(&self) {
-        self.status.store(0, Ordering::SeqCst);
+        *lock(&self.bits) = IrqBits::default();
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 }
@@ -245,7 +274,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.with_queue(|q| q.max_size() as u32).unwrap_or(0),
             VIRTIO_MMIO_QUEUE_READY => self.with_queue(|q| q.ready() as u32).unwrap_or(0),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.read_status(),
             VIRTIO_MMIO_STATUS => self.status(),
             // No shared memory regions: length all ones means "absent" (virtio 1.2, 4.2.2).
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
@@ -496,6 +525,45 @@ impl<D: VirtioDevice> super::bus::MmioDevice for MmioTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_clears_only_what_the_driver_read() {
+        let irq = Interrupt::new().unwrap();
+        irq.signal_used_queue();
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn a_late_ack_does_not_swallow_a_later_raise() {
+        let irq = Interrupt::new().unwrap();
+        irq.signal_used_queue();
+        let seen = irq.read_status();
+        // The guest's ACK is queued (coalesced MMIO); the device raises again
+        // before the VMM applies it.
+        irq.signal_used_queue();
+        irq.ack(seen);
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING, "the second raise");
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn an_ack_applied_after_the_next_read_is_harmless() {
+        let irq = Interrupt::new().unwrap();
+        irq.signal_used_queue();
+        let first = irq.read_status();
+        irq.signal_used_queue();
+        // Read for the second interrupt before the first ACK is applied: the guest
+        // sees the bit and looks at its queues; then both ACKs land.
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_VRING);
+        irq.ack(first);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), 0);
+        irq.signal_config_change();
+        assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_CONFIG);
+    }
 
     #[test]
     fn cmdline_entry_has_the_linux_format() {

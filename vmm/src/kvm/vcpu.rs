@@ -2,7 +2,7 @@
 //! device bus) or turned into a reason for the VM to stop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -17,6 +17,8 @@ pub trait ExitHandler: Send + Sync {
     fn pio_write(&self, port: u16, data: &[u8]) -> Flow;
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// A write KVM queued in its coalesced-MMIO ring instead of exiting.
+    fn mmio_write_queued(&self, addr: u64, data: &[u8]);
 }
 
 /// Whether the vCPU goes on after an exit.
@@ -53,6 +55,7 @@ pub fn run(
     mut vcpu: VcpuFd,
     id: u8,
     exits: Arc<dyn ExitHandler>,
+    coalesced: Option<Arc<Mutex<()>>>,
     timings: Arc<Timings>,
     events: EventSender,
     stop: Arc<AtomicBool>,
@@ -63,6 +66,9 @@ pub fn run(
     loop {
         if stop.load(Ordering::Acquire) {
             return;
+        }
+        if let Some(ring) = &coalesced {
+            drain_coalesced(&mut vcpu, ring, &*exits);
         }
         let stop = match vcpu.run() {
             Ok(exit) => match exit {
@@ -111,6 +117,18 @@ pub fn run(
             let _ = events.send(ev);
             return;
         }
+    }
+}
+
+/// Hands the writes KVM queued in the coalesced-MMIO ring to the bus, oldest first.
+/// Every exit passes here, so a queued write waits at most until the vCPU's next
+/// exit. The ring is shared by the VM's vCPUs, hence the lock.
+fn drain_coalesced(vcpu: &mut VcpuFd, ring: &Mutex<()>, exits: &dyn ExitHandler) {
+    let _one_reader = ring.lock().unwrap_or_else(|e| e.into_inner());
+    // Only MMIO zones are registered, so no entry is a port write.
+    while let Ok(Some(w)) = vcpu.coalesced_mmio_read() {
+        let len = (w.len as usize).min(w.data.len());
+        exits.mmio_write_queued(w.phys_addr, &w.data[..len]);
     }
 }
 

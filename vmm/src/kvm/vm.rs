@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use ironvmm_seccomp::ThreadRole;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -97,6 +97,9 @@ pub struct Vm {
     pub timings: Arc<Timings>,
     /// Device threads and the EventFd that stops each (the builder adds them).
     device_threads: Vec<(EventFd, thread::JoinHandle<()>)>,
+    /// A zone of coalesced MMIO writes was registered: every vCPU maps KVM's ring of
+    /// queued writes and drains it.
+    coalesced_writes: bool,
 }
 
 impl Vm {
@@ -147,6 +150,7 @@ impl Vm {
             events_rx,
             timings,
             device_threads: Vec::new(),
+            coalesced_writes: false,
         })
     }
 
@@ -160,6 +164,21 @@ impl Vm {
 
     pub fn events(&self) -> EventSender {
         self.events_tx.clone()
+    }
+
+    /// Lets the guest's writes to `[addr, addr + len)` queue in KVM's coalesced-MMIO
+    /// ring instead of exiting; the vCPUs hand them to the bus at their next exit, so
+    /// only registers whose writes may be applied late belong here. False where KVM
+    /// has no such ring (the writes then exit as usual). Before `run`.
+    pub fn coalesce_writes(&mut self, addr: u64, len: u32) -> Result<bool, VmError> {
+        if !self._kvm.check_extension(Cap::CoalescedMmio) {
+            return Ok(false);
+        }
+        self.fd
+            .register_coalesced_mmio(IoEventAddress::Mmio(addr), len)
+            .map_err(kvm_err("KVM_REGISTER_COALESCED_MMIO"))?;
+        self.coalesced_writes = true;
+        Ok(true)
     }
 
     /// An interrupt line the VMM raises by writing the returned eventfd (an irqfd).
@@ -229,14 +248,31 @@ impl Vm {
     ) -> Outcome {
         let deadline = timeout.map(|t| Instant::now() + t);
         let stop = Arc::new(AtomicBool::new(false));
+        // The coalesced-MMIO ring is the VM's, one for all vCPUs.
+        let mut ring = self.coalesced_writes.then(|| Arc::new(Mutex::new(())));
+        if ring.is_some() {
+            // Mapped here, before the threads are confined (no mmap for them).
+            let mapped = self
+                .vcpus
+                .iter_mut()
+                .try_for_each(|v| v.map_coalesced_mmio_ring());
+            if let Err(e) = mapped {
+                // Queued writes then reach us only once KVM's ring is full and they
+                // exit again; for InterruptACK that only leaves its bits set, and the
+                // driver looks at its queues once more per interrupt (see `Interrupt`).
+                log::warn!("cannot map KVM's coalesced MMIO ring ({e}); queued writes wait until it is full");
+                ring = None;
+            }
+        }
         super::vcpu::install_kick_handler();
         let mut vcpu_threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (exits, timings, events, vcpu_stop) = (
+            let (exits, timings, events, vcpu_stop, ring) = (
                 exits.clone(),
                 self.timings.clone(),
                 self.events_tx.clone(),
                 Arc::clone(&stop),
+                ring.clone(),
             );
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{id}"))
@@ -246,7 +282,7 @@ impl Vm {
                         let _ = events.send(VmEvent::Fatal(e.to_string()));
                         return;
                     }
-                    super::vcpu::run(vcpu, id as u8, exits, timings, events, vcpu_stop)
+                    super::vcpu::run(vcpu, id as u8, exits, ring, timings, events, vcpu_stop)
                 });
             match spawned {
                 Ok(h) => vcpu_threads.push(h),

@@ -1,6 +1,6 @@
-//! Shared by the tests that boot a guest (gate_vm.rs, mail_vm.rs): the binaries, a
-//! scratch folder, one boot of an agent script with services, and readers of its
-//! output and audit log.
+//! Shared by the tests that boot a guest (gate_vm.rs, mail_vm.rs, jail_vm.rs,
+//! approvals_vm.rs): the binaries, a scratch folder, an image running an agent
+//! script, one boot of it with services, and readers of its output and audit log.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -45,6 +45,61 @@ pub fn marker<'a>(out: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name}= in guest output:\n{out}"))
 }
 
+/// Writes `script` to `dir/agent.sh` and builds `dir/agent.img` running it
+/// (`sh /agent.sh`, 256 MiB), with more `image build` arguments `extra`.
+pub fn build_image(dir: &Path, script: &str, extra: &[String]) -> PathBuf {
+    std::fs::write(dir.join("agent.sh"), script).unwrap();
+    let img = dir.join("agent.img");
+    let o = Command::new(ironvmm())
+        .args(["image", "build", "--kernel"])
+        .arg(kernel())
+        .arg("--add")
+        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
+        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
+        .args(extra)
+        .arg("-o")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "image build: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    img
+}
+
+/// `ironvmm SUBCOMMAND` over the scratch folder `dir`: its policy `p.rules`,
+/// workspace `ws` and audit log `audit.jsonl`. The image and other options follow.
+pub fn vmm(dir: &Path, subcommand: &str) -> Command {
+    let mut c = Command::new(ironvmm());
+    c.arg(subcommand)
+        .arg("--policy")
+        .arg(dir.join("p.rules"))
+        .arg("--workspace")
+        .arg(dir.join("ws"))
+        .arg("--audit")
+        .arg(dir.join("audit.jsonl"));
+    c
+}
+
+/// `ironvmm run` over `dir` as `vmm` has it, writing its report `r.json`, JUnit
+/// `r.xml`, summary `s.md` and console `console.log` there (and not to the CI's
+/// step summary).
+pub fn run_cmd(dir: &Path) -> Command {
+    let mut c = vmm(dir, "run");
+    c.arg("--report")
+        .arg(dir.join("r.json"))
+        .arg("--junit")
+        .arg(dir.join("r.xml"))
+        .arg("--summary")
+        .arg(dir.join("s.md"))
+        .arg("--console")
+        .arg(dir.join("console.log"))
+        .env_remove("GITHUB_STEP_SUMMARY");
+    c
+}
+
 /// Builds an image running `script` and boots it under `policy` with the services
 /// of `config` (ironvmm.toml text), the workspace `dir/ws` and `env` set for the VMM.
 pub fn boot_with_services(
@@ -56,29 +111,10 @@ pub fn boot_with_services(
 ) -> (Output, String, String) {
     std::fs::write(dir.join("p.rules"), policy).unwrap();
     std::fs::write(dir.join("ironvmm.toml"), config).unwrap();
-    std::fs::write(dir.join("agent.sh"), script).unwrap();
-    let img = dir.join("agent.img");
-    let o = Command::new(ironvmm())
-        .args(["image", "build", "--kernel"])
-        .arg(kernel())
-        .arg("--add")
-        .arg(format!("{}:/agent.sh", dir.join("agent.sh").display()))
-        .args(["--cmd", "sh /agent.sh", "--mem", "256M"])
-        .arg("-o")
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(ironvmm())
-        .arg("boot")
-        .arg("--policy")
-        .arg(dir.join("p.rules"))
+    let img = build_image(dir, script, &[]);
+    let o = vmm(dir, "boot")
         .arg("--config")
         .arg(dir.join("ironvmm.toml"))
-        .arg("--workspace")
-        .arg(dir.join("ws"))
-        .arg("--audit")
-        .arg(dir.join("audit.jsonl"))
         .args(["--audit-sync", "batch", "--timeout", "600s"])
         .arg(&img)
         .envs(env.iter().copied())
@@ -105,4 +141,25 @@ pub fn decision_for<'a>(
                 && r["args"].to_string().contains(needle)
         })
         .unwrap_or_else(|| panic!("no {decision} decision for {tool} {needle}: {recs:?}"))
+}
+
+/// The software KVM host's init leaves the loopback interface down; servers a test
+/// runs for the guest live on it (the VMM reaches them from the host side).
+pub fn loopback_up() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    if std::net::TcpStream::connect(l.local_addr().unwrap()).is_ok() {
+        return;
+    }
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new("ifconfig")
+            .args(["lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(
+        up,
+        "the loopback interface is down and could not be brought up"
+    );
 }

@@ -1,10 +1,12 @@
 //! One guest connection to the gate, as its transport drives it.
 //!
 //! The transport feeds bytes (`on_data`, at most `input_room` of them) and collects
-//! replies (`poll`). Nothing here blocks: frames are parsed and answered at once
-//! when that is cheap (`initialize`, `ping`, `tools/list`, errors); a `tools/call`
-//! goes to the gate's workers, and its reply comes back later, in any order, after
-//! the transport's `Wake` is called. See `inflight` for the bounds.
+//! replies (`poll`). Nothing here parses JSON, and nothing blocks: bytes are framed,
+//! and each complete frame, copied out with an in-flight slot, goes to the gate's
+//! workers, which parse, check and answer it (`Gate::take_frame`). Replies come back
+//! later, in any order, after the transport's `Wake` is called. Framing stays here:
+//! a frame over the limit and input past the buffer are refused (and the connection
+//! reset) without any frame being parsed. See `inflight` for the bounds.
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,6 +55,10 @@ impl std::error::Error for ConnectionError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Open,
+    /// Framing failed (a frame over the limit, a backlog): no more input is taken.
+    /// The frames handed over before it are still answered, then the error reply
+    /// is written and the connection reset.
+    Resetting(FrameError),
     /// Reset by us (bad frame, audit failure) or closed by the peer.
     Closed,
 }
@@ -106,13 +112,17 @@ impl Connection {
         }
     }
 
-    /// Bytes from the peer. Frames that complete are answered (cheap methods, into
-    /// `out`) or started (calls), while the bounds allow; the rest wait for `poll`.
+    /// Bytes from the peer. Frames that complete are handed to the gate's workers
+    /// while the bounds allow; the rest wait for `poll`. Their replies come through
+    /// `poll`, never into `out` here: `out` only gets the error reply of a reset.
     /// More input than the connection can hold is `Backlog`.
     /// `Err` means: send what is in `out`, then reset this connection.
     pub fn on_data(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), ConnectionError> {
-        if self.state != State::Open {
-            return Err(ConnectionError::Closed);
+        match self.state {
+            State::Open => {}
+            // Input after the frame that ends the connection is never read.
+            State::Resetting(_) => return self.process(out),
+            State::Closed => return Err(ConnectionError::Closed),
         }
         // Input is taken in pieces that fit the buffer, each processed before the
         // next, so only input that truly waits counts.
@@ -121,14 +131,14 @@ impl Connection {
             if take == 0 && !data.is_empty() {
                 let limits = self.gate.limits();
                 let limit = limits.max_buffered.max(limits.max_frame);
-                return Err(self.reset(FrameError::Backlog { limit }, out));
+                return self.reset(FrameError::Backlog { limit }, out);
             }
             if let Err(e) = self.framer.feed(&data[..take]) {
-                return Err(self.reset(e, out));
+                return self.reset(e, out);
             }
             data = &data[take..];
             self.process(out)?;
-            if data.is_empty() {
+            if data.is_empty() || self.state != State::Open {
                 return Ok(());
             }
         }
@@ -137,45 +147,61 @@ impl Connection {
     /// Collects finished replies into `out` and goes on with waiting frames. Call it
     /// after a wake, and whenever the peer has read what was sent.
     pub fn poll(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
-        if self.state != State::Open {
+        if self.state == State::Closed {
             return Err(ConnectionError::Closed);
         }
         self.calls.take_ready(out, self.gate.limits().max_output);
         self.process(out)
     }
 
-    /// Whether something is still to come out of `poll`: replies ready or calls in
-    /// flight, or frames waiting for room.
+    /// Whether something is still to come out of `poll`: replies ready or frames in
+    /// flight, frames waiting for room, or the error reply of a reset.
     pub fn has_pending_output(&self) -> bool {
-        self.state == State::Open && (self.calls.held() > 0 || self.framer.has_frame())
+        match self.state {
+            State::Open => self.calls.held() > 0 || self.framer.has_frame(),
+            State::Resetting(_) => true,
+            State::Closed => false,
+        }
     }
 
-    /// Calls started and not yet collected (running, parked or answered).
+    /// Frames handed over and not yet collected (being parsed, calls running or
+    /// parked, or answered).
     pub fn in_flight(&self) -> usize {
         self.calls.held()
     }
 
-    /// Blocks up to `timeout` until a reply is ready for `poll`.
+    /// Blocks up to `timeout` until a reply is ready for `poll`, or nothing is left in
+    /// flight.
     pub fn wait_ready(&self, timeout: Duration) -> bool {
         self.calls.wait_ready(timeout)
     }
 
     fn process(&mut self, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+        if let State::Resetting(e) = self.state {
+            if self.calls.held() == 0 {
+                return Err(self.end(e, out));
+            }
+            return Ok(());
+        }
         let max_output = self.gate.limits().max_output;
         while out.len() < max_output && self.framer.has_frame() {
+            // The slot is taken before the frame leaves the framer, so every frame
+            // counts against the bounds (and `input_room`) until its reply is sent.
             let Some(slot) = self.calls.try_slot() else {
                 break;
             };
             match self.framer.next_frame() {
                 None => break,
-                Some(Ok(frame)) => self.gate.handle_frame(slot, frame, out),
-                Some(Err(e)) => return Err(self.reset(e, out)),
+                // Copied out, so the framer's buffer is free for the next bytes; the
+                // slot bounds how many copies wait for a worker.
+                Some(Ok(frame)) => self.gate.take_frame(slot, frame.to_vec()),
+                Some(Err(e)) => return self.reset(e, out),
             }
         }
         // An unfinished frame over the limit is refused as soon as it is seen.
         if !self.framer.has_frame() {
             if let Some(Err(e)) = self.framer.next_frame() {
-                return Err(self.reset(e, out));
+                return self.reset(e, out);
             }
         }
         if let Some(f) = self.gate.fatal() {
@@ -189,7 +215,19 @@ impl Connection {
         Ok(())
     }
 
-    fn reset(&mut self, e: FrameError, out: &mut Vec<u8>) -> ConnectionError {
+    /// A framing error: the connection takes no more input, and is reset (with an
+    /// error reply) once the frames already handed over are answered, so that they
+    /// are answered as if they had been read alone. Their replies and the reset then
+    /// come from `poll`.
+    fn reset(&mut self, e: FrameError, out: &mut Vec<u8>) -> Result<(), ConnectionError> {
+        // Input held behind the bad frame is never read: free it now.
+        self.framer = Framer::new(0, 0);
+        self.state = State::Resetting(e);
+        self.process(out)
+    }
+
+    /// Ends the connection for a framing error, with its error reply.
+    fn end(&mut self, e: FrameError, out: &mut Vec<u8>) -> ConnectionError {
         self.close();
         let (m, err) = match e {
             FrameError::TooLong { limit } => (

@@ -1,11 +1,13 @@
 //! Calls in flight: the bounds on them and the way their replies come back.
 //!
-//! A connection takes a `Slot` before it handles a frame. A call carries its slot to
-//! a worker (or into the parked table) and hands it back with its reply
-//! (`Slot::complete`); the reply then waits in the connection's `Inflight` until the
-//! transport collects it, and only then is the slot free. So a peer that does not
-//! read holds its slots, and at the bound its connection stops taking frames: the
-//! transport stops reading, and credit flow (or the socket buffer) pushes back.
+//! A connection takes a `Slot` before it hands a frame to the gate. The frame carries
+//! its slot to a worker (and a call on into the parked table, if asked) and hands it
+//! back with its reply (`Slot::complete`); the reply then waits in the connection's
+//! `Inflight` until the transport collects it, and only then is the slot free. A
+//! frame that gets no reply (a notification) frees its slot at once
+//! (`Slot::release`). So a peer that does not read holds its slots, and at the bound
+//! its connection stops taking frames: the transport stops reading, and credit flow
+//! (or the socket buffer) pushes back.
 //!
 //! Two bounds: per connection (`max_inflight_per_conn`) and per VM (`max_inflight`).
 //! They also bound the memory of finished replies waiting to be sent.
@@ -163,12 +165,16 @@ impl Inflight {
         n
     }
 
-    /// Waits up to `timeout` for a finished reply; true when one is there.
+    /// Waits up to `timeout` for a finished reply, or for nothing to be left in
+    /// flight (a frame that gets no reply gives its slot back without one); true
+    /// when a reply is there.
     pub fn wait_ready(&self, timeout: Duration) -> bool {
         let st = lock(&self.state);
         let (st, _) = self
             .ready_cv
-            .wait_timeout_while(st, timeout, |s| s.ready.is_empty() && !s.closed)
+            .wait_timeout_while(st, timeout, |s| {
+                s.ready.is_empty() && !s.closed && s.held > 0
+            })
             .unwrap_or_else(|e| e.into_inner());
         !st.ready.is_empty()
     }
@@ -191,8 +197,9 @@ impl Inflight {
     }
 }
 
-/// A place within the in-flight bounds. Dropped, it frees the place; a call hands it
-/// back with its reply instead.
+/// A place within the in-flight bounds, taken for one frame. The frame hands it back
+/// with its reply (`complete`), or without one (`release`, or dropped: a
+/// notification, a response sent by the client, a call dropped at shutdown).
 pub struct Slot {
     calls: Option<Arc<Inflight>>,
 }
@@ -228,20 +235,25 @@ impl Slot {
             (calls.wake)();
         }
     }
+
+    /// The frame gets no reply: its place is free at once.
+    pub fn release(self) {
+        drop(self);
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(calls) = self.calls.take() {
             let mut st = lock(&calls.state);
-            let was_full = st.held >= calls.max;
             st.held -= 1;
             drop(st);
+            calls.ready_cv.notify_all();
             calls.vm.give_back(1);
-            if was_full {
-                // A frame may wait for this very slot.
-                (calls.wake)();
-            }
+            // Someone may wait for this very slot: a frame at the bound, or a
+            // transport waiting for the last frame in flight before it ends the
+            // connection (the peer half-closed, the audit log failed, a reset).
+            (calls.wake)();
         }
     }
 }

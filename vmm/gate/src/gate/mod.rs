@@ -6,10 +6,12 @@
 //!
 //! Threads: a transport (the vsock device thread, or a client thread of the
 //! host-only `ironvmm gate`) owns one `Connection` per guest connection and feeds it
-//! bytes; it never waits. A `tools/call` runs on the gate's `pool` of workers
-//! (decision, audit fsync, service); an `ask` is parked in a table until its
-//! `Approver` answers. Replies come back through `inflight` and the transport's wake.
-//! `Gate` is shared by all connections of one VM.
+//! bytes; it only frames them, and never parses nor waits. Every complete frame goes
+//! with its in-flight slot to the gate's `pool` of workers, which parses and checks
+//! it, answers the cheap methods and the errors, and decides and serves a
+//! `tools/call` (decision, audit fsync, service); an `ask` is parked in a table
+//! until its `Approver` answers. Replies come back through `inflight` and the
+//! transport's wake. `Gate` is shared by all connections of one VM.
 
 pub mod approver;
 pub mod budget;
@@ -223,36 +225,70 @@ impl Gate {
         self.pool.as_ref().map_or(0, Pool::shutdown)
     }
 
-    /// Handles one complete frame: a cheap method is answered at once into `out`,
-    /// a `tools/call` is started on a worker and takes `slot` with it.
-    fn handle_frame(self: &Arc<Self>, slot: Slot, frame: &[u8], out: &mut Vec<u8>) {
+    /// Takes one complete frame from a connection, with its in-flight slot, and
+    /// hands it to a worker, which parses, checks and answers it (`run_frame`). The
+    /// calling thread (the vsock device thread) never parses nor waits.
+    pub(crate) fn take_frame(self: &Arc<Self>, slot: Slot, frame: Vec<u8>) {
+        let Some(pool) = &self.pool else {
+            // No worker could be started, so there is no other thread: the frame is
+            // read here, and a call is denied (`deny_call`), never served.
+            return match self.read_frame(&frame) {
+                Read::Reply(out) => slot.complete(out),
+                Read::Call { id, .. } => deny_call(slot, &id),
+                Read::Silent => slot.release(),
+            };
+        };
+        let gate = Arc::clone(self);
+        if pool.submit(move || gate.run_frame(slot, frame)).is_err() {
+            // Only while shutting down: the connection is going away unanswered.
+            log::debug!("gate: a frame arrived during shutdown and was dropped unread");
+        }
+    }
+
+    /// One frame, on a worker: a cheap method or an error is answered through its
+    /// slot; a `tools/call` is decided and served right here.
+    fn run_frame(self: &Arc<Self>, slot: Slot, frame: Vec<u8>) {
+        let read = self.read_frame(&frame);
+        // The bytes are not needed past the parse: a slot holds a frame, a call or a
+        // reply, one at a time (docs/gate.md "Memory").
+        drop(frame);
+        match read {
+            Read::Reply(out) => slot.complete(out),
+            Read::Call { id, call } => self.serve_call(slot, &id, call),
+            Read::Silent => slot.release(),
+        }
+    }
+
+    /// Parses and checks one frame: the reply of a cheap method or of an error, the
+    /// call to serve, or nothing to answer.
+    fn read_frame(&self, frame: &[u8]) -> Read {
         let value = match json::parse_strict(frame) {
             Ok(v) => v,
             Err(e @ JsonError::TooDeep { .. }) => {
                 let m = format!("Invalid Request: {e}");
-                return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, &m, None);
+                return Read::error(&Value::Null, rpc::INVALID_REQUEST, &m);
             }
             Err(e) => {
                 let m = format!("Parse error: {e}");
-                return rpc::error(out, &Value::Null, rpc::PARSE_ERROR, &m, None);
+                return Read::error(&Value::Null, rpc::PARSE_ERROR, &m);
             }
         };
         let mut req = match value {
             Value::Object(m) => m,
             Value::Array(_) => {
                 let m = "Invalid Request: batches are not supported";
-                return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, m, None);
+                return Read::error(&Value::Null, rpc::INVALID_REQUEST, m);
             }
             _ => {
                 let m = "Invalid Request: not a request object";
-                return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, m, None);
+                return Read::error(&Value::Null, rpc::INVALID_REQUEST, m);
             }
         };
         if !req.contains_key("method") && (req.contains_key("result") || req.contains_key("error"))
         {
             // A response from the client (the gate sends no requests, so it answers
             // nothing); answering it could start an endless exchange of errors.
-            return;
+            return Read::Silent;
         }
         let id = match req.remove("id") {
             None => None,
@@ -260,61 +296,65 @@ impl Gate {
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n)),
             Some(_) => {
                 let m = "Invalid Request: id must be a string or an integer";
-                return rpc::error(out, &Value::Null, rpc::INVALID_REQUEST, m, None);
+                return Read::error(&Value::Null, rpc::INVALID_REQUEST, m);
             }
         };
         let reply_id = id.clone().unwrap_or(Value::Null);
         if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             let m = "Invalid Request: jsonrpc must be \"2.0\"";
-            return rpc::error(out, &reply_id, rpc::INVALID_REQUEST, m, None);
+            return Read::error(&reply_id, rpc::INVALID_REQUEST, m);
         }
         let method = match req.remove("method") {
             Some(Value::String(m)) => m,
             _ => {
                 let m = "Invalid Request: method must be a string";
-                return rpc::error(out, &reply_id, rpc::INVALID_REQUEST, m, None);
+                return Read::error(&reply_id, rpc::INVALID_REQUEST, m);
             }
         };
         let Some(id) = id else {
             // A notification gets no reply, and has no effect: nothing here acts on
             // `notifications/initialized` or `notifications/cancelled`, and a
             // tools/call without an id is not served (it could not be answered).
-            return;
+            return Read::Silent;
         };
         let params = req.remove("params");
         match method.as_str() {
             "initialize" | "ping" | "tools/list" => {
+                let mut out = Vec::new();
                 let params = match params {
                     None => Map::new(),
                     Some(Value::Object(p)) => p,
                     Some(_) => {
                         let m = "Invalid params: params must be an object";
-                        return rpc::error(out, &id, rpc::INVALID_PARAMS, m, None);
+                        return Read::error(&id, rpc::INVALID_PARAMS, m);
                     }
                 };
                 match method.as_str() {
                     "initialize" => match initialize_result(&params) {
-                        Ok(r) => rpc::result(out, &id, &r),
-                        Err(m) => rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None),
+                        Ok(r) => rpc::result(&mut out, &id, &r),
+                        Err(m) => rpc::error(&mut out, &id, rpc::INVALID_PARAMS, &m, None),
                     },
-                    "ping" => rpc::result(out, &id, &json!({})),
+                    "ping" => rpc::result(&mut out, &id, &json!({})),
                     // The one page has no cursor: any cursor is one the gate never gave.
                     _ => match params.get("cursor") {
-                        None | Some(Value::Null) => rpc::raw_result(out, &id, &self.tools_list),
+                        None | Some(Value::Null) => {
+                            rpc::raw_result(&mut out, &id, &self.tools_list)
+                        }
                         Some(c) => {
                             let m = format!("Invalid params: unknown cursor {c}");
-                            rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None)
+                            rpc::error(&mut out, &id, rpc::INVALID_PARAMS, &m, None)
                         }
                     },
                 }
+                Read::Reply(out)
             }
             "tools/call" => match tool_call(params) {
-                Ok(call) => self.start_call(slot, id, call),
-                Err(m) => rpc::error(out, &id, rpc::INVALID_PARAMS, &m, None),
+                Ok(call) => Read::Call { id, call },
+                Err(m) => Read::error(&id, rpc::INVALID_PARAMS, &m),
             },
             _ => {
                 let m = format!("Method not found: {method}");
-                rpc::error(out, &id, rpc::METHOD_NOT_FOUND, &m, None)
+                Read::error(&id, rpc::METHOD_NOT_FOUND, &m)
             }
         }
     }
@@ -326,25 +366,6 @@ impl Gate {
             "the VM's audit budget is spent: the VM is stopping".into()
         } else {
             "the audit log can no longer be written: the VM is stopping".into()
-        }
-    }
-
-    /// Hands a call to a worker: the device thread never waits for a decision, the
-    /// audit log or a service.
-    fn start_call(self: &Arc<Self>, slot: Slot, id: Value, call: Call) {
-        let Some(pool) = &self.pool else {
-            let mut out = Vec::new();
-            let m = "the gate cannot start its worker threads";
-            deny(&mut out, &id, None, DecidedBy::Invariant, m);
-            return slot.complete(out);
-        };
-        let gate = Arc::clone(self);
-        if pool
-            .submit(move || gate.serve_call(slot, &id, call))
-            .is_err()
-        {
-            // Only while shutting down: the connection is going away unanswered.
-            log::debug!("gate: a call arrived during shutdown and was dropped undecided");
         }
     }
 
@@ -689,6 +710,33 @@ struct Ask {
     by: DecidedBy,
     reason: String,
     policy_ns: u64,
+}
+
+/// What a frame asks for, once read (`Gate::read_frame`).
+enum Read {
+    /// Answered: a cheap method's reply, or an error reply.
+    Reply(Vec<u8>),
+    /// A `tools/call` to decide and serve.
+    Call { id: Value, call: Call },
+    /// Nothing to answer: a notification, or a response sent by the client.
+    Silent,
+}
+
+impl Read {
+    fn error(id: &Value, code: i64, message: &str) -> Read {
+        let mut out = Vec::new();
+        rpc::error(&mut out, id, code, message, None);
+        Read::Reply(out)
+    }
+}
+
+/// A call when the gate has no workers: denied, undecided and unaudited, as a
+/// gate that cannot run calls fails closed.
+fn deny_call(slot: Slot, id: &Value) {
+    let mut out = Vec::new();
+    let m = "the gate cannot start its worker threads";
+    deny(&mut out, id, None, DecidedBy::Invariant, m);
+    slot.complete(out);
 }
 
 /// A denial (by a rule, the default, an invariant such as invalid arguments, a

@@ -1,8 +1,9 @@
-//! The gate's worker pool: the threads that run what blocks (the audit fsync, file
-//! I/O, later network services), so the vsock device thread never does.
+//! The gate's worker pool: the threads that parse frames and run what blocks (the
+//! audit fsync, file I/O, network services), so the vsock device thread never does.
 //!
 //! - A fixed number of workers take jobs from one queue. The queue holds at most one
-//!   job per call in flight, so the gate's in-flight bounds bound it too.
+//!   job per frame in flight (its bytes, not yet parsed), so the gate's in-flight
+//!   bounds bound it too.
 //! - A job may put part of its work under a deadline (`Pool::deadline`). When the
 //!   deadline passes first, the watchdog thread runs the job's `on_timeout` (the
 //!   gate answers the call with a tool error and audits it). A thread cannot be

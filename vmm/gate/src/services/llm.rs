@@ -17,7 +17,7 @@
 //!   requests through `send_route` here, with the same keys and budget; a tool call
 //!   carrying `path` and no `messages` is refused.
 
-use std::io::Read;
+use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,13 @@ impl LlmBudget {
         &self.limits
     }
 
+    /// When `wall_secs` runs out, if it is set: no call runs past it.
+    fn wall_end(&self) -> Option<Instant> {
+        self.limits
+            .wall_secs
+            .and_then(|s| self.started.checked_add(Duration::from_secs(s)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Spent> {
         self.spent.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -194,8 +201,11 @@ struct Provider {
     /// `Bearer <key>`, read from the environment at start; Err: why there is none.
     authorization: Result<Option<String>, String>,
     key: Option<String>,
-    agent: ureq::Agent,
+    /// Each phase's timeout (set on `agent`), named in its errors.
     timeout: Duration,
+    agent: ureq::Agent,
+    /// The most one call may take in all.
+    max: Duration,
     price_in: f64,
     price_out: f64,
 }
@@ -270,9 +280,13 @@ impl LlmService {
             Vec::new()
         };
         let timeout = Duration::from_secs(p.timeout_secs.max(1));
+        // Per phase, not `.timeout()`: ureq's whole-request deadline would also cut
+        // a stream that is still moving. The whole call is bounded by `Bounded`.
         let agent = ureq::AgentBuilder::new()
             .redirects(0)
-            .timeout(timeout)
+            .timeout_connect(timeout)
+            .timeout_read(timeout)
+            .timeout_write(timeout)
             .resolver(GuardedResolver(AddressGuard::new(allowed)))
             .user_agent(concat!("ironvmm/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -282,8 +296,9 @@ impl LlmService {
             endpoint,
             authorization: key.clone().map(|k| k.map(|k| format!("Bearer {k}"))),
             key: key.ok().flatten(),
-            agent,
             timeout,
+            agent,
+            max: Duration::from_secs(p.max_secs.max(1)),
             price_in: p.input_usd_per_mtok.unwrap_or(0.0),
             price_out: p.output_usd_per_mtok.unwrap_or(0.0),
         })
@@ -359,25 +374,33 @@ impl LlmService {
         let mut req = p
             .agent
             .request_url("POST", &p.endpoint)
-            .timeout(p.timeout)
             .set("Content-Type", "application/json");
         if let Some(a) = authorization {
             req = req.set("Authorization", a);
         }
         let sent = Value::Object(body).to_string();
-        let (status, text) = match req.send_string(&sent) {
-            Ok(r) => (r.status(), read_capped(r)?),
-            Err(ureq::Error::Status(code, r)) => (code, read_capped(r)?),
+        let (status, r) = match req.send_string(&sent) {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(code, r)) => (code, r),
             Err(ureq::Error::Transport(t)) => {
-                let why = t.to_string();
+                let why = self.transport_why(p, &t);
                 let kind = if why.contains("ssrf guard") {
                     "blocked_address"
+                } else if timed_out(&t) {
+                    "timeout"
                 } else {
                     "transport"
                 };
                 // The step was taken: a model that cannot be reached still costs a turn.
                 self.record(p, model, None, 0.0, t0, Some(&why));
                 return Err(ToolError::new(kind, format!("provider {}: {why}", p.name)));
+            }
+        };
+        let text = match read_capped(self.bounded(p, t0, r.into_reader())) {
+            Ok(text) => text,
+            Err(e) => {
+                self.record(p, model, None, 0.0, t0, Some(&e.message));
+                return Err(e);
             }
         };
         // A provider that echoes the key (in an error, say) must not hand it to the guest.
@@ -419,6 +442,43 @@ impl LlmService {
         }))
     }
 
+    /// `body` bounded as every provider body is read: each read by the provider's
+    /// `timeout_secs` (the socket's), the whole call by its `max_secs` and the end
+    /// of `[llm.budget] wall_secs`, whichever comes first.
+    fn bounded<R: Read>(&self, p: &Provider, t0: Instant, body: R) -> Bounded<R> {
+        let mut deadline = t0 + p.max;
+        let mut overall = format!(
+            "the call ran past its {} s ([[llm.providers]] max_secs)",
+            p.max.as_secs()
+        );
+        if let Some(end) = self.budget.wall_end().filter(|end| *end < deadline) {
+            deadline = end;
+            overall = "the call ran past the run's [llm.budget] wall_secs".into();
+        }
+        Bounded {
+            inner: body,
+            deadline,
+            overall,
+            gap: format!(
+                "no data from the provider for {} s ([[llm.providers]] timeout_secs)",
+                p.timeout.as_secs()
+            ),
+        }
+    }
+
+    /// A transport error as said to the guest and the audit log: a timeout names
+    /// the setting that set it.
+    fn transport_why(&self, p: &Provider, t: &ureq::Transport) -> String {
+        if timed_out(t) {
+            format!(
+                "{t}: no answer within {} s ([[llm.providers]] timeout_secs)",
+                p.timeout.as_secs()
+            )
+        } else {
+            t.to_string()
+        }
+    }
+
     /// The audit record of one model call: what it used and what the run has spent.
     fn record(
         &self,
@@ -446,13 +506,65 @@ impl LlmService {
     }
 }
 
+/// Whether ureq gave up waiting (connecting, sending, or for the response head).
+fn timed_out(t: &ureq::Transport) -> bool {
+    std::error::Error::source(t)
+        .and_then(|e| e.downcast_ref::<io::Error>())
+        .is_some_and(is_timeout)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// A provider's response body under the call's bounds: a read that waited past the
+/// provider's `timeout_secs` (the socket's read timeout, so a stream may run as
+/// long as it keeps moving), or one begun past the overall deadline, is a
+/// `TimedOut` error naming the setting.
+struct Bounded<R> {
+    inner: R,
+    deadline: Instant,
+    /// Said when the overall deadline has passed.
+    overall: String,
+    /// Said when one read waited too long.
+    gap: String,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Checked before each read, so the overall bound may be passed by at most
+        // one read's timeout.
+        if Instant::now() >= self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                self.overall.clone(),
+            ));
+        }
+        match self.inner.read(buf) {
+            Err(e) if is_timeout(&e) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, self.gap.clone()))
+            }
+            r => r,
+        }
+    }
+}
+
 /// Reads at most `MAX_RESPONSE` bytes of a response body as text.
-fn read_capped(r: ureq::Response) -> Result<String, ToolError> {
+fn read_capped(r: impl Read) -> Result<String, ToolError> {
     let mut buf = Vec::new();
-    r.into_reader()
-        .take(MAX_RESPONSE as u64 + 1)
+    r.take(MAX_RESPONSE as u64 + 1)
         .read_to_end(&mut buf)
-        .map_err(|e| ToolError::new("transport", format!("reading the response: {e}")))?;
+        .map_err(|e| {
+            let kind = if is_timeout(&e) {
+                "timeout"
+            } else {
+                "transport"
+            };
+            ToolError::new(kind, format!("reading the response: {e}"))
+        })?;
     if buf.len() > MAX_RESPONSE {
         return Err(ToolError::new(
             "too_large",
@@ -604,7 +716,6 @@ impl LlmService {
         let mut req = p
             .agent
             .request_url(r.method, &url)
-            .timeout(p.timeout)
             // A stream must pass through as it comes, not wait in a decompressor.
             .set("Accept-Encoding", "identity");
         let mut x_api_key = false;
@@ -627,7 +738,7 @@ impl LlmService {
         let resp = match req.send_bytes(r.body) {
             Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
             Err(ureq::Error::Transport(t)) => {
-                let why = t.to_string();
+                let why = self.transport_why(p, &t);
                 // The step was taken: a model that cannot be reached still costs a turn.
                 self.record(p, r.model, None, 0.0, t0, Some(&why));
                 return Err(if why.contains("ssrf guard") {
@@ -651,7 +762,7 @@ impl LlmService {
             status: resp.status(),
             reason: resp.status_text().to_string(),
             headers,
-            body: Box::new(resp.into_reader()),
+            body: Box::new(self.bounded(p, t0, resp.into_reader())),
         })
     }
 
@@ -975,7 +1086,8 @@ mod tests {
                 base_url: base_url.into(),
                 api_key_env: key_env.map(str::to_string),
                 allow_loopback,
-                timeout_secs: 5,
+                timeout_secs: 1,
+                max_secs: 1800,
                 input_usd_per_mtok: None,
                 output_usd_per_mtok: None,
             }],
@@ -998,6 +1110,64 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind, "blocked_address", "{}", e.message);
         assert!(e.message.contains("loopback"), "{}", e.message);
+    }
+
+    /// A provider on loopback whose JSON answer comes in pieces `gap` apart,
+    /// `pieces` of them (the last one never, when `stall`).
+    fn trickling(pieces: usize, gap: Duration, stall: bool) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let Ok((s, _)) = l.accept() else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let _ = r.read_exact(&mut vec![0; len]);
+            let body = format!("{{\"choices\":[],\"pad\":\"{}\"}}", "x".repeat(pieces));
+            let mut out = s;
+            let _ = write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let (head, last) = body.split_at(body.len() - 2);
+            for c in head.as_bytes().chunks(head.len().div_ceil(pieces)) {
+                let _ = out.write_all(c).and_then(|_| out.flush());
+                std::thread::sleep(gap);
+            }
+            if stall {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+            let _ = out.write_all(last.as_bytes());
+        });
+        format!("http://127.0.0.1:{port}/v1")
+    }
+
+    #[test]
+    fn an_answer_slower_than_the_timeout_arrives_while_it_keeps_moving() {
+        // 15 pieces 100 ms apart: 1.5 s in all against a 1 s timeout.
+        let s = service(
+            &trickling(15, Duration::from_millis(100), false),
+            true,
+            None,
+        );
+        let r = s.call("llm.chat", &chat_args()).unwrap();
+        assert_eq!(r["response"]["pad"], "x".repeat(15));
+        // A provider that stops sending is a timeout naming the setting.
+        let s = service(&trickling(2, Duration::from_millis(10), true), true, None);
+        let e = s.call("llm.chat", &chat_args()).unwrap_err();
+        assert_eq!(e.kind, "timeout", "{}", e.message);
+        assert!(e.message.contains("timeout_secs"), "{}", e.message);
+        assert_eq!(s.budget().spent().steps, 1);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! A device thread for the vsock: one epoll over the queue EventFds (the ioeventfds of
 //! QueueNotify), the device's wake EventFd and a stop EventFd. It sleeps in `epoll_wait`
-//! with no timeout, so an idle or stalled guest costs no CPU.
+//! with no timeout, so an idle or stalled guest costs no CPU, except while a tx interrupt
+//! is held back for a reply to carry it (`VsockConfig::tx_irq_delay`): then until it is due.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -40,8 +42,17 @@ pub fn run(
     let mut events = vec![EpollEvent::default(); queue_evts.len() + 2];
     // Our own re-arming writes, not counted as the guest's notifies.
     let mut rearmed = vec![0u64; queue_evts.len()];
+    let mut deadline: Option<Instant> = None;
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let timeout = deadline.map_or(-1, |d| {
+            // Rounded up: waking before the deadline would only sleep again.
+            let ms = d
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        });
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -55,7 +66,7 @@ pub fn run(
                     // Reading resets the counter; several kicks become one pass.
                     let kicks = queue_evts[q].read().unwrap_or(0);
                     let mut dev = lock(&device);
-                    dev.count_notifies(kicks.saturating_sub(std::mem::take(&mut rearmed[q])));
+                    dev.count_notifies(q, kicks.saturating_sub(std::mem::take(&mut rearmed[q])));
                     if dev.handle_queue_event(q) {
                         // Work left past the per-pass bound: come back to it after
                         // the other events, rather than hold the thread.
@@ -66,5 +77,8 @@ pub fn run(
                 }
             }
         }
+        let mut dev = lock(&device);
+        dev.settle_tx_irq(Instant::now());
+        deadline = dev.irq_deadline();
     }
 }

@@ -15,6 +15,7 @@ pub mod muxer;
 pub mod packet;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
@@ -122,6 +123,15 @@ pub struct VsockConfig {
     pub max_tx_payload: u32,
     /// Offer `VIRTIO_RING_F_EVENT_IDX` (on unless measuring what it saves).
     pub event_idx: bool,
+    /// How long the interrupt for used tx buffers may wait for an rx interrupt to
+    /// carry it (zero: at once). The guest waits on a reply, not on its tx buffers,
+    /// and one interrupt makes the driver look at every queue, so a request and its
+    /// reply cost one interrupt instead of two. A quarter of the tx ring used sends it
+    /// at once, so a guest streaming data never runs out of tx buffers.
+    pub tx_irq_delay: Duration,
+    /// Register InterruptACK for coalesced MMIO where KVM can: the guest's write after
+    /// every interrupt then costs no exit (see `virtio_mmio::Interrupt`).
+    pub coalesce_ack: bool,
 }
 
 impl Default for VsockConfig {
@@ -134,6 +144,8 @@ impl Default for VsockConfig {
             max_pending_control: 1024,
             max_tx_payload: 64 * 1024,
             event_idx: true,
+            tx_irq_delay: Duration::from_millis(10),
+            coalesce_ack: true,
         }
     }
 }
@@ -200,6 +212,8 @@ pub struct VsockStats {
     /// QueueNotify writes by the guest (ioeventfd counts, several per wake-up when
     /// they coalesce); EVENT_IDX lets the guest skip the needless ones.
     pub guest_notifies: u64,
+    /// The part of `guest_notifies` on the rx queue (buffers posted for us).
+    pub rx_notifies: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -215,6 +229,9 @@ pub struct VsockDevice {
     broken: bool,
     muxer: Muxer,
     wake_evt: EventFd,
+    /// Used tx buffers the guest has not been interrupted for yet: since when, and
+    /// how many chains (see `VsockConfig::tx_irq_delay`).
+    tx_irq_owed: Option<(Instant, usize)>,
 }
 
 impl VsockDevice {
@@ -230,6 +247,7 @@ impl VsockDevice {
             broken: false,
             muxer: Muxer::new(cfg.clone(), listener),
             wake_evt,
+            tx_irq_owed: None,
             cfg,
         })
     }
@@ -288,8 +306,12 @@ impl VsockDevice {
 
     /// The guest wrote QueueNotify `kicks` times since the last count (the
     /// ioeventfd's counter, read by the device thread).
-    pub fn count_notifies(&mut self, kicks: u64) {
-        self.muxer.stats.guest_notifies = self.muxer.stats.guest_notifies.saturating_add(kicks);
+    pub fn count_notifies(&mut self, queue: usize, kicks: u64) {
+        let stats = &mut self.muxer.stats;
+        stats.guest_notifies = stats.guest_notifies.saturating_add(kicks);
+        if queue == RX_QUEUE {
+            stats.rx_notifies = stats.rx_notifies.saturating_add(kicks);
+        }
     }
 
     /// Length of the muxer's rx queue, for tests (at most the connection count).
@@ -315,20 +337,57 @@ impl VsockDevice {
         };
         let max = self.cfg.max_tx_payload;
         let q = &mut self.queues[TX_QUEUE];
-        let irq = self.interrupt.as_deref();
         let res = drain_tx(q, mem, &mut self.muxer, max).and_then(|(used, more)| {
-            notify_if_needed(q, mem, used, irq, &mut self.muxer.stats.interrupts)?;
-            Ok(more)
+            let notify = used > 0 && q.needs_notification(mem)?;
+            Ok((used, notify, more))
         });
         let more = match res {
-            Ok(more) => more,
+            Ok((used, notify, more)) => {
+                if notify {
+                    let (since, n) = self.tx_irq_owed.unwrap_or((Instant::now(), 0));
+                    self.tx_irq_owed = Some((since, n + used));
+                }
+                more
+            }
             Err(e) => {
                 self.fail(TX_QUEUE, e);
                 return false;
             }
         };
+        // A reply the guest's packets produced at once (and its interrupt) carries
+        // the tx interrupt too.
         self.process_rx();
+        self.settle_tx_irq(Instant::now());
         more
+    }
+
+    /// When the interrupt owed for used tx buffers must go out, if one is owed: the
+    /// device thread sleeps no longer than that.
+    pub fn irq_deadline(&self) -> Option<Instant> {
+        self.tx_irq_owed
+            .map(|(since, _)| since + self.cfg.tx_irq_delay)
+    }
+
+    /// Sends the owed tx interrupt if it is due (`irq_deadline` passed, or a quarter
+    /// of the tx ring is used).
+    pub fn settle_tx_irq(&mut self, now: Instant) {
+        let Some((since, n)) = self.tx_irq_owed else {
+            return;
+        };
+        let quarter = usize::from(self.queues[TX_QUEUE].size() / 4).max(1);
+        if n >= quarter || now >= since + self.cfg.tx_irq_delay {
+            self.raise_vring_irq();
+        }
+    }
+
+    /// One interrupt makes the driver look at every queue (virtio-mmio has one line
+    /// per device), so it pays what is owed for the tx queue as well.
+    fn raise_vring_irq(&mut self) {
+        self.tx_irq_owed = None;
+        if let Some(irq) = &self.interrupt {
+            irq.signal_used_queue();
+            self.muxer.stats.interrupts += 1;
+        }
     }
 
     /// Fills the guest's rx buffers with pending packets. When the guest has posted none,
@@ -341,11 +400,16 @@ impl VsockDevice {
             return;
         }
         let q = &mut self.queues[RX_QUEUE];
-        let irq = self.interrupt.as_deref();
-        let res = fill_rx(q, mem, &mut self.muxer)
-            .and_then(|used| notify_if_needed(q, mem, used, irq, &mut self.muxer.stats.interrupts));
-        if let Err(e) = res {
-            self.fail(RX_QUEUE, e);
+        let res = fill_rx(q, mem, &mut self.muxer).and_then(|used| {
+            // With EVENT_IDX negotiated, `needs_notification` asks only when the
+            // driver's `used_event` was crossed, so a guest busy polling its ring
+            // gets no interrupts.
+            Ok(used && q.needs_notification(mem)?)
+        });
+        match res {
+            Ok(true) => self.raise_vring_irq(),
+            Ok(false) => {}
+            Err(e) => self.fail(RX_QUEUE, e),
         }
     }
 
@@ -385,14 +449,14 @@ fn uses_indirect(q: &Queue, mem: &GuestMemoryMmap, head: u16) -> bool {
     false
 }
 
-/// Returns (a buffer was used, chains are left past the per-pass bound).
+/// Returns (chains used, chains are left past the per-pass bound).
 fn drain_tx(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     muxer: &mut Muxer,
     max_payload: u32,
-) -> Result<(bool, bool), QueueError> {
-    let mut used = false;
+) -> Result<(usize, bool), QueueError> {
+    let mut used = 0;
     let mut budget = CHAINS_PER_PASS;
     loop {
         // No kicks while we drain; re-enabled (and re-checked) before we sleep.
@@ -423,7 +487,7 @@ fn drain_tx(
                 }
             }
             q.add_used(mem, head, 0)?;
-            used = true;
+            used += 1;
         }
         if !q.enable_notification(mem)? {
             return Ok((used, false));
@@ -474,24 +538,6 @@ fn fill_rx(q: &mut Queue, mem: &GuestMemoryMmap, muxer: &mut Muxer) -> Result<bo
             return Ok(used);
         }
     }
-}
-
-/// With EVENT_IDX negotiated, `needs_notification` asks only when the driver's
-/// `used_event` was crossed, so a guest busy polling its ring gets no interrupts.
-fn notify_if_needed(
-    q: &mut Queue,
-    mem: &GuestMemoryMmap,
-    used: bool,
-    irq: Option<&Interrupt>,
-    count: &mut u64,
-) -> Result<(), QueueError> {
-    if used && q.needs_notification(mem)? {
-        if let Some(irq) = irq {
-            irq.signal_used_queue();
-            *count += 1;
-        }
-    }
-    Ok(())
 }
 
 impl VirtioDevice for VsockDevice {
@@ -574,6 +620,7 @@ impl VirtioDevice for VsockDevice {
         self.interrupt = None;
         self.acked_features = 0;
         self.broken = false;
+        self.tx_irq_owed = None;
         self.muxer.reset();
         let _ = self.wake_evt.read();
     }
