@@ -203,15 +203,11 @@ fn long_mode_vm(
     (vm, vcpu, mem, code.len())
 }
 
-#[test]
-fn long_mode_guest_runs_pio_mmio_and_hlt() {
-    let Some(kvm) = kvm() else { return };
-    let started = std::time::Instant::now();
-    let (vm, mut vcpu, mem, code_len) = long_mode_vm(&kvm, |_| {});
+/// Runs the vCPU to its HLT (at most 16 exits), one line per exit.
+fn run_to_hlt(vcpu: &mut kvm_ioctls::VcpuFd) -> Vec<String> {
     let mut exits = Vec::new();
     for _ in 0..16 {
-        let exit = vcpu.run().expect("KVM_RUN");
-        let summary = match exit {
+        let summary = match vcpu.run().expect("KVM_RUN") {
             VcpuExit::IoOut(port, data) => format!("out {port:#x} {data:02x?}"),
             VcpuExit::MmioWrite(addr, data) => format!("mmio {addr:#x} {data:02x?}"),
             VcpuExit::Hlt => "hlt".to_string(),
@@ -223,6 +219,15 @@ fn long_mode_guest_runs_pio_mmio_and_hlt() {
             break;
         }
     }
+    exits
+}
+
+#[test]
+fn long_mode_guest_runs_pio_mmio_and_hlt() {
+    let Some(kvm) = kvm() else { return };
+    let started = std::time::Instant::now();
+    let (vm, mut vcpu, mem, code_len) = long_mode_vm(&kvm, |_| {});
+    let exits = run_to_hlt(&mut vcpu);
     assert_eq!(
         exits,
         [
@@ -266,23 +271,9 @@ fn a_write_to_a_coalesced_zone_waits_in_the_ring() {
             .expect("KVM_REGISTER_COALESCED_MMIO");
     });
     vcpu.map_coalesced_mmio_ring().expect("the ring");
-    let mut exits = Vec::new();
-    for _ in 0..16 {
-        let summary = match vcpu.run().expect("KVM_RUN") {
-            VcpuExit::IoOut(port, _) => format!("out {port:#x}"),
-            VcpuExit::MmioWrite(addr, _) => format!("mmio {addr:#x}"),
-            VcpuExit::Hlt => "hlt".to_string(),
-            other => panic!("unexpected exit {other:?} after {exits:?}"),
-        };
-        let done = summary == "hlt";
-        exits.push(summary);
-        if done {
-            break;
-        }
-    }
     assert_eq!(
-        exits,
-        ["out 0x10", "out 0x11", "hlt"],
+        run_to_hlt(&mut vcpu),
+        ["out 0x10 [42]", "out 0x11 [88, 77, 66, 55]", "hlt"],
         "no exit for the MMIO write"
     );
     let w = vcpu

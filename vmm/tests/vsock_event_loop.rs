@@ -45,9 +45,9 @@ fn wait_for<T>(mut f: impl FnMut() -> Vec<T>) -> Vec<T> {
     }
 }
 
-#[test]
-fn event_loop_serves_sleeps_without_buffers_and_stops() {
-    let mut g = Guest::new(VsockConfig::default());
+/// The device thread over `g`'s device, as the VMM starts it; write the returned
+/// EventFd to stop it.
+fn start_loop(g: &Guest) -> (EventFd, thread::JoinHandle<std::io::Result<()>>) {
     let evts: Vec<EventFd> = g
         .mmio
         .queue_evts()
@@ -57,7 +57,16 @@ fn event_loop_serves_sleeps_without_buffers_and_stops() {
     let stop = EventFd::new(EFD_NONBLOCK).unwrap();
     let stop2 = stop.try_clone().unwrap();
     let dev = Arc::clone(&g.dev);
-    let handle = thread::spawn(move || event_loop::run(dev, evts, stop2));
+    (
+        stop,
+        thread::spawn(move || event_loop::run(dev, evts, stop2)),
+    )
+}
+
+#[test]
+fn event_loop_serves_sleeps_without_buffers_and_stops() {
+    let mut g = Guest::new(VsockConfig::default());
+    let (stop, handle) = start_loop(&g);
 
     // A connection request with no rx buffers posted: the request is consumed, the
     // RESPONSE has nowhere to go.
@@ -103,16 +112,7 @@ fn event_loop_serves_sleeps_without_buffers_and_stops() {
 #[test]
 fn a_held_tx_interrupt_goes_out_without_any_other_event() {
     let mut g = Guest::with_features(VsockConfig::default(), F_VERSION_1);
-    let evts: Vec<EventFd> = g
-        .mmio
-        .queue_evts()
-        .iter()
-        .map(|e| e.try_clone().unwrap())
-        .collect();
-    let stop = EventFd::new(EFD_NONBLOCK).unwrap();
-    let stop2 = stop.try_clone().unwrap();
-    let dev = Arc::clone(&g.dev);
-    let handle = thread::spawn(move || event_loop::run(dev, evts, stop2));
+    let (stop, handle) = start_loop(&g);
 
     // Port 3 swallows data: nothing comes back to carry the tx interrupt.
     g.post_rx(1, 4096, &Layout::Joined);
