@@ -11,8 +11,10 @@
 //! be had at all, it runs the host-only half and says that the VM half was skipped.
 //!
 //! `cargo bench --bench rpc -- --host-only` runs only the host-only gate (no VM, no
-//! KVM host: quick), `--quick` with 200 small calls instead of 1,000.
+//! KVM host: quick), `--quick` with 200 small calls instead of 1,000, `--host-cpus=N`
+//! with N emulated CPUs in the software host (default 1).
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -88,6 +90,60 @@ struct Counts {
     queued: u64,
 }
 
+/// CPU time of the whole machine, in clock ticks (`/proc/stat`'s first line):
+/// where a call's time goes, in the guest or in ironvmm's threads.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// User time, guest time taken out (ironvmm's threads, iron on the host path).
+    user: u64,
+    /// Kernel time, interrupts included (KVM, vsock, sockets, the audit log).
+    kernel: u64,
+    /// Time spent running the guest.
+    guest: u64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal guest guest_nice; user
+        // includes guest.
+        Cpu {
+            user: (at(0) + at(1)).saturating_sub(at(8) + at(9)),
+            kernel: at(2) + at(5) + at(6),
+            guest: at(8) + at(9),
+        }
+    }
+
+    fn minus(self, base: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(base.user),
+            kernel: self.kernel.saturating_sub(base.kernel),
+            guest: self.guest.saturating_sub(base.guest),
+        }
+    }
+
+    /// Milliseconds of each per call.
+    fn per_call(self, calls: f64) -> String {
+        // /proc/stat counts in USER_HZ, which is 100 on x86 Linux.
+        let ms = |t: u64| t as f64 * 10.0 / calls;
+        format!(
+            "{:.2} ms in the guest, {:.2} ms user, {:.2} ms kernel",
+            ms(self.guest),
+            ms(self.user),
+            ms(self.kernel)
+        )
+    }
+}
+
 impl Counts {
     fn minus(self, base: Counts) -> Counts {
         Counts {
@@ -101,7 +157,14 @@ impl Counts {
 }
 
 /// Boots a guest whose agent runs `script`; returns its stdout and what it counted.
-fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (String, Counts) {
+/// Returns the console, the VM's counts and each workload's CPU (`s{i}`..`w{i}=`).
+fn boot(
+    p: &Paths,
+    name: &str,
+    script: &str,
+    sync: &str,
+    extra: &[&str],
+) -> (String, Counts, Vec<Cpu>) {
     let agent = p.work.join(format!("{name}.sh"));
     std::fs::write(&agent, script).unwrap();
     let img = p.work.join(format!("{name}.img"));
@@ -117,7 +180,7 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (Str
     );
     let audit = std::env::temp_dir().join(format!("ironvmm-rpc-{name}-{sync}.jsonl"));
     let _ = std::fs::remove_file(&audit);
-    let o = Command::new(&p.bin)
+    let mut child = Command::new(&p.bin)
         .arg("boot")
         .arg("--policy")
         .arg(write_policy(&p.work))
@@ -139,14 +202,42 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (Str
         .args(std::env::args().filter_map(|a| a.strip_prefix("--boot-arg=").map(String::from)))
         .arg(&img)
         .env("IRONVMM_EXIT_STATS", "1")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    if !o.status.success() {
-        eprintln!(
-            "rpc bench: boot of {name} ({sync}) ended with {}: {err}",
-            o.status
-        );
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = stderr.read_to_string(&mut e);
+        e
+    });
+    // The machine's CPU is sampled as each workload starts (`s{i}`) and ends (`w{i}=`)
+    // on the console, for the CPU each workload's calls took.
+    let mut out = String::new();
+    let mut started = Vec::new();
+    let mut spans = vec![Cpu::default(); workloads().len()];
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        let now = Cpu::now();
+        let t = line.trim();
+        if let Some(i) = t.strip_prefix('s').and_then(|i| i.parse::<usize>().ok()) {
+            started.push((i, now));
+        } else if let Some((i, _)) = t.split_once('=').filter(|(w, _)| w.starts_with('w')) {
+            let i: usize = i[1..].parse().unwrap_or(usize::MAX);
+            if let (Some(span), Some((_, c0))) =
+                (spans.get_mut(i), started.iter().find(|(j, _)| *j == i))
+            {
+                *span = now.minus(*c0);
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let status = child.wait().unwrap();
+    let err = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        eprintln!("rpc bench: boot of {name} ({sync}) ended with {status}: {err}");
     }
     let counts = last_json(&err, "")
         .filter(|v| v.get("vm_exits").is_some())
@@ -161,11 +252,11 @@ fn boot(p: &Paths, name: &str, script: &str, sync: &str, extra: &[&str]) -> (Str
             }
         })
         .unwrap_or_default();
-    (String::from_utf8_lossy(&o.stdout).into_owned(), counts)
+    (out, counts, spans)
 }
 
 /// The same workloads against `ironvmm gate --listen`, with the host's iron.
-fn host_gate(p: &Paths, sync: &str) -> Vec<Option<Value>> {
+fn host_gate(p: &Paths, sync: &str) -> (Vec<Option<Value>>, Vec<Cpu>) {
     let sock = std::env::temp_dir().join(format!("ironvmm-rpc-{}.sock", std::process::id()));
     let audit = std::env::temp_dir().join(format!("ironvmm-rpc-host-{sync}.jsonl"));
     let _ = std::fs::remove_file(&audit);
@@ -189,22 +280,25 @@ fn host_gate(p: &Paths, sync: &str) -> Vec<Option<Value>> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let mut spans = Vec::new();
     let results = workloads()
         .iter()
         .map(|(_, args)| {
+            let cpu0 = Cpu::now();
             let o = Command::new("sh")
                 .arg("-c")
                 .arg(format!("{} bench {args}", p.iron.display()))
                 .env("IRON_GATE", format!("unix:{}", sock.display()))
                 .output()
-                .ok()?;
-            last_json(&String::from_utf8_lossy(&o.stdout), "")
+                .ok();
+            spans.push(Cpu::now().minus(cpu0));
+            last_json(&String::from_utf8_lossy(&o?.stdout), "")
         })
         .collect();
     let _ = gate.kill();
     let _ = gate.wait();
     let _ = std::fs::remove_file(&sock);
-    results
+    (results, spans)
 }
 
 fn print_host_only(sync: &str, results: &[Option<Value>]) {
@@ -241,7 +335,7 @@ fn host_only(root: &Path, work: PathBuf) {
     };
     println!("rpc bench, host-only gate ({} small calls)", small_calls());
     for sync in ["batch", "always"] {
-        print_host_only(sync, &host_gate(&p, sync));
+        print_host_only(sync, &host_gate(&p, sync).0);
     }
 }
 
@@ -318,7 +412,11 @@ fn main() {
             );
             return host_only(&root, work);
         }
-        let why = rerun_in_kvm_host(&["--mem", "3G"]);
+        // `--host-cpus=N`: the software host's emulated CPUs (default 1).
+        let cpus = std::env::args()
+            .find_map(|a| a.strip_prefix("--host-cpus=").map(String::from))
+            .unwrap_or_else(|| "1".into());
+        let why = rerun_in_kvm_host(&["--mem", "3G", "--cpus", &cpus]);
         println!(
             "{}",
             vm_skipped_line("rpc bench", &why, "Only the host-only half runs.")
@@ -345,7 +443,7 @@ fn main() {
     let mut script = String::new();
     for (i, (_, args)) in workloads().iter().enumerate() {
         script.push_str(&format!(
-            "iron bench {args} | tail -n1 | sed 's/^/w{i}=/'\n"
+            "echo s{i}; iron bench {args} | tail -n1 | sed 's/^/w{i}=/'\n"
         ));
     }
     let calls = (2 * small_calls() + BULK_CALLS) as f64;
@@ -355,18 +453,28 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != sync) {
             continue;
         }
-        let (_, base) = boot(&p, "idle", "exit 0\n", sync, &[]);
-        let (out, with_idx) = boot(&p, "bench", &script, sync, &[]);
+        let (_, base, _) = boot(&p, "idle", "exit 0\n", sync, &[]);
+        let (out, with_idx, vm_cpu) = boot(&p, "bench", &script, sync, &[]);
         let vm: Vec<Option<Value>> = (0..workloads().len())
             .map(|i| last_json(&out, &format!("w{i}=")))
             .collect();
-        let hostp = host_gate(&p, sync);
+        let (hostp, host_cpu) = host_gate(&p, sync);
         compare(sync, &vm, &hostp);
+        // On one emulated CPU, the CPU a call takes bounds the calls per second.
+        println!("  CPU per call (the whole software host's, over each workload):");
+        for (i, (label, _)) in workloads().iter().enumerate() {
+            let n = if i == 2 { BULK_CALLS } else { small_calls() } as f64;
+            println!(
+                "    {label}: VM path {} | host-only {}",
+                vm_cpu[i].per_call(n),
+                host_cpu.get(i).copied().unwrap_or_default().per_call(n)
+            );
+        }
         // The same run without EVENT_IDX: every used buffer interrupts the guest
         // (each interrupt costs MMIO exits: InterruptStatus, InterruptACK), and the
         // guest notifies every buffer it posts.
-        let (_, base_no) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"]);
-        let (_, without) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
+        let (_, base_no, _) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"]);
+        let (_, without, _) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
         let per = |c: Counts| {
             format!(
                 "{:.2} exits, {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
