@@ -48,6 +48,19 @@ fn wait_for<T>(mut f: impl FnMut() -> Vec<T>) -> Vec<T> {
 /// The device thread over `g`'s device, as the VMM starts it; write the returned
 /// EventFd to stop it.
 fn start_loop(g: &Guest) -> (EventFd, thread::JoinHandle<std::io::Result<()>>) {
+    let (stop, handle, _) = start_loop_with_tid(g);
+    (stop, handle)
+}
+
+/// `start_loop`, with the thread's id (its policy is read through the kernel:
+/// glibc's `pthread_getschedparam` answers from a cache).
+fn start_loop_with_tid(
+    g: &Guest,
+) -> (
+    EventFd,
+    thread::JoinHandle<std::io::Result<()>>,
+    libc::pid_t,
+) {
     let evts: Vec<EventFd> = g
         .mmio
         .queue_evts()
@@ -57,10 +70,13 @@ fn start_loop(g: &Guest) -> (EventFd, thread::JoinHandle<std::io::Result<()>>) {
     let stop = EventFd::new(EFD_NONBLOCK).unwrap();
     let stop2 = stop.try_clone().unwrap();
     let dev = Arc::clone(&g.dev);
-    (
-        stop,
-        thread::spawn(move || event_loop::run(dev, evts, stop2)),
-    )
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = thread::spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let _ = tx.send(unsafe { libc::gettid() });
+        event_loop::run(dev, evts, stop2)
+    });
+    (stop, handle, rx.recv().unwrap())
 }
 
 #[test]
@@ -133,6 +149,75 @@ fn a_held_tx_interrupt_goes_out_without_any_other_event() {
     }
     assert_eq!(g.stats().interrupts, irqs + 1);
     assert_eq!(lock(&g.dev).irq_deadline(), None);
+    stop.write(1).unwrap();
+    handle.join().unwrap().unwrap();
+}
+
+/// The scheduling policy of thread `tid`.
+fn thread_policy(tid: libc::pid_t) -> libc::c_int {
+    // SAFETY: sched_getscheduler only reads the thread's policy.
+    let p = unsafe { libc::sched_getscheduler(tid) };
+    assert!(p >= 0, "sched_getscheduler({tid})");
+    p
+}
+
+/// Waits up to 5 s for thread `tid`'s policy to become `want`; returns the last seen.
+fn wait_policy(tid: libc::pid_t, want: libc::c_int) -> libc::c_int {
+    let start = Instant::now();
+    loop {
+        let p = thread_policy(tid);
+        if p == want || start.elapsed() > Duration::from_secs(5) {
+            return p;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Opens guest port `port`'s connection to port 4 and waits for the device to take it.
+fn open(g: &mut Guest, port: u32) {
+    let h = g.hdr(port, 4, op::REQUEST, 0);
+    g.push_tx(&h, &[], &Layout::Joined);
+    g.w32(REG_QUEUE_NOTIFY, TX_QUEUE as u32);
+    assert_eq!(wait_for(|| g.take_used(TX_QUEUE)).len(), 1);
+}
+
+#[test]
+fn kicks_wait_for_the_vcpu_while_several_connections_are_open() {
+    let mut g = Guest::new(VsockConfig::default());
+    let (stop, handle, tid) = start_loop_with_tid(&g);
+    open(&mut g, 700);
+    assert_eq!(lock(&g.dev).connection_count(), 1);
+    assert_eq!(thread_policy(tid), libc::SCHED_OTHER, "one connection");
+
+    open(&mut g, 701);
+    assert_eq!(wait_policy(tid, libc::SCHED_BATCH), libc::SCHED_BATCH);
+
+    // Back to one connection: a kick runs the thread at once again.
+    let h = g.hdr(701, 4, op::RST, 0);
+    g.push_tx(&h, &[], &Layout::Joined);
+    g.w32(REG_QUEUE_NOTIFY, TX_QUEUE as u32);
+    assert_eq!(wait_for(|| g.take_used(TX_QUEUE)).len(), 1);
+    assert_eq!(wait_policy(tid, libc::SCHED_OTHER), libc::SCHED_OTHER);
+    assert_eq!(lock(&g.dev).connection_count(), 1);
+    stop.write(1).unwrap();
+    handle.join().unwrap().unwrap();
+}
+
+#[test]
+fn kicks_always_preempt_when_deferring_is_off() {
+    let cfg = VsockConfig {
+        defer_kicks_when_shared: false,
+        ..VsockConfig::default()
+    };
+    let mut g = Guest::new(cfg);
+    let (stop, handle, tid) = start_loop_with_tid(&g);
+    open(&mut g, 700);
+    open(&mut g, 701);
+    open(&mut g, 702);
+    assert_eq!(lock(&g.dev).connection_count(), 3);
+    // The loop has gone round after the last packet (its tx buffer is used).
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(thread_policy(tid), libc::SCHED_OTHER);
     stop.write(1).unwrap();
     handle.join().unwrap().unwrap();
 }

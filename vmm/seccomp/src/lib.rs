@@ -382,6 +382,8 @@ const NET_DOMAINS: &[u64] = &[
     libc::AF_INET6 as u64,
     libc::AF_UNIX as u64,
 ];
+/// `SCHED_OTHER` and `SCHED_BATCH`: policies any thread may take.
+const SHARED_POLICIES: &[u64] = &[libc::SCHED_OTHER as u64, libc::SCHED_BATCH as u64];
 /// `prctl(PR_SET_NAME)`: a new thread naming itself.
 pub const PR_SET_NAME: u64 = 15;
 
@@ -398,6 +400,9 @@ pub fn conditional(role: ThreadRole) -> Vec<(i64, u8, &'static [u64])> {
             (libc::SYS_ioctl, 1, TERMINAL_AND_FIONBIO),
             (libc::SYS_socket, 0, NET_DOMAINS),
             (libc::SYS_prctl, 0, &[PR_SET_NAME]),
+            // The vsock thread's wake-ups (docs/vsock.md): the two unprivileged
+            // policies only, never a real-time one.
+            (libc::SYS_sched_setscheduler, 1, SHARED_POLICIES),
         ],
         // The control socket wakes its accept loop at exit by connecting to itself:
         // a Unix socket, never a network one.

@@ -110,6 +110,10 @@ pub struct BootArgs {
     /// Let every InterruptACK write exit (benchmarks: what coalescing it saves).
     #[arg(long, hide = true)]
     pub no_coalesced_ack: bool,
+    /// Let a guest kick preempt the vCPU however many connections are open
+    /// (benchmarks: what deferring it saves).
+    #[arg(long, hide = true)]
+    pub no_deferred_kicks: bool,
     #[command(flatten)]
     pub inflight: InflightArgs,
     #[command(flatten)]
@@ -723,6 +727,7 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
             .map(Duration::from_micros)
             .unwrap_or(VsockConfig::default().tx_irq_delay),
         coalesce_ack: !a.no_coalesced_ack,
+        defer_kicks_when_shared: !a.no_deferred_kicks,
         ..VsockConfig::default()
     };
     let mut ports = GatePorts::new(gate.clone());

@@ -11,6 +11,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::wakeups::Wakeups;
 use super::VsockDevice;
 use crate::devices::virtio_mmio::lock;
 
@@ -43,6 +44,9 @@ pub fn run(
     // Our own re-arming writes, not counted as the guest's notifies.
     let mut rearmed = vec![0u64; queue_evts.len()];
     let mut deadline: Option<Instant> = None;
+    // Threads start as SCHED_OTHER; `None` once setting the policy failed, after
+    // which it is left alone (a scheduling hint, never a reason to stop the VM).
+    let mut policy = Some(Wakeups::Preempt);
     loop {
         let timeout = deadline.map_or(-1, |d| {
             // Rounded up: waking before the deadline would only sleep again.
@@ -80,5 +84,16 @@ pub fn run(
         let mut dev = lock(&device);
         dev.settle_tx_irq(Instant::now());
         deadline = dev.irq_deadline();
+        let want = dev.wakeups();
+        drop(dev);
+        if policy.is_some_and(|p| p != want) {
+            policy = match want.apply_to_current_thread() {
+                Ok(()) => Some(want),
+                Err(e) => {
+                    eprintln!("ironvmm: vsock: cannot set the device thread's policy: {e}");
+                    None
+                }
+            };
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! - `connection` one connection's state and credit-based flow control
 //! - `muxer`      the connection table and the choice of the next packet for the guest
 //! - `event_loop` an epoll thread that drives the device from its EventFds
+//! - `wakeups`    whether a guest's kick may preempt its vCPU (the thread's policy)
 //!
 //! See docs/vsock.md for the limits, their defaults and the threading model.
 
@@ -13,6 +14,7 @@ pub mod connection;
 pub mod event_loop;
 pub mod muxer;
 pub mod packet;
+pub mod wakeups;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,6 +134,10 @@ pub struct VsockConfig {
     /// Register InterruptACK for coalesced MMIO where KVM can: the guest's write after
     /// every interrupt then costs no exit (see `virtio_mmio::Interrupt`).
     pub coalesce_ack: bool,
+    /// With more than one connection open, the device thread lets a kick wait for
+    /// the vCPU to halt, so that one pass takes the requests of every connection
+    /// (`wakeups`: it matters only where they share a CPU).
+    pub defer_kicks_when_shared: bool,
 }
 
 impl Default for VsockConfig {
@@ -146,6 +152,7 @@ impl Default for VsockConfig {
             event_idx: true,
             tx_irq_delay: Duration::from_millis(10),
             coalesce_ack: true,
+            defer_kicks_when_shared: true,
         }
     }
 }
@@ -282,6 +289,15 @@ impl VsockDevice {
 
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+
+    /// How the device thread's wake-ups should compete with the vCPU now.
+    pub fn wakeups(&self) -> wakeups::Wakeups {
+        if self.cfg.defer_kicks_when_shared {
+            wakeups::Wakeups::for_connections(self.connection_count())
+        } else {
+            wakeups::Wakeups::Preempt
+        }
     }
 
     /// Bytes buffered on a connection: (from the guest, to the guest).
