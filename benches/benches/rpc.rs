@@ -80,6 +80,8 @@ fn write_policy(work: &Path) -> PathBuf {
 struct Counts {
     /// Exits that reached userspace (port I/O and MMIO).
     exits: u64,
+    /// The port I/O part of `exits`.
+    pio: u64,
     /// QueueNotify writes by the guest (through the ioeventfd, no userspace exit).
     notifies: u64,
     /// Interrupts the vsock raised.
@@ -148,6 +150,7 @@ impl Counts {
     fn minus(self, base: Counts) -> Counts {
         Counts {
             exits: self.exits.saturating_sub(base.exits),
+            pio: self.pio.saturating_sub(base.pio),
             notifies: self.notifies.saturating_sub(base.notifies),
             interrupts: self.interrupts.saturating_sub(base.interrupts),
             rx_notifies: self.rx_notifies.saturating_sub(base.rx_notifies),
@@ -245,6 +248,7 @@ fn boot(
             let n = |x: &Value| x.as_u64().unwrap_or(0);
             Counts {
                 exits: n(&v["vm_exits"]["pio"]) + n(&v["vm_exits"]["mmio"]),
+                pio: n(&v["vm_exits"]["pio"]),
                 notifies: n(&v["vsock"]["guest_notifies"]),
                 interrupts: n(&v["vsock"]["interrupts"]),
                 rx_notifies: n(&v["vsock"]["rx_notifies"]),
@@ -477,8 +481,9 @@ fn main() {
         let (_, without, _) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
         let per = |c: Counts| {
             format!(
-                "{:.2} exits, {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
+                "{:.2} exits ({:.2} port I/O), {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
                 c.exits as f64 / calls,
+                c.pio as f64 / calls,
                 c.notifies as f64 / calls,
                 c.rx_notifies as f64 / calls,
                 c.interrupts as f64 / calls,
