@@ -44,8 +44,9 @@ pub fn run(
     // Our own re-arming writes, not counted as the guest's notifies.
     let mut rearmed = vec![0u64; queue_evts.len()];
     let mut deadline: Option<Instant> = None;
-    // Threads start as SCHED_OTHER; `None` once setting the policy failed, after
-    // which it is left alone (a scheduling hint, never a reason to stop the VM).
+    // Taken to start as SCHED_OTHER (what ironvmm's threads inherit); `None` once
+    // setting the policy failed, after which it is left alone (a scheduling hint,
+    // never a reason to stop the VM). stderr, not `log`: ironvmm installs no logger.
     let mut policy = Some(Wakeups::Preempt);
     loop {
         let timeout = deadline.map_or(-1, |d| {

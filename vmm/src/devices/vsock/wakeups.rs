@@ -32,7 +32,7 @@ impl Wakeups {
     }
 
     /// The scheduling policy that gives these wake-ups.
-    pub fn policy(self) -> libc::c_int {
+    fn policy(self) -> libc::c_int {
         match self {
             Wakeups::Preempt => libc::SCHED_OTHER,
             Wakeups::Defer => libc::SCHED_BATCH,
