@@ -6,6 +6,12 @@
 //! without `VIRTIO_RING_F_EVENT_IDX` (`boot --no-event-idx`). The client is the
 //! same static `iron` on both paths.
 //!
+//! Each small workload runs in rounds, and the VM's rounds and the host-only
+//! gate's alternate: after each VM round the bench stops the VMM (SIGSTOP), runs
+//! the same round against the host-only gate, and lets the VM go on (SIGCONT). The
+//! two halves of a ratio thus see the same machine within seconds of each other,
+//! and a verdict is the median of the per-round ratios.
+//!
 //! Where this host has no hardware virtualization, the bench re-runs itself inside
 //! the software KVM host (scripts/kvm-host.sh) and says so. Where no KVM host can
 //! be had at all, it runs the host-only half and says that the VM half was skipped.
@@ -16,12 +22,13 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ironvmm_benches::{
-    inside_kvm_host, kvm_kind, rerun_in_kvm_host, run_ok, vm_skipped_line, workspace_root,
+    inside_kvm_host, kvm_kind, median, rerun_in_kvm_host, run_ok, vm_skipped_line, workspace_root,
 };
+use rustix::process::{kill_process, Pid, Signal};
 use serde_json::Value;
 
 /// Small calls per workload (`--quick`: 200).
@@ -37,9 +44,22 @@ const STAT: &str = r#"{"path":"/workspace"}"#;
 /// 16 MiB in 512 KiB reads (the per-call maximum of docs/protocol.md).
 const BULK_CALLS: usize = 32;
 
-/// The three workloads, as `iron bench` arguments, with their labels.
+/// Rounds a small workload is cut into (the bulk read is one round).
+const ROUNDS: usize = 5;
+
+/// Rounds of workload `i`.
+fn rounds(i: usize) -> usize {
+    if i == 2 {
+        1
+    } else {
+        ROUNDS
+    }
+}
+
+/// The three workloads, as the `iron bench` arguments of one round, with their
+/// labels.
 fn workloads() -> Vec<(&'static str, String)> {
-    let small_calls = small_calls();
+    let small_calls = small_calls() / ROUNDS;
     vec![
         (
             "fs.stat, 1 connection",
@@ -125,6 +145,14 @@ impl Cpu {
         }
     }
 
+    fn plus(self, more: Cpu) -> Cpu {
+        Cpu {
+            user: self.user + more.user,
+            kernel: self.kernel + more.kernel,
+            guest: self.guest + more.guest,
+        }
+    }
+
     fn minus(self, base: Cpu) -> Cpu {
         Cpu {
             user: self.user.saturating_sub(base.user),
@@ -159,15 +187,62 @@ impl Counts {
     }
 }
 
-/// Boots a guest whose agent runs `script`; returns its stdout and what it counted.
-/// Returns the console, the VM's counts and each workload's CPU (`s{i}`..`w{i}=`).
+/// What one half of the bench (the VM path or the host-only gate) got: for each
+/// workload, each round's `iron bench` summary, and the CPU its rounds took.
+struct Half {
+    rounds: Vec<Vec<Option<Value>>>,
+    cpu: Vec<Cpu>,
+}
+
+impl Half {
+    fn new() -> Half {
+        Half {
+            rounds: vec![Vec::new(); workloads().len()],
+            cpu: vec![Cpu::default(); workloads().len()],
+        }
+    }
+
+    fn add(&mut self, workload: usize, summary: Option<Value>, cpu: Cpu) {
+        if let (Some(r), Some(c)) = (self.rounds.get_mut(workload), self.cpu.get_mut(workload)) {
+            r.push(summary);
+            *c = c.plus(cpu);
+        }
+    }
+}
+
+/// `"{workload}.{round}"` of a console line.
+fn round_of(s: &str) -> Option<(usize, usize)> {
+    let (i, r) = s.split_once('.')?;
+    Some((i.parse().ok()?, r.parse().ok()?))
+}
+
+/// The agent: every round of every workload between a start line `s{i}.{r}` and
+/// its result line `w{i}.{r}=JSON`. With `pause`, a second's sleep follows each
+/// result: the bench stops the VM in it and runs the host-only round.
+fn agent_script(pause: bool) -> String {
+    let pause = if pause { "; sleep 1" } else { "" };
+    let mut script = String::new();
+    for (i, (_, args)) in workloads().iter().enumerate() {
+        for r in 0..rounds(i) {
+            script.push_str(&format!(
+                "echo s{i}.{r}; iron bench {args} | tail -n1 | sed 's/^/w{i}.{r}=/'{pause}\n"
+            ));
+        }
+    }
+    script
+}
+
+/// Boots a guest whose agent runs `script`; returns what the VM counted and what
+/// its rounds got. After each round's result, `between` (if any) runs with the VM
+/// stopped, and is told the workload.
 fn boot(
     p: &Paths,
     name: &str,
     script: &str,
     sync: &str,
     extra: &[&str],
-) -> (String, Counts, Vec<Cpu>) {
+    mut between: Option<&mut dyn FnMut(usize)>,
+) -> (Counts, Half) {
     let agent = p.work.join(format!("{name}.sh"));
     std::fs::write(&agent, script).unwrap();
     let img = p.work.join(format!("{name}.img"));
@@ -197,7 +272,7 @@ fn boot(
             "--console",
             "stdout",
             "--timeout",
-            "900s",
+            "1800s",
         ])
         .args(extra)
         // `--boot-arg=FLAG`: a hidden `boot` flag, to try a variant of the data path
@@ -209,33 +284,45 @@ fn boot(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = Pid::from_child(&child);
     let mut stderr = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut e = String::new();
         let _ = stderr.read_to_string(&mut e);
         e
     });
-    // The machine's CPU is sampled as each workload starts (`s{i}`) and ends (`w{i}=`)
-    // on the console, for the CPU each workload's calls took.
-    let mut out = String::new();
-    let mut started = Vec::new();
-    let mut spans = vec![Cpu::default(); workloads().len()];
+    // The machine's CPU is sampled at each round's start and result lines, for the
+    // CPU its calls took.
+    let mut half = Half::new();
+    let mut started: Option<((usize, usize), Cpu)> = None;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let Ok(line) = line else { break };
         let now = Cpu::now();
         let t = line.trim();
-        if let Some(i) = t.strip_prefix('s').and_then(|i| i.parse::<usize>().ok()) {
-            started.push((i, now));
-        } else if let Some((i, _)) = t.split_once('=').filter(|(w, _)| w.starts_with('w')) {
-            let i: usize = i[1..].parse().unwrap_or(usize::MAX);
-            if let (Some(span), Some((_, c0))) =
-                (spans.get_mut(i), started.iter().find(|(j, _)| *j == i))
-            {
-                *span = now.minus(*c0);
+        if let Some(at) = t.strip_prefix('s').and_then(round_of) {
+            started = Some((at, now));
+            continue;
+        }
+        let Some((at, summary)) = t
+            .strip_prefix('w')
+            .and_then(|x| x.split_once('='))
+            .and_then(|(at, j)| Some((round_of(at)?, j)))
+        else {
+            continue;
+        };
+        let cpu = match started {
+            Some((s, c0)) if s == at => now.minus(c0),
+            _ => Cpu::default(),
+        };
+        half.add(at.0, serde_json::from_str(summary).ok(), cpu);
+        if let Some(between) = between.as_deref_mut() {
+            // The stop lands in the guest's sleep after the result line; a stopped
+            // VMM takes no CPU from the host-only round.
+            if kill_process(pid, Signal::STOP).is_ok() {
+                between(at.0);
+                let _ = kill_process(pid, Signal::CONT);
             }
         }
-        out.push_str(&line);
-        out.push('\n');
     }
     let status = child.wait().unwrap();
     let err = err_reader.join().unwrap_or_default();
@@ -256,68 +343,125 @@ fn boot(
             }
         })
         .unwrap_or_default();
-    (out, counts, spans)
+    (counts, half)
 }
 
-/// The same workloads against `ironvmm gate --listen`, with the host's iron.
-fn host_gate(p: &Paths, sync: &str) -> (Vec<Option<Value>>, Vec<Cpu>) {
-    let sock = std::env::temp_dir().join(format!("ironvmm-rpc-{}.sock", std::process::id()));
-    let audit = std::env::temp_dir().join(format!("ironvmm-rpc-host-{sync}.jsonl"));
-    let _ = std::fs::remove_file(&audit);
-    let mut gate = Command::new(&p.bin)
-        .arg("gate")
-        .arg("--policy")
-        .arg(write_policy(&p.work))
-        .arg("--workspace")
-        .arg(p.work.join("ws"))
-        .arg("--audit")
-        .arg(&audit)
-        .args(["--audit-sync", sync])
-        .arg("--listen")
-        .arg(&sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
+/// `ironvmm gate --listen` with the bench's policy, for the host-only rounds; it
+/// is killed when dropped.
+struct HostGate {
+    gate: Child,
+    sock: PathBuf,
+    iron: PathBuf,
+}
+
+impl HostGate {
+    fn start(p: &Paths, sync: &str) -> HostGate {
+        let sock = std::env::temp_dir().join(format!("ironvmm-rpc-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let audit = std::env::temp_dir().join(format!("ironvmm-rpc-host-{sync}.jsonl"));
+        let _ = std::fs::remove_file(&audit);
+        let gate = Command::new(&p.bin)
+            .arg("gate")
+            .arg("--policy")
+            .arg(write_policy(&p.work))
+            .arg("--workspace")
+            .arg(p.work.join("ws"))
+            .arg("--audit")
+            .arg(&audit)
+            .args(["--audit-sync", sync])
+            .arg("--listen")
+            .arg(&sock)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        HostGate {
+            gate,
+            sock,
+            iron: p.iron.clone(),
+        }
     }
-    let mut spans = Vec::new();
-    let results = workloads()
-        .iter()
-        .map(|(_, args)| {
-            let cpu0 = Cpu::now();
-            let o = Command::new("sh")
-                .arg("-c")
-                .arg(format!("{} bench {args}", p.iron.display()))
-                .env("IRON_GATE", format!("unix:{}", sock.display()))
-                .output()
-                .ok();
-            spans.push(Cpu::now().minus(cpu0));
-            last_json(&String::from_utf8_lossy(&o?.stdout), "")
-        })
-        .collect();
-    let _ = gate.kill();
-    let _ = gate.wait();
-    let _ = std::fs::remove_file(&sock);
-    (results, spans)
+
+    /// One round of workload `i` with the host's `iron`: its summary, and the CPU
+    /// the round took.
+    fn round(&self, i: usize) -> (Option<Value>, Cpu) {
+        let args = &workloads()[i].1;
+        let cpu0 = Cpu::now();
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} bench {args}", self.iron.display()))
+            .env("IRON_GATE", format!("unix:{}", self.sock.display()))
+            .output()
+            .ok();
+        let cpu = Cpu::now().minus(cpu0);
+        let summary = o.and_then(|o| last_json(&String::from_utf8_lossy(&o.stdout), ""));
+        (summary, cpu)
+    }
 }
 
-fn print_host_only(sync: &str, results: &[Option<Value>]) {
-    println!("--audit-sync {sync} (host-only gate):");
-    for ((label, _), r) in workloads().iter().zip(results) {
-        let f = |x: &Value, k: &str| x[k].as_f64().unwrap_or(f64::NAN);
-        match r {
-            Some(h) => println!(
-                "  {label}: p50 {:.0} us p99 {:.0} us {:.0} calls/s",
-                f(h, "p50_us"),
-                f(h, "p99_us"),
-                f(h, "calls_per_s")
-            ),
-            None => println!("  {label}: incomplete"),
+impl Drop for HostGate {
+    fn drop(&mut self) {
+        let _ = self.gate.kill();
+        let _ = self.gate.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+/// A workload's rounds summed up: the median round's p50 and p99, the calls per
+/// second over all rounds, and the calls not answered ok.
+struct Pooled {
+    p50_us: f64,
+    p99_us: f64,
+    calls_per_s: f64,
+    not_ok: u64,
+    elapsed_ms: f64,
+}
+
+fn f(x: &Value, k: &str) -> f64 {
+    x[k].as_f64().unwrap_or(f64::NAN)
+}
+
+fn pooled(rounds: &[&Value]) -> Pooled {
+    let med = |k: &str| median(&mut rounds.iter().map(|r| f(r, k)).collect::<Vec<_>>());
+    let elapsed_ms: f64 = rounds.iter().map(|r| f(r, "elapsed_ms")).sum();
+    let replies: f64 = rounds
+        .iter()
+        .map(|r| f(r, "calls_per_s") * f(r, "elapsed_ms") / 1000.0)
+        .sum();
+    Pooled {
+        p50_us: med("p50_us").unwrap_or(f64::NAN),
+        p99_us: med("p99_us").unwrap_or(f64::NAN),
+        calls_per_s: replies / (elapsed_ms / 1000.0),
+        not_ok: rounds
+            .iter()
+            .map(|r| r["calls"].as_u64().unwrap_or(0) - r["ok"].as_u64().unwrap_or(0))
+            .sum(),
+        elapsed_ms,
+    }
+}
+
+fn print_host_only(sync: &str, host: &Half) {
+    println!("--audit-sync {sync} (host-only gate; p50 and p99: the median round's):");
+    for (i, (label, _)) in workloads().iter().enumerate() {
+        let done: Vec<&Value> = host.rounds[i].iter().flatten().collect();
+        if done.len() < rounds(i) {
+            println!(
+                "  {label}: incomplete ({} of {} rounds)",
+                done.len(),
+                rounds(i)
+            );
+            continue;
         }
+        let h = pooled(&done);
+        println!(
+            "  {label}: p50 {:.0} us p99 {:.0} us {:.0} calls/s",
+            h.p50_us, h.p99_us, h.calls_per_s
+        );
     }
 }
 
@@ -339,55 +483,76 @@ fn host_only(root: &Path, work: PathBuf) {
     };
     println!("rpc bench, host-only gate ({} small calls)", small_calls());
     for sync in ["batch", "always"] {
-        print_host_only(sync, &host_gate(&p, sync).0);
+        let gate = HostGate::start(&p, sync);
+        let mut host = Half::new();
+        for i in 0..workloads().len() {
+            for _ in 0..rounds(i) {
+                let (summary, cpu) = gate.round(i);
+                host.add(i, summary, cpu);
+            }
+        }
+        print_host_only(sync, &host);
     }
 }
 
 /// The VM path against the host-only path, per workload, with the targets of the
 /// software KVM host: p50 VM/host at most 2 on one connection, VM throughput at
-/// least the host-only one on eight.
-fn compare(sync: &str, vm: &[Option<Value>], hostp: &[Option<Value>]) {
-    let f = |x: &Value, k: &str| x[k].as_f64().unwrap_or(f64::NAN);
-    println!("--audit-sync {sync}:");
+/// least the host-only one on eight. Each target is judged on the median of the
+/// per-round ratios, a VM round against the host-only round right after it.
+fn compare(sync: &str, vm: &Half, host: &Half) {
+    println!("--audit-sync {sync} (p50 and p99: the median round's; calls/s: over all rounds):");
     for (i, (label, _)) in workloads().iter().enumerate() {
-        let (Some(v), Some(h)) = (&vm[i], &hostp[i]) else {
+        let pairs: Vec<(&Value, &Value)> = vm.rounds[i]
+            .iter()
+            .zip(&host.rounds[i])
+            .filter_map(|(v, h)| Some((v.as_ref()?, h.as_ref()?)))
+            .collect();
+        if pairs.len() < rounds(i) {
+            let n = |h: &Half| h.rounds[i].iter().flatten().count();
             println!(
-                "  {label}: incomplete (VM {}, host-only {})",
-                if vm[i].is_some() { "ok" } else { "missing" },
-                if hostp[i].is_some() { "ok" } else { "missing" },
+                "  {label}: incomplete (VM {} and host-only {} of {} rounds)",
+                n(vm),
+                n(host),
+                rounds(i)
             );
             continue;
-        };
-        let lost = |x: &Value| x["calls"].as_u64().unwrap_or(0) - x["ok"].as_u64().unwrap_or(0);
-        let lost = format!("not ok: VM {}, host {}", lost(v), lost(h));
-        match i {
-            2 => {
-                let mib = |x: &Value| 16.0 / (f(x, "elapsed_ms") / 1000.0);
-                println!(
-                    "  {label}: VM {:.1} MiB/s | host-only {:.1} MiB/s | time VM/host {:.2} ({lost})",
-                    mib(v),
-                    mib(h),
-                    f(v, "elapsed_ms") / f(h, "elapsed_ms")
-                );
-            }
-            _ => {
-                let p50 = f(v, "p50_us") / f(h, "p50_us");
-                let tput = f(v, "calls_per_s") / f(h, "calls_per_s");
-                let verdict = if i == 0 {
-                    format!("p50 VM/host {p50:.2} (target <= 2: {})", met(p50 <= 2.0))
-                } else {
-                    format!(
-                        "calls/s VM/host {tput:.2} (target >= 1: {})",
-                        met(tput >= 1.0)
-                    )
-                };
-                println!(
-                    "  {label}: VM p50 {:.0} us p99 {:.0} us {:.0} calls/s | host-only p50 {:.0} us p99 {:.0} us {:.0} calls/s | {verdict} ({lost})",
-                    f(v, "p50_us"), f(v, "p99_us"), f(v, "calls_per_s"),
-                    f(h, "p50_us"), f(h, "p99_us"), f(h, "calls_per_s"),
-                );
-            }
         }
+        let (vs, hs): (Vec<&Value>, Vec<&Value>) = pairs.iter().copied().unzip();
+        let (v, h) = (pooled(&vs), pooled(&hs));
+        let lost = format!("not ok: VM {}, host {}", v.not_ok, h.not_ok);
+        if i == 2 {
+            let mib = |x: &Pooled| 16.0 / (x.elapsed_ms / 1000.0);
+            println!(
+                "  {label}: VM {:.1} MiB/s | host-only {:.1} MiB/s | time VM/host {:.2} ({lost})",
+                mib(&v),
+                mib(&h),
+                v.elapsed_ms / h.elapsed_ms
+            );
+            continue;
+        }
+        let key = if i == 0 { "p50_us" } else { "calls_per_s" };
+        let mut per_round: Vec<f64> = pairs.iter().map(|(v, h)| f(v, key) / f(h, key)).collect();
+        let rounds_list = per_round
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let ratio = median(&mut per_round).unwrap_or(f64::NAN);
+        let verdict = if i == 0 {
+            format!(
+                "p50 VM/host {ratio:.2} (target <= 2: {})",
+                met(ratio <= 2.0)
+            )
+        } else {
+            format!(
+                "calls/s VM/host {ratio:.2} (target >= 1: {})",
+                met(ratio >= 1.0)
+            )
+        };
+        println!(
+            "  {label}: VM p50 {:.0} us p99 {:.0} us {:.0} calls/s | host-only p50 {:.0} us p99 {:.0} us {:.0} calls/s | {verdict}, per round {rounds_list} ({lost})",
+            v.p50_us, v.p99_us, v.calls_per_s, h.p50_us, h.p99_us, h.calls_per_s,
+        );
     }
 }
 
@@ -396,6 +561,15 @@ fn met(ok: bool) -> &'static str {
         "met"
     } else {
         "MISSED"
+    }
+}
+
+/// Calls of workload `i` over all its rounds.
+fn calls_in(i: usize) -> usize {
+    if i == 2 {
+        BULK_CALLS
+    } else {
+        small_calls() / ROUNDS * ROUNDS
     }
 }
 
@@ -431,54 +605,70 @@ fn main() {
     let p = Paths {
         bin: root.join("target/release/ironvmm"),
         iron: root.join("target/x86_64-unknown-linux-gnu/release/iron"),
-        kernel: PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL")),
+        // `--guest-kernel=PATH`: another guest kernel (a cached build), to try a
+        // kernel configuration against the current one.
+        kernel: std::env::args()
+            .find_map(|a| a.strip_prefix("--guest-kernel=").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var("IRONVMM_KERNEL").expect("IRONVMM_KERNEL"))
+            }),
         work,
     };
     let host = kvm_kind();
     println!(
-        "rpc bench on {host}; audit log on {}; {} small calls per workload",
+        "rpc bench on {host}; audit log on {}; {} small calls per workload in {ROUNDS} rounds, VM and host-only rounds alternating",
         if host.contains("software") {
             "tmpfs"
         } else {
             "the temp dir"
         },
-        small_calls()
+        calls_in(0)
     );
-    let mut script = String::new();
-    for (i, (_, args)) in workloads().iter().enumerate() {
-        script.push_str(&format!(
-            "echo s{i}; iron bench {args} | tail -n1 | sed 's/^/w{i}=/'\n"
-        ));
-    }
-    let calls = (2 * small_calls() + BULK_CALLS) as f64;
+    let calls = (0..workloads().len()).map(calls_in).sum::<usize>() as f64;
     // `--sync=MODE`: one sync mode only (trying a variant).
     let only = std::env::args().find_map(|a| a.strip_prefix("--sync=").map(String::from));
     for sync in ["batch", "always"] {
         if only.as_deref().is_some_and(|o| o != sync) {
             continue;
         }
-        let (_, base, _) = boot(&p, "idle", "exit 0\n", sync, &[]);
-        let (out, with_idx, vm_cpu) = boot(&p, "bench", &script, sync, &[]);
-        let vm: Vec<Option<Value>> = (0..workloads().len())
-            .map(|i| last_json(&out, &format!("w{i}=")))
-            .collect();
-        let (hostp, host_cpu) = host_gate(&p, sync);
-        compare(sync, &vm, &hostp);
+        let (base, _) = boot(&p, "idle", "exit 0\n", sync, &[], None);
+        let gate = HostGate::start(&p, sync);
+        let mut host = Half::new();
+        let (with_idx, vm) = boot(
+            &p,
+            "bench",
+            &agent_script(true),
+            sync,
+            &[],
+            Some(&mut |i| {
+                let (summary, cpu) = gate.round(i);
+                host.add(i, summary, cpu);
+            }),
+        );
+        drop(gate);
+        compare(sync, &vm, &host);
         // On one emulated CPU, the CPU a call takes bounds the calls per second.
-        println!("  CPU per call (the whole software host's, over each workload):");
+        println!("  CPU per call (the whole software host's, over each workload's rounds):");
         for (i, (label, _)) in workloads().iter().enumerate() {
-            let n = if i == 2 { BULK_CALLS } else { small_calls() } as f64;
+            let n = calls_in(i) as f64;
             println!(
                 "    {label}: VM path {} | host-only {}",
-                vm_cpu[i].per_call(n),
-                host_cpu.get(i).copied().unwrap_or_default().per_call(n)
+                vm.cpu[i].per_call(n),
+                host.cpu[i].per_call(n)
             );
         }
         // The same run without EVENT_IDX: every used buffer interrupts the guest
         // (each interrupt costs MMIO exits: InterruptStatus, InterruptACK), and the
         // guest notifies every buffer it posts.
-        let (_, base_no, _) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"]);
-        let (_, without, _) = boot(&p, "bench", &script, sync, &["--no-event-idx"]);
+        let (base_no, _) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"], None);
+        let (without, _) = boot(
+            &p,
+            "bench",
+            &agent_script(false),
+            sync,
+            &["--no-event-idx"],
+            None,
+        );
         let per = |c: Counts| {
             format!(
                 "{:.2} exits ({:.2} port I/O), {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
