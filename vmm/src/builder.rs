@@ -16,18 +16,29 @@ use crate::devices::bus::{lock, Bus, IrqTrigger, SerialDevice};
 use crate::devices::console::ConsoleOut;
 use crate::devices::status_port::{self, StatusPort};
 use crate::devices::virtio_mmio::{
-    cmdline_entry, MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+    cmdline_entry, LinePulse, MmioTransport, INTERRUPT_ACK_OFFSET, MMIO_WINDOW_SIZE,
+    QUEUE_NOTIFY_OFFSET,
 };
 use crate::devices::vsock::{event_loop, PortListener, VsockConfig, VsockDevice, VsockStats};
 use crate::kvm::layout::{KBD_IRQ, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
 use crate::kvm::vcpu::{ExitHandler, Flow};
-use crate::kvm::vm::{kvm_err, Outcome, Vm, VmError};
+use crate::kvm::vm::{kvm_err, IrqPulser, Outcome, Vm, VmError};
 use crate::vm_event::VmEvent;
 
 /// The kernel command-line entry that announces the vsock [`Machine::attach_vsock`]
 /// adds: known before the device exists, so the kernel can be loaded first.
 pub fn vsock_cmdline_entry() -> String {
     cmdline_entry(VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE)
+}
+
+/// A virtio-mmio interrupt raised by the thread that raises it (the device thread,
+/// or a vCPU's for a configuration change).
+struct PulsedLine(IrqPulser);
+
+impl LinePulse for PulsedLine {
+    fn pulse(&self) -> std::io::Result<()> {
+        self.0.pulse()
+    }
 }
 
 /// A VM with its devices, before it runs.
@@ -84,7 +95,7 @@ impl Machine {
         listener: Box<dyn PortListener>,
     ) -> Result<String, VmError> {
         let (base, irq) = (VIRTIO_MMIO_BASE, VIRTIO_IRQ_BASE);
-        let coalesce_ack = cfg.coalesce_ack;
+        let (coalesce_ack, irq_from_device_thread) = (cfg.coalesce_ack, cfg.irq_from_device_thread);
         let dev =
             VsockDevice::new(cfg, listener).map_err(|e| VmError::Io(format!("vsock: {e}")))?;
         let dev = Arc::new(Mutex::new(dev));
@@ -101,10 +112,16 @@ impl Machine {
                 )
                 .map_err(kvm_err("KVM_IOEVENTFD (vsock queue notify)"))?;
         }
-        self.vm
-            .fd()
-            .register_irqfd(transport.interrupt().evt(), irq)
-            .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+        if irq_from_device_thread {
+            transport
+                .interrupt()
+                .set_line(Box::new(PulsedLine(self.vm.irq_pulser(irq))));
+        } else {
+            self.vm
+                .fd()
+                .register_irqfd(transport.interrupt().evt(), irq)
+                .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+        }
         // The guest acknowledges every interrupt; that write need not exit.
         if coalesce_ack {
             self.vm.coalesce_writes(base + INTERRUPT_ACK_OFFSET, 4)?;

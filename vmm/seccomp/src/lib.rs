@@ -366,6 +366,9 @@ pub fn allowed(role: ThreadRole) -> Vec<(i64, &'static str)> {
 
 /// `_IO(0xAE, 0x80)`: run a vCPU until its next exit.
 pub const KVM_RUN: u64 = 0xAE80;
+/// `_IOW(0xAE, 0x61, struct kvm_irq_level)`: raise or lower an interrupt line of
+/// the VM (the vsock's, from the thread that raises it).
+pub const KVM_IRQ_LINE: u64 = 0x4008_AE61;
 /// Terminal modes (the console's raw mode and its restoration at exit).
 pub const TCGETS: u64 = 0x5401;
 pub const TCSETS: u64 = 0x5402;
@@ -390,14 +393,16 @@ pub const PR_SET_NAME: u64 = 15;
 /// Syscalls allowed only with one argument (index) equal to one of the values.
 pub fn conditional(role: ThreadRole) -> Vec<(i64, u8, &'static [u64])> {
     const TERMINAL: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF];
-    const TERMINAL_AND_FIONBIO: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
+    const DEVICE_IOCTLS: &[u64] = &[TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO, KVM_IRQ_LINE];
     match role {
         ThreadRole::Vcpu => vec![
-            (libc::SYS_ioctl, 1, &[KVM_RUN]),
+            // A configuration-change interrupt is raised by the vCPU that wrote
+            // the register.
+            (libc::SYS_ioctl, 1, &[KVM_RUN, KVM_IRQ_LINE]),
             (libc::SYS_fcntl, 1, &[F_GETFD]),
         ],
         ThreadRole::Device => vec![
-            (libc::SYS_ioctl, 1, TERMINAL_AND_FIONBIO),
+            (libc::SYS_ioctl, 1, DEVICE_IOCTLS),
             (libc::SYS_socket, 0, NET_DOMAINS),
             (libc::SYS_prctl, 0, &[PR_SET_NAME]),
             // The vsock thread's wake-ups (docs/vsock.md): the two unprivileged

@@ -114,6 +114,10 @@ pub struct BootArgs {
     /// (benchmarks: what deferring it saves).
     #[arg(long, hide = true)]
     pub no_deferred_kicks: bool,
+    /// Raise the vsock's interrupt through an irqfd, as before (benchmarks: what
+    /// raising it from the device thread saves).
+    #[arg(long, hide = true)]
+    pub irqfd: bool,
     #[command(flatten)]
     pub inflight: InflightArgs,
     #[command(flatten)]
@@ -728,6 +732,7 @@ pub fn launch(a: &BootArgs, mode: &mut Mode<'_>) -> Launched {
             .unwrap_or(VsockConfig::default().tx_irq_delay),
         coalesce_ack: !a.no_coalesced_ack,
         defer_kicks_when_shared: !a.no_deferred_kicks,
+        irq_from_device_thread: !a.irqfd,
         ..VsockConfig::default()
     };
     let mut ports = GatePorts::new(gate.clone());

@@ -10,10 +10,11 @@
 //! QueueNotify normally never reaches this code: the VMM registers [`MmioTransport::queue_evts`]
 //! as ioeventfds at `base + 0x50` with the queue index as datamatch. A notify that does
 //! arrive here (no ioeventfd) is forwarded to the same EventFd, so both paths look the same
-//! to the device thread. Interrupts go out through [`Interrupt::evt`], registered as an irqfd.
+//! to the device thread. Interrupts go out through [`Interrupt::evt`], registered as an irqfd,
+//! or through a [`LinePulse`] the VMM sets with [`Interrupt::set_line`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -57,6 +58,17 @@ pub struct Interrupt {
     bits: Mutex<IrqBits>,
     needs_reset: AtomicBool,
     evt: EventFd,
+    /// Raises the line from the raising thread; without it, `evt` (an irqfd) does.
+    line: OnceLock<Box<dyn LinePulse>>,
+}
+
+/// Raises an edge on an interrupt line, in the calling thread.
+///
+/// KVM injects an irqfd's IO-APIC interrupt from a kernel worker, not from the
+/// thread that wrote the eventfd, so every interrupt would cost a wake-up between the
+/// device thread and the vCPU; a pulse from the device thread costs none.
+pub trait LinePulse: Send + Sync {
+    fn pulse(&self) -> std::io::Result<()>;
 }
 
 #[derive(Default)]
@@ -73,7 +85,14 @@ impl Interrupt {
             bits: Mutex::new(IrqBits::default()),
             needs_reset: AtomicBool::new(false),
             evt: EventFd::new(EFD_NONBLOCK)?,
+            line: OnceLock::new(),
         })
+    }
+
+    /// Raise the line with `line` from now on, instead of through the irqfd. Set
+    /// once, before the device starts; a second call is ignored.
+    pub fn set_line(&self, line: Box<dyn LinePulse>) {
+        let _ = self.line.set(line);
     }
 
     /// The EventFd to register as the irqfd of the device's interrupt line.
@@ -120,8 +139,12 @@ impl Interrupt {
             b.status |= bit;
             b.fresh |= bit;
         }
-        if let Err(e) = self.evt.write(1) {
-            log::error!("virtio-mmio: cannot signal the interrupt eventfd: {e}");
+        let raised = match self.line.get() {
+            Some(line) => line.pulse(),
+            None => self.evt.write(1),
+        };
+        if let Err(e) = raised {
+            log::error!("virtio-mmio: cannot raise the interrupt line: {e}");
         }
     }
 
@@ -563,6 +586,35 @@ mod tests {
         assert_eq!(irq.status(), 0);
         irq.signal_config_change();
         assert_eq!(irq.read_status(), VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    #[test]
+    fn a_set_line_raises_instead_of_the_irqfd() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(Arc<AtomicUsize>);
+        impl LinePulse for Count {
+            fn pulse(&self) -> std::io::Result<()> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let irq = Interrupt::new().unwrap();
+        irq.signal_used_queue();
+        assert_eq!(
+            irq.evt().read().unwrap(),
+            1,
+            "the irqfd until a line is set"
+        );
+        let pulses = Arc::new(AtomicUsize::new(0));
+        irq.set_line(Box::new(Count(pulses.clone())));
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(pulses.load(Ordering::SeqCst), 2);
+        assert!(irq.evt().read().is_err(), "nothing more on the irqfd");
+        assert_eq!(
+            irq.read_status(),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
     }
 
     #[test]

@@ -86,10 +86,26 @@ pub enum Outcome {
     Fatal(String),
 }
 
+/// Raises an edge on one IO-APIC line of the VM (`Vm::irq_pulser`). It keeps the VM
+/// fd open, but can do nothing with it except raise that line.
+pub struct IrqPulser {
+    vm: Arc<VmFd>,
+    irq: u32,
+}
+
+impl IrqPulser {
+    pub fn pulse(&self) -> std::io::Result<()> {
+        let err = |e: kvm_ioctls::Error| std::io::Error::from_raw_os_error(e.errno());
+        self.vm.set_irq_line(self.irq, true).map_err(err)?;
+        self.vm.set_irq_line(self.irq, false).map_err(err)
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vm {
     _kvm: Kvm,
-    fd: VmFd,
+    /// Shared with the interrupt lines that raise themselves (`irq_pulser`).
+    fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     events_tx: EventSender,
@@ -143,7 +159,7 @@ impl Vm {
         timings.vm_created.set_once();
         Ok(Vm {
             _kvm: kvm,
-            fd,
+            fd: Arc::new(fd),
             mem,
             vcpus: Vec::new(),
             events_tx,
@@ -187,6 +203,16 @@ impl Vm {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         self.fd.register_irqfd(&evt, irq).map_err(kvm_err(op))?;
         Ok(evt)
+    }
+
+    /// An edge-triggered line that the raising thread pulses itself with two
+    /// `KVM_IRQ_LINE` calls (an irqfd's IO-APIC interrupt is injected by a kernel
+    /// worker instead, one more wake-up per interrupt).
+    pub fn irq_pulser(&self, irq: u32) -> IrqPulser {
+        IrqPulser {
+            vm: self.fd.clone(),
+            irq,
+        }
     }
 
     /// A device's thread, stopped (by writing `stop`) and joined after the vCPUs

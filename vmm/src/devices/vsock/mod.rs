@@ -138,6 +138,10 @@ pub struct VsockConfig {
     /// the vCPU to halt, so that one pass takes the requests of every connection
     /// (`wakeups`: it matters only where they share a CPU).
     pub defer_kicks_when_shared: bool,
+    /// The device thread raises the interrupt line itself (`KVM_IRQ_LINE`) instead
+    /// of through an irqfd, whose IO-APIC interrupt KVM injects from a kernel worker:
+    /// one wake-up less between a reply and the vCPU.
+    pub irq_from_device_thread: bool,
 }
 
 impl Default for VsockConfig {
@@ -153,6 +157,7 @@ impl Default for VsockConfig {
             tx_irq_delay: Duration::from_millis(10),
             coalesce_ack: true,
             defer_kicks_when_shared: true,
+            irq_from_device_thread: true,
         }
     }
 }
