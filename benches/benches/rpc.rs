@@ -122,6 +122,8 @@ struct Cpu {
     kernel: u64,
     /// Time spent running the guest.
     guest: u64,
+    /// Time no thread could run (waiting on the 9p share of the workspace, say).
+    idle: u64,
 }
 
 impl Cpu {
@@ -142,6 +144,7 @@ impl Cpu {
             user: (at(0) + at(1)).saturating_sub(at(8) + at(9)),
             kernel: at(2) + at(5) + at(6),
             guest: at(8) + at(9),
+            idle: at(3) + at(4),
         }
     }
 
@@ -150,6 +153,7 @@ impl Cpu {
             user: self.user + more.user,
             kernel: self.kernel + more.kernel,
             guest: self.guest + more.guest,
+            idle: self.idle + more.idle,
         }
     }
 
@@ -158,6 +162,7 @@ impl Cpu {
             user: self.user.saturating_sub(base.user),
             kernel: self.kernel.saturating_sub(base.kernel),
             guest: self.guest.saturating_sub(base.guest),
+            idle: self.idle.saturating_sub(base.idle),
         }
     }
 
@@ -166,10 +171,11 @@ impl Cpu {
         // /proc/stat counts in USER_HZ, which is 100 on x86 Linux.
         let ms = |t: u64| t as f64 * 10.0 / calls;
         format!(
-            "{:.2} ms in the guest, {:.2} ms user, {:.2} ms kernel",
+            "{:.2} ms in the guest, {:.2} ms user, {:.2} ms kernel, {:.2} ms idle",
             ms(self.guest),
             ms(self.user),
-            ms(self.kernel)
+            ms(self.kernel),
+            ms(self.idle)
         )
     }
 }
