@@ -108,6 +108,9 @@ struct Counts {
     interrupts: u64,
     /// The part of `notifies` on the rx queue.
     rx_notifies: u64,
+    /// Kicks moved past a credit update: right, wrong guesses.
+    skips: u64,
+    skips_wrong: u64,
     /// MMIO writes KVM queued without an exit (InterruptACK).
     queued: u64,
 }
@@ -188,6 +191,8 @@ impl Counts {
             notifies: self.notifies.saturating_sub(base.notifies),
             interrupts: self.interrupts.saturating_sub(base.interrupts),
             rx_notifies: self.rx_notifies.saturating_sub(base.rx_notifies),
+            skips: self.skips.saturating_sub(base.skips),
+            skips_wrong: self.skips_wrong.saturating_sub(base.skips_wrong),
             queued: self.queued.saturating_sub(base.queued),
         }
     }
@@ -345,6 +350,8 @@ fn boot(
                 notifies: n(&v["vsock"]["guest_notifies"]),
                 interrupts: n(&v["vsock"]["interrupts"]),
                 rx_notifies: n(&v["vsock"]["rx_notifies"]),
+                skips: n(&v["vsock"]["credit_skips"]),
+                skips_wrong: n(&v["vsock"]["credit_skips_wrong"]),
                 queued: n(&v["vm_exits"]["queued_mmio_writes"]),
             }
         })
@@ -677,13 +684,15 @@ fn main() {
         );
         let per = |c: Counts| {
             format!(
-                "{:.2} exits ({:.2} port I/O), {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs",
+                "{:.2} exits ({:.2} port I/O), {:.2} guest notifies ({:.2} rx), {:.2} interrupts, {:.2} queued ACKs, {:.2} credit kicks skipped ({:.2} wrongly)",
                 c.exits as f64 / calls,
                 c.pio as f64 / calls,
                 c.notifies as f64 / calls,
                 c.rx_notifies as f64 / calls,
                 c.interrupts as f64 / calls,
-                c.queued as f64 / calls
+                c.queued as f64 / calls,
+                c.skips as f64 / calls,
+                c.skips_wrong as f64 / calls
             )
         };
         println!(

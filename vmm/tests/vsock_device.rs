@@ -721,3 +721,127 @@ fn with_no_delay_the_tx_interrupt_goes_at_once() {
     g.write(1000, 3, b"at once", &Layout::Joined);
     assert_eq!(g.stats().interrupts, before + 1);
 }
+
+/// The tx queue's `avail_event` (after the used ring's elements): the avail index at
+/// which the device wants the guest's next kick.
+fn tx_avail_event(g: &Guest) -> u16 {
+    use vm_memory::{Bytes, GuestAddress};
+    let v = &g.vrings[TX_QUEUE];
+    let at = GuestAddress(v.used + 4 + 8 * u64::from(v.size));
+    u16::from_le(g.mem.read_obj(at).unwrap())
+}
+
+/// The tx queue's avail index: packets the guest has posted so far.
+fn tx_avail_idx(g: &Guest) -> u16 {
+    use vm_memory::{Bytes, GuestAddress};
+    u16::from_le(
+        g.mem
+            .read_obj(GuestAddress(g.vrings[TX_QUEUE].avail + 2))
+            .unwrap(),
+    )
+}
+
+/// A call and its reply on an echo connection: the reply is read, so the next
+/// packet the guest sends is (in Linux) its credit update.
+fn echo_call(g: &mut Guest, msg: &[u8]) {
+    g.post_rx(1, 4096, &Layout::Joined);
+    g.write(7, 1, msg, &Layout::Joined);
+    assert_eq!(rw_payload(&g.recv(), 7), msg);
+    g.take_used(TX_QUEUE);
+}
+
+/// Runs what the device thread's timer would, `after` past now.
+fn timer_fires(g: &Guest, after: std::time::Duration) {
+    lock(&g.dev).on_deadline(std::time::Instant::now() + after);
+}
+
+#[test]
+fn after_a_reply_the_guest_kicks_at_its_second_packet_not_its_credit_update() {
+    let mut g = Guest::new(cfg());
+    open(&mut g, 7, 1);
+    echo_call(&mut g, b"call 1\n");
+    // Asked for: a kick when the guest posts the packet after the next one.
+    let posted = tx_avail_idx(&g);
+    assert_eq!(tx_avail_event(&g), posted.wrapping_add(1));
+    assert!(lock(&g.dev).deadline().is_some(), "a timer backs the guess");
+
+    // The credit update goes in with no kick (as the driver decides from
+    // avail_event); the device thread's timer takes it.
+    g.push_tx(&g.hdr(7, 1, op::CREDIT_UPDATE, 0), &[], &Layout::Joined);
+    assert!(g.take_used(TX_QUEUE).is_empty());
+    timer_fires(&g, cfg().credit_skip_wait);
+    assert_eq!(g.take_used(TX_QUEUE).len(), 1);
+    assert_eq!(g.stats().credit_skips, 1);
+    assert_eq!(g.stats().credit_skips_wrong, 0);
+    // Back to a kick at the very next packet.
+    assert_eq!(tx_avail_event(&g), tx_avail_idx(&g));
+    assert_eq!(lock(&g.dev).deadline(), None);
+}
+
+#[test]
+fn a_credit_update_and_a_request_are_taken_on_the_requests_kick() {
+    let mut g = Guest::new(cfg());
+    open(&mut g, 7, 1);
+    echo_call(&mut g, b"call 1\n");
+    g.push_tx(&g.hdr(7, 1, op::CREDIT_UPDATE, 0), &[], &Layout::Joined);
+    g.post_rx(1, 4096, &Layout::Joined);
+    // The second packet is the one that kicks.
+    g.write(7, 1, b"call 2\n", &Layout::Joined);
+    assert_eq!(g.take_used(TX_QUEUE).len(), 2);
+    assert_eq!(rw_payload(&g.recv(), 7), b"call 2\n");
+    assert_eq!(g.stats().credit_skips, 1);
+}
+
+#[test]
+fn a_wrong_guess_waits_for_the_timer_once_then_the_device_passes_up_chances() {
+    let mut g = Guest::new(cfg());
+    open(&mut g, 7, 1);
+    echo_call(&mut g, b"call 1\n");
+    // A guest that sends no credit update: its request posts without a kick.
+    g.post_rx(1, 4096, &Layout::Joined);
+    g.push_tx(&g.hdr(7, 1, op::RW, 7), b"call 2\n", &Layout::Joined);
+    assert!(g.take_used(TX_QUEUE).is_empty());
+    timer_fires(&g, cfg().credit_skip_wait);
+    assert_eq!(g.take_used(TX_QUEUE).len(), 1);
+    assert_eq!(rw_payload(&g.recv(), 7), b"call 2\n");
+    assert_eq!(g.stats().credit_skips_wrong, 1);
+    // The next replies ask for a kick at the very next packet again.
+    for i in 0..8 {
+        echo_call(&mut g, format!("call {i}\n").as_bytes());
+        assert_eq!(tx_avail_event(&g), tx_avail_idx(&g), "reply {i}");
+    }
+}
+
+#[test]
+fn no_skip_while_the_guest_still_owes_credit_or_without_event_idx() {
+    // A reply larger than the guest's buffer space: bytes stay owed to the guest,
+    // and its credit update is what lets them go, so it must kick.
+    let mut g = Guest::with_reply_size(cfg(), 64 * 1024);
+    g.buf_alloc = 8 * 1024;
+    open(&mut g, 9, 2);
+    g.post_rx(4, 4096, &Layout::Joined);
+    g.write(9, 2, b"go", &Layout::Joined);
+    assert!(!g.recv().is_empty());
+    assert!(
+        lock(&g.dev).buffered(9, 2).unwrap().1 > 0,
+        "bytes still owed"
+    );
+    g.take_used(TX_QUEUE);
+    assert_eq!(tx_avail_event(&g), tx_avail_idx(&g));
+
+    // Without EVENT_IDX there is no avail_event to move.
+    let mut g = plain_guest(cfg());
+    open(&mut g, 7, 1);
+    echo_call(&mut g, b"call 1\n");
+    assert_eq!(lock(&g.dev).deadline(), None);
+
+    // Nor with a zero wait.
+    let mut g = Guest::new(VsockConfig {
+        credit_skip_wait: std::time::Duration::ZERO,
+        ..cfg()
+    });
+    open(&mut g, 7, 1);
+    echo_call(&mut g, b"call 1\n");
+    assert_eq!(tx_avail_event(&g), tx_avail_idx(&g));
+    assert_eq!(lock(&g.dev).deadline(), None);
+}

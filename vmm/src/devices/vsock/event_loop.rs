@@ -1,7 +1,8 @@
 //! A device thread for the vsock: one epoll over the queue EventFds (the ioeventfds of
 //! QueueNotify), the device's wake EventFd and a stop EventFd. It sleeps in `epoll_wait`
 //! with no timeout, so an idle or stalled guest costs no CPU, except while a tx interrupt
-//! is held back for a reply to carry it (`VsockConfig::tx_irq_delay`): then until it is due.
+//! is held back for a reply to carry it (`VsockConfig::tx_irq_delay`), or the guest's next
+//! kick is asked for at its second packet (`credit_skip`): then until that is due.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -83,8 +84,8 @@ pub fn run(
             }
         }
         let mut dev = lock(&device);
-        dev.settle_tx_irq(Instant::now());
-        deadline = dev.irq_deadline();
+        dev.on_deadline(Instant::now());
+        deadline = dev.deadline();
         let want = dev.wakeups();
         drop(dev);
         if policy.is_some_and(|p| p != want) {

@@ -4,6 +4,7 @@
 //!
 //! - `packet`     the wire header and copying packets out of / into descriptor chains
 //! - `connection` one connection's state and credit-based flow control
+//! - `credit_skip` not being kicked for the guest's credit update after a reply
 //! - `muxer`      the connection table and the choice of the next packet for the guest
 //! - `event_loop` an epoll thread that drives the device from its EventFds
 //! - `wakeups`    whether a guest's kick may preempt its vCPU (the thread's policy)
@@ -11,6 +12,7 @@
 //! See docs/vsock.md for the limits, their defaults and the threading model.
 
 pub mod connection;
+pub mod credit_skip;
 pub mod event_loop;
 pub mod muxer;
 pub mod packet;
@@ -142,6 +144,10 @@ pub struct VsockConfig {
     /// of through an irqfd, whose IO-APIC interrupt KVM injects from a kernel worker:
     /// one wake-up less between a reply and the vCPU.
     pub irq_from_device_thread: bool,
+    /// After a reply, how long the device waits at most for a kick at the guest's
+    /// second packet before it looks at the tx queue itself (`credit_skip`; zero:
+    /// kick at the first packet, as EVENT_IDX does by default).
+    pub credit_skip_wait: Duration,
 }
 
 impl Default for VsockConfig {
@@ -158,6 +164,7 @@ impl Default for VsockConfig {
             coalesce_ack: true,
             defer_kicks_when_shared: true,
             irq_from_device_thread: true,
+            credit_skip_wait: Duration::from_millis(10),
         }
     }
 }
@@ -226,6 +233,11 @@ pub struct VsockStats {
     pub guest_notifies: u64,
     /// The part of `guest_notifies` on the rx queue (buffers posted for us).
     pub rx_notifies: u64,
+    /// Kicks moved past the guest's credit update (`credit_skip`), judged right:
+    /// its first packet afterwards was the credit update.
+    pub credit_skips: u64,
+    /// The same, judged wrong: that packet waited for a later kick or the timer.
+    pub credit_skips_wrong: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -244,6 +256,10 @@ pub struct VsockDevice {
     /// Used tx buffers the guest has not been interrupted for yet: since when, and
     /// how many chains (see `VsockConfig::tx_irq_delay`).
     tx_irq_owed: Option<(Instant, usize)>,
+    /// Whether the guest's next kick is asked for at its second packet.
+    credit_skip: credit_skip::CreditSkip,
+    /// The last tx pass stopped at its bound: notifications are off until it resumes.
+    tx_more: bool,
 }
 
 impl VsockDevice {
@@ -260,6 +276,8 @@ impl VsockDevice {
             muxer: Muxer::new(cfg.clone(), listener),
             wake_evt,
             tx_irq_owed: None,
+            credit_skip: credit_skip::CreditSkip::default(),
+            tx_more: false,
             cfg,
         })
     }
@@ -358,16 +376,23 @@ impl VsockDevice {
         };
         let max = self.cfg.max_tx_payload;
         let q = &mut self.queues[TX_QUEUE];
-        let res = drain_tx(q, mem, &mut self.muxer, max).and_then(|(used, more)| {
+        let res = drain_tx(q, mem, &mut self.muxer, max).and_then(|(used, more, first_op)| {
             let notify = used > 0 && q.needs_notification(mem)?;
-            Ok((used, notify, more))
+            Ok((used, notify, more, first_op))
         });
         let more = match res {
-            Ok((used, notify, more)) => {
+            Ok((used, notify, more, first_op)) => {
                 if notify {
                     let (since, n) = self.tx_irq_owed.unwrap_or((Instant::now(), 0));
                     self.tx_irq_owed = Some((since, n + used));
                 }
+                // Draining asked for the next kick at the next packet again.
+                match self.credit_skip.settle(first_op) {
+                    Some(true) => self.muxer.stats.credit_skips += 1,
+                    Some(false) => self.muxer.stats.credit_skips_wrong += 1,
+                    None => {}
+                }
+                self.tx_more = more;
                 more
             }
             Err(e) => {
@@ -380,6 +405,75 @@ impl VsockDevice {
         self.process_rx();
         self.settle_tx_irq(Instant::now());
         more
+    }
+
+    /// When the device thread must wake with nothing else happening: for an owed
+    /// tx interrupt, or to take a packet posted without a kick (`credit_skip`).
+    pub fn deadline(&self) -> Option<Instant> {
+        let skip = self.credit_skip.deadline(self.cfg.credit_skip_wait);
+        match (self.irq_deadline(), skip) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// What is due at `now`: the tx interrupt, and a look at the tx queue after a
+    /// skipped kick.
+    pub fn on_deadline(&mut self, now: Instant) {
+        if self
+            .credit_skip
+            .deadline(self.cfg.credit_skip_wait)
+            .is_some_and(|d| now >= d)
+        {
+            self.process_tx();
+        }
+        self.settle_tx_irq(now);
+    }
+
+    /// After a pass that delivered data: when nothing more is owed to the guest, its
+    /// next packet is most likely the credit update its read sends, so the kick is
+    /// asked for at the packet after it (docs/vsock.md, *Credit updates*).
+    fn maybe_skip_credit_kick(&mut self, now: Instant) {
+        let (Some(mem), false) = (self.mem.as_ref(), self.broken) else {
+            return;
+        };
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        if !event_idx
+            || self.cfg.credit_skip_wait.is_zero()
+            || self.tx_more
+            || self.muxer.has_rx_work()
+            || self.muxer.has_outbound()
+            || !self.credit_skip.take_chance()
+        {
+            return;
+        }
+        let q = &self.queues[TX_QUEUE];
+        let next = q.next_avail();
+        // avail_event sits after the used ring's elements (virtio 1.2, 2.7.10).
+        let at = GuestAddress(q.used_ring()).checked_add(4 + 8 * u64::from(q.size()));
+        let Some(at) = at else { return };
+        if mem
+            .store(
+                next.wrapping_add(1).to_le(),
+                at,
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.credit_skip.arm(now);
+        // A packet the guest posted meanwhile may have seen either value: the
+        // device thread takes it at once (its deadline is now) rather than guess
+        // whether it kicked.
+        let posted = q
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map(|i| i.0 != next)
+            .unwrap_or(true);
+        if posted {
+            self.credit_skip.look_now();
+        }
     }
 
     /// When the interrupt owed for used tx buffers must go out, if one is owed: the
@@ -420,6 +514,7 @@ impl VsockDevice {
         if !self.muxer.has_rx_work() {
             return;
         }
+        let bytes = self.muxer.stats.rx_bytes;
         let q = &mut self.queues[RX_QUEUE];
         let res = fill_rx(q, mem, &mut self.muxer).and_then(|used| {
             // With EVENT_IDX negotiated, `needs_notification` asks only when the
@@ -430,7 +525,10 @@ impl VsockDevice {
         match res {
             Ok(true) => self.raise_vring_irq(),
             Ok(false) => {}
-            Err(e) => self.fail(RX_QUEUE, e),
+            Err(e) => return self.fail(RX_QUEUE, e),
+        }
+        if self.muxer.stats.rx_bytes > bytes {
+            self.maybe_skip_credit_kick(Instant::now());
         }
     }
 
@@ -470,13 +568,15 @@ fn uses_indirect(q: &Queue, mem: &GuestMemoryMmap, head: u16) -> bool {
     false
 }
 
-/// Returns (chains used, chains are left past the per-pass bound).
+/// Returns (chains used, chains are left past the per-pass bound, the op of the
+/// first well-formed packet).
 fn drain_tx(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     muxer: &mut Muxer,
     max_payload: u32,
-) -> Result<(usize, bool), QueueError> {
+) -> Result<(usize, bool, Option<u16>), QueueError> {
+    let mut first_op = None;
     let mut used = 0;
     let mut budget = CHAINS_PER_PASS;
     loop {
@@ -485,7 +585,7 @@ fn drain_tx(
         loop {
             if budget == 0 {
                 // Notifications stay off: the device thread comes back by itself.
-                return Ok((used, true));
+                return Ok((used, true, first_op));
             }
             budget -= 1;
             let next = q.iter(mem)?.next();
@@ -495,7 +595,10 @@ fn drain_tx(
                 return Err(QueueError::Indirect { head });
             }
             match packet::read_tx(mem, chain, max_payload) {
-                Ok((hdr, data)) => muxer.handle_guest_packet(&hdr, &data),
+                Ok((hdr, data)) => {
+                    first_op.get_or_insert(hdr.op);
+                    muxer.handle_guest_packet(&hdr, &data)
+                }
                 Err(e) => {
                     muxer.stats.bad_chains += 1;
                     warn_rate(
@@ -511,7 +614,7 @@ fn drain_tx(
             used += 1;
         }
         if !q.enable_notification(mem)? {
-            return Ok((used, false));
+            return Ok((used, false, first_op));
         }
     }
 }
@@ -642,6 +745,8 @@ impl VirtioDevice for VsockDevice {
         self.acked_features = 0;
         self.broken = false;
         self.tx_irq_owed = None;
+        self.credit_skip.reset();
+        self.tx_more = false;
         self.muxer.reset();
         let _ = self.wake_evt.read();
     }

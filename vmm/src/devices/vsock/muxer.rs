@@ -264,6 +264,12 @@ impl Muxer {
 
     /// Whether there may be a packet for the guest. May be a false positive (a queued
     /// connection that has since run out of credit); `fill_rx` then writes nothing.
+    /// Whether any connection holds bytes for the guest (waiting for credit, or
+    /// for its turn).
+    pub fn has_outbound(&self) -> bool {
+        self.conns.values().any(|c| c.outbound_len() > 0)
+    }
+
     pub fn has_rx_work(&self) -> bool {
         !self.control.is_empty() || !self.rxq.is_empty()
     }
