@@ -813,7 +813,7 @@ fn a_wrong_guess_waits_for_the_timer_once_then_the_device_passes_up_chances() {
 }
 
 #[test]
-fn no_skip_while_the_guest_still_owes_credit_or_without_event_idx() {
+fn no_skip_while_credit_is_owed_or_two_connections_are_open_or_without_event_idx() {
     // A reply larger than the guest's buffer space: bytes stay owed to the guest,
     // and its credit update is what lets them go, so it must kick.
     let mut g = Guest::with_reply_size(cfg(), 64 * 1024);
@@ -833,6 +833,14 @@ fn no_skip_while_the_guest_still_owes_credit_or_without_event_idx() {
     let mut g = plain_guest(cfg());
     open(&mut g, 7, 1);
     echo_call(&mut g, b"call 1\n");
+    assert_eq!(lock(&g.dev).deadline(), None);
+
+    // Nor with a second connection open: its request may come first.
+    let mut g = Guest::new(cfg());
+    open(&mut g, 7, 1);
+    open(&mut g, 8, 1);
+    echo_call(&mut g, b"call 1\n");
+    assert_eq!(tx_avail_event(&g), tx_avail_idx(&g));
     assert_eq!(lock(&g.dev).deadline(), None);
 
     // Nor with a zero wait.

@@ -4,7 +4,7 @@
 //! receive queue, so each reply the guest reads costs a tx packet and, with it, a
 //! kick: a VM exit and a device-thread wake-up, for a packet that needs no prompt
 //! service once nothing waits for credit. After a pass that delivered data and left
-//! nothing owed to the guest, the device therefore asks (through EVENT_IDX's
+//! nothing owed to the guest, with one connection open, the device therefore asks (through EVENT_IDX's
 //! `avail_event`) to be kicked at the guest's second packet instead of its first.
 //! The guess is checked: the first packet taken afterwards must be a credit update.
 //! A wrong guess (a request, say) waited at most `VsockConfig::credit_skip_wait`

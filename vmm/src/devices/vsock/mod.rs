@@ -438,8 +438,12 @@ impl VsockDevice {
             return;
         };
         let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        // With several connections open the kicks wait for the vCPU anyway
+        // (`wakeups`), and the guest's next packet is as likely another
+        // connection's request as this one's credit update.
         if !event_idx
             || self.cfg.credit_skip_wait.is_zero()
+            || self.muxer.connection_count() > 1
             || self.tx_more
             || self.muxer.has_rx_work()
             || self.muxer.has_outbound()
