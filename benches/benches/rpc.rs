@@ -20,6 +20,7 @@
 //! KVM host: quick), `--quick` with 200 small calls instead of 1,000, `--host-cpus=N`
 //! with N emulated CPUs in the software host (default 1).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -203,6 +204,8 @@ impl Counts {
 struct Half {
     rounds: Vec<Vec<Option<Value>>>,
     cpu: Vec<Cpu>,
+    /// KVM's exits by reason over each workload's rounds (`ExitReasons`).
+    exits: Vec<ExitCounts>,
 }
 
 impl Half {
@@ -210,6 +213,7 @@ impl Half {
         Half {
             rounds: vec![Vec::new(); workloads().len()],
             cpu: vec![Cpu::default(); workloads().len()],
+            exits: vec![BTreeMap::new(); workloads().len()],
         }
     }
 
@@ -218,6 +222,95 @@ impl Half {
             r.push(summary);
             *c = c.plus(cpu);
         }
+    }
+}
+
+/// Every exit KVM takes, by reason, through the `kvm_exit` tracepoint's histogram
+/// (tracefs): the userspace exits `IRONVMM_EXIT_STATS` counts are a fraction of
+/// them, and in the software host each exit is a world switch TCG emulates. None
+/// where the kernel has no tracefs or histogram triggers.
+struct ExitReasons {
+    trigger: PathBuf,
+    hist: PathBuf,
+}
+
+impl ExitReasons {
+    const TRIGGER: &'static str = "hist:keys=exit_reason:size=256";
+
+    fn start() -> Option<ExitReasons> {
+        let root = Path::new("/sys/kernel/tracing");
+        if !root.join("events").exists() {
+            let _ = Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(root)
+                .status();
+        }
+        let dir = root.join("events/kvm/kvm_exit");
+        let r = ExitReasons {
+            trigger: dir.join("trigger"),
+            hist: dir.join("hist"),
+        };
+        std::fs::write(&r.trigger, Self::TRIGGER).ok()?;
+        Some(r)
+    }
+
+    /// Exits so far, by reason.
+    fn snapshot(&self) -> ExitCounts {
+        let text = std::fs::read_to_string(&self.hist).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (key, count) = l.trim().strip_prefix("{ exit_reason:")?.split_once('}')?;
+                let count = count.trim().strip_prefix("hitcount:")?.trim();
+                Some((key.trim().parse().ok()?, count.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The name of an exit reason, AMD's (the software host emulates SVM) or
+    /// Intel's.
+    fn name(reason: u64) -> String {
+        let svm = match reason {
+            0x60 => Some("INTR (a host interrupt)"),
+            0x64 => Some("VINTR (interrupt window)"),
+            0x72 => Some("CPUID"),
+            0x78 => Some("HLT"),
+            0x7b => Some("IOIO"),
+            0x7c => Some("MSR"),
+            0x400 => Some("NPF (MMIO: QueueNotify, InterruptStatus/ACK, LAPIC)"),
+            _ => None,
+        };
+        let vmx = match reason {
+            1 => Some("EXTERNAL_INTERRUPT"),
+            7 => Some("INTERRUPT_WINDOW"),
+            10 => Some("CPUID"),
+            12 => Some("HLT"),
+            30 => Some("IO_INSTRUCTION"),
+            31 | 32 => Some("MSR"),
+            48 | 49 => Some("EPT (MMIO)"),
+            _ => None,
+        };
+        let vendor = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let amd = vendor.contains("AuthenticAMD");
+        match if amd { svm } else { vmx } {
+            Some(n) => n.to_string(),
+            None => format!("reason {reason:#x}"),
+        }
+    }
+}
+
+impl Drop for ExitReasons {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.trigger, format!("!{}", Self::TRIGGER));
+    }
+}
+
+/// KVM's exits so far, by exit reason.
+type ExitCounts = BTreeMap<u64, u64>;
+
+/// What `after` counted beyond `before`, added to `into`.
+fn add_delta(into: &mut ExitCounts, before: &ExitCounts, after: &ExitCounts) {
+    for (k, v) in after {
+        *into.entry(*k).or_default() += v.saturating_sub(before.get(k).copied().unwrap_or(0));
     }
 }
 
@@ -253,6 +346,7 @@ fn boot(
     sync: &str,
     extra: &[&str],
     mut between: Option<&mut dyn FnMut(usize)>,
+    reasons: Option<&ExitReasons>,
 ) -> (Counts, Half) {
     let agent = p.work.join(format!("{name}.sh"));
     std::fs::write(&agent, script).unwrap();
@@ -305,13 +399,14 @@ fn boot(
     // The machine's CPU is sampled at each round's start and result lines, for the
     // CPU its calls took.
     let mut half = Half::new();
-    let mut started: Option<((usize, usize), Cpu)> = None;
+    let mut started: Option<((usize, usize), Cpu, ExitCounts)> = None;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let Ok(line) = line else { break };
         let now = Cpu::now();
         let t = line.trim();
+        let exits_now = || reasons.map(|r| r.snapshot()).unwrap_or_default();
         if let Some(at) = t.strip_prefix('s').and_then(round_of) {
-            started = Some((at, now));
+            started = Some((at, now, exits_now()));
             continue;
         }
         let Some((at, summary)) = t
@@ -321,8 +416,13 @@ fn boot(
         else {
             continue;
         };
-        let cpu = match started {
-            Some((s, c0)) if s == at => now.minus(c0),
+        let cpu = match &started {
+            Some((s, c0, e0)) if *s == at => {
+                if let Some(into) = half.exits.get_mut(at.0) {
+                    add_delta(into, e0, &exits_now());
+                }
+                now.minus(*c0)
+            }
             _ => Cpu::default(),
         };
         half.add(at.0, serde_json::from_str(summary).ok(), cpu);
@@ -640,11 +740,15 @@ fn main() {
     let calls = (0..workloads().len()).map(calls_in).sum::<usize>() as f64;
     // `--sync=MODE`: one sync mode only (trying a variant).
     let only = std::env::args().find_map(|a| a.strip_prefix("--sync=").map(String::from));
+    let reasons = ExitReasons::start();
+    if reasons.is_none() {
+        println!("(no kvm_exit histogram here: KVM's exits by reason are not counted)");
+    }
     for sync in ["batch", "always"] {
         if only.as_deref().is_some_and(|o| o != sync) {
             continue;
         }
-        let (base, _) = boot(&p, "idle", "exit 0\n", sync, &[], None);
+        let (base, _) = boot(&p, "idle", "exit 0\n", sync, &[], None, None);
         let gate = HostGate::start(&p, sync);
         let mut host = Half::new();
         let (with_idx, vm) = boot(
@@ -657,6 +761,7 @@ fn main() {
                 let (summary, cpu) = gate.round(i);
                 host.add(i, summary, cpu);
             }),
+            reasons.as_ref(),
         );
         drop(gate);
         compare(sync, &vm, &host);
@@ -670,16 +775,42 @@ fn main() {
                 host.cpu[i].per_call(n)
             );
         }
+        if reasons.is_some() {
+            println!("  KVM's exits per call, by reason (in the kernel too; VM path):");
+            for (i, (label, _)) in workloads().iter().enumerate() {
+                let n = calls_in(i) as f64;
+                let e = &vm.exits[i];
+                let mut by: Vec<(&u64, &u64)> = e.iter().collect();
+                by.sort_by(|a, b| b.1.cmp(a.1));
+                let list = by
+                    .iter()
+                    .filter(|(_, c)| **c as f64 / n >= 0.01)
+                    .map(|(r, c)| format!("{:.2} {}", **c as f64 / n, ExitReasons::name(**r)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let all: u64 = e.values().sum();
+                println!("    {label}: {:.2} in all: {list}", all as f64 / n);
+            }
+        }
         // The same run without EVENT_IDX: every used buffer interrupts the guest
         // (each interrupt costs MMIO exits: InterruptStatus, InterruptACK), and the
         // guest notifies every buffer it posts.
-        let (base_no, _) = boot(&p, "idle", "exit 0\n", sync, &["--no-event-idx"], None);
+        let (base_no, _) = boot(
+            &p,
+            "idle",
+            "exit 0\n",
+            sync,
+            &["--no-event-idx"],
+            None,
+            None,
+        );
         let (without, _) = boot(
             &p,
             "bench",
             &agent_script(false),
             sync,
             &["--no-event-idx"],
+            None,
             None,
         );
         let per = |c: Counts| {
