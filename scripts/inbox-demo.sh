@@ -50,7 +50,13 @@ if [ "$vm" = 1 ] && ! "$ironvmm" doctor >/dev/null 2>&1; then
 		exec scripts/kvm-host/cargo-test.sh -p ironvmm --test inbox_vm -- --include-ignored --nocapture
 fi
 
-if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+# The first Python that has aiosmtpd: PATH's (pip's) or Debian's python3-aiosmtpd,
+# which a pyenv python3 ahead on PATH does not see.
+py=
+for candidate in python3 /usr/bin/python3; do
+	if "$candidate" -c 'import aiosmtpd' 2>/dev/null; then py=$candidate; break; fi
+done
+if [ -z "$py" ]; then
 	echo "inbox-demo: needs python3 with aiosmtpd (apt-get install python3-aiosmtpd)" >&2
 	exit 1
 fi
@@ -70,7 +76,7 @@ cp -r examples/inbox/Maildir examples/inbox/contacts.txt examples/inbox/contacts
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 smtp_port=$(free_port)
-python3 -m aiosmtpd -n -l "127.0.0.1:$smtp_port" -c aiosmtpd.handlers.Mailbox "$work/smtp-received" &
+"$py" -m aiosmtpd -n -l "127.0.0.1:$smtp_port" -c aiosmtpd.handlers.Mailbox "$work/smtp-received" &
 pids+=($!)
 
 # The scripted model checks that the host sends it this key; the guest never sees it.

@@ -94,8 +94,13 @@ dir=${dir:+$(realpath -m "$dir")}
 
 dovecot_bin=$(type -P dovecot || { [ -x /usr/sbin/dovecot ] && echo /usr/sbin/dovecot; }) ||
     fail "dovecot is not installed (apt-get install dovecot-imapd)"
-python3 -c 'import aiosmtpd' 2>/dev/null ||
-    fail "python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd)"
+# The first Python that has aiosmtpd: PATH's (pip's) or Debian's python3-aiosmtpd,
+# which a pyenv python3 ahead on PATH does not see.
+py=
+for candidate in python3 /usr/bin/python3; do
+    if "$candidate" -c 'import aiosmtpd' 2>/dev/null; then py=$candidate; break; fi
+done
+[ -n "$py" ] || fail "python3 with aiosmtpd is not installed (apt-get install python3-aiosmtpd)"
 command -v openssl >/dev/null || fail "openssl is not installed (apt-get install openssl)"
 
 if [ -n "$dir" ]; then
@@ -112,7 +117,7 @@ trap 'say "terminated"; exit 143' TERM
 
 # A port free on loopback now (the servers bind it a moment later).
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    "$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 # Waits up to 30 s for a listener on 127.0.0.1:$1, while the process $2 lives.
 wait_listening() {
@@ -191,7 +196,7 @@ EOF
 "$dovecot_bin" -F -c "$d/dovecot.conf" </dev/null >/dev/null 2>>"$d/dovecot.log" &
 dovecot_pid=$!
 # aiosmtpd's Mailbox handler delivers into a Maildir and adds X-MailFrom and X-RcptTo.
-python3 -m aiosmtpd -n -l "127.0.0.1:$smtp_port" --tlscert "$dir/cert.pem" --tlskey "$dir/key.pem" \
+"$py" -m aiosmtpd -n -l "127.0.0.1:$smtp_port" --tlscert "$dir/cert.pem" --tlskey "$dir/key.pem" \
     -c aiosmtpd.handlers.Mailbox "$dir/smtp-received" </dev/null >"$dir/smtp.log" 2>&1 &
 smtp_pid=$!
 wait_listening "$imaps_port" "$dovecot_pid" || fail "dovecot did not listen on 127.0.0.1:$imaps_port within 30 s"
