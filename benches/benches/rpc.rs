@@ -314,6 +314,22 @@ fn add_delta(into: &mut ExitCounts, before: &ExitCounts, after: &ExitCounts) {
     }
 }
 
+/// `ironvmm SUBCOMMAND` with the gate's settings that both halves must share, so
+/// that a ratio compares the paths and nothing else: policy, workspace, audit log
+/// and its sync mode.
+fn gate_command(p: &Paths, subcommand: &str, audit: &Path, sync: &str) -> Command {
+    let mut cmd = Command::new(&p.bin);
+    cmd.arg(subcommand)
+        .arg("--policy")
+        .arg(write_policy(&p.work))
+        .arg("--workspace")
+        .arg(p.work.join("ws"))
+        .arg("--audit")
+        .arg(audit)
+        .args(["--audit-sync", sync]);
+    cmd
+}
+
 /// `"{workload}.{round}"` of a console line.
 fn round_of(s: &str) -> Option<(usize, usize)> {
     let (i, r) = s.split_once('.')?;
@@ -363,22 +379,8 @@ fn boot(
     );
     let audit = std::env::temp_dir().join(format!("ironvmm-rpc-{name}-{sync}.jsonl"));
     let _ = std::fs::remove_file(&audit);
-    let mut child = Command::new(&p.bin)
-        .arg("boot")
-        .arg("--policy")
-        .arg(write_policy(&p.work))
-        .arg("--workspace")
-        .arg(p.work.join("ws"))
-        .arg("--audit")
-        .arg(&audit)
-        .args([
-            "--audit-sync",
-            sync,
-            "--console",
-            "stdout",
-            "--timeout",
-            "1800s",
-        ])
+    let mut child = gate_command(p, "boot", &audit, sync)
+        .args(["--console", "stdout", "--timeout", "1800s"])
         .args(extra)
         // `--boot-arg=FLAG`: a hidden `boot` flag, to try a variant of the data path
         // (docs/benchmarks.md).
@@ -473,15 +475,7 @@ impl HostGate {
         let _ = std::fs::remove_file(&sock);
         let audit = std::env::temp_dir().join(format!("ironvmm-rpc-host-{sync}.jsonl"));
         let _ = std::fs::remove_file(&audit);
-        let gate = Command::new(&p.bin)
-            .arg("gate")
-            .arg("--policy")
-            .arg(write_policy(&p.work))
-            .arg("--workspace")
-            .arg(p.work.join("ws"))
-            .arg("--audit")
-            .arg(&audit)
-            .args(["--audit-sync", sync])
+        let gate = gate_command(p, "gate", &audit, sync)
             .arg("--listen")
             .arg(&sock)
             .stderr(Stdio::null())
