@@ -520,3 +520,48 @@ fn config_file_configures_the_services_and_unknown_keys_are_named() {
         .iter()
         .all(|m| m["from"]["email"].is_string()));
 }
+
+/// The library's `log` records reach stderr in the CLI's voice (an `[[mcp]]` server
+/// whose tool names collide or cannot map is warned about), and `IRONVMM_LOG=off`
+/// silences them; an unknown level is named.
+#[test]
+fn library_warnings_reach_stderr_and_ironvmm_log_sets_the_level() {
+    let e = env();
+    let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("gate/tests/mcp_fake_server.py");
+    let config = e.dir.path().join("ironvmm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[mcp]]\nname = \"fake\"\ncommand = \"python3\"\nargs = [{:?}, \"basic\"]\n",
+            fake.display().to_string()
+        ),
+    )
+    .unwrap();
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.to_string();
+    let run = |level: Option<&str>| {
+        // A log is one hash chain: each run writes a new one.
+        let _ = std::fs::remove_file(&e.audit);
+        let mut cmd = e.gate(&["--stdio", "--config", config.to_str().unwrap()]);
+        cmd.env_remove("IRONVMM_LOG");
+        if let Some(l) = level {
+            cmd.env("IRONVMM_LOG", l);
+        }
+        let (code, r, err) = stdio_raw(cmd, format!("{list}\n").as_bytes());
+        assert_eq!(code, Some(0), "{err}");
+        assert!(r[0]["result"]["tools"].is_array(), "{:?}", r);
+        err
+    };
+    let err = run(None);
+    assert!(
+        err.contains("ironvmm: warning: mcp server fake: tool \"bad*name\" refused"),
+        "{err}"
+    );
+    let quiet = run(Some("off"));
+    assert!(!quiet.contains("mcp server fake"), "{quiet}");
+    let odd = run(Some("loud"));
+    assert!(
+        odd.contains("ironvmm: warning: IRONVMM_LOG=\"loud\" is not a level"),
+        "{odd}"
+    );
+    assert!(odd.contains("tool \"bad*name\" refused"), "{odd}");
+}

@@ -853,3 +853,16 @@ fn no_skip_while_credit_is_owed_or_two_connections_are_open_or_without_event_idx
     assert_eq!(tx_avail_event(&g), tx_avail_idx(&g));
     assert_eq!(lock(&g.dev).deadline(), None);
 }
+
+#[test]
+fn writes_to_the_read_only_config_are_ignored_and_counted() {
+    let mut g = Guest::new(cfg());
+    let cid = g.r32(0x100);
+    for _ in 0..1000 {
+        g.w32(0x100, 0xdead_beef);
+    }
+    assert_eq!(g.r32(0x100), cid);
+    assert_eq!(g.stats().config_writes, 1000);
+    // The device still works.
+    open(&mut g, 1, 1);
+}

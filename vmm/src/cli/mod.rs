@@ -33,6 +33,7 @@ pub mod output;
 pub mod policy;
 pub mod ps;
 pub mod run;
+pub mod stderr_log;
 pub mod tools;
 
 #[derive(Parser, Debug)]
@@ -76,6 +77,7 @@ pub enum Command {
 
 /// Parses the command line and runs the subcommand; returns the process exit code.
 pub fn main() -> u8 {
+    stderr_log::install();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -216,6 +216,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     /// Guest accesses we ignored as invalid; for tests and diagnostics.
     bad_accesses: u64,
+    /// Features or a start the device refused; a guest can repeat them at will, so
+    /// their warnings are rate-limited too.
+    refusals: u64,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -236,6 +239,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_sel: 0,
             status: 0,
             bad_accesses: 0,
+            refusals: 0,
         })
     }
 
@@ -458,11 +462,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             if !self.features_acceptable() {
                 // Leaving FEATURES_OK clear is how the device refuses (3.1.1 step 6).
-                log::warn!(
-                    "virtio-mmio: driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
-                    self.acked_features,
-                    lock(&self.device).avail_features()
-                );
+                self.refusals += 1;
+                if self.refusals.is_power_of_two() {
+                    log::warn!(
+                        "virtio-mmio: driver features {:#x} refused (offered {:#x}, VERSION_1 required); {} so far",
+                        self.acked_features,
+                        lock(&self.device).avail_features(),
+                        self.refusals
+                    );
+                }
                 self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK & !VIRTIO_CONFIG_S_DRIVER_OK;
                 return;
             }
@@ -482,7 +490,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.interrupt.clone(),
             );
             if let Err(e) = activated {
-                log::warn!("virtio-mmio: device not started at DRIVER_OK: {e}");
+                self.refusals += 1;
+                if self.refusals.is_power_of_two() {
+                    log::warn!(
+                        "virtio-mmio: device not started at DRIVER_OK: {e}; {} refusals so far",
+                        self.refusals
+                    );
+                }
                 self.interrupt.set_needs_reset();
             }
             return;

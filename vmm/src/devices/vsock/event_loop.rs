@@ -47,7 +47,7 @@ pub fn run(
     let mut deadline: Option<Instant> = None;
     // Taken to start as SCHED_OTHER (what ironvmm's threads inherit); `None` once
     // setting the policy failed, after which it is left alone (a scheduling hint,
-    // never a reason to stop the VM). stderr, not `log`: ironvmm installs no logger.
+    // never a reason to stop the VM).
     let mut policy = Some(Wakeups::Preempt);
     loop {
         let timeout = deadline.map_or(-1, |d| {
@@ -92,7 +92,7 @@ pub fn run(
             policy = match want.apply_to_current_thread() {
                 Ok(()) => Some(want),
                 Err(e) => {
-                    eprintln!("ironvmm: vsock: cannot set the device thread's policy: {e}");
+                    log::warn!("vsock: cannot set the device thread's policy: {e}");
                     None
                 }
             };

@@ -238,6 +238,8 @@ pub struct VsockStats {
     pub credit_skips: u64,
     /// The same, judged wrong: that packet waited for a later kick or the timer.
     pub credit_skips_wrong: u64,
+    /// Guest writes to the read-only config space, ignored.
+    pub config_writes: u64,
 }
 
 /// The vsock device. Shared as `Arc<Mutex<VsockDevice>>` between the MMIO transport (vCPU
@@ -703,9 +705,14 @@ impl VirtioDevice for VsockDevice {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
-            "vsock: ignored guest write of {} bytes to read-only config at {offset:#x}",
-            data.len()
+        let stats = &mut self.muxer.stats;
+        stats.config_writes += 1;
+        warn_rate(
+            stats.config_writes,
+            format_args!(
+                "vsock: ignored guest write of {} bytes to read-only config at {offset:#x}",
+                data.len()
+            ),
         );
     }
 
