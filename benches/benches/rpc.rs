@@ -18,7 +18,8 @@
 //!
 //! `cargo bench --bench rpc -- --host-only` runs only the host-only gate (no VM, no
 //! KVM host: quick), `--quick` with a fifth of the small calls, `--host-cpus=N`
-//! with N emulated CPUs in the software host (default 1).
+//! with N emulated CPUs in the software host (default 1), `--workspace-on-share`
+//! with the workspace on the repository's 9p share instead of tmpfs.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -113,7 +114,12 @@ struct Paths {
 /// The workspace copied to the temp dir (tmpfs in the software host), as the audit
 /// log is: served from the 9p share of the repo, every `fs.stat` would also time a
 /// round trip to QEMU's 9p server, which neither path has on a real host.
+/// `--workspace-on-share` serves it from the share, as the bench did before
+/// 2026-12-02, to compare with those figures.
 fn tmpfs_workspace(ws: &Path) -> PathBuf {
+    if std::env::args().any(|a| a == "--workspace-on-share") {
+        return ws.to_path_buf();
+    }
     let to = std::env::temp_dir().join("ironvmm-rpc-ws");
     std::fs::create_dir_all(&to).unwrap();
     for e in std::fs::read_dir(ws).unwrap() {
@@ -758,11 +764,16 @@ fn main() {
     };
     let host = kvm_kind();
     println!(
-        "rpc bench on {host}; audit log and workspace on {}; {} small calls on 1 connection and {} on 8, each in {ROUNDS} rounds, VM and host-only rounds alternating",
+        "rpc bench on {host}; audit log on {}, workspace {}; {} small calls on 1 connection and {} on 8, each in {ROUNDS} rounds, VM and host-only rounds alternating",
         if host.contains("software") {
             "tmpfs"
         } else {
             "the temp dir"
+        },
+        if p.ws.starts_with(std::env::temp_dir()) {
+            "beside it"
+        } else {
+            "on the repository's share"
         },
         calls_in(0),
         calls_in(1)
