@@ -90,6 +90,9 @@ pub struct NetService {
     /// server connection each has open.
     running: Mutex<HashMap<u64, Running>>,
     next_relay: AtomicU64,
+    /// Connections refused at the bound; the guest decides how many, so their
+    /// warning is logged at the 1st, 2nd, 4th... only.
+    refused: AtomicU64,
 }
 
 struct Running {
@@ -125,6 +128,7 @@ impl NetService {
             llm,
             max_connections: cfg.max_connections.max(1),
             live: Arc::new(AtomicUsize::new(0)),
+            refused: AtomicU64::new(0),
             running: Mutex::new(HashMap::new()),
             next_relay: AtomicU64::new(0),
         }))
@@ -186,10 +190,13 @@ impl NetService {
             })
             .is_ok();
         if !taken {
-            log::warn!(
-                "net: {conn} refused: {} connections open",
-                self.max_connections
-            );
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused.is_power_of_two() {
+                log::warn!(
+                    "net: {conn} refused: {} connections open ({refused} refused so far)",
+                    self.max_connections
+                );
+            }
             return None;
         }
         let pipe = Pipe::new(wake);
