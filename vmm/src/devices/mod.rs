@@ -8,3 +8,11 @@ pub mod i8042;
 pub mod status_port;
 pub mod virtio_mmio;
 pub mod vsock;
+
+/// Guest-triggered warnings are logged at 1, 2, 4, 8... occurrences, so a guest cannot
+/// flood the host's log.
+pub fn warn_rate(count: u64, msg: std::fmt::Arguments<'_>) {
+    if count.is_power_of_two() {
+        log::warn!("{msg} (occurrence {count})");
+    }
+}

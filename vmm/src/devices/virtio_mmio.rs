@@ -26,6 +26,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::warn_rate;
+
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
 /// Modern virtio-mmio only; legacy (version 1) drivers see a version they refuse.
@@ -463,14 +465,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if !self.features_acceptable() {
                 // Leaving FEATURES_OK clear is how the device refuses (3.1.1 step 6).
                 self.refusals += 1;
-                if self.refusals.is_power_of_two() {
-                    log::warn!(
-                        "virtio-mmio: driver features {:#x} refused (offered {:#x}, VERSION_1 required); {} so far",
+                warn_rate(
+                    self.refusals,
+                    format_args!(
+                        "virtio-mmio: driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
                         self.acked_features,
-                        lock(&self.device).avail_features(),
-                        self.refusals
-                    );
-                }
+                        lock(&self.device).avail_features()
+                    ),
+                );
                 self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK & !VIRTIO_CONFIG_S_DRIVER_OK;
                 return;
             }
@@ -491,12 +493,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             );
             if let Err(e) = activated {
                 self.refusals += 1;
-                if self.refusals.is_power_of_two() {
-                    log::warn!(
-                        "virtio-mmio: device not started at DRIVER_OK: {e}; {} refusals so far",
-                        self.refusals
-                    );
-                }
+                warn_rate(
+                    self.refusals,
+                    format_args!("virtio-mmio: device not started at DRIVER_OK: {e}"),
+                );
                 self.interrupt.set_needs_reset();
             }
             return;

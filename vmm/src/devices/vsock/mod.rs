@@ -29,7 +29,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::virtio_mmio::{new_queues, ActivateError, Interrupt, VirtioDevice};
-use muxer::{warn_rate, Muxer};
+use crate::devices::warn_rate;
+use muxer::Muxer;
 use packet::RxBuffer;
 
 /// The host's CID; the only destination a guest packet may have.

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use super::connection::{ConnKey, Connection, ResetReason, Verdict};
 use super::packet::{op, Header, PacketError, RxBuffer, TYPE_STREAM};
 use super::{PortListener, VsockConfig, VsockStats, HOST_CID};
+use crate::devices::warn_rate;
 
 pub struct Muxer {
     cfg: VsockConfig,
@@ -347,14 +348,6 @@ impl Muxer {
         self.rxq.clear();
         self.queued.clear();
         self.control.clear();
-    }
-}
-
-/// Guest-triggered warnings are logged at 1, 2, 4, 8... occurrences, so a guest cannot
-/// flood the host's log.
-pub fn warn_rate(count: u64, msg: std::fmt::Arguments<'_>) {
-    if count.is_power_of_two() {
-        log::warn!("{msg} (occurrence {count})");
     }
 }
 
