@@ -5,8 +5,9 @@
 //!
 //! Hand-written rather than `env_logger`: a record may come from any thread,
 //! including the device and vCPU threads under their seccomp filters, and this one
-//! only ever formats into memory and makes one `write(2)` to fd 2, which every
-//! thread's filter allows (docs/seccomp.md). One write per record also keeps lines
+//! only ever formats into memory and makes one `write(2)` to fd 2 (and a `futex`
+//! when stderr's lock is contended), which every thread's filter allows
+//! (docs/seccomp.md). One write per record also keeps lines
 //! from different threads whole.
 
 use std::io::Write;
