@@ -19,7 +19,7 @@ use gate_common::*;
 use ironvmm::audit::SyncMode;
 use ironvmm::gate::approver::{Answer, AnswerSink, Answerer, Approver, AskRequest};
 use ironvmm::gate::{Connection, DecidedBy, GateLimits};
-use ironvmm::services::{Service, ToolError, ToolSpec};
+use ironvmm::services::{Lane, Service, ToolError, ToolSpec};
 use serde_json::{json, Value};
 
 /// Holds `test.probe {"hold": true}` calls until opened (5 s at most).
@@ -60,9 +60,14 @@ impl Latch {
     }
 }
 
-struct Held(Latch);
+/// The probe, in the lane the test puts it in.
+struct Held(Latch, Lane);
 
 impl Service for Held {
+    fn lane(&self) -> Lane {
+        self.1
+    }
+
     fn tools(&self) -> Vec<ToolSpec> {
         vec![ToolSpec {
             name: "test.probe",
@@ -85,9 +90,15 @@ impl Service for Held {
     }
 }
 
+/// A gate whose probe runs in the local lane, with the fs calls: a held probe holds
+/// a worker that local calls could use.
 fn fixture(mode: SyncMode, limits: GateLimits, latch: &Latch) -> Fixture {
+    fixture_in(Lane::Local, mode, limits, latch)
+}
+
+fn fixture_in(lane: Lane, mode: SyncMode, limits: GateLimits, latch: &Latch) -> Fixture {
     let l = latch.clone();
-    Fixture::with(mode, limits, move |s| s.add(Box::new(Held(l))))
+    Fixture::with(mode, limits, move |s| s.add(Box::new(Held(l, lane))))
 }
 
 fn line(id: u64, tool: &str, args: Value) -> Vec<u8> {
@@ -178,6 +189,60 @@ fn a_slow_call_holds_no_other_connection() {
     assert!(
         with <= base * 2 + Duration::from_millis(100),
         "p99 {with:?} with a slow call vs {base:?} without"
+    );
+}
+
+#[test]
+fn outside_calls_holding_every_outside_worker_leave_local_calls_free() {
+    let latch = Latch::default();
+    let limits = GateLimits {
+        workers: 2,
+        call_timeout: Duration::from_secs(300),
+        ..GateLimits::default()
+    };
+    let fx = fixture_in(Lane::Outside, SyncMode::Batch, limits, &latch);
+    // Twice as many outside calls as outside workers: two run, two queue.
+    let mut slow = fx.conn("slow");
+    let mut slow_out = Vec::new();
+    let mut frames = Vec::new();
+    for i in 0..4 {
+        frames.extend(line(i, "test.probe", json!({"until_open": true})));
+    }
+    slow.on_data(&frames, &mut slow_out).unwrap();
+    latch.wait_held(2);
+
+    // Local calls and cheap methods are all answered meanwhile, on the two local
+    // workers.
+    let mut c = fx.conn("local");
+    let mut out = Vec::new();
+    let mut frames = Vec::new();
+    for i in 0..50 {
+        frames.extend(line(i, "fs.stat", json!({"path": "/workspace/hello.txt"})));
+    }
+    frames.extend(br#"{"jsonrpc":"2.0","id":50,"method":"ping"}"#);
+    frames.push(b'\n');
+    c.on_data(&frames, &mut out).unwrap();
+    wait_for(&mut c, &mut out, &(0..=50).collect::<Vec<_>>());
+    for r in replies(&out).iter().filter(|r| r["id"] != 50) {
+        assert_eq!(r["result"]["isError"], false, "{r}");
+    }
+    slow.poll(&mut slow_out).unwrap();
+    assert!(slow_out.is_empty(), "the outside calls are still held");
+    assert_eq!(slow.in_flight(), 4);
+    assert_eq!(fx.gate.stuck_workers(), 0);
+
+    latch.open();
+    wait_for(&mut slow, &mut slow_out, &[0, 1, 2, 3]);
+    for r in replies(&slow_out) {
+        assert_eq!(r["result"]["structuredContent"]["held"], true, "{r}");
+    }
+    // Each outside call was decided (on a local worker) and served once.
+    assert_eq!(
+        fx.records()
+            .iter()
+            .filter(|r| r["kind"] == "outcome" && r["status"] == "ok")
+            .count(),
+        54
     );
 }
 

@@ -167,7 +167,8 @@ pub struct InflightArgs {
     /// Calls in flight in the whole VM, all connections together.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT, value_parser = count)]
     pub max_inflight: usize,
-    /// Worker threads that run calls (audit fsync, services).
+    /// Worker threads in each of the two lanes: local (every frame, decisions,
+    /// audit fsync, fs) and outside (mail, web, model and MCP server calls).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_WORKERS, value_parser = count)]
     pub workers: usize,
     /// Longest a service may run; past it the call gets a tool error, e.g. 30s.

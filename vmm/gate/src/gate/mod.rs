@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::{AnswerRef, AuditLog, DecisionRecord, OutcomeStatus};
 use crate::json::{self, JsonError};
-use crate::services::{Reply, Services};
+use crate::services::{Lane, Reply, Services};
 use approver::{Answer, Approver, AskRequest, DenyAll};
 pub use connection::{Connection, ConnectionError};
 pub use decide::{Call, DecidedBy, Decider, DecisionRef, Verdict};
@@ -65,7 +65,9 @@ pub struct GateLimits {
     pub max_inflight_per_conn: usize,
     /// Calls in flight in the whole VM (all connections).
     pub max_inflight: usize,
-    /// Worker threads running calls (decision fsync, services).
+    /// Worker threads of each lane: the local one reads every frame and runs the
+    /// decisions, their fsyncs and the local services; the outside one runs the
+    /// services that wait on the outside world (`services::Lane`).
     pub workers: usize,
     /// Longest a service may run before the call is answered with a tool error.
     pub call_timeout: Duration,
@@ -114,6 +116,9 @@ pub struct Gate {
     approver: RwLock<Arc<dyn Approver>>,
     /// `None` when the workers could not be started: every call is then denied.
     pool: Option<Pool>,
+    /// The outside lane's workers; `None` when they could not be started, and the
+    /// local workers serve those calls too.
+    outside: Option<Pool>,
     vm_slots: Arc<VmSlots>,
     /// Asked calls waiting for their answer, by the `seq` of their `ask` record.
     parked: Mutex<HashMap<u64, Parked>>,
@@ -146,16 +151,27 @@ impl Gate {
             .map(|s| s.mcp_entry())
             .collect();
         let tools_list = serde_json::to_vec(&json!({ "tools": tools })).unwrap_or_default();
-        let pool = Pool::new(PoolConfig {
-            workers: limits.workers,
-            max_stuck: limits.workers,
-        });
-        let pool = match pool {
+        let lane = |name| {
+            Pool::new(PoolConfig {
+                name,
+                workers: limits.workers,
+                max_stuck: limits.workers,
+            })
+        };
+        let pool = match lane("gate") {
             Ok(p) => Some(p),
             Err(e) => {
                 log::error!("gate: {e}; every call will be denied");
                 None
             }
+        };
+        let outside = match pool.as_ref().map(|_| lane("gate-outside")) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                log::error!("gate: {e} for the outside lane; the local workers serve it too");
+                None
+            }
+            None => None,
         };
         Gate {
             decider,
@@ -166,6 +182,7 @@ impl Gate {
             tools_list,
             approver: RwLock::new(Arc::new(DenyAll)),
             pool,
+            outside,
             parked: Mutex::new(HashMap::new()),
         }
     }
@@ -205,7 +222,7 @@ impl Gate {
 
     /// Worker threads stuck in a service past `call_timeout` right now.
     pub fn stuck_workers(&self) -> usize {
-        self.pool.as_ref().map_or(0, Pool::stuck)
+        self.pools().map(Pool::stuck).sum()
     }
 
     /// A condition the VMM must act on by stopping the VM (exit 125): the audit log
@@ -222,7 +239,13 @@ impl Gate {
     /// parked stay unanswered (their connections are going away). Returns the
     /// number of worker threads left stuck in a service.
     pub fn shutdown(&self) -> usize {
-        self.pool.as_ref().map_or(0, Pool::shutdown)
+        // Local first: a call it runs may still hand its service to the outside lane.
+        self.pools().map(Pool::shutdown).sum()
+    }
+
+    /// The lanes' pools, local first.
+    fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pool.iter().chain(self.outside.iter())
     }
 
     /// Takes one complete frame from a connection, with its in-flight slot, and
@@ -442,7 +465,7 @@ impl Gate {
             deny(&mut out, id, ruling.rule, by, reason);
             return slot.complete(out);
         }
-        self.serve_allowed(slot, id, &call, seq, t0);
+        self.serve_allowed(slot, id, call, seq, t0);
     }
 
     /// The policy's word on a call; an `unknown` tool, or a bug in the engine, is a
@@ -599,16 +622,40 @@ impl Gate {
             );
             return;
         }
-        self.serve_allowed(p.slot, &p.id, &p.call, seq, p.t0);
+        self.serve_allowed(p.slot, &p.id, p.call, seq, p.t0);
     }
 
-    /// Runs the service of an allowed call under `call_timeout`, audits the outcome
-    /// and hands the reply back. A service that overruns is answered by the pool's
-    /// watchdog with a tool error (outcome `error`); its own result is dropped.
-    fn serve_allowed(self: &Arc<Self>, slot: Slot, id: &Value, call: &Call, seq: u64, t0: Instant) {
+    /// Serves an allowed call in its lane: here, on a local worker, or handed to an
+    /// outside worker.
+    fn serve_allowed(self: &Arc<Self>, slot: Slot, id: &Value, call: Call, seq: u64, t0: Instant) {
+        let outside = match (&self.outside, self.services.lane(&call.tool)) {
+            (Some(outside), Lane::Outside) => outside,
+            _ => return self.serve_here(self.pool.as_ref(), slot, id, &call, seq, t0),
+        };
+        let (gate, id) = (Arc::clone(self), id.clone());
+        let job = move || gate.serve_here(gate.outside.as_ref(), slot, &id, &call, seq, t0);
+        if outside.submit(job).is_err() {
+            // Only while shutting down, when the connection is going away unanswered.
+            log::debug!("gate: an allowed call reached the outside lane after its shutdown");
+        }
+    }
+
+    /// Runs the service of an allowed call under `call_timeout`, on a worker of
+    /// `pool`, audits the outcome and hands the reply back. A service that overruns
+    /// is answered by that pool's watchdog with a tool error (outcome `error`); its
+    /// own result is dropped.
+    fn serve_here(
+        &self,
+        pool: Option<&Pool>,
+        slot: Slot,
+        id: &Value,
+        call: &Call,
+        seq: u64,
+        t0: Instant,
+    ) {
         // The reply goes out once: from here, or from the watchdog at the deadline.
         let slot = Arc::new(Mutex::new(Some(slot)));
-        let deadline = self.pool.as_ref().map(|pool| {
+        let deadline = pool.map(|pool| {
             let (cell, audit) = (Arc::clone(&slot), Arc::clone(&self.audit));
             let (id, tool, timeout) = (id.clone(), call.tool.clone(), self.limits.call_timeout);
             pool.deadline(timeout, move || {
@@ -698,7 +745,7 @@ impl Gate {
 impl Drop for Gate {
     /// The workers end once their queue is empty (`shutdown` also joins them).
     fn drop(&mut self) {
-        if let Some(p) = &self.pool {
+        for p in self.pools() {
             p.stop();
         }
     }

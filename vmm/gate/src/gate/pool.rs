@@ -26,6 +26,8 @@ pub const STUCK_GRACE: Duration = Duration::from_secs(2);
 /// Sizes of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
+    /// Its threads' names: `{name}-worker-N` and `{name}-watchdog`.
+    pub name: &'static str,
     /// Workers running jobs.
     pub workers: usize,
     /// Spare workers started in place of stuck ones, at most.
@@ -35,6 +37,7 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
+            name: "gate",
             workers: 16,
             max_stuck: 16,
         }
@@ -197,7 +200,7 @@ impl Pool {
             }
             let inner = Arc::clone(&pool.inner);
             let h = std::thread::Builder::new()
-                .name("gate-watchdog".into())
+                .name(format!("{}-watchdog", cfg.name))
                 .spawn(move || {
                     confine();
                     watchdog(&inner)
@@ -320,7 +323,7 @@ impl Pool {
         st.next_worker += 1;
         let inner = Arc::clone(&self.inner);
         let h = std::thread::Builder::new()
-            .name(format!("gate-worker-{}", st.next_worker))
+            .name(format!("{}-worker-{}", self.inner.cfg.name, st.next_worker))
             .spawn(move || {
                 confine();
                 worker(&inner)
@@ -458,6 +461,7 @@ mod tests {
         let pool = Pool::new(PoolConfig {
             workers: 3,
             max_stuck: 1,
+            ..PoolConfig::default()
         })
         .unwrap();
         let n = Arc::new(AtomicUsize::new(0));
@@ -483,6 +487,7 @@ mod tests {
         let pool = Pool::new(PoolConfig {
             workers: 1,
             max_stuck: 1,
+            ..PoolConfig::default()
         })
         .unwrap();
         let (tx, rx) = mpsc::channel();
@@ -519,6 +524,7 @@ mod tests {
         let pool = Pool::new(PoolConfig {
             workers: 1,
             max_stuck: 2,
+            ..PoolConfig::default()
         })
         .unwrap();
         let (release_tx, release_rx) = mpsc::channel::<()>();

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use ironvmm_policy::norm;
 
 use super::sys;
-use super::{Service, ToolError, ToolSpec, DEFAULT_REPLY_CAP};
+use super::{Lane, Service, ToolError, ToolSpec, DEFAULT_REPLY_CAP};
 
 /// Where the root appears to the guest and to the policy: the engine's own constant.
 pub const GUEST_ROOT: &str = norm::WORKSPACE;
@@ -788,6 +788,10 @@ fn no_trash() -> ToolError {
 impl Service for FsService {
     fn tools(&self) -> Vec<ToolSpec> {
         tool_specs()
+    }
+
+    fn lane(&self) -> Lane {
+        Lane::Local
     }
 
     fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError> {

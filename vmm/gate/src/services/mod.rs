@@ -106,9 +106,25 @@ pub trait Decide: Send + Sync {
     fn decide(&self, tool: &str, args: &Value) -> Result<(), String>;
 }
 
+/// Which of the gate's worker pools serves a tool's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Work on this host only (the workspace's files): bounded by the disk.
+    Local,
+    /// Work that waits on something the VMM does not control (a network peer, an
+    /// MCP server process, a model): it gets workers of its own, so that however
+    /// many such calls hang, local calls still find a worker.
+    Outside,
+}
+
 /// A service: a family of tools sharing one prefix (`fs.`).
 pub trait Service: Send + Sync {
     fn tools(&self) -> Vec<ToolSpec>;
+    /// Its calls' lane. `Outside` unless the service says otherwise: a service that
+    /// forgot costs one more hand-over, never a local call's worker.
+    fn lane(&self) -> Lane {
+        Lane::Outside
+    }
     /// Serves an allowed call; `Ok` is the tool's structured result.
     fn call(&self, tool: &str, args: &Value) -> Result<Value, ToolError>;
     /// Serves an allowed call as the gate replies it. Services whose results are
@@ -147,6 +163,13 @@ impl Services {
 
     pub fn offers(&self, tool: &str) -> bool {
         self.by_tool.contains_key(tool)
+    }
+
+    /// The lane of `tool`'s calls (`Outside` for a tool not served here).
+    pub fn lane(&self, tool: &str) -> Lane {
+        self.by_tool
+            .get(tool)
+            .map_or(Lane::Outside, |&i| self.services[i].lane())
     }
 
     /// Serves an allowed call as the gate replies it, holding a structured result
