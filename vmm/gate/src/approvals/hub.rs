@@ -207,6 +207,11 @@ impl ApprovalHub {
         (self.views(&st), rx)
     }
 
+    /// Whether anyone follows the events (a watcher, the web page).
+    pub fn watched(&self) -> bool {
+        !self.inner.lock().subscribers.is_empty()
+    }
+
     /// Passes an audit `decision` record to every subscriber (the decision feed).
     pub fn publish_decision(&self, record: Map<String, Value>) {
         let mut st = self.inner.lock();

@@ -359,6 +359,16 @@ fn peer_gone(s: &UnixStream) -> bool {
     n > 0 && (pfd.revents & (libc::POLLHUP | libc::POLLERR)) != 0
 }
 
+/// Whether the feed must parse the audit `line`: the `close` record (the feed ends
+/// there), or a `decision` record while `watched`. Parsing every line would cost the
+/// VMM as much CPU per call as the gate's own parse of the call, watched or not.
+/// The log is compact JSON of our own making, so a record of either kind holds the
+/// text below; a line that merely holds it (in its arguments) is parsed, then
+/// dropped.
+fn feed_wants(line: &str, watched: impl FnOnce() -> bool) -> bool {
+    line.contains(r#""kind":"close""#) || (line.contains(r#""kind":"decision""#) && watched())
+}
+
 /// Follows the audit log at `path` and passes its `decision` records to the hub's
 /// subscribers (the decision feed).
 pub fn spawn_audit_feed(hub: ApprovalHub, path: PathBuf) {
@@ -380,7 +390,11 @@ pub fn spawn_audit_feed(hub: ApprovalHub, path: PathBuf) {
                     Ok(0) => thread::sleep(Duration::from_millis(100)),
                     Ok(_) if !buf.ends_with('\n') => {} // a line still being written
                     Ok(_) => {
-                        if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&buf) {
+                        if feed_wants(&buf, || hub.watched()) {
+                            let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&buf) else {
+                                buf.clear();
+                                continue;
+                            };
                             match m.get("kind").and_then(Value::as_str) {
                                 Some("decision") => hub.publish_decision(m),
                                 Some("close") => return,
@@ -509,4 +523,27 @@ pub fn watch_events(path: &Path, mut each: impl FnMut(Value) -> bool) -> Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::feed_wants;
+
+    #[test]
+    fn the_feed_parses_decisions_only_while_watched_and_always_the_close() {
+        let decision =
+            r#"{"seq":3,"kind":"decision","tool":"fs.stat","args":{"path":"/workspace"}}"#;
+        let outcome = r#"{"seq":4,"kind":"outcome","status":"ok"}"#;
+        let close = r#"{"seq":9,"kind":"close","calls":2}"#;
+        let lookalike = r#"{"seq":5,"kind":"outcome","args":{"kind":"decision"}}"#;
+        assert!(feed_wants(decision, || true));
+        assert!(!feed_wants(decision, || false));
+        assert!(!feed_wants(outcome, || true));
+        assert!(feed_wants(close, || false));
+        // Parsed, then dropped by its real kind.
+        assert!(feed_wants(lookalike, || true));
+        // A guest's string is escaped in the log: it never looks like a record's kind.
+        let escaped = r#"{"seq":6,"kind":"outcome","args":{"text":"\"kind\":\"close\""}}"#;
+        assert!(!feed_wants(escaped, || true));
+    }
 }
