@@ -3,7 +3,8 @@
 //! 16 MiB, and the same calls through the host-only gate (`ironvmm gate --listen`)
 //! in the same run, in both audit sync modes: the ratio is the cost of the VM path.
 //! Also userspace VM exits, guest notifies and interrupts per call, with and
-//! without `VIRTIO_RING_F_EVENT_IDX` (`boot --no-event-idx`). The client is the
+//! without `VIRTIO_RING_F_EVENT_IDX` (`boot --no-event-idx`), and the CPU per call
+//! of the whole software host and of each of ironvmm's threads. The client is the
 //! same static `iron` on both paths.
 //!
 //! Each small workload runs in rounds, and the VM's rounds and the host-only
@@ -223,6 +224,94 @@ impl Cpu {
     }
 }
 
+/// CPU time of one process's threads, by thread name with its number taken off
+/// (`gate-worker-3` → `gate-worker`), in clock ticks: which of ironvmm's threads
+/// a call's time goes to (`vcpu` holds the guest's time).
+#[derive(Clone, Default)]
+struct Threads(BTreeMap<String, Cpu>);
+
+impl Threads {
+    fn of(pid: u32) -> Threads {
+        let mut by: BTreeMap<String, Cpu> = BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Threads(by);
+        };
+        for task in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // `TID (NAME) STATE PPID ...`: the name may hold spaces and parentheses.
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let name = head.split_once('(').map_or("", |x| x.1);
+            let name = name
+                .trim_end_matches(|c: char| c.is_ascii_digit())
+                .trim_end_matches('-');
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            // proc(5) numbers the fields from 1; `rest` starts at field 3 (state).
+            let at = |field: usize| f.get(field - 3).copied().unwrap_or(0);
+            let guest = at(43);
+            let cpu = Cpu {
+                user: at(14).saturating_sub(guest),
+                kernel: at(15),
+                guest,
+                idle: 0,
+            };
+            let e = by.entry(name.to_string()).or_default();
+            *e = e.plus(cpu);
+        }
+        Threads(by)
+    }
+
+    fn minus(&self, base: &Threads) -> Threads {
+        Threads(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.minus(base.0.get(k).copied().unwrap_or_default()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn add(&mut self, more: &Threads) {
+        for (k, v) in &more.0 {
+            let e = self.0.entry(k.clone()).or_default();
+            *e = e.plus(*v);
+        }
+    }
+
+    /// `name user/kernel[/guest] ms` per call, the busiest first, down to 0.01 ms.
+    fn per_call(&self, calls: f64) -> String {
+        let ms = |t: u64| t as f64 * 10.0 / calls;
+        let mut v: Vec<(&String, &Cpu)> = self.0.iter().collect();
+        v.sort_by_key(|(_, c)| std::cmp::Reverse(c.user + c.kernel + c.guest));
+        v.iter()
+            .filter(|(_, c)| ms(c.user + c.kernel + c.guest) >= 0.01)
+            .map(|(name, c)| {
+                let guest = if c.guest > 0 {
+                    format!(" + {:.2} guest", ms(c.guest))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{name} {:.2} user + {:.2} kernel{guest}",
+                    ms(c.user),
+                    ms(c.kernel)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl Counts {
     fn minus(self, base: Counts) -> Counts {
         Counts {
@@ -245,6 +334,9 @@ struct Half {
     cpu: Vec<Cpu>,
     /// KVM's exits by reason over each workload's rounds (`ExitReasons`).
     exits: Vec<ExitCounts>,
+    /// The CPU of ironvmm's threads over each workload's rounds (the VMM, or the
+    /// host-only gate: not its client).
+    threads: Vec<Threads>,
 }
 
 impl Half {
@@ -253,13 +345,17 @@ impl Half {
             rounds: vec![Vec::new(); workloads().len()],
             cpu: vec![Cpu::default(); workloads().len()],
             exits: vec![BTreeMap::new(); workloads().len()],
+            threads: vec![Threads::default(); workloads().len()],
         }
     }
 
-    fn add(&mut self, workload: usize, summary: Option<Value>, cpu: Cpu) {
+    fn add(&mut self, workload: usize, summary: Option<Value>, cpu: Cpu, threads: &Threads) {
         if let (Some(r), Some(c)) = (self.rounds.get_mut(workload), self.cpu.get_mut(workload)) {
             r.push(summary);
             *c = c.plus(cpu);
+        }
+        if let Some(t) = self.threads.get_mut(workload) {
+            t.add(threads);
         }
     }
 }
@@ -440,14 +536,16 @@ fn boot(
     // The machine's CPU is sampled at each round's start and result lines, for the
     // CPU its calls took.
     let mut half = Half::new();
-    let mut started: Option<((usize, usize), Cpu, ExitCounts)> = None;
+    let mut started: Option<((usize, usize), Cpu, ExitCounts, Threads)> = None;
+    let vmm = child.id();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let Ok(line) = line else { break };
         let now = Cpu::now();
+        let threads_now = Threads::of(vmm);
         let t = line.trim();
         let exits_now = || reasons.map(|r| r.snapshot()).unwrap_or_default();
         if let Some(at) = t.strip_prefix('s').and_then(round_of) {
-            started = Some((at, now, exits_now()));
+            started = Some((at, now, exits_now(), threads_now));
             continue;
         }
         let Some((at, summary)) = t
@@ -457,16 +555,16 @@ fn boot(
         else {
             continue;
         };
-        let cpu = match &started {
-            Some((s, c0, e0)) if *s == at => {
+        let (cpu, threads) = match &started {
+            Some((s, c0, e0, t0)) if *s == at => {
                 if let Some(into) = half.exits.get_mut(at.0) {
                     add_delta(into, e0, &exits_now());
                 }
-                now.minus(*c0)
+                (now.minus(*c0), threads_now.minus(t0))
             }
-            _ => Cpu::default(),
+            _ => (Cpu::default(), Threads::default()),
         };
-        half.add(at.0, serde_json::from_str(summary).ok(), cpu);
+        half.add(at.0, serde_json::from_str(summary).ok(), cpu, &threads);
         if let Some(between) = between.as_deref_mut() {
             // The stop lands in the guest's sleep after the result line; a stopped
             // VMM takes no CPU from the host-only round.
@@ -533,10 +631,11 @@ impl HostGate {
         }
     }
 
-    /// One round of workload `i` with the host's `iron`: its summary, and the CPU
-    /// the round took.
-    fn round(&self, i: usize) -> (Option<Value>, Cpu) {
+    /// One round of workload `i` with the host's `iron`: its summary, the CPU the
+    /// round took, and the gate's part of it by thread.
+    fn round(&self, i: usize) -> (Option<Value>, Cpu, Threads) {
         let args = &workloads()[i].1;
+        let threads0 = Threads::of(self.gate.id());
         let cpu0 = Cpu::now();
         let o = Command::new("sh")
             .arg("-c")
@@ -545,8 +644,9 @@ impl HostGate {
             .output()
             .ok();
         let cpu = Cpu::now().minus(cpu0);
+        let threads = Threads::of(self.gate.id()).minus(&threads0);
         let summary = o.and_then(|o| last_json(&String::from_utf8_lossy(&o.stdout), ""));
-        (summary, cpu)
+        (summary, cpu, threads)
     }
 }
 
@@ -608,6 +708,12 @@ fn print_host_only(sync: &str, host: &Half) {
             "  {label}: p50 {:.0} us p99 {:.0} us {:.0} calls/s",
             h.p50_us, h.p99_us, h.calls_per_s
         );
+        let n = calls_in(i) as f64;
+        println!("    CPU per call (ms): {}", host.cpu[i].per_call(n));
+        println!(
+            "    of which the gate's threads: {}",
+            host.threads[i].per_call(n)
+        );
     }
 }
 
@@ -638,8 +744,8 @@ fn host_only(root: &Path, work: PathBuf) {
         let mut host = Half::new();
         for i in 0..workloads().len() {
             for _ in 0..rounds(i) {
-                let (summary, cpu) = gate.round(i);
-                host.add(i, summary, cpu);
+                let (summary, cpu, threads) = gate.round(i);
+                host.add(i, summary, cpu, &threads);
             }
         }
         print_host_only(sync, &host);
@@ -799,8 +905,8 @@ fn main() {
             sync,
             &[],
             Some(&mut |i| {
-                let (summary, cpu) = gate.round(i);
-                host.add(i, summary, cpu);
+                let (summary, cpu, threads) = gate.round(i);
+                host.add(i, summary, cpu, &threads);
             }),
             reasons.as_ref(),
         );
@@ -814,6 +920,17 @@ fn main() {
                 "    {label}: VM path {} | host-only {}",
                 vm.cpu[i].per_call(n),
                 host.cpu[i].per_call(n)
+            );
+        }
+        // The host-only rest (whole machine less the gate) is mostly its client, the
+        // counterpart of the guest's time.
+        println!("  CPU per call by thread (ms; VMM, host-only gate):");
+        for (i, (label, _)) in workloads().iter().enumerate() {
+            let n = calls_in(i) as f64;
+            println!("    {label}: VM path: {}", vm.threads[i].per_call(n));
+            println!(
+                "    {label}: host-only gate: {}",
+                host.threads[i].per_call(n)
             );
         }
         if reasons.is_some() {

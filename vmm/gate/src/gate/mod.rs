@@ -151,21 +151,25 @@ impl Gate {
             .map(|s| s.mcp_entry())
             .collect();
         let tools_list = serde_json::to_vec(&json!({ "tools": tools })).unwrap_or_default();
-        let lane = |name| {
+        let lane = |worker, watchdog| {
             Pool::new(PoolConfig {
-                name,
+                worker,
+                watchdog,
                 workers: limits.workers,
                 max_stuck: limits.workers,
             })
         };
-        let pool = match lane("gate") {
+        let pool = match lane("gate-worker", "gate-watchdog") {
             Ok(p) => Some(p),
             Err(e) => {
                 log::error!("gate: {e}; every call will be denied");
                 None
             }
         };
-        let outside = match pool.as_ref().map(|_| lane("gate-outside")) {
+        let outside = match pool
+            .as_ref()
+            .map(|_| lane("gate-outside", "gate-out-watch"))
+        {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
                 log::error!("gate: {e} for the outside lane; the local workers serve it too");

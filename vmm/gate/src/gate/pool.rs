@@ -26,8 +26,9 @@ pub const STUCK_GRACE: Duration = Duration::from_secs(2);
 /// Sizes of the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
-    /// Its threads' names: `{name}-worker-N` and `{name}-watchdog`.
-    pub name: &'static str,
+    /// Its threads' names: `{worker}-N`, and the watchdog's (Linux keeps 15 bytes).
+    pub worker: &'static str,
+    pub watchdog: &'static str,
     /// Workers running jobs.
     pub workers: usize,
     /// Spare workers started in place of stuck ones, at most.
@@ -37,7 +38,8 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            name: "gate",
+            worker: "gate-worker",
+            watchdog: "gate-watchdog",
             workers: 16,
             max_stuck: 16,
         }
@@ -200,7 +202,7 @@ impl Pool {
             }
             let inner = Arc::clone(&pool.inner);
             let h = std::thread::Builder::new()
-                .name(format!("{}-watchdog", cfg.name))
+                .name(cfg.watchdog.into())
                 .spawn(move || {
                     confine();
                     watchdog(&inner)
@@ -323,7 +325,7 @@ impl Pool {
         st.next_worker += 1;
         let inner = Arc::clone(&self.inner);
         let h = std::thread::Builder::new()
-            .name(format!("{}-worker-{}", self.inner.cfg.name, st.next_worker))
+            .name(format!("{}-{}", self.inner.cfg.worker, st.next_worker))
             .spawn(move || {
                 confine();
                 worker(&inner)
