@@ -230,6 +230,9 @@ impl Cpu {
 #[derive(Clone, Default)]
 struct Threads(BTreeMap<String, Cpu>);
 
+/// The key of the whole process's time in a `Threads` snapshot.
+const PROCESS: &str = "(process)";
+
 impl Threads {
     fn of(pid: u32) -> Threads {
         let mut by: BTreeMap<String, Cpu> = BTreeMap::new();
@@ -264,21 +267,49 @@ impl Threads {
             let e = by.entry(name.to_string()).or_default();
             *e = e.plus(cpu);
         }
+        // The process's own line counts its ended threads too (the host-only gate's
+        // thread per client): kept aside, for `minus` to tell them apart.
+        if let Some(total) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.rsplit_once(')')?.1.to_string();
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .map(|x| x.parse().unwrap_or(0))
+                    .collect();
+                let at = |field: usize| f.get(field - 3).copied().unwrap_or(0);
+                Some(Cpu {
+                    user: at(14).saturating_sub(at(43)),
+                    kernel: at(15),
+                    guest: at(43),
+                    idle: 0,
+                })
+            })
+        {
+            by.insert(PROCESS.to_string(), total);
+        }
         Threads(by)
     }
 
+    /// What each thread took since `base`, and the threads that started and ended
+    /// in between (`other`): the process's time less its threads'.
     fn minus(&self, base: &Threads) -> Threads {
-        Threads(
-            self.0
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        v.minus(base.0.get(k).copied().unwrap_or_default()),
-                    )
-                })
-                .collect(),
-        )
+        let mut out: BTreeMap<String, Cpu> = self
+            .0
+            .iter()
+            .filter(|(k, _)| *k != PROCESS)
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.minus(base.0.get(k).copied().unwrap_or_default()),
+                )
+            })
+            .collect();
+        if let (Some(now), Some(then)) = (self.0.get(PROCESS), base.0.get(PROCESS)) {
+            let listed = out.values().fold(Cpu::default(), |a, c| a.plus(*c));
+            out.insert("other".to_string(), now.minus(*then).minus(listed));
+        }
+        Threads(out)
     }
 
     fn add(&mut self, more: &Threads) {
