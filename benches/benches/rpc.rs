@@ -228,101 +228,129 @@ impl Cpu {
 /// (`gate-worker-3` → `gate-worker`), in clock ticks: which of ironvmm's threads
 /// a call's time goes to (`vcpu` holds the guest's time).
 #[derive(Clone, Default)]
-struct Threads(BTreeMap<String, Cpu>);
+struct Threads {
+    cpu: BTreeMap<String, Cpu>,
+    /// Context switches by the same names: voluntary (the thread slept), and
+    /// involuntary (it was preempted).
+    switches: BTreeMap<String, (u64, u64)>,
+}
 
 /// The key of the whole process's time in a `Threads` snapshot.
 const PROCESS: &str = "(process)";
 
+/// Fields of a `/proc` `stat` line after the name, numbered as in proc(5).
+fn stat_fields(stat: &str) -> Option<impl Fn(usize) -> u64> {
+    // `PID (NAME) STATE PPID ...`: the name may hold spaces and parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // `rest` starts at field 3 (state).
+    Some(move |field: usize| f.get(field - 3).copied().unwrap_or(0))
+}
+
+/// utime, stime and guest_time of a `stat` line (utime includes the guest's).
+fn stat_cpu(at: impl Fn(usize) -> u64) -> Cpu {
+    let guest = at(43);
+    Cpu {
+        user: at(14).saturating_sub(guest),
+        kernel: at(15),
+        guest,
+        idle: 0,
+    }
+}
+
 impl Threads {
     fn of(pid: u32) -> Threads {
-        let mut by: BTreeMap<String, Cpu> = BTreeMap::new();
+        let mut t = Threads::default();
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            return Threads(by);
+            return t;
         };
         for task in dir.flatten() {
             let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
                 continue;
             };
-            // `TID (NAME) STATE PPID ...`: the name may hold spaces and parentheses.
-            let Some((head, rest)) = stat.rsplit_once(')') else {
-                continue;
-            };
-            let name = head.split_once('(').map_or("", |x| x.1);
+            let name = stat.split_once('(').map_or("", |x| x.1);
+            let name = name.rsplit_once(')').map_or("", |x| x.0);
             let name = name
                 .trim_end_matches(|c: char| c.is_ascii_digit())
-                .trim_end_matches('-');
-            let f: Vec<u64> = rest
-                .split_whitespace()
-                .map(|x| x.parse().unwrap_or(0))
-                .collect();
-            // proc(5) numbers the fields from 1; `rest` starts at field 3 (state).
-            let at = |field: usize| f.get(field - 3).copied().unwrap_or(0);
-            let guest = at(43);
-            let cpu = Cpu {
-                user: at(14).saturating_sub(guest),
-                kernel: at(15),
-                guest,
-                idle: 0,
+                .trim_end_matches('-')
+                .to_string();
+            let Some(at) = stat_fields(&stat) else {
+                continue;
             };
-            let e = by.entry(name.to_string()).or_default();
-            *e = e.plus(cpu);
+            let e = t.cpu.entry(name.clone()).or_default();
+            *e = e.plus(stat_cpu(at));
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let count = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let s = t.switches.entry(name).or_default();
+            s.0 += count("voluntary_ctxt_switches:");
+            s.1 += count("nonvoluntary_ctxt_switches:");
         }
         // The process's own line counts its ended threads too (the host-only gate's
         // thread per client): kept aside, for `minus` to tell them apart.
-        if let Some(total) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        if let Some(at) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| {
-                let rest = s.rsplit_once(')')?.1.to_string();
-                let f: Vec<u64> = rest
-                    .split_whitespace()
-                    .map(|x| x.parse().unwrap_or(0))
-                    .collect();
-                let at = |field: usize| f.get(field - 3).copied().unwrap_or(0);
-                Some(Cpu {
-                    user: at(14).saturating_sub(at(43)),
-                    kernel: at(15),
-                    guest: at(43),
-                    idle: 0,
-                })
-            })
+            .as_deref()
+            .and_then(stat_fields)
         {
-            by.insert(PROCESS.to_string(), total);
+            t.cpu.insert(PROCESS.to_string(), stat_cpu(at));
         }
-        Threads(by)
+        t
     }
 
     /// What each thread took since `base`, and the threads that started and ended
     /// in between (`other`): the process's time less its threads'.
     fn minus(&self, base: &Threads) -> Threads {
-        let mut out: BTreeMap<String, Cpu> = self
-            .0
+        let mut cpu: BTreeMap<String, Cpu> = self
+            .cpu
             .iter()
             .filter(|(k, _)| *k != PROCESS)
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    v.minus(base.0.get(k).copied().unwrap_or_default()),
+                    v.minus(base.cpu.get(k).copied().unwrap_or_default()),
                 )
             })
             .collect();
-        if let (Some(now), Some(then)) = (self.0.get(PROCESS), base.0.get(PROCESS)) {
-            let listed = out.values().fold(Cpu::default(), |a, c| a.plus(*c));
-            out.insert("other".to_string(), now.minus(*then).minus(listed));
+        if let (Some(now), Some(then)) = (self.cpu.get(PROCESS), base.cpu.get(PROCESS)) {
+            let listed = cpu.values().fold(Cpu::default(), |a, c| a.plus(*c));
+            cpu.insert("other".to_string(), now.minus(*then).minus(listed));
         }
-        Threads(out)
+        let switches = self
+            .switches
+            .iter()
+            .map(|(k, &(v, i))| {
+                let (v0, i0) = base.switches.get(k).copied().unwrap_or_default();
+                (k.clone(), (v.saturating_sub(v0), i.saturating_sub(i0)))
+            })
+            .collect();
+        Threads { cpu, switches }
     }
 
     fn add(&mut self, more: &Threads) {
-        for (k, v) in &more.0 {
-            let e = self.0.entry(k.clone()).or_default();
+        for (k, v) in &more.cpu {
+            let e = self.cpu.entry(k.clone()).or_default();
             *e = e.plus(*v);
+        }
+        for (k, (v, i)) in &more.switches {
+            let e = self.switches.entry(k.clone()).or_default();
+            e.0 += v;
+            e.1 += i;
         }
     }
 
-    /// `name user/kernel[/guest] ms` per call, the busiest first, down to 0.01 ms.
+    /// `name user + kernel [+ guest] ms (switches)` per call, the busiest first,
+    /// down to 0.01 ms.
     fn per_call(&self, calls: f64) -> String {
         let ms = |t: u64| t as f64 * 10.0 / calls;
-        let mut v: Vec<(&String, &Cpu)> = self.0.iter().collect();
+        let mut v: Vec<(&String, &Cpu)> = self.cpu.iter().collect();
         v.sort_by_key(|(_, c)| std::cmp::Reverse(c.user + c.kernel + c.guest));
         v.iter()
             .filter(|(_, c)| ms(c.user + c.kernel + c.guest) >= 0.01)
@@ -332,8 +360,16 @@ impl Threads {
                 } else {
                     String::new()
                 };
+                let switches = match self.switches.get(*name) {
+                    Some(&(v, i)) => format!(
+                        " ({:.2} switches, {:.2} preempted)",
+                        (v + i) as f64 / calls,
+                        i as f64 / calls
+                    ),
+                    None => String::new(),
+                };
                 format!(
-                    "{name} {:.2} user + {:.2} kernel{guest}",
+                    "{name} {:.2} user + {:.2} kernel{guest}{switches}",
                     ms(c.user),
                     ms(c.kernel)
                 )
